@@ -1,0 +1,677 @@
+//! One configuration for every process of the platform.
+//!
+//! Data flows in three layers, later ones winning: the built-in defaults of
+//! these structs, one TOML file (a commented dev default lives at
+//! `deploy/seckill.toml`), then environment variables named
+//! `SECKILL__<SECTION>__<KEY>` (for example `SECKILL__REDIS__URL`). Every
+//! process loads the same file and reads the sections it needs, so one file
+//! describes one deployment. Secrets (the admin token, the JWT private key)
+//! are never values in the file: the file names a path, or the environment
+//! carries the value.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The environment prefix; `__` separates nesting levels.
+pub const ENV_PREFIX: &str = "SECKILL__";
+
+/// Why a configuration could not be used. Every variant names the key so an
+/// operator can fix the file without reading code.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable does not parse into the schema
+    /// (wrong type, unknown enum value, bad address). Figment's message names
+    /// the key path and where the value came from.
+    #[error("configuration does not parse: {0}")]
+    Parse(String),
+    /// The file names a config file that does not exist.
+    #[error("configuration file {path} cannot be read: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Values parse but contradict each other or are out of range.
+    #[error("invalid configuration key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+    /// A secret referenced by path could not be read.
+    #[error("secret for `{key}` cannot be read from {path}: {source}")]
+    Secret {
+        key: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole deployment's configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub amqp: AmqpConfig,
+    pub jwt: JwtConfig,
+    pub gateway: GatewayConfig,
+    pub api: ApiConfig,
+    pub worker: WorkerConfig,
+    pub log: LogConfig,
+}
+
+/// MySQL / MariaDB: the source of truth for users, sales and orders.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `mysql://user:password@host:port/database`.
+    pub url: String,
+    pub max_connections: u32,
+    /// How long a caller waits for a pooled connection before failing.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "mysql://root@127.0.0.1:3306/seckill".into(),
+            max_connections: 16,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Redis holds the hot state: stock counters, reservations, paths, caches.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// One URL for a single node; several seed URLs when `cluster` is true.
+    pub url: String,
+    /// Extra seed nodes for Redis Cluster.
+    pub cluster_nodes: Vec<String>,
+    pub cluster: bool,
+    /// Every key the platform writes starts with this, so deployments (and
+    /// parallel tests) can share one Redis without seeing each other.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/".into(),
+            cluster_nodes: Vec::new(),
+            cluster: false,
+            key_prefix: "seckill".into(),
+        }
+    }
+}
+
+/// RabbitMQ is the buffer between admission and the MySQL writes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpConfig {
+    pub url: String,
+    /// Durable direct exchange the gateway publishes admitted orders to.
+    pub exchange: String,
+    /// Durable queue the order workers consume.
+    pub queue: String,
+    /// Where poison messages go after `delivery_limit` attempts.
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    /// Declare queues as quorum queues (needs a RabbitMQ cluster to matter).
+    pub quorum: bool,
+    pub delivery_limit: u32,
+    /// A publish not confirmed within this time is rolled back and answered 503.
+    pub confirm_timeout_ms: u64,
+    /// Delayed-close plumbing: unpaid orders wait here for their timeout.
+    pub close_delay_queue: String,
+    pub close_queue: String,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            exchange: "seckill.orders".into(),
+            queue: "seckill.orders".into(),
+            dead_letter_exchange: "seckill.orders.dlx".into(),
+            dead_letter_queue: "seckill.orders.dlq".into(),
+            quorum: false,
+            delivery_limit: 5,
+            confirm_timeout_ms: 2_000,
+            close_delay_queue: "seckill.close.delay".into(),
+            close_queue: "seckill.close".into(),
+        }
+    }
+}
+
+/// One RS256 public key, picked by the token's `kid`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeyConfig {
+    pub kid: String,
+    pub path: PathBuf,
+}
+
+/// Token issuing (api only) and checking (gateway and api).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    pub issuer: String,
+    pub audience: String,
+    /// Lifetime of an access token.
+    pub ttl_secs: u64,
+    /// Clock skew tolerated on `exp`/`nbf`; the contract caps it at 5 s.
+    pub leeway_secs: u64,
+    /// Which key the api signs with; must be one of `public_keys`.
+    pub signing_kid: String,
+    /// PEM private key; only the api process reads it.
+    pub private_key_path: PathBuf,
+    /// Every key that may verify a token; several at once during rotation.
+    pub public_keys: Vec<PublicKeyConfig>,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "seckill-api".into(),
+            audience: "seckill".into(),
+            ttl_secs: 7_200,
+            leeway_secs: 5,
+            signing_kid: "dev-1".into(),
+            private_key_path: "var/keys/dev-1.private.pem".into(),
+            public_keys: vec![PublicKeyConfig {
+                kid: "dev-1".into(),
+                path: "var/keys/dev-1.public.pem".into(),
+            }],
+        }
+    }
+}
+
+/// How a pool picks a backend for a request.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    #[default]
+    RoundRobin,
+    /// Consistent hashing on the verified user id, so one buyer sticks to one
+    /// backend (warm per-user caches) while backends come and go.
+    ConsistentHashUser,
+}
+
+/// A set of interchangeable upstream backends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    pub backends: Vec<String>,
+    pub selection: Selection,
+    /// Active health check path, probed over HTTP.
+    pub health_path: String,
+    pub health_interval_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub read_timeout_ms: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            backends: Vec::new(),
+            selection: Selection::RoundRobin,
+            health_path: "/healthz".into(),
+            health_interval_ms: 500,
+            connect_timeout_ms: 1_000,
+            read_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// One route of the edge: method + path pattern → a pool or a local answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name used in metrics and passed to the Lua rules as `req.route`.
+    pub name: String,
+    /// HTTP method, or `*` for any.
+    pub method: String,
+    /// Path pattern; `{name}` captures one segment, e.g.
+    /// `/api/v1/seckill/{path}/{sale_id}`.
+    pub path: String,
+    /// Upstream pool; absent means the Lua rules must answer locally.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// Public routes skip the JWT check.
+    #[serde(default)]
+    pub public: bool,
+}
+
+/// The Pingora edge.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Bearer token for the admin listener, read from this file...
+    pub admin_token_path: Option<PathBuf>,
+    /// ...or given directly (normally via `SECKILL__GATEWAY__ADMIN_TOKEN`).
+    pub admin_token: Option<String>,
+    /// Folder of rule files; `redis/` inside it holds the Redis scripts.
+    pub rules_dir: PathBuf,
+    /// Worker threads of the proxy service; one Lua VM each.
+    pub threads: usize,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: usize,
+    /// Lua instructions one phase call may run before it is aborted.
+    pub lua_instruction_budget: u64,
+    /// Memory cap of one Lua VM.
+    pub lua_memory_bytes: usize,
+    /// Verified tokens kept to skip RSA on a buyer's repeated requests.
+    pub jwt_cache_entries: u64,
+    /// Seconds given to in-flight requests after SIGTERM.
+    pub drain_secs: u64,
+    pub pools: BTreeMap<String, PoolConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        let api = PoolConfig {
+            backends: vec!["127.0.0.1:8081".into(), "127.0.0.1:8082".into()],
+            ..PoolConfig::default()
+        };
+        Self {
+            listen: ([127, 0, 0, 1], 8080).into(),
+            admin_listen: ([127, 0, 0, 1], 9090).into(),
+            admin_token_path: Some("var/keys/admin-token".into()),
+            admin_token: None,
+            rules_dir: "lua".into(),
+            threads: 2,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 64 * 1024,
+            lua_instruction_budget: 1_000_000,
+            lua_memory_bytes: 32 * 1024 * 1024,
+            jwt_cache_entries: 100_000,
+            drain_secs: 10,
+            pools: BTreeMap::from([("api".to_string(), api)]),
+            routes: vec![
+                RouteConfig {
+                    name: "seckill".into(),
+                    method: "POST".into(),
+                    path: "/api/v1/seckill/{path}/{sale_id}".into(),
+                    pool: None,
+                    public: false,
+                },
+                RouteConfig {
+                    name: "auth".into(),
+                    method: "POST".into(),
+                    path: "/api/v1/auth/{action}".into(),
+                    pool: Some("api".into()),
+                    public: true,
+                },
+                RouteConfig {
+                    name: "sales_list".into(),
+                    method: "GET".into(),
+                    path: "/api/v1/sales".into(),
+                    pool: Some("api".into()),
+                    public: true,
+                },
+                RouteConfig {
+                    name: "sale_detail".into(),
+                    method: "GET".into(),
+                    path: "/api/v1/sales/{sale_id}".into(),
+                    pool: Some("api".into()),
+                    public: true,
+                },
+                RouteConfig {
+                    name: "api".into(),
+                    method: "*".into(),
+                    path: "/api/v1/{*rest}".into(),
+                    pool: Some("api".into()),
+                    public: false,
+                },
+            ],
+        }
+    }
+}
+
+/// The HTTP backend behind the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Overridden per instance (`--listen` or `SECKILL__API__LISTEN`).
+    pub listen: SocketAddr,
+    /// Bearer token for the api's admin routes (sale creation).
+    pub admin_token_path: Option<PathBuf>,
+    pub admin_token: Option<String>,
+    pub sale_cache_ttl_secs: u64,
+    pub captcha_ttl_secs: u64,
+    pub path_ttl_secs: u64,
+    pub idempotency_key_ttl_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 8081).into(),
+            admin_token_path: Some("var/keys/admin-token".into()),
+            admin_token: None,
+            sale_cache_ttl_secs: 60,
+            captcha_ttl_secs: 300,
+            path_ttl_secs: 60,
+            idempotency_key_ttl_secs: 600,
+        }
+    }
+}
+
+/// The order consumers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// `/healthz` and `/metrics`; overridden per instance.
+    pub listen: SocketAddr,
+    pub prefetch: u16,
+    /// At most this many messages per MySQL transaction...
+    pub batch_size: usize,
+    /// ...or whatever arrived within this many milliseconds.
+    pub batch_max_wait_ms: u64,
+    /// Unpaid orders close after this long.
+    pub order_timeout_secs: u64,
+    /// Period of the safety-net sweeper for overdue unpaid orders.
+    pub sweep_interval_secs: u64,
+    /// A reservation with no message after this long is released.
+    pub reservation_timeout_secs: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 9191).into(),
+            prefetch: 500,
+            batch_size: 100,
+            batch_max_wait_ms: 10,
+            order_timeout_secs: 1_800,
+            sweep_interval_secs: 30,
+            reservation_timeout_secs: 60,
+        }
+    }
+}
+
+/// Logging through `tracing`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub filter: String,
+    /// One JSON object per line instead of human-readable text.
+    pub json: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+            json: false,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `path` (if given), then `SECKILL__*` environment
+    /// variables; then [`Config::validate`].
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    fn load_with_env(path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            // Figment silently skips a missing file; an operator who names a
+            // file wants to hear that it is not there.
+            if let Err(source) = std::fs::metadata(path) {
+                return Err(ConfigError::File {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field checks the type system cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.database.url.is_empty() {
+            return Err(invalid("database.url", "must not be empty"));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}', ' ']) {
+            return Err(invalid(
+                "redis.key_prefix",
+                "must be non-empty and contain no braces or spaces",
+            ));
+        }
+        if self.jwt.leeway_secs > 5 {
+            return Err(invalid("jwt.leeway_secs", "must be at most 5"));
+        }
+        if self.jwt.public_keys.is_empty() {
+            return Err(invalid("jwt.public_keys", "at least one key is required"));
+        }
+        for (i, key) in self.jwt.public_keys.iter().enumerate() {
+            if key.kid.is_empty() || !key.kid.chars().all(is_kid_char) {
+                return Err(invalid(
+                    format!("jwt.public_keys[{i}].kid"),
+                    "must be non-empty and use only letters, digits, '-', '_', '.'",
+                ));
+            }
+        }
+        if !self
+            .jwt
+            .public_keys
+            .iter()
+            .any(|k| k.kid == self.jwt.signing_kid)
+        {
+            return Err(invalid(
+                "jwt.signing_kid",
+                "must name one of jwt.public_keys so issued tokens verify",
+            ));
+        }
+        let g = &self.gateway;
+        if g.threads == 0 {
+            return Err(invalid("gateway.threads", "must be at least 1"));
+        }
+        if g.lua_instruction_budget == 0 {
+            return Err(invalid(
+                "gateway.lua_instruction_budget",
+                "must be at least 1",
+            ));
+        }
+        for (name, pool) in &g.pools {
+            if pool.backends.is_empty() {
+                return Err(invalid(
+                    format!("gateway.pools.{name}.backends"),
+                    "a pool needs at least one backend",
+                ));
+            }
+            for (i, b) in pool.backends.iter().enumerate() {
+                if b.parse::<SocketAddr>().is_err() {
+                    return Err(invalid(
+                        format!("gateway.pools.{name}.backends[{i}]"),
+                        format!("`{b}` is not an ip:port address"),
+                    ));
+                }
+            }
+            if !pool.health_path.starts_with('/') {
+                return Err(invalid(
+                    format!("gateway.pools.{name}.health_path"),
+                    "must start with '/'",
+                ));
+            }
+        }
+        for (i, route) in g.routes.iter().enumerate() {
+            if !route.path.starts_with('/') {
+                return Err(invalid(
+                    format!("gateway.routes[{i}].path"),
+                    "must start with '/'",
+                ));
+            }
+            if let Some(pool) = &route.pool {
+                if !g.pools.contains_key(pool) {
+                    return Err(invalid(
+                        format!("gateway.routes[{i}].pool"),
+                        format!("no pool named `{pool}` in gateway.pools"),
+                    ));
+                }
+            }
+        }
+        let w = &self.worker;
+        if w.batch_size == 0 {
+            return Err(invalid("worker.batch_size", "must be at least 1"));
+        }
+        if w.prefetch == 0 {
+            return Err(invalid("worker.prefetch", "must be at least 1"));
+        }
+        if w.order_timeout_secs == 0 {
+            return Err(invalid("worker.order_timeout_secs", "must be at least 1"));
+        }
+        if self.amqp.delivery_limit == 0 {
+            return Err(invalid("amqp.delivery_limit", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn is_kid_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// Reads a secret from `value` (preferred, usually from the environment) or
+/// from the file at `path`, trimming the trailing newline editors add.
+pub fn read_secret(
+    key: &str,
+    value: Option<&str>,
+    path: Option<&Path>,
+) -> Result<String, ConfigError> {
+    if let Some(v) = value.filter(|v| !v.is_empty()) {
+        return Ok(v.to_string());
+    }
+    let Some(path) = path else {
+        return Err(invalid(key, "no value and no path given"));
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Secret {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        return Err(invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(toml.as_bytes()).expect("write");
+        // A unique prefix keeps parallel tests from seeing each other's vars.
+        let prefix = format!("SECKILLTEST{}__", std::process::id() ^ rand_suffix());
+        for (k, v) in env {
+            std::env::set_var(format!("{prefix}{k}"), v);
+        }
+        let result = Config::load_with_env(Some(file.path()), Env::prefixed(&prefix).split("__"));
+        for (k, _) in env {
+            std::env::remove_var(format!("{prefix}{k}"));
+        }
+        result
+    }
+
+    fn rand_suffix() -> u32 {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(1);
+        N.fetch_add(1, Ordering::Relaxed) << 20
+    }
+
+    #[test]
+    fn dev_default_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/seckill.toml");
+        Config::load(Some(&path)).expect("deploy/seckill.toml must load");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let c = load_str(
+            "[redis]\nurl = \"redis://file/\"\n",
+            &[("REDIS__URL", "redis://env/"), ("WORKER__BATCH_SIZE", "7")],
+        )
+        .expect("loads");
+        assert_eq!(c.redis.url, "redis://env/");
+        assert_eq!(c.worker.batch_size, 7);
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = load_str("[worker]\nbatch_size = \"many\"\n", &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("worker.batch_size"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let err = load_str("[redis]\nulr = \"x\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("ulr"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_names_the_key() {
+        let err = load_str("[gateway]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("gateway.listen"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let err = load_str("[jwt]\nleeway_secs = 30\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("jwt.leeway_secs"), "{err}");
+        let err = load_str(
+            "[[gateway.routes]]\nname='x'\nmethod='GET'\npath='/x'\npool='nope'\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("gateway.routes[0].pool"), "{err}");
+        let err = load_str("[redis]\nkey_prefix = 'a{b}'\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("redis.key_prefix"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/seckill.toml"))).unwrap_err();
+        assert!(matches!(err, ConfigError::File { .. }));
+    }
+
+    #[test]
+    fn secret_prefers_value_then_file() {
+        assert_eq!(read_secret("k", Some("v"), None).unwrap(), "v");
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "from-file").unwrap();
+        assert_eq!(read_secret("k", None, Some(f.path())).unwrap(), "from-file");
+        assert!(read_secret("k", None, Some(Path::new("/nope"))).is_err());
+        assert!(read_secret("k", None, None).is_err());
+    }
+}

@@ -1,0 +1,140 @@
+//! The admin listener (default 127.0.0.1:9090): metrics, upstream health,
+//! and (with the rule engine) rule status and reload. Every route needs the
+//! admin bearer token, compared in constant time, so a scraper or an
+//! operator's curl carries `Authorization: Bearer <token>`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::json;
+
+use crate::metrics;
+use crate::pools::Pool;
+
+/// The admin HTTP app.
+pub struct AdminApp {
+    token: String,
+    pools: BTreeMap<String, Arc<Pool>>,
+}
+
+impl AdminApp {
+    pub fn new(token: String, pools: BTreeMap<String, Arc<Pool>>) -> AdminApp {
+        AdminApp { token, pools }
+    }
+
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let Some(value) = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return false;
+        };
+        let Some(given) = value.strip_prefix("Bearer ") else {
+            return false;
+        };
+        constant_time_eq(given.trim().as_bytes(), self.token.as_bytes())
+    }
+
+    /// Refreshes the upstream health gauges and returns the per-pool view.
+    pub fn upstreams(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for (name, pool) in &self.pools {
+            let health = pool.health();
+            for b in &health {
+                metrics::UPSTREAM_HEALTHY
+                    .with_label_values(&[name.as_str(), b.addr.as_str()])
+                    .set(i64::from(b.healthy));
+            }
+            out.insert(name.clone(), json!(health));
+        }
+        serde_json::Value::Object(out)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+fn problem(status: StatusCode, detail: &str) -> Response<Vec<u8>> {
+    let body = json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    respond(
+        status,
+        "application/problem+json",
+        body.to_string().into_bytes(),
+    )
+}
+
+fn json_ok(value: &serde_json::Value) -> Response<Vec<u8>> {
+    respond(
+        StatusCode::OK,
+        "application/json",
+        value.to_string().into_bytes(),
+    )
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        let method = session.req_header().method.clone();
+        if path == "/healthz" {
+            return json_ok(&json!({"status": "ok"}));
+        }
+        if !self.authorized(session) {
+            let mut resp = problem(StatusCode::UNAUTHORIZED, "admin bearer token required");
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            return resp;
+        }
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/metrics") => {
+                // Health gauges are sampled on scrape.
+                let _ = self.upstreams();
+                respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    metrics::render(),
+                )
+            }
+            ("GET", "/admin/upstreams") => json_ok(&self.upstreams()),
+            _ => problem(StatusCode::NOT_FOUND, "no such admin route"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,17 @@
+//! The edge gateway: a Pingora proxy in front of the api pool that verifies
+//! JWTs, runs the hot-reloadable Lua rules and admits flash-sale requests.
+//!
+//! Modules follow the request: [`routes`] picks a route, [`proxy`] runs the
+//! lifecycle, [`pools`] chooses a healthy backend, [`problem`] writes local
+//! answers, [`metrics`] counts, [`admin`] exposes it all to operators, and
+//! [`server`] assembles the Pingora services from configuration.
+
+pub mod admin;
+pub mod metrics;
+pub mod pools;
+pub mod problem;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+
+pub use server::{Gateway, GatewayError};

@@ -1,0 +1,98 @@
+//! The gateway's Prometheus metrics, registered once in the default registry
+//! and served by the admin listener's `/metrics`.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, HistogramVec,
+    IntCounterVec, IntGaugeVec,
+};
+
+/// Requests by route name and final status.
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "gateway_requests_total",
+        "Requests handled, by route and response status",
+        &["route", "status"]
+    )
+    .expect("metric registers once")
+});
+
+/// End-to-end latency as the gateway sees it.
+pub static LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "gateway_request_duration_seconds",
+        "Time from request header to response end, by route",
+        &["route"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+    )
+    .expect("metric registers once")
+});
+
+/// Lua rule failures (errors, budget overruns) by phase.
+pub static LUA_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "gateway_lua_errors_total",
+        "Lua rule errors by phase and kind",
+        &["phase", "kind"]
+    )
+    .expect("metric registers once")
+});
+
+/// Rule reload attempts by result (ok / refused).
+pub static RULE_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "gateway_rule_reloads_total",
+        "Rule reload attempts by trigger and result",
+        &["trigger", "result"]
+    )
+    .expect("metric registers once")
+});
+
+/// JWT rejections by reason (missing, expired, bad_signature, ...).
+pub static JWT_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "gateway_jwt_failures_total",
+        "Requests refused by the JWT check, by reason",
+        &["reason"]
+    )
+    .expect("metric registers once")
+});
+
+/// Limiter rejections by limiter kind (local token bucket, Redis window).
+pub static LIMITER_REJECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "gateway_limiter_rejections_total",
+        "Requests refused by a limiter, by limiter",
+        &["limiter"]
+    )
+    .expect("metric registers once")
+});
+
+/// 1 when a backend passes its health check, 0 when not.
+pub static UPSTREAM_HEALTHY: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "gateway_upstream_healthy",
+        "Health of each upstream backend (1 healthy)",
+        &["pool", "backend"]
+    )
+    .expect("metric registers once")
+});
+
+/// Counters that rules bump with `seckill.counter(name)`.
+pub static RULE_COUNTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "gateway_rule_events_total",
+        "Events counted by the Lua rules, by name",
+        &["name"]
+    )
+    .expect("metric registers once")
+});
+
+/// Prometheus text exposition of every registered metric.
+pub fn render() -> Vec<u8> {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&prometheus::gather(), &mut buf);
+    buf
+}

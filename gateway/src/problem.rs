@@ -1,0 +1,67 @@
+//! Answers the gateway writes itself: RFC 9457 `application/problem+json`
+//! errors and JSON bodies, so every refusal a buyer sees has the same shape
+//! as the api's.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use serde_json::json;
+
+/// A response the gateway produces locally.
+#[derive(Debug, Clone)]
+pub struct LocalResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl LocalResponse {
+    /// A problem document; `type` is `about:blank` with the standard title.
+    pub fn problem(status: u16, detail: impl Into<String>) -> LocalResponse {
+        let title = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("Error");
+        let body = json!({
+            "type": "about:blank",
+            "title": title,
+            "status": status,
+            "detail": detail.into(),
+        });
+        LocalResponse {
+            status,
+            headers: vec![("content-type".into(), "application/problem+json".into())],
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    /// A JSON body.
+    pub fn json(status: u16, value: &serde_json::Value) -> LocalResponse {
+        LocalResponse {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::from(value.to_string()),
+        }
+    }
+
+    pub fn with_header(mut self, name: &str, value: impl Into<String>) -> LocalResponse {
+        self.headers.push((name.to_string(), value.into()));
+        self
+    }
+
+    /// Writes the whole response to the downstream session.
+    pub async fn write(self, session: &mut Session, request_id: &str) -> pingora::Result<()> {
+        let mut header = ResponseHeader::build(self.status, Some(self.headers.len() + 3))?;
+        for (name, value) in self.headers {
+            header.append_header(name, value)?;
+        }
+        header.insert_header("content-length", self.body.len().to_string())?;
+        header.insert_header("x-request-id", request_id)?;
+        session.set_keepalive(Some(60));
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.write_response_body(Some(self.body), true).await?;
+        Ok(())
+    }
+}

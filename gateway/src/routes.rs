@@ -1,0 +1,231 @@
+//! The route table: method + path pattern → what handles the request.
+//!
+//! Patterns are literal segments, `{name}` (one segment, captured) and a
+//! trailing `{*name}` (the rest, captured). Routes are tried in config order,
+//! first match wins, so specific routes go before catch-alls. Captured
+//! parameters reach the Lua rules as `req.params`.
+
+use seckill_contracts::config::RouteConfig;
+
+/// One parsed segment of a pattern.
+#[derive(Debug, Clone, PartialEq)]
+enum Segment {
+    Literal(String),
+    Param(String),
+    Rest(String),
+}
+
+/// A route ready for matching.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    /// Upper-case method, or `None` for any.
+    pub method: Option<String>,
+    pub pool: Option<String>,
+    pub public: bool,
+    segments: Vec<Segment>,
+}
+
+/// A successful match: the route and its captured parameters.
+#[derive(Debug, Clone)]
+pub struct Matched<'a> {
+    pub route: &'a Route,
+    pub params: Vec<(String, String)>,
+}
+
+/// Why a pattern is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("route `{route}`: {reason}")]
+pub struct RouteError {
+    route: String,
+    reason: String,
+}
+
+/// All routes, in match order.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    pub fn new(configs: &[RouteConfig]) -> Result<RouteTable, RouteError> {
+        let routes = configs.iter().map(Route::parse).collect::<Result<_, _>>()?;
+        Ok(RouteTable { routes })
+    }
+
+    /// The first route matching `method` and `path` (no query string).
+    pub fn find(&self, method: &str, path: &str) -> Option<Matched<'_>> {
+        self.routes.iter().find_map(|r| r.matches(method, path))
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+impl Route {
+    fn parse(config: &RouteConfig) -> Result<Route, RouteError> {
+        let err = |reason: &str| RouteError {
+            route: config.name.clone(),
+            reason: reason.to_string(),
+        };
+        let parts: Vec<&str> = config.path.trim_start_matches('/').split('/').collect();
+        let mut segments = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            let seg = if let Some(inner) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}'))
+            {
+                if let Some(rest) = inner.strip_prefix('*') {
+                    if i + 1 != parts.len() {
+                        return Err(err("`{*name}` must be the last segment"));
+                    }
+                    Segment::Rest(rest.to_string())
+                } else {
+                    Segment::Param(inner.to_string())
+                }
+            } else {
+                if part.contains(['{', '}']) {
+                    return Err(err("a `{param}` must be a whole segment"));
+                }
+                Segment::Literal((*part).to_string())
+            };
+            if matches!(&seg, Segment::Param(n) | Segment::Rest(n) if n.is_empty()) {
+                return Err(err("parameter names must not be empty"));
+            }
+            segments.push(seg);
+        }
+        let method = match config.method.as_str() {
+            "*" => None,
+            m => Some(m.to_ascii_uppercase()),
+        };
+        Ok(Route {
+            name: config.name.clone(),
+            method,
+            pool: config.pool.clone(),
+            public: config.public,
+            segments,
+        })
+    }
+
+    fn matches<'a>(&'a self, method: &str, path: &str) -> Option<Matched<'a>> {
+        if let Some(m) = &self.method {
+            if !m.eq_ignore_ascii_case(method) {
+                return None;
+            }
+        }
+        let path = path.strip_prefix('/')?;
+        let mut parts = path.split('/');
+        let mut params = Vec::new();
+        for (i, seg) in self.segments.iter().enumerate() {
+            match seg {
+                Segment::Rest(name) => {
+                    // Everything from here on, joined back.
+                    let consumed: usize = self.segments[..i]
+                        .iter()
+                        .zip(path.split('/'))
+                        .map(|(_, p)| p.len() + 1)
+                        .sum();
+                    let rest = path.get(consumed..).unwrap_or("");
+                    if rest.is_empty() {
+                        return None;
+                    }
+                    params.push((name.clone(), rest.to_string()));
+                    return Some(Matched {
+                        route: self,
+                        params,
+                    });
+                }
+                Segment::Literal(lit) => {
+                    if parts.next()? != lit {
+                        return None;
+                    }
+                }
+                Segment::Param(name) => {
+                    let value = parts.next()?;
+                    if value.is_empty() {
+                        return None;
+                    }
+                    params.push((name.clone(), value.to_string()));
+                }
+            }
+        }
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Matched {
+            route: self,
+            params,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, method: &str, path: &str) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            method: method.into(),
+            path: path.into(),
+            pool: None,
+            public: false,
+        }
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new(&[
+            route("seckill", "POST", "/api/v1/seckill/{path}/{sale_id}"),
+            route("list", "GET", "/api/v1/sales"),
+            route("rest", "*", "/api/v1/{*rest}"),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn captures_params_in_order() {
+        let t = table();
+        let m = t.find("POST", "/api/v1/seckill/abc/42").unwrap();
+        assert_eq!(m.route.name, "seckill");
+        assert_eq!(
+            m.params,
+            vec![
+                ("path".into(), "abc".into()),
+                ("sale_id".into(), "42".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn method_and_shape_must_match() {
+        let t = table();
+        assert_eq!(
+            t.find("GET", "/api/v1/seckill/abc/42").unwrap().route.name,
+            "rest"
+        );
+        assert_eq!(
+            t.find("POST", "/api/v1/seckill/abc/42/x")
+                .unwrap()
+                .route
+                .name,
+            "rest"
+        );
+        assert_eq!(t.find("GET", "/api/v1/sales").unwrap().route.name, "list");
+        assert!(t.find("GET", "/other").is_none());
+        assert!(t.find("GET", "/api/v1/").is_none());
+        assert!(t.find("POST", "/api/v1/seckill//42").unwrap().route.name == "rest");
+    }
+
+    #[test]
+    fn rest_captures_the_remainder() {
+        let t = table();
+        let m = t.find("DELETE", "/api/v1/orders/9/cancel").unwrap();
+        assert_eq!(m.params, vec![("rest".into(), "orders/9/cancel".into())]);
+    }
+
+    #[test]
+    fn bad_patterns_are_refused() {
+        assert!(RouteTable::new(&[route("x", "GET", "/a/{*r}/b")]).is_err());
+        assert!(RouteTable::new(&[route("x", "GET", "/a/x{y}")]).is_err());
+        assert!(RouteTable::new(&[route("x", "GET", "/a/{}")]).is_err());
+    }
+}

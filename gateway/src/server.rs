@@ -1,0 +1,101 @@
+//! Assembling the Pingora server from configuration: config → services →
+//! proxy, as in Pingora's own examples.
+//!
+//! [`Gateway::build`] does everything that can fail (reading keys, parsing
+//! routes, building pools) before anything listens, so a bad deployment dies
+//! at start with a clear error. [`Gateway::run`] then blocks on Pingora's
+//! runtime until the shutdown signal: SIGTERM drains in-flight requests
+//! (`drain_secs`), SIGQUIT hands the listening sockets to a new process
+//! (Pingora's graceful upgrade).
+
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownSignalWatch};
+use pingora::services::listening::Service;
+use seckill_contracts::config::{read_secret, Config, ConfigError};
+
+use crate::admin::AdminApp;
+use crate::pools::{self, HealthService, PoolError};
+use crate::proxy::EdgeProxy;
+use crate::routes::{RouteError, RouteTable};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("pingora: {0}")]
+    Pingora(String),
+}
+
+/// A built, not yet running, gateway.
+pub struct Gateway {
+    server: Server,
+}
+
+impl Gateway {
+    /// Builds every service. `upgrade` takes over listening sockets from a
+    /// running old process (Pingora's graceful upgrade via `upgrade_sock`).
+    pub fn build(config: &Config, upgrade: bool) -> Result<Gateway, GatewayError> {
+        let g = &config.gateway;
+        let admin_token = read_secret(
+            "gateway.admin_token",
+            g.admin_token.as_deref(),
+            g.admin_token_path.as_deref(),
+        )?;
+        let routes = RouteTable::new(&g.routes)?;
+        let (pools, health_services) = pools::build_all(&g.pools)?;
+
+        let conf = ServerConf {
+            threads: g.threads,
+            grace_period_seconds: Some(0),
+            graceful_shutdown_timeout_seconds: Some(g.drain_secs),
+            upgrade_sock: format!("/tmp/seckill-gateway-{}.sock", g.listen.port()),
+            pid_file: format!("/tmp/seckill-gateway-{}.pid", g.listen.port()),
+            ..ServerConf::default()
+        };
+        let opt = Opt {
+            upgrade,
+            ..Opt::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+        server.bootstrap();
+
+        let proxy = EdgeProxy::new(routes, pools.clone());
+        let mut proxy_service = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            proxy,
+            "edge proxy",
+        );
+        proxy_service.add_tcp(&g.listen.to_string());
+        server.add_service(proxy_service);
+
+        let mut admin = Service::new("admin".to_string(), AdminApp::new(admin_token, pools));
+        admin.add_tcp(&g.admin_listen.to_string());
+        server.add_service(admin);
+
+        for service in health_services {
+            match service {
+                HealthService::RoundRobin(s) => {
+                    server.add_service(s);
+                }
+                HealthService::ConsistentHash(s) => {
+                    server.add_service(s);
+                }
+            }
+        }
+        Ok(Gateway { server })
+    }
+
+    /// Runs until `shutdown` fires (or, with `None`, until SIGTERM/SIGINT/SIGQUIT).
+    pub fn run(self, shutdown: Option<Box<dyn ShutdownSignalWatch>>) {
+        let args = match shutdown {
+            Some(shutdown_signal) => RunArgs { shutdown_signal },
+            None => RunArgs::default(),
+        };
+        self.server.run(args);
+    }
+}

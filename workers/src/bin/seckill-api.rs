@@ -1,0 +1,32 @@
+//! `seckill-api`: load config, bind, serve until SIGTERM.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+use seckill_contracts::cli::ConfigArgs;
+use seckill_contracts::telemetry;
+use seckill_workers::{api, shutdown};
+
+#[derive(Parser)]
+#[command(version, about = "Flash-sale api service (behind the gateway)")]
+struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Listen address; overrides `api.listen` so several instances share a file.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = args.config.load()?;
+    telemetry::init_logging(&config.log);
+    let addr = args.listen.unwrap_or(config.api.listen);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    api::serve(listener, shutdown::signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! `seckillctl`: the ops CLI. Each subcommand is a thin call into the
+//! library; output is JSON so scripts can read it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use seckill_contracts::cli::ConfigArgs;
+use seckill_contracts::keys::KeySchema;
+use seckill_contracts::telemetry;
+use seckill_workers::sales::{self, NewSale};
+use seckill_workers::{connections, signing_keys};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(version, about = "Flash-sale operations CLI")]
+struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the database if needed and apply pending migrations.
+    Migrate,
+    /// Development key material.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Create and inspect sales.
+    Sale {
+        #[command(subcommand)]
+        command: SaleCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Generate the dev RS256 key pair and admin token (kept if present).
+    Gen {
+        #[arg(long, default_value = "var/keys")]
+        dir: PathBuf,
+        #[arg(long, default_value = "dev-1")]
+        kid: String,
+        /// Replace existing keys.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SaleCommand {
+    /// Create a sale (goods + sale in MySQL) and warm its stock into Redis.
+    Create {
+        #[arg(long)]
+        title: String,
+        /// Regular price, in cents.
+        #[arg(long)]
+        price_cents: i64,
+        /// Flash-sale price, in cents.
+        #[arg(long)]
+        sale_price_cents: i64,
+        #[arg(long)]
+        stock: u32,
+        /// RFC 3339 start time; default: now + --starts-in.
+        #[arg(long, conflicts_with = "starts_in")]
+        starts_at: Option<DateTime<Utc>>,
+        /// Start after this long, e.g. `30s`, `5m` (default `0s`: now).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        starts_in: Option<Duration>,
+        /// How long the sale runs, e.g. `1h`.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        duration: Duration,
+    },
+    /// Show a sale from MySQL with its Redis stock counter.
+    Show { id: u64 },
+    /// Re-run the warm-up of a sale (safe on a live sale: never raises stock).
+    Warm { id: u64 },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = args.config.load()?;
+    telemetry::init_logging(&config.log);
+    let Some(command) = args.command else {
+        bail!("no subcommand given; see `seckillctl --help`");
+    };
+    let keys = KeySchema::new(config.redis.key_prefix.clone());
+    match command {
+        Command::Migrate => {
+            connections::migrate(&config.database).await?;
+            println!("{}", json!({"migrated": true}));
+        }
+        Command::Keys {
+            command: KeysCommand::Gen { dir, kid, force },
+        } => {
+            let out = signing_keys::generate(&dir, &kid, force)?;
+            println!(
+                "{}",
+                json!({
+                    "created": out.created,
+                    "private_key": out.private_key,
+                    "public_key": out.public_key,
+                    "admin_token": out.admin_token,
+                })
+            );
+        }
+        Command::Sale { command } => {
+            let db = connections::mysql(&config.database).await?;
+            let mut redis = connections::redis(&config).await?;
+            match command {
+                SaleCommand::Create {
+                    title,
+                    price_cents,
+                    sale_price_cents,
+                    stock,
+                    starts_at,
+                    starts_in,
+                    duration,
+                } => {
+                    let starts_at =
+                        starts_at.unwrap_or_else(|| Utc::now() + starts_in.unwrap_or_default());
+                    let ends_at = starts_at
+                        + chrono::Duration::from_std(duration).context("duration too large")?;
+                    let new = NewSale {
+                        title,
+                        price_cents,
+                        sale_price_cents,
+                        stock,
+                        starts_at,
+                        ends_at,
+                    };
+                    let sale = sales::create(&db, &mut redis, &keys, &new).await?;
+                    println!("{}", serde_json::to_string(&sale)?);
+                }
+                SaleCommand::Show { id } => {
+                    let Some(sale) = sales::get(&db, id).await? else {
+                        bail!("no sale with id {id}");
+                    };
+                    let redis_stock = sales::redis_stock(&mut redis, &keys, id).await?;
+                    let mut value = serde_json::to_value(&sale)?;
+                    value["redis_stock"] = json!(redis_stock);
+                    println!("{value}");
+                }
+                SaleCommand::Warm { id } => {
+                    let Some(sale) = sales::get(&db, id).await? else {
+                        bail!("no sale with id {id}");
+                    };
+                    let stock = sales::warm(&mut redis, &keys, &sale).await?;
+                    println!("{}", json!({"sale_id": id, "redis_stock": stock}));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! The back half of the platform: the api service, the order workers and the
+//! `seckillctl` ops CLI. Binaries under `src/bin` only parse flags and call
+//! into these modules, which tests call directly.
+
+pub mod api;
+pub mod connections;
+pub mod order_worker;
+pub mod probes;
+pub mod sales;
+pub mod shutdown;
+pub mod signing_keys;
