@@ -7,6 +7,9 @@
 //! `testkit` feature it also gives integration tests an isolated database,
 //! key prefix and queue names ([`testkit`]).
 
+#[cfg(feature = "amqp")]
+pub mod amqp_topology;
+pub mod claims;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "db")]

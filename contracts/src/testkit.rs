@@ -297,3 +297,81 @@ impl Drop for Process {
         }
     }
 }
+
+/// An RS256 key pair generated for a test, with helpers to mint tokens.
+///
+/// Tests of the JWT path need real signatures from a key the system under
+/// test trusts, and must never depend on the developer's `var/keys`. A
+/// 2048-bit key takes a while to generate in debug builds, so generate one
+/// per test binary (a `OnceLock`) and share it.
+#[derive(Debug, Clone)]
+pub struct TestKeys {
+    /// Key id: the token header's `kid` and the `jwt.public_keys[].kid`.
+    pub kid: String,
+    /// PKCS#8 PEM (`BEGIN PRIVATE KEY`), as `seckillctl` writes it.
+    pub private_pem: String,
+    /// SPKI PEM (`BEGIN PUBLIC KEY`), what the gateway is configured with.
+    pub public_pem: String,
+}
+
+impl TestKeys {
+    /// A fresh 2048-bit RSA key pair named `kid` (the size the real keys
+    /// have, so the verifier's minimum-size check accepts it).
+    pub fn generate(kid: &str) -> TestKeys {
+        use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
+            .expect("generate a 2048-bit RSA test key");
+        let private_pem = key
+            .to_pkcs8_pem(LineEnding::LF)
+            .expect("encode test private key")
+            .to_string();
+        let public_pem = key
+            .to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("encode test public key");
+        TestKeys {
+            kid: kid.to_string(),
+            private_pem,
+            public_pem,
+        }
+    }
+
+    /// Writes `<dir>/<kid>.public.pem` (the layout `seckillctl` uses) and
+    /// returns its path, for a config's `jwt.public_keys`.
+    pub fn write_public(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join(format!("{}.public.pem", self.kid));
+        std::fs::write(&path, self.public_pem.as_bytes())
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+
+    /// Signs `claims` as an RS256 token whose header carries this key's
+    /// `kid`, exactly as the api's signer does.
+    pub fn mint(&self, claims: &crate::claims::AccessClaims) -> String {
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(self.private_pem.as_bytes())
+            .expect("test private key is an RSA PEM");
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &key).expect("sign test token")
+    }
+
+    /// Claims for `user_id`: `iat = nbf = now`, `exp = now + ttl_secs`.
+    /// A negative `ttl_secs` gives a token that expired that long ago.
+    pub fn claims_for(
+        user_id: u64,
+        issuer: &str,
+        audience: &str,
+        ttl_secs: i64,
+    ) -> crate::claims::AccessClaims {
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        crate::claims::AccessClaims {
+            sub: user_id.to_string(),
+            iss: issuer.to_string(),
+            aud: audience.to_string(),
+            exp: now.saturating_add_signed(ttl_secs),
+            nbf: now,
+            iat: now,
+            username: format!("user{user_id}"),
+        }
+    }
+}

@@ -1,5 +1,5 @@
 //! The admin listener (default 127.0.0.1:9090): metrics, upstream health,
-//! and (with the rule engine) rule status and reload. Every route needs the
+//! rule status and reload. Every route needs the
 //! admin bearer token, compared in constant time, so a scraper or an
 //! operator's curl carries `Authorization: Bearer <token>`.
 
@@ -14,16 +14,26 @@ use serde_json::json;
 
 use crate::metrics;
 use crate::pools::Pool;
+use crate::rules::RuleEngine;
 
 /// The admin HTTP app.
 pub struct AdminApp {
     token: String,
     pools: BTreeMap<String, Arc<Pool>>,
+    rules: Arc<RuleEngine>,
 }
 
 impl AdminApp {
-    pub fn new(token: String, pools: BTreeMap<String, Arc<Pool>>) -> AdminApp {
-        AdminApp { token, pools }
+    pub fn new(
+        token: String,
+        pools: BTreeMap<String, Arc<Pool>>,
+        rules: Arc<RuleEngine>,
+    ) -> AdminApp {
+        AdminApp {
+            token,
+            pools,
+            rules,
+        }
     }
 
     fn authorized(&self, session: &ServerSession) -> bool {
@@ -122,6 +132,29 @@ impl ServeHttp for AdminApp {
                 )
             }
             ("GET", "/admin/upstreams") => json_ok(&self.upstreams()),
+            ("GET", "/admin/rules") => json_ok(&json!(self.rules.status())),
+            ("POST", "/admin/rules/reload") => {
+                let engine = self.rules.clone();
+                let result = tokio::task::spawn_blocking(move || engine.reload("admin")).await;
+                match result {
+                    Ok(Ok(reloaded)) => json_ok(&json!(reloaded)),
+                    Ok(Err(e)) => {
+                        let mut resp = problem(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string());
+                        *resp.body_mut() = json!({
+                            "type": "about:blank",
+                            "title": "Unprocessable Entity",
+                            "status": 422,
+                            "detail": "the new rules were refused; the previous version keeps serving",
+                            "errors": [e.to_string()],
+                            "serving": self.rules.status(),
+                        })
+                        .to_string()
+                        .into_bytes();
+                        resp
+                    }
+                    Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                }
+            }
             _ => problem(StatusCode::NOT_FOUND, "no such admin route"),
         }
     }

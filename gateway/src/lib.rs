@@ -7,11 +7,18 @@
 //! [`server`] assembles the Pingora services from configuration.
 
 pub mod admin;
+pub mod jwt;
+pub mod limiter;
 pub mod metrics;
 pub mod pools;
 pub mod problem;
 pub mod proxy;
+pub mod publisher;
+pub mod redis_scripts;
 pub mod routes;
+pub mod rules;
 pub mod server;
+pub mod services;
+pub mod shared_dict;
 
 pub use server::{Gateway, GatewayError};

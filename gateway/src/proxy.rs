@@ -1,39 +1,58 @@
 //! The edge's request lifecycle, hung on Pingora's `ProxyHttp` phases.
 //!
 //! ```text
-//! request_filter      /healthz → 200; route lookup (404); header hygiene
-//!                     (strip X-User-Id, request id); local routes answered here
-//! upstream_peer       pick a healthy backend of the route's pool
-//! upstream_request    X-Forwarded-For appended, X-Request-Id, X-User-Id
-//! fail_to_connect /   one retry on another backend, idempotent methods only
+//! early_request_filter  header-size limit (431), CL/TE smuggling guard (400),
+//!                       declared body too large (413)
+//! request_filter        /healthz; route (404); strip client X-User-Id;
+//!                       JWT unless the route is public (401); small JSON body
+//!                       for local routes (400/413); Lua `access` phase →
+//!                       answer locally or go on to the pool
+//! upstream_peer         a healthy backend of the route's pool
+//! upstream_request      X-Forwarded-For appended, X-Request-Id, X-User-Id
+//! request_body_filter   body bytes capped (413); proxied routes refuse
+//!                       chunked bodies (411) so nothing partial goes upstream
+//! fail_to_connect /     one retry on another backend, idempotent methods only
 //! error_while_proxy
-//! response_filter     X-Request-Id on the way out
-//! logging             metrics
+//! response_filter       X-Request-Id on the way out
+//! logging               metrics, Lua `log` phase
 //! ```
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
+use seckill_contracts::claims::AccessClaims;
 
+use crate::jwt::JwtVerifier;
 use crate::metrics;
-use crate::pools::Pool;
+use crate::pools::{Pool, Pools};
 use crate::problem::LocalResponse;
 use crate::routes::RouteTable;
+use crate::rules::{Decision, RequestInfo, RuleEngine, RuleSet};
 
 /// Headers a client must never be able to set for the upstream.
 const UNTRUSTED_HEADERS: [&str; 1] = ["x-user-id"];
 
-/// The proxy's shared, read-only state.
+/// Size limits on what a client may send.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub max_header_bytes: usize,
+    pub max_body_bytes: usize,
+}
+
+/// The proxy's shared state.
 pub struct EdgeProxy {
     routes: RouteTable,
-    pools: BTreeMap<String, Arc<Pool>>,
+    pools: Pools,
+    jwt: Arc<JwtVerifier>,
+    rules: Arc<RuleEngine>,
+    limits: RequestLimits,
 }
 
 /// Per-request state carried between phases.
@@ -42,21 +61,97 @@ pub struct RequestCtx {
     request_id: String,
     route: String,
     pool: Option<Arc<Pool>>,
-    user_id: Option<u64>,
+    claims: Option<Arc<AccessClaims>>,
+    /// The rule version this request started on; it finishes on it.
+    rules: Option<Arc<RuleSet>>,
+    info: Option<RequestInfo>,
     /// Backend of the previous attempt; a retry avoids it.
     last_backend: Option<SocketAddr>,
     attempts: u32,
+    body_bytes: usize,
 }
 
 impl EdgeProxy {
-    pub fn new(routes: RouteTable, pools: BTreeMap<String, Arc<Pool>>) -> EdgeProxy {
-        EdgeProxy { routes, pools }
+    pub fn new(
+        routes: RouteTable,
+        pools: Pools,
+        jwt: Arc<JwtVerifier>,
+        rules: Arc<RuleEngine>,
+        limits: RequestLimits,
+    ) -> EdgeProxy {
+        EdgeProxy {
+            routes,
+            pools,
+            jwt,
+            rules,
+            limits,
+        }
     }
 
-    /// Idempotent methods may be sent to a second backend; a POST never is.
+    /// Idempotent methods may go to a second backend; a POST never does.
     fn may_retry(session: &Session, ctx: &RequestCtx) -> bool {
         ctx.attempts < 2 && session.req_header().method.is_idempotent()
     }
+
+    /// Reads a local route's body, refusing more than the limit.
+    async fn read_body(&self, session: &mut Session) -> Result<std::result::Result<Bytes, u16>> {
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            if buf.len() + chunk.len() > self.limits.max_body_bytes {
+                return Ok(Err(413));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(Ok(buf.freeze()))
+    }
+}
+
+fn header_bytes(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    req.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+/// The body-framing checks that stop request smuggling: both framings at
+/// once, or several disagreeing lengths, are refused.
+fn framing_problem(req: &RequestHeader) -> Option<&'static str> {
+    let te = req
+        .headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .count();
+    let cls: Vec<_> = req
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .collect();
+    if te > 0 && !cls.is_empty() {
+        return Some("both Content-Length and Transfer-Encoding");
+    }
+    if cls.len() > 1 && cls.windows(2).any(|w| w[0] != w[1]) {
+        return Some("conflicting Content-Length headers");
+    }
+    if let Some(cl) = cls.first() {
+        if cl
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .is_none()
+        {
+            return Some("invalid Content-Length");
+        }
+    }
+    None
+}
+
+fn declared_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse().ok())
 }
 
 #[async_trait]
@@ -69,19 +164,53 @@ impl ProxyHttp for EdgeProxy {
             request_id: uuid::Uuid::now_v7().simple().to_string(),
             route: "unmatched".into(),
             pool: None,
-            user_id: None,
+            claims: None,
+            rules: None,
+            info: None,
             last_backend: None,
             attempts: 0,
+            body_bytes: 0,
         }
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let req = session.req_header();
+        let refusal = if header_bytes(req) > self.limits.max_header_bytes {
+            Some((431, "request headers too large"))
+        } else if let Some(why) = framing_problem(req) {
+            Some((400, why))
+        } else if declared_length(req).is_some_and(|n| n > self.limits.max_body_bytes as u64) {
+            Some((413, "request body too large"))
+        } else {
+            None
+        };
+        if let Some((status, detail)) = refusal {
+            ctx.route = "refused".into();
+            // The body (if any) is not read: close instead of reusing.
+            session.set_keepalive(None);
+            LocalResponse::problem(status, detail)
+                .write(session, &ctx.request_id)
+                .await?;
+            return Err(Error::explain(ErrorType::HTTPStatus(status), detail));
+        }
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         for h in UNTRUSTED_HEADERS {
             session.req_header_mut().remove_header(h);
         }
-        let (method, path) = {
+        let (method, path, query) = {
             let req = session.req_header();
-            (req.method.as_str().to_string(), req.uri.path().to_string())
+            (
+                req.method.as_str().to_string(),
+                req.uri.path().to_string(),
+                req.uri.query().unwrap_or("").to_string(),
+            )
         };
         if path == "/healthz" && (method == "GET" || method == "HEAD") {
             ctx.route = "healthz".into();
@@ -96,14 +225,122 @@ impl ProxyHttp for EdgeProxy {
                 .await?;
             return Ok(true);
         };
-        ctx.route = matched.route.name.clone();
-        match matched.route.pool.as_ref().and_then(|p| self.pools.get(p)) {
-            Some(pool) => {
-                ctx.pool = Some(pool.clone());
-                Ok(false)
+        let route = matched.route;
+        ctx.route = route.name.clone();
+        ctx.pool = route.pool.as_ref().and_then(|p| self.pools.get(p)).cloned();
+        if ctx.pool.is_some()
+            && session
+                .req_header()
+                .headers
+                .contains_key(http::header::TRANSFER_ENCODING)
+        {
+            // A streamed body could pass its first chunks upstream before the
+            // size limit trips; proxied routes take declared lengths only.
+            session.set_keepalive(None);
+            LocalResponse::problem(411, "a request body needs a Content-Length")
+                .write(session, &ctx.request_id)
+                .await?;
+            return Ok(true);
+        }
+
+        if !route.public {
+            let auth = session
+                .req_header()
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            match self.jwt.verify_header(auth) {
+                Ok(claims) => ctx.claims = Some(claims),
+                Err(rejection) => {
+                    metrics::JWT_FAILURES
+                        .with_label_values(&[rejection.reason()])
+                        .inc();
+                    let challenge = if auth.is_none() {
+                        "Bearer".to_string()
+                    } else {
+                        format!(
+                            "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                            rejection.detail()
+                        )
+                    };
+                    LocalResponse::problem(401, rejection.detail())
+                        .with_header("www-authenticate", challenge)
+                        .write(session, &ctx.request_id)
+                        .await?;
+                    return Ok(true);
+                }
             }
-            None => {
-                LocalResponse::problem(404, "this route has no handler")
+        }
+
+        let mut body = None;
+        if ctx.pool.is_none() && !session.is_body_empty() {
+            let bytes = match self.read_body(session).await? {
+                Ok(b) => b,
+                Err(status) => {
+                    session.set_keepalive(None);
+                    LocalResponse::problem(status, "request body too large")
+                        .write(session, &ctx.request_id)
+                        .await?;
+                    return Ok(true);
+                }
+            };
+            if !bytes.is_empty() {
+                match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                    Ok(v) => body = Some(v),
+                    Err(e) => {
+                        LocalResponse::problem(400, format!("malformed JSON body: {e}"))
+                            .write(session, &ctx.request_id)
+                            .await?;
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let headers = session
+            .req_header()
+            .headers
+            .iter()
+            .filter(|(k, _)| *k != http::header::AUTHORIZATION)
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect();
+        let info = RequestInfo {
+            request_id: ctx.request_id.clone(),
+            method,
+            path,
+            query,
+            route: route.name.clone(),
+            params: matched.params.clone(),
+            headers,
+            client_ip,
+            body,
+            claims: ctx.claims.clone(),
+        };
+        let rules = self.rules.current();
+        let decision = rules.access(&info).await;
+        ctx.rules = Some(rules);
+        ctx.info = Some(info);
+        match decision {
+            Ok(Decision::Respond(resp)) => {
+                resp.write(session, &ctx.request_id).await?;
+                Ok(true)
+            }
+            Ok(Decision::Continue) if ctx.pool.is_some() => Ok(false),
+            Ok(Decision::Continue) => {
+                tracing::error!(request_id = %ctx.request_id, route = %ctx.route, "local route: rules did not answer");
+                LocalResponse::problem(500, "the rules did not answer this request")
+                    .write(session, &ctx.request_id)
+                    .await?;
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::error!(request_id = %ctx.request_id, route = %ctx.route, error = %e, "rule error");
+                LocalResponse::problem(500, "rule error; see the gateway log for this request id")
                     .write(session, &ctx.request_id)
                     .await?;
                 Ok(true)
@@ -123,7 +360,12 @@ impl ProxyHttp for EdgeProxy {
             ));
         };
         ctx.attempts += 1;
-        let key = ctx.user_id.unwrap_or(0).to_be_bytes();
+        let key = ctx
+            .claims
+            .as_ref()
+            .and_then(|c| c.user_id())
+            .unwrap_or(0)
+            .to_be_bytes();
         let backend = pool
             .select(&key, ctx.last_backend)
             .or_else(|| pool.select(&key, None))
@@ -136,10 +378,10 @@ impl ProxyHttp for EdgeProxy {
         ctx.last_backend = backend.addr.as_inet().copied();
         let mut peer = HttpPeer::new(backend, false, String::new());
         let cfg = &pool.config;
-        peer.options.connection_timeout =
-            Some(std::time::Duration::from_millis(cfg.connect_timeout_ms));
-        peer.options.read_timeout = Some(std::time::Duration::from_millis(cfg.read_timeout_ms));
-        peer.options.write_timeout = Some(std::time::Duration::from_millis(cfg.read_timeout_ms));
+        let ms = std::time::Duration::from_millis;
+        peer.options.connection_timeout = Some(ms(cfg.connect_timeout_ms));
+        peer.options.read_timeout = Some(ms(cfg.read_timeout_ms));
+        peer.options.write_timeout = Some(ms(cfg.read_timeout_ms));
         Ok(Box::new(peer))
     }
 
@@ -167,8 +409,27 @@ impl ProxyHttp for EdgeProxy {
         for h in UNTRUSTED_HEADERS {
             upstream.remove_header(h);
         }
-        if let Some(uid) = ctx.user_id {
+        if let Some(uid) = ctx.claims.as_ref().and_then(|c| c.user_id()) {
             upstream.insert_header("x-user-id", uid.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.body_bytes += b.len();
+            if ctx.body_bytes > self.limits.max_body_bytes {
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body too large",
+                ));
+            }
         }
         Ok(())
     }
@@ -216,11 +477,15 @@ impl ProxyHttp for EdgeProxy {
         metrics::REQUESTS
             .with_label_values(&[ctx.route.as_str(), &status.to_string()])
             .inc();
+        let elapsed = ctx.started.elapsed();
         metrics::LATENCY
             .with_label_values(&[ctx.route.as_str()])
-            .observe(ctx.started.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
         if let Some(e) = e {
             tracing::warn!(request_id = %ctx.request_id, route = %ctx.route, status, error = %e, "request failed");
+        }
+        if let (Some(rules), Some(info)) = (&ctx.rules, &ctx.info) {
+            rules.log(info, status, elapsed.as_secs_f64() * 1e3).await;
         }
     }
 }

@@ -13,10 +13,17 @@ use pingora::server::{RunArgs, Server, ShutdownSignalWatch};
 use pingora::services::listening::Service;
 use seckill_contracts::config::{read_secret, Config, ConfigError};
 
+use std::sync::Arc;
+
+use pingora::services::background::background_service;
+
 use crate::admin::AdminApp;
+use crate::jwt::{JwtSetupError, JwtVerifier};
 use crate::pools::{self, HealthService, PoolError};
-use crate::proxy::EdgeProxy;
+use crate::proxy::{EdgeProxy, RequestLimits};
 use crate::routes::{RouteError, RouteTable};
+use crate::rules::{Limits, RuleEngine, RuleError, RuleWatcher};
+use crate::services::HostServices;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +34,10 @@ pub enum GatewayError {
     Route(#[from] RouteError),
     #[error(transparent)]
     Pool(#[from] PoolError),
+    #[error(transparent)]
+    Jwt(#[from] JwtSetupError),
+    #[error("rules in {dir}: {source}")]
+    Rules { dir: String, source: RuleError },
     #[error("pingora: {0}")]
     Pingora(String),
 }
@@ -48,11 +59,27 @@ impl Gateway {
         )?;
         let routes = RouteTable::new(&g.routes)?;
         let (pools, health_services) = pools::build_all(&g.pools)?;
+        let jwt = Arc::new(JwtVerifier::from_config(&config.jwt, g.jwt_cache_entries)?);
+        let services = Arc::new(HostServices::new(config));
+        let limits = Limits {
+            instruction_budget: g.lua_instruction_budget,
+            memory_bytes: g.lua_memory_bytes,
+        };
+        let rules =
+            RuleEngine::load(&g.rules_dir, g.threads, limits, services).map_err(|source| {
+                GatewayError::Rules {
+                    dir: g.rules_dir.display().to_string(),
+                    source,
+                }
+            })?;
+        let rules = Arc::new(rules);
 
         let conf = ServerConf {
             threads: g.threads,
-            grace_period_seconds: Some(0),
-            graceful_shutdown_timeout_seconds: Some(g.drain_secs),
+            // After SIGTERM the listeners close at once; connections already
+            // accepted get `drain_secs` to finish before the runtimes stop.
+            grace_period_seconds: Some(g.drain_secs),
+            graceful_shutdown_timeout_seconds: Some(1),
             upgrade_sock: format!("/tmp/seckill-gateway-{}.sock", g.listen.port()),
             pid_file: format!("/tmp/seckill-gateway-{}.pid", g.listen.port()),
             ..ServerConf::default()
@@ -64,7 +91,11 @@ impl Gateway {
         let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
         server.bootstrap();
 
-        let proxy = EdgeProxy::new(routes, pools.clone());
+        let request_limits = RequestLimits {
+            max_header_bytes: g.max_header_bytes,
+            max_body_bytes: g.max_body_bytes,
+        };
+        let proxy = EdgeProxy::new(routes, pools.clone(), jwt, rules.clone(), request_limits);
         let mut proxy_service = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             proxy,
@@ -73,10 +104,14 @@ impl Gateway {
         proxy_service.add_tcp(&g.listen.to_string());
         server.add_service(proxy_service);
 
-        let mut admin = Service::new("admin".to_string(), AdminApp::new(admin_token, pools));
+        let mut admin = Service::new(
+            "admin".to_string(),
+            AdminApp::new(admin_token, pools, rules.clone()),
+        );
         admin.add_tcp(&g.admin_listen.to_string());
         server.add_service(admin);
 
+        server.add_service(background_service("rule watcher", RuleWatcher::new(rules)));
         for service in health_services {
             match service {
                 HealthService::RoundRobin(s) => {

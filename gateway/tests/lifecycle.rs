@@ -1,18 +1,26 @@
 //! The gateway binary's lifecycle: health, proxying with header hygiene,
-//! the admin listener's auth and metrics, and a clean SIGTERM.
+//! the admin listener's auth and metrics, and a draining SIGTERM.
 
 mod support;
 
 use std::time::Duration;
 
-use support::{GatewayProc, Upstream};
+use seckill_contracts::testkit::TestEnv;
+use support::{write_rules, GatewayProc, Upstream};
+
+const PASS_THROUGH: &str = "return { access = function(req) end }";
 
 #[tokio::test]
-async fn serves_health_proxies_and_stops_on_sigterm() {
+async fn serves_health_proxies_and_drains_on_sigterm() {
+    let env = TestEnv::new().await;
+    let rules = tempfile::tempdir().unwrap();
+    let rules_dir = rules.path().join("lua");
+    write_rules(&rules_dir, PASS_THROUGH, &[]);
     let upstream = Upstream::start("a").await;
-    let mut gw = GatewayProc::start(&[upstream.addr], &[]).await;
+    let mut gw = GatewayProc::start(GatewayProc::config(&env, &[upstream.addr], &rules_dir)).await;
     let client = reqwest::Client::new();
 
+    // Public route, client-sent identity headers.
     let resp = client
         .get(gw.url("/api/v1/sales"))
         .header("x-user-id", "1")
@@ -31,6 +39,18 @@ async fn serves_health_proxies_and_stops_on_sigterm() {
     assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert!(seen.headers.contains_key("x-request-id"));
 
+    // Authenticated route: X-User-Id is the verified subject, never the client's.
+    let resp = client
+        .get(gw.url("/api/v1/orders"))
+        .bearer_auth(gw.token(77))
+        .header("x-user-id", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = upstream.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen.headers["x-user-id"], "77");
+
     let missing = client.get(gw.url("/nowhere")).send().await.unwrap();
     assert_eq!(missing.status(), 404);
     assert_eq!(
@@ -48,21 +68,41 @@ async fn serves_health_proxies_and_stops_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(wrong.status(), 401);
-    let metrics = client
-        .get(gw.admin_url("/metrics"))
+    let text = gw.metrics().await;
+    for name in [
+        "gateway_requests_total",
+        "gateway_request_duration_seconds",
+        "gateway_upstream_healthy",
+    ] {
+        assert!(text.contains(name), "{name} missing from metrics");
+    }
+    let upstreams: serde_json::Value = client
+        .get(gw.admin_url("/admin/upstreams"))
         .bearer_auth(&gw.admin_token)
         .send()
         .await
+        .unwrap()
+        .json()
+        .await
         .unwrap();
-    assert_eq!(metrics.status(), 200);
-    let text = metrics.text().await.unwrap();
-    assert!(text.contains("gateway_requests_total"), "{text}");
+    assert_eq!(upstreams["api"][0]["healthy"], true);
 
+    // An in-flight request survives SIGTERM; new connections are refused after.
+    let slow_url = gw.url("/api/v1/sales/slow");
+    let slow =
+        tokio::spawn(async move { reqwest::get(slow_url).await.map(|r| r.status().as_u16()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     gw.process.signal("TERM");
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        200,
+        "in-flight request drained"
+    );
     let status = gw
         .process
         .wait_exit(Duration::from_secs(20))
         .await
         .expect("gateway exits after SIGTERM");
     assert!(status.success(), "exit status {status}");
+    assert!(reqwest::get(gw.url("/healthz")).await.is_err());
 }

@@ -9,3 +9,4 @@ pub mod probes;
 pub mod sales;
 pub mod shutdown;
 pub mod signing_keys;
+pub mod tokens;

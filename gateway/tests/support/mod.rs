@@ -13,7 +13,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, Uri};
 use axum::routing::any;
 use axum::Router;
-use seckill_contracts::testkit::{free_addr, wait_ok, Process};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use seckill_contracts::config::{Config, PublicKeyConfig};
+use seckill_contracts::testkit::{free_addr, wait_ok, Process, TestEnv, TestKeys};
 
 /// What one request looked like when it reached an upstream.
 #[derive(Debug, Clone)]
@@ -30,7 +34,7 @@ pub struct Upstream {
     pub hits: Arc<AtomicUsize>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 #[derive(Clone)]
@@ -41,6 +45,9 @@ struct UpState {
 }
 
 async fn answer(State(s): State<UpState>, method: Method, uri: Uri, headers: HeaderMap) -> String {
+    if uri.path().ends_with("/slow") {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
     if uri.path() != "/healthz" {
         s.hits.fetch_add(1, Ordering::SeqCst);
         s.seen.lock().unwrap().push(Seen {
@@ -53,13 +60,12 @@ async fn answer(State(s): State<UpState>, method: Method, uri: Uri, headers: Hea
 }
 
 impl Upstream {
+    /// Serves on its own thread and runtime, so [`Upstream::kill`] can drop
+    /// every connection at once, as a crashed process would.
     pub async fn start(name: &str) -> Upstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        Self::serve(name, listener, addr).await
-    }
-
-    async fn serve(name: &str, listener: tokio::net::TcpListener, addr: SocketAddr) -> Upstream {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let state = UpState {
@@ -67,14 +73,23 @@ impl Upstream {
             hits: hits.clone(),
             seen: seen.clone(),
         };
-        let app = Router::new().fallback(any(answer)).with_state(state);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                let app = Router::new().fallback(any(answer)).with_state(state);
+                tokio::select! {
+                    _ = axum::serve(listener, app) => {}
+                    _ = rx => {}
+                }
+            });
+            // Dropping the runtime here kills every connection task too.
+            rt.shutdown_background();
         });
         Upstream {
             addr,
@@ -82,17 +97,18 @@ impl Upstream {
             hits,
             seen,
             stop: Some(tx),
-            task: Some(task),
+            thread: Some(thread),
         }
     }
 
-    /// Stops serving and closes the listener: the backend is dead.
+    /// Stops serving and drops every connection: the backend is dead.
     pub async fn kill(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
-        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
     }
 
     pub fn hits(&self) -> usize {
@@ -100,53 +116,103 @@ impl Upstream {
     }
 }
 
-/// A gateway binary started for one test.
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The RS256 key pair every test of this binary signs with (RSA key
+/// generation is slow in debug builds, so once per binary).
+pub fn keys() -> &'static TestKeys {
+    static KEYS: OnceLock<TestKeys> = OnceLock::new();
+    KEYS.get_or_init(|| TestKeys::generate("test-1"))
+}
+
+/// A valid token for `user_id` under `config`'s issuer and audience.
+pub fn token(config: &Config, user_id: u64) -> String {
+    keys().mint(&TestKeys::claims_for(
+        user_id,
+        &config.jwt.issuer,
+        &config.jwt.audience,
+        600,
+    ))
+}
+
+/// Writes a rules folder: `main.lua` plus extra `(relative path, source)` files.
+pub fn write_rules(dir: &Path, main: &str, extra: &[(&str, &str)]) {
+    std::fs::create_dir_all(dir.join("redis")).unwrap();
+    std::fs::write(dir.join("main.lua"), main).unwrap();
+    for (name, src) in extra {
+        std::fs::write(dir.join(name), src).unwrap();
+    }
+}
+
+/// A gateway binary started for one test, from a config file it writes.
 pub struct GatewayProc {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub admin_token: String,
+    pub config: Config,
+    pub config_path: PathBuf,
     pub process: Process,
-    _dir: tempfile::TempDir,
 }
 
 impl GatewayProc {
-    /// Starts the gateway with `backends` in its `api` pool and extra env.
-    pub async fn start(backends: &[SocketAddr], extra: &[(String, String)]) -> GatewayProc {
-        let dir = tempfile::tempdir().unwrap();
-        let addr = free_addr();
-        let admin = free_addr();
-        let token = "test-admin-token".to_string();
-        let list = backends
-            .iter()
-            .map(|b| format!("\"{b}\""))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut env: Vec<(String, String)> = vec![
-            ("SECKILL__GATEWAY__LISTEN".into(), addr.to_string()),
-            ("SECKILL__GATEWAY__ADMIN_LISTEN".into(), admin.to_string()),
-            ("SECKILL__GATEWAY__ADMIN_TOKEN".into(), token.clone()),
-            (
-                "SECKILL__GATEWAY__POOLS__API__BACKENDS".into(),
-                format!("[{list}]"),
-            ),
-            (
-                "SECKILL__GATEWAY__POOLS__API__HEALTH_INTERVAL_MS".into(),
-                "200".into(),
-            ),
-            ("SECKILL__GATEWAY__DRAIN_SECS".into(), "2".into()),
-        ];
-        env.extend_from_slice(extra);
-        let process = Process::spawn(env!("CARGO_BIN_EXE_seckill-gateway"), &[], &env);
+    /// A config for a test gateway: fresh ports, `backends` in pool `api`,
+    /// test JWT key, rules from `rules_dir`, the env's Redis prefix.
+    pub fn config(env: &TestEnv, backends: &[SocketAddr], rules_dir: &Path) -> Config {
+        let mut c = env.config.clone();
+        let dir = rules_dir.parent().unwrap_or(rules_dir);
+        let public = keys().write_public(dir);
+        c.jwt.public_keys = vec![PublicKeyConfig {
+            kid: keys().kid.clone(),
+            path: public,
+        }];
+        c.jwt.signing_kid = keys().kid.clone();
+        let g = &mut c.gateway;
+        g.listen = free_addr();
+        g.admin_listen = free_addr();
+        g.admin_token = Some("test-admin-token".into());
+        g.admin_token_path = None;
+        g.rules_dir = rules_dir.to_path_buf();
+        g.drain_secs = 3;
+        if let Some(pool) = g.pools.get_mut("api") {
+            pool.backends = backends.iter().map(|b| b.to_string()).collect();
+            pool.health_interval_ms = 200;
+            pool.connect_timeout_ms = 300;
+        }
+        c
+    }
+
+    /// Starts the gateway binary on `config` and waits until it is healthy.
+    pub async fn start(config: Config) -> GatewayProc {
+        let path = config
+            .gateway
+            .rules_dir
+            .parent()
+            .unwrap()
+            .join(format!("gateway-{}.toml", config.gateway.listen.port()));
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        let process = Process::spawn(
+            env!("CARGO_BIN_EXE_seckill-gateway"),
+            &["--config", path.to_str().unwrap()],
+            &[("RUST_LOG".into(), "warn,rules=info".into())],
+        );
+        let addr = config.gateway.listen;
         assert!(
-            wait_ok(&format!("http://{addr}/healthz"), Duration::from_secs(20)).await,
+            wait_ok(&format!("http://{addr}/healthz"), Duration::from_secs(30)).await,
             "gateway never became healthy"
         );
         GatewayProc {
             addr,
-            admin,
-            admin_token: token,
+            admin: config.gateway.admin_listen,
+            admin_token: config.gateway.admin_token.clone().unwrap_or_default(),
+            config,
+            config_path: path,
             process,
-            _dir: dir,
         }
     }
 
@@ -156,5 +222,46 @@ impl GatewayProc {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
+    }
+
+    pub fn token(&self, user_id: u64) -> String {
+        token(&self.config, user_id)
+    }
+
+    /// `GET /admin/rules`.
+    pub async fn rules_status(&self) -> serde_json::Value {
+        reqwest::Client::new()
+            .get(self.admin_url("/admin/rules"))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// `POST /admin/rules/reload` → (status, body).
+    pub async fn reload(&self) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .post(self.admin_url("/admin/rules/reload"))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or_default())
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::Client::new()
+            .get(self.admin_url("/metrics"))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }

@@ -1,6 +1,7 @@
 //! `seckillctl`: the ops CLI. Each subcommand is a thin call into the
 //! library; output is JSON so scripts can read it.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use seckill_contracts::cli::ConfigArgs;
 use seckill_contracts::keys::KeySchema;
 use seckill_contracts::telemetry;
 use seckill_workers::sales::{self, NewSale};
+use seckill_workers::tokens::TokenSigner;
 use seckill_workers::{connections, signing_keys};
 use serde_json::json;
 
@@ -31,6 +33,15 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Mint access tokens with the dev private key (load tests, demos).
+    Token {
+        /// First user id.
+        #[arg(long, default_value_t = 1)]
+        user_id: u64,
+        /// How many consecutive user ids, one token per line.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
     },
     /// Create and inspect sales.
     Sale {
@@ -110,6 +121,14 @@ async fn main() -> anyhow::Result<()> {
                     "admin_token": out.admin_token,
                 })
             );
+        }
+        Command::Token { user_id, count } => {
+            let signer = TokenSigner::from_config(&config.jwt)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for uid in user_id..user_id.saturating_add(count) {
+                writeln!(out, "{}", signer.issue(uid, &format!("user{uid}"))?)?;
+            }
+            out.flush()?;
         }
         Command::Sale { command } => {
             let db = connections::mysql(&config.database).await?;

@@ -1,0 +1,2 @@
+-- One small script per request: count it.
+return redis.call('INCR', KEYS[1])

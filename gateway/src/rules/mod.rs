@@ -1,0 +1,577 @@
+//! The Lua rule engine: what ops edit to change the edge's behaviour without
+//! a deploy.
+//!
+//! A *rule set* is the rules folder at one moment: `main.lua` (returns a
+//! table of phase functions: `access` required, `log` and `selftest`
+//! optional), other `*.lua` files as modules for `require`, and the Redis
+//! scripts in `redis/`. Loading compiles it into one VM per proxy thread.
+//!
+//! ```text
+//! reload (file change | SIGHUP | POST /admin/rules/reload)
+//!   → read folder → hash → compile + validate in a fresh VM → selftest
+//!   → build the VMs → ArcSwap the new set in   (or keep the old, report why)
+//! request → current() (an Arc: the request keeps its version to the end)
+//!   → access(req) on this thread's VM → Continue | Respond
+//! ```
+
+mod host;
+mod sandbox;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use mlua::{Function, Lua, LuaSerdeExt, Table, Value};
+use seckill_contracts::claims::AccessClaims;
+use sha2::{Digest, Sha256};
+
+pub use sandbox::Limits;
+pub use watch::RuleWatcher;
+
+use crate::metrics;
+use crate::problem::LocalResponse;
+use crate::redis_scripts::ScriptSet;
+use crate::services::HostServices;
+
+/// The entry file of a rule set.
+pub const ENTRY: &str = "main";
+
+/// Why a rule set was refused, or a phase failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("reading rules from {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("rules folder has no {ENTRY}.lua")]
+    NoEntry,
+    #[error("invalid rule file name `{0}` (use lowercase letters, digits, '_')")]
+    BadName(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("lua: {0}")]
+    Lua(#[from] mlua::Error),
+}
+
+/// The request as rules see it.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfo {
+    pub request_id: String,
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub route: String,
+    pub params: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
+    pub client_ip: String,
+    /// Parsed JSON body (local routes only).
+    pub body: Option<serde_json::Value>,
+    pub claims: Option<Arc<AccessClaims>>,
+}
+
+/// What the access phase decided.
+#[derive(Debug)]
+pub enum Decision {
+    /// Go on: proxy to the route's pool.
+    Continue,
+    /// Answer with this response now.
+    Respond(LocalResponse),
+}
+
+/// One compiled VM of a rule set.
+struct RuleVm {
+    lua: Lua,
+    access: Function,
+    log: Option<Function>,
+    native_memory_cap: bool,
+}
+
+/// One loaded version of the rules.
+pub struct RuleSet {
+    pub version: u64,
+    pub hash: String,
+    pub loaded_at: DateTime<Utc>,
+    limits: Limits,
+    vms: Vec<RuleVm>,
+}
+
+thread_local! {
+    /// Which VM this thread uses; assigned round-robin on first use.
+    static VM_SLOT: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    };
+}
+
+/// Files of a rule set, read from disk.
+struct Sources {
+    modules: BTreeMap<String, String>,
+    scripts: BTreeMap<String, String>,
+    hash: String,
+}
+
+fn read_sources(dir: &Path) -> Result<Sources, RuleError> {
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RuleError::Read { path, source }
+    };
+    let mut modules = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err(dir))? {
+        let path = entry.map_err(read_err(dir))?.path();
+        if !path.is_file() || path.extension().and_then(|e| e.to_str()) != Some("lua") {
+            continue;
+        }
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if !sandbox::is_module_name(&stem) {
+            return Err(RuleError::BadName(path.display().to_string()));
+        }
+        let text = std::fs::read_to_string(&path).map_err(read_err(&path))?;
+        modules.insert(stem, text);
+    }
+    let scripts_dir = dir.join("redis");
+    let scripts = ScriptSet::read_dir(&scripts_dir).map_err(read_err(&scripts_dir))?;
+    let mut hasher = Sha256::new();
+    for (kind, map) in [("rule", &modules), ("redis", &scripts)] {
+        for (name, text) in map {
+            hasher.update(kind.as_bytes());
+            hasher.update([0]);
+            hasher.update(name.as_bytes());
+            hasher.update([0]);
+            hasher.update(text.as_bytes());
+            hasher.update([0]);
+        }
+    }
+    Ok(Sources {
+        modules,
+        scripts,
+        hash: hex::encode(hasher.finalize()),
+    })
+}
+
+fn build_vm(
+    sources: &Sources,
+    modules: Arc<BTreeMap<String, String>>,
+    scripts: Arc<ScriptSet>,
+    services: Arc<HostServices>,
+    limits: Limits,
+) -> Result<(RuleVm, Table), RuleError> {
+    let entry = sources.modules.get(ENTRY).ok_or(RuleError::NoEntry)?;
+    let (lua, native_memory_cap) = sandbox::new_vm(modules, limits)?;
+    host::install(&lua, services, scripts)?;
+    let chunk = lua
+        .load(entry.as_str())
+        .set_name(format!("@{ENTRY}.lua"))
+        .set_mode(mlua::chunk::ChunkMode::Text)
+        .into_function()?;
+    let phases: Value = sandbox::call_sync(&lua, &chunk, (), limits, native_memory_cap)?;
+    let Value::Table(phases) = phases else {
+        return Err(RuleError::Invalid(format!(
+            "{ENTRY}.lua must return a table of phase functions, got {}",
+            phases.type_name()
+        )));
+    };
+    let access = match phases.get::<Value>("access")? {
+        Value::Function(f) => f,
+        other => {
+            return Err(RuleError::Invalid(format!(
+                "phase `access` must be a function, got {}",
+                other.type_name()
+            )))
+        }
+    };
+    let log = match phases.get::<Value>("log")? {
+        Value::Function(f) => Some(f),
+        Value::Nil => None,
+        other => {
+            return Err(RuleError::Invalid(format!(
+                "phase `log` must be a function, got {}",
+                other.type_name()
+            )))
+        }
+    };
+    for (k, _) in phases.pairs::<String, Value>().flatten() {
+        if !matches!(k.as_str(), "access" | "log" | "selftest") {
+            return Err(RuleError::Invalid(format!(
+                "unknown phase `{k}` (known: access, log, selftest)"
+            )));
+        }
+    }
+    Ok((
+        RuleVm {
+            lua,
+            access,
+            log,
+            native_memory_cap,
+        },
+        phases,
+    ))
+}
+
+/// Compiles and validates a rule set; `vms` copies for the proxy threads.
+fn compile(
+    dir: &Path,
+    version: u64,
+    vms: usize,
+    services: &Arc<HostServices>,
+    limits: Limits,
+) -> Result<RuleSet, RuleError> {
+    let sources = read_sources(dir)?;
+    let modules = Arc::new(sources.modules.clone());
+    let scripts = Arc::new(ScriptSet::new(&sources.scripts));
+    // Validation VM: compile, check phases, run selftest once.
+    let (probe, phases) = build_vm(
+        &sources,
+        modules.clone(),
+        scripts.clone(),
+        services.clone(),
+        limits,
+    )?;
+    if let Value::Function(selftest) = phases.get::<Value>("selftest")? {
+        let ok: Value =
+            sandbox::call_sync(&probe.lua, &selftest, (), limits, probe.native_memory_cap)
+                .map_err(|e| RuleError::Invalid(format!("selftest failed: {e}")))?;
+        if ok == Value::Boolean(false) {
+            return Err(RuleError::Invalid("selftest returned false".into()));
+        }
+    }
+    let mut built = vec![probe];
+    while built.len() < vms.max(1) {
+        let (vm, _) = build_vm(
+            &sources,
+            modules.clone(),
+            scripts.clone(),
+            services.clone(),
+            limits,
+        )?;
+        built.push(vm);
+    }
+    Ok(RuleSet {
+        version,
+        hash: sources.hash,
+        loaded_at: Utc::now(),
+        limits,
+        vms: built,
+    })
+}
+
+impl RuleSet {
+    fn vm(&self) -> &RuleVm {
+        let slot = VM_SLOT.with(|s| *s);
+        &self.vms[slot % self.vms.len()]
+    }
+
+    /// Runs the access phase. An error is the rule's fault: the caller
+    /// answers 500 for this request only.
+    pub async fn access(&self, req: &RequestInfo) -> Result<Decision, RuleError> {
+        let vm = self.vm();
+        let table = request_table(&vm.lua, req)?;
+        let result: Value = sandbox::call_async(
+            &vm.lua,
+            &vm.access,
+            table,
+            self.limits,
+            vm.native_memory_cap,
+        )
+        .await
+        .inspect_err(|e| count_error("access", e))?;
+        decision(result).inspect_err(|_| {
+            metrics::LUA_ERRORS
+                .with_label_values(&["access", "bad_return"])
+                .inc();
+        })
+    }
+
+    /// Runs the log phase after the response; failures are only logged.
+    pub async fn log(&self, req: &RequestInfo, status: u16, duration_ms: f64) {
+        let vm = self.vm();
+        let Some(log) = &vm.log else { return };
+        let run = async {
+            let table = request_table(&vm.lua, req)?;
+            let res = vm.lua.create_table()?;
+            res.set("status", status)?;
+            res.set("duration_ms", duration_ms)?;
+            sandbox::call_async::<()>(
+                &vm.lua,
+                log,
+                (table, res),
+                self.limits,
+                vm.native_memory_cap,
+            )
+            .await
+        };
+        if let Err(e) = run.await {
+            count_error("log", &e);
+            tracing::warn!(request_id = %req.request_id, error = %e, "log phase failed");
+        }
+    }
+}
+
+fn count_error(phase: &str, e: &mlua::Error) {
+    let text = e.to_string();
+    let kind = if text.contains("instruction budget") {
+        "budget"
+    } else if text.contains("memory") {
+        "memory"
+    } else {
+        "runtime"
+    };
+    metrics::LUA_ERRORS.with_label_values(&[phase, kind]).inc();
+}
+
+fn request_table(lua: &Lua, req: &RequestInfo) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("request_id", req.request_id.as_str())?;
+    t.set("method", req.method.as_str())?;
+    t.set("path", req.path.as_str())?;
+    t.set("route", req.route.as_str())?;
+    t.set("client_ip", req.client_ip.as_str())?;
+    let params = lua.create_table()?;
+    for (k, v) in &req.params {
+        params.set(k.as_str(), v.as_str())?;
+    }
+    t.set("params", params)?;
+    let query = lua.create_table()?;
+    for (k, v) in form_urlencoded_pairs(&req.query) {
+        query.set(k, v)?;
+    }
+    t.set("query", query)?;
+    let headers = lua.create_table()?;
+    for (k, v) in &req.headers {
+        headers.set(k.as_str(), v.as_str())?;
+    }
+    t.set("headers", headers)?;
+    if let Some(body) = &req.body {
+        t.set("body", lua.to_value(body)?)?;
+    }
+    if let Some(c) = &req.claims {
+        let claims = lua.create_table()?;
+        claims.set("sub", c.sub.as_str())?;
+        claims.set("iss", c.iss.as_str())?;
+        claims.set("aud", c.aud.as_str())?;
+        claims.set("exp", c.exp)?;
+        claims.set("username", c.username.as_str())?;
+        t.set("claims", claims)?;
+        if let Some(uid) = c.user_id() {
+            t.set("user_id", uid)?;
+        }
+    }
+    Ok(t)
+}
+
+/// `a=1&b=x%20y` → pairs, percent-decoded; malformed escapes kept verbatim.
+fn form_urlencoded_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k), percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn decision(v: Value) -> Result<Decision, RuleError> {
+    let t = match v {
+        Value::Nil => return Ok(Decision::Continue),
+        Value::Table(t) if t.get::<bool>(host::RESPONSE_MARK).unwrap_or(false) => t,
+        other => {
+            return Err(RuleError::Invalid(format!(
+                "access must return nothing or seckill.respond/reject(...), got {}",
+                other.type_name()
+            )))
+        }
+    };
+    let status: u16 = t.get("status")?;
+    let body: mlua::LuaString = t.get("body")?;
+    let mut headers = Vec::new();
+    if let Some(ct) = t.get::<Option<String>>("content_type")? {
+        headers.push(("content-type".to_string(), ct));
+    }
+    if let Some(h) = t.get::<Option<Table>>("headers")? {
+        for pair in h.pairs::<String, String>() {
+            let (k, v) = pair?;
+            let k = k.to_ascii_lowercase();
+            if http::HeaderName::from_bytes(k.as_bytes()).is_err()
+                || http::HeaderValue::from_str(&v).is_err()
+            {
+                return Err(RuleError::Invalid(format!("invalid response header `{k}`")));
+            }
+            headers.retain(|(name, _)| name != &k);
+            headers.push((k, v));
+        }
+    }
+    Ok(Decision::Respond(LocalResponse {
+        status,
+        headers,
+        body: Bytes::copy_from_slice(&body.as_bytes()),
+    }))
+}
+
+/// Status of the loaded rules, for `GET /admin/rules`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RuleStatus {
+    pub version: u64,
+    pub hash: String,
+    pub loaded_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    pub reloads: u64,
+}
+
+/// Result of a reload request.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reloaded {
+    pub version: u64,
+    pub hash: String,
+    /// False when the files had not changed (nothing was swapped).
+    pub changed: bool,
+}
+
+/// Owns the current rule set and swaps in new ones.
+pub struct RuleEngine {
+    dir: PathBuf,
+    vms: usize,
+    limits: Limits,
+    services: Arc<HostServices>,
+    current: ArcSwap<RuleSet>,
+    status: Mutex<RuleStatus>,
+    /// Serialises reloads (file events, SIGHUP and admin can race).
+    reload_lock: Mutex<()>,
+}
+
+impl RuleEngine {
+    /// Loads the initial rule set; a gateway does not start on broken rules.
+    pub fn load(
+        dir: &Path,
+        vms: usize,
+        limits: Limits,
+        services: Arc<HostServices>,
+    ) -> Result<RuleEngine, RuleError> {
+        let set = compile(dir, 1, vms, &services, limits)?;
+        let status = RuleStatus {
+            version: set.version,
+            hash: set.hash.clone(),
+            loaded_at: set.loaded_at,
+            last_error: None,
+            last_error_at: None,
+            reloads: 0,
+        };
+        tracing::info!(version = set.version, hash = %set.hash, dir = %dir.display(), "rules loaded");
+        Ok(RuleEngine {
+            dir: dir.to_path_buf(),
+            vms,
+            limits,
+            services,
+            current: ArcSwap::from_pointee(set),
+            status: Mutex::new(status),
+            reload_lock: Mutex::new(()),
+        })
+    }
+
+    /// The rules folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The set a new request should run on (kept by the request to its end).
+    pub fn current(&self) -> Arc<RuleSet> {
+        self.current.load_full()
+    }
+
+    /// Compiles the folder again and swaps it in if it validates. A refused
+    /// version leaves the current one serving and is recorded as last_error.
+    pub fn reload(&self, trigger: &str) -> Result<Reloaded, RuleError> {
+        let _guard = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.current();
+        let result = match read_sources(&self.dir) {
+            Ok(s) if s.hash == current.hash => Ok(None),
+            Ok(_) => compile(
+                &self.dir,
+                current.version + 1,
+                self.vms,
+                &self.services,
+                self.limits,
+            )
+            .map(Some),
+            Err(e) => Err(e),
+        };
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(None) => {
+                metrics::RULE_RELOADS
+                    .with_label_values(&[trigger, "unchanged"])
+                    .inc();
+                status.last_error = None;
+                Ok(Reloaded {
+                    version: current.version,
+                    hash: current.hash.clone(),
+                    changed: false,
+                })
+            }
+            Ok(Some(set)) => {
+                let out = Reloaded {
+                    version: set.version,
+                    hash: set.hash.clone(),
+                    changed: true,
+                };
+                status.version = set.version;
+                status.hash = set.hash.clone();
+                status.loaded_at = set.loaded_at;
+                status.last_error = None;
+                status.reloads += 1;
+                self.current.store(Arc::new(set));
+                metrics::RULE_RELOADS
+                    .with_label_values(&[trigger, "ok"])
+                    .inc();
+                tracing::info!(version = out.version, hash = %out.hash, trigger, "rules reloaded");
+                Ok(out)
+            }
+            Err(e) => {
+                metrics::RULE_RELOADS
+                    .with_label_values(&[trigger, "refused"])
+                    .inc();
+                status.last_error = Some(e.to_string());
+                status.last_error_at = Some(Utc::now());
+                tracing::error!(trigger, error = %e, version = current.version, "rule reload refused; previous rules keep serving");
+                Err(e)
+            }
+        }
+    }
+
+    pub fn status(&self) -> RuleStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}

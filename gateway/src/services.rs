@@ -1,0 +1,82 @@
+//! Process-wide services the rules reach through the host API: Redis, the
+//! order publisher, the shared dict and the token buckets.
+//!
+//! Redis and RabbitMQ connect lazily, on the proxy's own runtime, the first
+//! time a rule needs them: their connection drivers must live on a runtime
+//! that outlives the request, and a gateway whose broker is briefly down at
+//! start must still come up and proxy everything else.
+
+use std::time::Duration;
+
+use seckill_contracts::config::Config;
+use seckill_contracts::keys::KeySchema;
+use seckill_contracts::message::OrderMessage;
+use seckill_contracts::redis_client::RedisConn;
+use tokio::sync::OnceCell;
+
+use crate::limiter::TokenBuckets;
+use crate::publisher::OrderPublisher;
+use crate::shared_dict::SharedDict;
+
+/// How many entries the shared dict and the bucket table keep at most.
+const DICT_CAPACITY: u64 = 1_000_000;
+const BUCKET_CAPACITY: u64 = 1_000_000;
+/// A bucket unused this long is forgotten (and starts full again).
+const BUCKET_IDLE: Duration = Duration::from_secs(600);
+/// A connect attempt that takes longer fails the request instead of hanging it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Everything the host API needs, shared by all VMs and versions.
+pub struct HostServices {
+    pub keys: KeySchema,
+    pub dict: SharedDict,
+    pub buckets: TokenBuckets,
+    config: Config,
+    redis: OnceCell<RedisConn>,
+    publisher: OnceCell<OrderPublisher>,
+}
+
+impl HostServices {
+    pub fn new(config: &Config) -> HostServices {
+        HostServices {
+            keys: KeySchema::new(config.redis.key_prefix.clone()),
+            dict: SharedDict::new(DICT_CAPACITY),
+            buckets: TokenBuckets::new(BUCKET_CAPACITY, BUCKET_IDLE),
+            config: config.clone(),
+            redis: OnceCell::new(),
+            publisher: OnceCell::new(),
+        }
+    }
+
+    /// A Redis handle (cheap clone of the shared multiplexed connection).
+    pub async fn redis(&self) -> Result<RedisConn, String> {
+        let conn = self
+            .redis
+            .get_or_try_init(|| async {
+                tokio::time::timeout(CONNECT_TIMEOUT, RedisConn::connect(&self.config.redis))
+                    .await
+                    .map_err(|_| "redis connect timed out".to_string())?
+                    .map_err(|e| format!("redis connect: {e}"))
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    /// Publishes an order message and waits for the broker's confirm.
+    pub async fn publish(&self, msg: &OrderMessage) -> Result<(), String> {
+        let close_delay_ms = self.config.worker.order_timeout_secs.saturating_mul(1_000);
+        let publisher = self
+            .publisher
+            .get_or_try_init(|| async {
+                tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    OrderPublisher::connect(&self.config.amqp, close_delay_ms),
+                )
+                .await
+                .map_err(|_| "broker connect timed out".to_string())?
+                .map_err(|e| format!("broker connect: {e}"))
+            })
+            .await?;
+        publisher.publish(msg).await.map_err(|e| e.to_string())
+    }
+}

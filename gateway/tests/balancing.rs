@@ -1,0 +1,140 @@
+//! Load balancing across real upstreams: spread, health checks, the GET
+//! retry, never re-sending a POST, and consistent hashing on the user id.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use seckill_contracts::config::Selection;
+use seckill_contracts::testkit::TestEnv;
+use support::{write_rules, GatewayProc, Upstream};
+
+const PASS_THROUGH: &str = "return { access = function(req) end }";
+
+#[tokio::test]
+async fn spreads_retries_gets_and_never_resends_posts() {
+    let env = TestEnv::new().await;
+    let rules = tempfile::tempdir().unwrap();
+    let rules_dir = rules.path().join("lua");
+    write_rules(&rules_dir, PASS_THROUGH, &[]);
+    let ups = [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
+    let mut ups = ups;
+    let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let gw = GatewayProc::start(GatewayProc::config(&env, &addrs, &rules_dir)).await;
+    let client = reqwest::Client::new();
+
+    for _ in 0..300 {
+        let r = client.get(gw.url("/api/v1/sales")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for u in &ups {
+        assert!(u.hits() >= 80, "{} got {} of 300", u.name, u.hits());
+    }
+
+    // Kill one backend. GETs see no error at all: a refused connection is
+    // retried once on another backend.
+    ups[0].kill().await;
+    for _ in 0..60 {
+        let r = client.get(gw.url("/api/v1/sales")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "GET must be retried elsewhere");
+    }
+
+    // POSTs sent right away may fail, but none is ever sent twice.
+    let token = gw.token(5);
+    let before: usize = ups.iter().map(|u| u.hits()).sum();
+    let mut ok = 0;
+    for i in 0..30 {
+        let r = client
+            .post(gw.url(&format!("/api/v1/orders/{i}/pay")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            ok += 1;
+        }
+    }
+    let after: usize = ups.iter().map(|u| u.hits()).sum();
+    assert_eq!(
+        after - before,
+        ok,
+        "each successful POST reached exactly one backend once"
+    );
+    let paths: Vec<String> = ups
+        .iter()
+        .flat_map(|u| u.seen.lock().unwrap().clone())
+        .filter(|s| s.method == "POST")
+        .map(|s| s.path)
+        .collect();
+    let unique: HashSet<_> = paths.iter().collect();
+    assert_eq!(unique.len(), paths.len(), "a POST reached a backend twice");
+
+    // Once the health check caught it (interval 200 ms): no client-visible error.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for i in 0..60 {
+        let r = client
+            .post(gw.url(&format!("/api/v1/orders/{}/pay", 100 + i)))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "dead backend must have left rotation");
+    }
+    let health: serde_json::Value = client
+        .get(gw.admin_url("/admin/upstreams"))
+        .bearer_auth(&gw.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let dead = ups[0].addr.to_string();
+    for b in health["api"].as_array().unwrap() {
+        assert_eq!(b["healthy"], b["addr"] != dead.as_str(), "{b}");
+    }
+}
+
+#[tokio::test]
+async fn consistent_hashing_pins_a_user_to_a_backend() {
+    let env = TestEnv::new().await;
+    let rules = tempfile::tempdir().unwrap();
+    let rules_dir = rules.path().join("lua");
+    write_rules(&rules_dir, PASS_THROUGH, &[]);
+    let ups = [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
+    let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let mut config = GatewayProc::config(&env, &addrs, &rules_dir);
+    config.gateway.pools.get_mut("api").unwrap().selection = Selection::ConsistentHashUser;
+    let gw = GatewayProc::start(config).await;
+    let client = reqwest::Client::new();
+    let mut used = HashSet::new();
+    for user in 1..=30u64 {
+        let token = gw.token(user);
+        let mut names = HashSet::new();
+        for _ in 0..5 {
+            let r = client
+                .get(gw.url("/api/v1/orders"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            names.insert(r.text().await.unwrap());
+        }
+        assert_eq!(
+            names.len(),
+            1,
+            "user {user} moved between backends: {names:?}"
+        );
+        used.extend(names);
+    }
+    assert!(used.len() >= 2, "30 users all hashed to one backend");
+}
