@@ -7,6 +7,7 @@
 //! [`server`] assembles the Pingora services from configuration.
 
 pub mod admin;
+pub mod drain;
 pub mod jwt;
 pub mod limiter;
 pub mod metrics;

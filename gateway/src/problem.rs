@@ -57,7 +57,10 @@ impl LocalResponse {
         }
         header.insert_header("content-length", self.body.len().to_string())?;
         header.insert_header("x-request-id", request_id)?;
-        session.set_keepalive(Some(60));
+        if crate::drain::is_draining() {
+            header.insert_header("connection", "close")?;
+            session.set_keepalive(None);
+        }
         session
             .write_response_header(Box::new(header), false)
             .await?;

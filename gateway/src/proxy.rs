@@ -13,7 +13,8 @@
 //!                       chunked bodies (411) so nothing partial goes upstream
 //! fail_to_connect /     one retry on another backend, idempotent methods only
 //! error_while_proxy
-//! response_filter       X-Request-Id on the way out
+//! response_filter       X-Request-Id on the way out; Connection: close
+//!                       while draining
 //! logging               metrics, Lua `log` phase
 //! ```
 
@@ -29,6 +30,7 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 use seckill_contracts::claims::AccessClaims;
 
+use crate::drain;
 use crate::jwt::JwtVerifier;
 use crate::metrics;
 use crate::pools::{Pool, Pools};
@@ -436,11 +438,15 @@ impl ProxyHttp for EdgeProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if drain::is_draining() {
+            upstream_response.insert_header("connection", "close")?;
+            session.set_keepalive(None);
+        }
         Ok(())
     }
 

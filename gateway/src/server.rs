@@ -18,6 +18,7 @@ use std::sync::Arc;
 use pingora::services::background::background_service;
 
 use crate::admin::AdminApp;
+use crate::drain::DrainWatch;
 use crate::jwt::{JwtSetupError, JwtVerifier};
 use crate::pools::{self, HealthService, PoolError};
 use crate::proxy::{EdgeProxy, RequestLimits};
@@ -112,6 +113,7 @@ impl Gateway {
         server.add_service(admin);
 
         server.add_service(background_service("rule watcher", RuleWatcher::new(rules)));
+        server.add_service(background_service("drain watch", DrainWatch));
         for service in health_services {
             match service {
                 HealthService::RoundRobin(s) => {

@@ -106,3 +106,68 @@ async fn serves_health_proxies_and_drains_on_sigterm() {
     assert!(status.success(), "exit status {status}");
     assert!(reqwest::get(gw.url("/healthz")).await.is_err());
 }
+
+#[tokio::test]
+async fn graceful_upgrade_hands_over_the_listeners_without_failed_requests() {
+    use seckill_contracts::testkit::Process;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let env = TestEnv::new().await;
+    let rules = tempfile::tempdir().unwrap();
+    let rules_dir = rules.path().join("lua");
+    write_rules(&rules_dir, PASS_THROUGH, &[]);
+    let upstream = Upstream::start("a").await;
+    let mut old = GatewayProc::start(GatewayProc::config(&env, &[upstream.addr], &rules_dir)).await;
+
+    // Traffic runs throughout the hand-over.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let url = old.url("/api/v1/sales");
+    let traffic = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("upgrade failure: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        })
+    };
+
+    let mut new = Process::spawn(
+        env!("CARGO_BIN_EXE_seckill-gateway"),
+        &["--config", old.config_path.to_str().unwrap(), "--upgrade"],
+        &[("RUST_LOG".into(), "warn".into())],
+    );
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    old.process.signal("QUIT");
+    let exited = old.process.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        exited.is_some(),
+        "old gateway did not exit after handing over"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the upgrade"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 50);
+    let r = reqwest::get(old.url("/healthz")).await.unwrap();
+    assert_eq!(r.status(), 200, "the new process serves the same port");
+    assert!(
+        new.wait_exit(Duration::from_millis(10)).await.is_none(),
+        "new gateway is running"
+    );
+    new.signal("TERM");
+    assert!(new.wait_exit(Duration::from_secs(20)).await.is_some());
+}
