@@ -272,6 +272,8 @@ pub struct GatewayConfig {
     pub lua_instruction_budget: u64,
     /// Memory cap of one Lua VM.
     pub lua_memory_bytes: usize,
+    /// Wall-clock limit of one phase call, its I/O waits included.
+    pub lua_call_timeout_ms: u64,
     /// Verified tokens kept to skip RSA on a buyer's repeated requests.
     pub jwt_cache_entries: u64,
     /// Seconds given to in-flight requests after SIGTERM.
@@ -297,6 +299,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 64 * 1024,
             lua_instruction_budget: 1_000_000,
             lua_memory_bytes: 32 * 1024 * 1024,
+            lua_call_timeout_ms: 3_000,
             jwt_cache_entries: 100_000,
             drain_secs: 10,
             pools: BTreeMap::from([("api".to_string(), api)]),
@@ -492,6 +495,9 @@ impl Config {
         let g = &self.gateway;
         if g.threads == 0 {
             return Err(invalid("gateway.threads", "must be at least 1"));
+        }
+        if g.lua_call_timeout_ms == 0 {
+            return Err(invalid("gateway.lua_call_timeout_ms", "must be at least 1"));
         }
         if g.lua_instruction_budget == 0 {
             return Err(invalid(

@@ -5,6 +5,12 @@ use seckill_contracts::cli::ConfigArgs;
 use seckill_contracts::telemetry;
 use seckill_gateway::Gateway;
 
+// The request path allocates many small, short-lived objects (headers,
+// Lua strings and tables); mimalloc handles that pattern far better than
+// glibc malloc under two busy threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "Flash-sale edge gateway (Pingora)")]
 struct Args {

@@ -65,6 +65,7 @@ impl Gateway {
         let limits = Limits {
             instruction_budget: g.lua_instruction_budget,
             memory_bytes: g.lua_memory_bytes,
+            call_timeout: std::time::Duration::from_millis(g.lua_call_timeout_ms),
         };
         let rules =
             RuleEngine::load(&g.rules_dir, g.threads, limits, services).map_err(|source| {

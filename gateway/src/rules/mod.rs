@@ -89,7 +89,7 @@ struct RuleVm {
     lua: Lua,
     access: Function,
     log: Option<Function>,
-    native_memory_cap: bool,
+    budget: sandbox::Budget,
 }
 
 /// One loaded version of the rules.
@@ -166,14 +166,14 @@ fn build_vm(
     limits: Limits,
 ) -> Result<(RuleVm, Table), RuleError> {
     let entry = sources.modules.get(ENTRY).ok_or(RuleError::NoEntry)?;
-    let (lua, native_memory_cap) = sandbox::new_vm(modules, limits)?;
+    let (lua, budget) = sandbox::new_vm(modules, limits)?;
     host::install(&lua, services, scripts)?;
     let chunk = lua
         .load(entry.as_str())
         .set_name(format!("@{ENTRY}.lua"))
         .set_mode(mlua::chunk::ChunkMode::Text)
         .into_function()?;
-    let phases: Value = sandbox::call_sync(&lua, &chunk, (), limits, native_memory_cap)?;
+    let phases: Value = sandbox::call_sync(&lua, &chunk, (), limits, &budget)?;
     let Value::Table(phases) = phases else {
         return Err(RuleError::Invalid(format!(
             "{ENTRY}.lua must return a table of phase functions, got {}",
@@ -211,7 +211,7 @@ fn build_vm(
             lua,
             access,
             log,
-            native_memory_cap,
+            budget,
         },
         phases,
     ))
@@ -237,9 +237,8 @@ fn compile(
         limits,
     )?;
     if let Value::Function(selftest) = phases.get::<Value>("selftest")? {
-        let ok: Value =
-            sandbox::call_sync(&probe.lua, &selftest, (), limits, probe.native_memory_cap)
-                .map_err(|e| RuleError::Invalid(format!("selftest failed: {e}")))?;
+        let ok: Value = sandbox::call_sync(&probe.lua, &selftest, (), limits, &probe.budget)
+            .map_err(|e| RuleError::Invalid(format!("selftest failed: {e}")))?;
         if ok == Value::Boolean(false) {
             return Err(RuleError::Invalid("selftest returned false".into()));
         }
@@ -275,15 +274,10 @@ impl RuleSet {
     pub async fn access(&self, req: &RequestInfo) -> Result<Decision, RuleError> {
         let vm = self.vm();
         let table = request_table(&vm.lua, req)?;
-        let result: Value = sandbox::call_async(
-            &vm.lua,
-            &vm.access,
-            table,
-            self.limits,
-            vm.native_memory_cap,
-        )
-        .await
-        .inspect_err(|e| count_error("access", e))?;
+        let result: Value =
+            sandbox::call_async(&vm.lua, &vm.access, table, self.limits, &vm.budget)
+                .await
+                .inspect_err(|e| count_error("access", e))?;
         decision(result).inspect_err(|_| {
             metrics::LUA_ERRORS
                 .with_label_values(&["access", "bad_return"])
@@ -300,14 +294,7 @@ impl RuleSet {
             let res = vm.lua.create_table()?;
             res.set("status", status)?;
             res.set("duration_ms", duration_ms)?;
-            sandbox::call_async::<()>(
-                &vm.lua,
-                log,
-                (table, res),
-                self.limits,
-                vm.native_memory_cap,
-            )
-            .await
+            sandbox::call_async::<()>(&vm.lua, log, (table, res), self.limits, &vm.budget).await
         };
         if let Err(e) = run.await {
             count_error("log", &e);
@@ -329,40 +316,41 @@ fn count_error(phase: &str, e: &mlua::Error) {
 }
 
 fn request_table(lua: &Lua, req: &RequestInfo) -> mlua::Result<Table> {
-    let t = lua.create_table()?;
-    t.set("request_id", req.request_id.as_str())?;
-    t.set("method", req.method.as_str())?;
-    t.set("path", req.path.as_str())?;
-    t.set("route", req.route.as_str())?;
-    t.set("client_ip", req.client_ip.as_str())?;
-    let params = lua.create_table()?;
+    // raw_set: the tables are fresh, no metamethods to consult.
+    let t = lua.create_table_with_capacity(0, 12)?;
+    t.raw_set("request_id", req.request_id.as_str())?;
+    t.raw_set("method", req.method.as_str())?;
+    t.raw_set("path", req.path.as_str())?;
+    t.raw_set("route", req.route.as_str())?;
+    t.raw_set("client_ip", req.client_ip.as_str())?;
+    let params = lua.create_table_with_capacity(0, req.params.len())?;
     for (k, v) in &req.params {
-        params.set(k.as_str(), v.as_str())?;
+        params.raw_set(k.as_str(), v.as_str())?;
     }
-    t.set("params", params)?;
+    t.raw_set("params", params)?;
     let query = lua.create_table()?;
     for (k, v) in form_urlencoded_pairs(&req.query) {
-        query.set(k, v)?;
+        query.raw_set(k, v)?;
     }
-    t.set("query", query)?;
-    let headers = lua.create_table()?;
+    t.raw_set("query", query)?;
+    let headers = lua.create_table_with_capacity(0, req.headers.len())?;
     for (k, v) in &req.headers {
-        headers.set(k.as_str(), v.as_str())?;
+        headers.raw_set(k.as_str(), v.as_str())?;
     }
-    t.set("headers", headers)?;
+    t.raw_set("headers", headers)?;
     if let Some(body) = &req.body {
-        t.set("body", lua.to_value(body)?)?;
+        t.raw_set("body", lua.to_value(body)?)?;
     }
     if let Some(c) = &req.claims {
-        let claims = lua.create_table()?;
-        claims.set("sub", c.sub.as_str())?;
-        claims.set("iss", c.iss.as_str())?;
-        claims.set("aud", c.aud.as_str())?;
-        claims.set("exp", c.exp)?;
-        claims.set("username", c.username.as_str())?;
-        t.set("claims", claims)?;
+        let claims = lua.create_table_with_capacity(0, 5)?;
+        claims.raw_set("sub", c.sub.as_str())?;
+        claims.raw_set("iss", c.iss.as_str())?;
+        claims.raw_set("aud", c.aud.as_str())?;
+        claims.raw_set("exp", c.exp)?;
+        claims.raw_set("username", c.username.as_str())?;
+        t.raw_set("claims", claims)?;
         if let Some(uid) = c.user_id() {
-            t.set("user_id", uid)?;
+            t.raw_set("user_id", uid)?;
         }
     }
     Ok(t)

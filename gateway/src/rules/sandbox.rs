@@ -16,20 +16,38 @@ use std::sync::Arc;
 use mlua::chunk::ChunkMode;
 use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
 
-/// Instructions between two budget checks.
-const HOOK_STEP: u32 = 1_000;
+/// Instructions between two budget checks. Small enough that a doubling
+/// string (`s = s .. s`) cannot get far past the memory cap between checks.
+const HOOK_STEP: u32 = 100;
 
 /// Limits every phase call runs under.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Instructions a call may run between two waits for I/O.
     pub instruction_budget: u64,
     pub memory_bytes: usize,
+    /// Wall-clock limit of a whole call, I/O included.
+    pub call_timeout: std::time::Duration,
 }
 
-/// A fresh VM with the dangerous globals removed and `require` confined to
-/// `modules`. Returns the VM and whether the memory cap is enforced by the
-/// allocator (otherwise the budget hook checks it).
-pub fn new_vm(modules: Arc<BTreeMap<String, String>>, limits: Limits) -> mlua::Result<(Lua, bool)> {
+/// The instruction counter of one VM, shared with its hook. A call sets it
+/// to the budget when it starts; the hook counts it down.
+#[derive(Clone)]
+pub struct Budget(Arc<AtomicI64>);
+
+impl Budget {
+    fn reset(&self, limits: Limits) {
+        let n = limits.instruction_budget.min(i64::MAX as u64) as i64;
+        self.0.store(n, Ordering::Relaxed);
+    }
+}
+
+/// A fresh VM with the dangerous globals removed, `require` confined to
+/// `modules`, and the budget hook installed on every coroutine it creates.
+pub fn new_vm(
+    modules: Arc<BTreeMap<String, String>>,
+    limits: Limits,
+) -> mlua::Result<(Lua, Budget)> {
     let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::BIT | StdLib::JIT;
     let lua = Lua::new_with(libs, LuaOptions::default())?;
     lua.load("if jit then jit.off() jit.flush() end")
@@ -61,8 +79,43 @@ pub fn new_vm(modules: Arc<BTreeMap<String, String>>, limits: Limits) -> mlua::R
     // here also closes ("").dump.
     let string: Table = globals.get("string")?;
     string.raw_set("dump", Value::Nil)?;
+    // One call can allocate a huge string before any hook runs; cap it.
+    let rep: Function = string.get("rep")?;
+    let max_len = limits.memory_bytes;
+    string.raw_set(
+        "rep",
+        lua.create_function(
+            move |_, (s, n, sep): (mlua::LuaString, i64, Option<mlua::LuaString>)| {
+                let sep_len = sep.as_ref().map_or(0, |s| s.as_bytes().len());
+                let total = (s.as_bytes().len() + sep_len).saturating_mul(n.max(0) as usize);
+                if total > max_len {
+                    return Err(mlua::Error::runtime(
+                        "string.rep: result exceeds the memory cap",
+                    ));
+                }
+                rep.call::<mlua::LuaString>((s, n, sep))
+            },
+        )?,
+    )?;
 
-    let native_memory_cap = lua.set_memory_limit(limits.memory_bytes).is_ok();
+    // The cap is checked by the budget hook, not the allocator: an allocator
+    // limit makes mlua run every string and table operation in protected
+    // mode, which tripled the cost of a rule call.
+    let budget = Budget(Arc::new(AtomicI64::new(0)));
+    let counter = budget.0.clone();
+    let memory_cap = limits.memory_bytes;
+    lua.set_global_hook(
+        HookTriggers::new().every_nth_instruction(HOOK_STEP),
+        move |lua, _| {
+            if counter.fetch_sub(i64::from(HOOK_STEP), Ordering::Relaxed) <= i64::from(HOOK_STEP) {
+                return Err(mlua::Error::runtime("instruction budget exceeded"));
+            }
+            if lua.used_memory() > memory_cap {
+                return Err(mlua::Error::runtime("memory cap exceeded"));
+            }
+            Ok(VmState::Continue)
+        },
+    )?;
 
     let loaded = lua.create_table()?;
     let require = lua.create_function(move |lua, name: String| {
@@ -93,7 +146,7 @@ pub fn new_vm(modules: Arc<BTreeMap<String, String>>, limits: Limits) -> mlua::R
         Ok(value)
     })?;
     globals.raw_set("require", require)?;
-    Ok((lua, native_memory_cap))
+    Ok((lua, budget))
 }
 
 /// Module names are plain identifiers: no paths, no dots.
@@ -104,24 +157,6 @@ pub fn is_module_name(name: &str) -> bool {
         && name.len() <= 64
 }
 
-/// The budget hook: counts instructions down and checks memory when the
-/// allocator cannot.
-fn budget_hook(
-    limits: Limits,
-    native_memory_cap: bool,
-) -> impl Fn(&Lua, &mlua::debug::Debug) -> mlua::Result<VmState> + Send + 'static {
-    let remaining = AtomicI64::new(limits.instruction_budget.min(i64::MAX as u64) as i64);
-    move |lua, _| {
-        if remaining.fetch_sub(i64::from(HOOK_STEP), Ordering::Relaxed) <= i64::from(HOOK_STEP) {
-            return Err(mlua::Error::runtime("instruction budget exceeded"));
-        }
-        if !native_memory_cap && lua.used_memory() > limits.memory_bytes {
-            return Err(mlua::Error::runtime("memory cap exceeded"));
-        }
-        Ok(VmState::Continue)
-    }
-}
-
 /// Runs `f(args)` synchronously under the budget (used while loading and for
 /// `selftest`, where no I/O is possible).
 pub fn call_sync<R: mlua::FromLuaMulti>(
@@ -129,34 +164,31 @@ pub fn call_sync<R: mlua::FromLuaMulti>(
     f: &Function,
     args: impl mlua::IntoLuaMulti,
     limits: Limits,
-    native_memory_cap: bool,
+    budget: &Budget,
 ) -> mlua::Result<R> {
-    let thread = lua.create_thread(f.clone())?;
-    thread.set_hook(
-        HookTriggers::new().every_nth_instruction(HOOK_STEP),
-        budget_hook(limits, native_memory_cap),
-    )?;
-    let result = thread.resume(args);
+    budget.reset(limits);
+    let result = f.call::<R>(args);
     reclaim_after_error(lua, &result);
     result
 }
 
-/// Runs `f(args)` as a coroutine under the budget; host functions may await
-/// I/O (Redis, RabbitMQ) in between, and other requests' coroutines run on
-/// the same VM meanwhile.
+/// Runs `f(args)` as a (recycled) coroutine under the budget and the call
+/// timeout; host functions may await I/O in between, and other requests'
+/// coroutines run on the same VM meanwhile. The budget restarts with every
+/// call, so it bounds each stretch of computation rather than a whole call
+/// that waits on I/O; the timeout bounds the whole call.
 pub async fn call_async<R: mlua::FromLuaMulti>(
     lua: &Lua,
     f: &Function,
     args: impl mlua::IntoLuaMulti,
     limits: Limits,
-    native_memory_cap: bool,
+    budget: &Budget,
 ) -> mlua::Result<R> {
-    let thread = lua.create_thread(f.clone())?;
-    thread.set_hook(
-        HookTriggers::new().every_nth_instruction(HOOK_STEP),
-        budget_hook(limits, native_memory_cap),
-    )?;
-    let result = thread.into_async::<R>(args)?.await;
+    budget.reset(limits);
+    let result = match tokio::time::timeout(limits.call_timeout, f.call_async::<R>(args)).await {
+        Ok(r) => r,
+        Err(_) => Err(mlua::Error::runtime("rule call timed out")),
+    };
     reclaim_after_error(lua, &result);
     result
 }
@@ -174,34 +206,26 @@ fn reclaim_after_error<R>(lua: &Lua, result: &mlua::Result<R>) {
 mod tests {
     use super::*;
 
-    fn vm() -> (Lua, bool) {
+    fn vm() -> (Lua, Budget) {
         let modules = Arc::new(BTreeMap::from([(
             "helper".to_string(),
             "return { twice = function(x) return 2 * x end }".to_string(),
         )]));
-        new_vm(
-            modules,
-            Limits {
-                instruction_budget: 200_000,
-                memory_bytes: 8 * 1024 * 1024,
-            },
-        )
-        .unwrap()
+        new_vm(modules, limits(200_000)).unwrap()
+    }
+
+    fn limits(instruction_budget: u64) -> Limits {
+        Limits {
+            instruction_budget,
+            memory_bytes: 8 * 1024 * 1024,
+            call_timeout: std::time::Duration::from_secs(5),
+        }
     }
 
     fn run(code: &str) -> mlua::Result<Value> {
-        let (lua, native) = vm();
+        let (lua, budget) = vm();
         let f = lua.load(code).set_mode(ChunkMode::Text).into_function()?;
-        call_sync(
-            &lua,
-            &f,
-            (),
-            Limits {
-                instruction_budget: 200_000,
-                memory_bytes: 8 * 1024 * 1024,
-            },
-            native,
-        )
+        call_sync(&lua, &f, (), limits(200_000), &budget)
     }
 
     #[test]
@@ -277,16 +301,12 @@ mod tests {
 
     #[test]
     fn vm_survives_a_failed_call() {
-        let (lua, native) = vm();
-        let limits = Limits {
-            instruction_budget: 100_000,
-            memory_bytes: 8 * 1024 * 1024,
-        };
+        let (lua, budget) = vm();
         let bad = lua.load("while true do end").into_function().unwrap();
-        assert!(call_sync::<Value>(&lua, &bad, (), limits, native).is_err());
+        assert!(call_sync::<Value>(&lua, &bad, (), limits(100_000), &budget).is_err());
         let good = lua.load("return 1 + 1").into_function().unwrap();
         assert_eq!(
-            call_sync::<i64>(&lua, &good, (), limits, native).unwrap(),
+            call_sync::<i64>(&lua, &good, (), limits(100_000), &budget).unwrap(),
             2
         );
     }
