@@ -4,9 +4,9 @@
 
 pub mod api;
 pub mod connections;
-pub mod order_worker;
 pub mod probes;
 pub mod sales;
 pub mod shutdown;
 pub mod signing_keys;
 pub mod tokens;
+pub mod worker;

@@ -27,6 +27,9 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    api::serve(listener, shutdown::signal()).await?;
+    let state = api::ApiState::connect(&config)
+        .await
+        .context("connecting the api to its stores")?;
+    api::serve(state, listener, shutdown::signal()).await?;
     Ok(())
 }

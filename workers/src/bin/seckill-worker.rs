@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use seckill_contracts::cli::ConfigArgs;
 use seckill_contracts::telemetry;
-use seckill_workers::{order_worker, shutdown};
+use seckill_workers::{shutdown, worker};
 
 #[derive(Parser)]
 #[command(version, about = "Flash-sale order worker")]
@@ -27,6 +27,6 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    order_worker::run(listener, shutdown::signal()).await?;
+    worker::run(config, listener, shutdown::signal()).await?;
     Ok(())
 }

@@ -1,0 +1,219 @@
+//! The api service: the HTTP backend the gateway load-balances to.
+//!
+//! [`serve`] takes the shared [`ApiState`], an already-bound listener and a
+//! shutdown future, so tests run it in-process on port 0 and binaries run it
+//! on the configured port. Requests flow gateway → here → MySQL/Redis. One
+//! module per concern:
+//!
+//! | module | routes |
+//! |---|---|
+//! | [`auth`] | `POST /api/v1/auth/register`, `POST /api/v1/auth/login` |
+//! | [`sales_cache`] | `GET /api/v1/sales`, `GET /api/v1/sales/{id}` (cache-aside) |
+//! | [`captcha`] | `GET /api/v1/sales/{id}/captcha` |
+//! | [`hidden_path`] | `POST /api/v1/sales/{id}/path` |
+//! | [`results`] | `GET /api/v1/sales/{id}/result` |
+//! | [`idempotency`] | `GET /api/v1/idempotency-key` |
+//! | [`admin`] | `POST /admin/sales` (admin bearer token) |
+//!
+//! plus `/healthz` and `/metrics` from [`crate::probes`]. [`identity`]
+//! re-verifies the bearer token on every authenticated route and
+//! [`problem`] makes every error RFC 9457 problem+json.
+
+pub mod admin;
+pub mod auth;
+pub mod captcha;
+pub mod hidden_path;
+pub mod idempotency;
+pub mod identity;
+pub mod metrics;
+pub mod problem;
+pub mod results;
+pub mod sales_cache;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use seckill_contracts::config::{read_secret, ApiConfig, Config};
+use seckill_contracts::keys::KeySchema;
+use seckill_contracts::redis_client::RedisConn;
+use sqlx::MySqlPool;
+use tokio::net::TcpListener;
+
+use crate::connections::{self, ConnectError};
+use crate::probes;
+use crate::tokens::TokenSigner;
+use identity::TokenVerifier;
+use sales_cache::SingleFlight;
+
+/// Largest request body accepted; every body of this api is a small JSON
+/// object, so anything bigger is refused with a problem+json 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Why the api could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiSetupError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("preparing the login dummy hash: {0}")]
+    DummyHash(String),
+}
+
+struct Inner {
+    db: MySqlPool,
+    redis: RedisConn,
+    keys: KeySchema,
+    config: ApiConfig,
+    signer: Option<TokenSigner>,
+    verifier: Option<TokenVerifier>,
+    admin_digest: Option<[u8; 32]>,
+    dummy_hash: String,
+    flights: SingleFlight,
+}
+
+/// Everything a request handler needs, cheap to clone (one `Arc`).
+///
+/// Built once per process by [`ApiState::connect`]; tests keep a clone to
+/// look inside (e.g. [`ApiState::sale_db_loads`]).
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+impl ApiState {
+    /// Opens MySQL and Redis and loads the key material.
+    ///
+    /// Stores are required: without them nothing works, so that is an
+    /// error. Key material degrades instead, with an error in the log: a
+    /// missing private key makes login answer 503, missing public keys make
+    /// every authenticated route answer 503 (never accept), and a missing
+    /// admin token disables the admin route. This keeps `/healthz`, sales
+    /// and registration serving on an instance whose key files are being
+    /// rotated or deployed, without ever accepting an unverified caller.
+    pub async fn connect(config: &Config) -> Result<ApiState, ApiSetupError> {
+        let db = connections::mysql(&config.database).await?;
+        let redis = connections::redis(config).await?;
+        let signer = TokenSigner::from_config(&config.jwt)
+            .inspect_err(
+                |e| tracing::error!(error = %e, "login disabled: cannot load the signing key"),
+            )
+            .ok();
+        let verifier = TokenVerifier::from_config(&config.jwt)
+            .inspect_err(|e| {
+                tracing::error!(error = %e, "authenticated routes disabled: cannot load public keys")
+            })
+            .ok();
+        let admin_digest = read_secret(
+            "api.admin_token",
+            config.api.admin_token.as_deref(),
+            config.api.admin_token_path.as_deref(),
+        )
+        .inspect_err(|e| tracing::warn!(error = %e, "admin routes disabled"))
+        .ok()
+        .map(|t| admin::digest(&t));
+        // A real argon2id hash with the same parameters as users' hashes, so
+        // an unknown username costs a login as much as a wrong password.
+        let dummy_hash = tokio::task::spawn_blocking(|| {
+            let mut secret = [0u8; 16];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+            auth::hash_password(&hex::encode(secret))
+        })
+        .await
+        .map_err(|e| ApiSetupError::DummyHash(e.to_string()))?
+        .map_err(|e| ApiSetupError::DummyHash(e.to_string()))?;
+        Ok(ApiState {
+            inner: Arc::new(Inner {
+                db,
+                redis,
+                keys: KeySchema::new(config.redis.key_prefix.clone()),
+                config: config.api.clone(),
+                signer,
+                verifier,
+                admin_digest,
+                dummy_hash,
+                flights: SingleFlight::default(),
+            }),
+        })
+    }
+
+    /// The MySQL pool.
+    pub fn db(&self) -> &MySqlPool {
+        &self.inner.db
+    }
+
+    /// A Redis handle (a cheap clone of the shared multiplexed connection).
+    pub fn redis(&self) -> RedisConn {
+        self.inner.redis.clone()
+    }
+
+    /// The deployment's Redis key schema.
+    pub fn keys(&self) -> &KeySchema {
+        &self.inner.keys
+    }
+
+    /// The `[api]` section.
+    pub fn config(&self) -> &ApiConfig {
+        &self.inner.config
+    }
+
+    /// The token signer, when the private key loaded.
+    pub fn signer(&self) -> Option<&TokenSigner> {
+        self.inner.signer.as_ref()
+    }
+
+    /// The token verifier, when the public keys loaded.
+    pub fn verifier(&self) -> Option<&TokenVerifier> {
+        self.inner.verifier.as_ref()
+    }
+
+    fn admin_digest(&self) -> Option<&[u8; 32]> {
+        self.inner.admin_digest.as_ref()
+    }
+
+    fn dummy_hash(&self) -> &str {
+        &self.inner.dummy_hash
+    }
+
+    fn flights(&self) -> &SingleFlight {
+        &self.inner.flights
+    }
+
+    /// MySQL reads the sale cache loader of this instance performed: lets
+    /// tests prove a stampede or a cached miss did not reach MySQL.
+    pub fn sale_db_loads(&self) -> u64 {
+        self.inner.flights.db_loads()
+    }
+}
+
+/// The whole router, with metrics, request ids and problem+json fallbacks.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .merge(auth::router())
+        .merge(sales_cache::router())
+        .merge(captcha::router())
+        .merge(hidden_path::router())
+        .merge(results::router())
+        .merge(idempotency::router())
+        .merge(admin::router())
+        .merge(probes::router())
+        .fallback(problem::route_not_found)
+        .method_not_allowed_fallback(problem::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(metrics::track))
+        .with_state(state)
+}
+
+/// Serves the api on `listener` until `shutdown` resolves, then drains
+/// in-flight requests.
+pub async fn serve(
+    state: ApiState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state);
+    tracing::info!(addr = ?listener.local_addr().ok(), "api listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

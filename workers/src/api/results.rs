@@ -1,0 +1,120 @@
+//! Result polling: what became of a buyer's admitted request.
+//!
+//! After `202 queued` the buyer polls `GET /sales/{id}/result`. Sources are
+//! read from the freshest to the most durable:
+//!
+//! 1. the result key `KeySchema.sale(id).result(user)`, which the order
+//!    workers write after their MySQL batch commits: a JSON string
+//!    `{"status":"success","order_id":"..."}` or
+//!    `{"status":"failed","reason":"..."}`;
+//! 2. the reservations hash `KeySchema.sale(id).reservations()` (field = the
+//!    user id), written by the admission script: the request is `queued`;
+//! 3. MySQL `orders` (the result key may have expired or Redis restarted):
+//!    `success` with the order id;
+//! 4. MySQL `failed_admissions`: `failed`;
+//! 5. otherwise `none`: this user never got admitted to this sale.
+//!
+//! A user only ever sees their own result: the user id comes from the
+//! verified token.
+
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::identity::Identity;
+use super::problem::{parse_sale_id, Problem};
+use super::ApiState;
+
+/// The poll answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PollResult {
+    /// `success`, `queued`, `failed` or `none`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+}
+
+/// The workers' result record, as stored in Redis.
+#[derive(Debug, Deserialize)]
+struct Stored {
+    status: String,
+    #[serde(default)]
+    order_id: Option<String>,
+}
+
+/// `/api/v1/sales/{id}/result`.
+pub fn router() -> Router<ApiState> {
+    Router::new().route("/api/v1/sales/{id}/result", get(poll))
+}
+
+/// Looks the result up in the order described in the module docs.
+pub async fn lookup(state: &ApiState, sale_id: u64, user_id: u64) -> Result<PollResult, Problem> {
+    let keys = state.keys().sale(sale_id);
+    let mut redis = state.redis();
+    let (stored, queued): (Option<String>, bool) = redis::pipe()
+        .cmd("GET")
+        .arg(keys.result(user_id))
+        .cmd("HEXISTS")
+        .arg(keys.reservations())
+        .arg(user_id)
+        .query_async(&mut redis)
+        .await
+        .map_err(Problem::internal)?;
+    if let Some(raw) = stored {
+        match serde_json::from_str::<Stored>(&raw) {
+            Ok(s) if s.status == "success" && s.order_id.is_some() => {
+                return Ok(PollResult {
+                    status: "success",
+                    order_id: s.order_id,
+                })
+            }
+            Ok(s) if s.status == "failed" => {
+                return Ok(PollResult {
+                    status: "failed",
+                    order_id: None,
+                })
+            }
+            _ => tracing::warn!(sale_id, user_id, "unreadable result record; asking MySQL"),
+        }
+    }
+    if queued {
+        return Ok(PollResult {
+            status: "queued",
+            order_id: None,
+        });
+    }
+    let order: Option<(String,)> =
+        sqlx::query_as("SELECT id FROM orders WHERE user_id = ? AND sale_id = ?")
+            .bind(user_id)
+            .bind(sale_id)
+            .fetch_optional(state.db())
+            .await
+            .map_err(Problem::internal)?;
+    if let Some((id,)) = order {
+        return Ok(PollResult {
+            status: "success",
+            order_id: Some(id),
+        });
+    }
+    let failed: Option<(i32,)> =
+        sqlx::query_as("SELECT 1 FROM failed_admissions WHERE sale_id = ? AND user_id = ? LIMIT 1")
+            .bind(sale_id)
+            .bind(user_id)
+            .fetch_optional(state.db())
+            .await
+            .map_err(Problem::internal)?;
+    Ok(PollResult {
+        status: if failed.is_some() { "failed" } else { "none" },
+        order_id: None,
+    })
+}
+
+async fn poll(
+    State(state): State<ApiState>,
+    who: Identity,
+    Path(raw): Path<String>,
+) -> Result<Json<PollResult>, Problem> {
+    let sale_id = parse_sale_id(&raw)?;
+    Ok(Json(lookup(&state, sale_id, who.user_id).await?))
+}
