@@ -96,5 +96,34 @@ async fn poison_messages_go_to_the_dlq_and_good_ones_commit() {
         2
     );
     assert_eq!(queue_depth(&config, &config.amqp.queue).await, 1);
+
+    // The same through the ops CLI: `seckillctl dlq list` and `replay --id`.
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_seckillctl"))
+            .args(args)
+            .envs(env.env_vars())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = ctl(&["dlq", "list"]);
+    let listed: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed.iter().any(|e| e["message_id"] == "bad-json"));
+    let replayed = ctl(&["dlq", "replay", "--id", "bad-json"]);
+    assert_eq!(replayed.lines().count(), 1, "{replayed}");
+    assert_eq!(
+        queue_depth(&config, &config.amqp.dead_letter_queue).await,
+        1
+    );
+    assert_eq!(queue_depth(&config, &config.amqp.queue).await, 2);
     env.cleanup().await;
 }

@@ -13,6 +13,7 @@ use seckill_contracts::keys::KeySchema;
 use seckill_contracts::telemetry;
 use seckill_workers::sales::{self, NewSale};
 use seckill_workers::tokens::TokenSigner;
+use seckill_workers::worker::dlq;
 use seckill_workers::{connections, signing_keys};
 use serde_json::json;
 
@@ -33,6 +34,11 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Inspect and replay the order dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
     },
     /// Mint access tokens with the dev private key (load tests, demos).
     Token {
@@ -61,6 +67,23 @@ enum KeysCommand {
         /// Replace existing keys.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Show parked messages (without removing them), one JSON object per line.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Move parked messages back to the order queue (all, or only --id ones).
+    Replay {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Message ids to replay; repeat the flag. Others stay parked.
+        #[arg(long = "id")]
+        ids: Vec<String>,
     },
 }
 
@@ -121,6 +144,20 @@ async fn main() -> anyhow::Result<()> {
                     "admin_token": out.admin_token,
                 })
             );
+        }
+        Command::Dlq { command } => {
+            let entries = match command {
+                DlqCommand::List { limit } => dlq::list(&config, limit).await?,
+                DlqCommand::Replay { limit, ids } => {
+                    let only = (!ids.is_empty()).then_some(ids.as_slice());
+                    dlq::replay(&config, limit, only).await?
+                }
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for entry in &entries {
+                writeln!(out, "{}", serde_json::to_string(entry)?)?;
+            }
+            out.flush()?;
         }
         Command::Token { user_id, count } => {
             let signer = TokenSigner::from_config(&config.jwt)?;
