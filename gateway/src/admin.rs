@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::metrics;
 use crate::pools::Pool;
+use crate::problem::problem_body;
 use crate::rules::RuleEngine;
 
 /// The admin HTTP app.
@@ -84,12 +85,7 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Ve
 }
 
 fn problem(status: StatusCode, detail: &str) -> Response<Vec<u8>> {
-    let body = json!({
-        "type": "about:blank",
-        "title": status.canonical_reason().unwrap_or("Error"),
-        "status": status.as_u16(),
-        "detail": detail,
-    });
+    let body = problem_body(status.as_u16(), detail);
     respond(
         status,
         "application/problem+json",

@@ -15,19 +15,25 @@ pub struct LocalResponse {
     pub body: Bytes,
 }
 
+/// The RFC 9457 document every local error uses (proxy, admin, rules):
+/// `type` is `about:blank` with the status's standard title.
+pub fn problem_body(status: u16, detail: &str) -> serde_json::Value {
+    let title = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    json!({
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    })
+}
+
 impl LocalResponse {
-    /// A problem document; `type` is `about:blank` with the standard title.
+    /// A problem document; see [`problem_body`].
     pub fn problem(status: u16, detail: impl Into<String>) -> LocalResponse {
-        let title = http::StatusCode::from_u16(status)
-            .ok()
-            .and_then(|s| s.canonical_reason())
-            .unwrap_or("Error");
-        let body = json!({
-            "type": "about:blank",
-            "title": title,
-            "status": status,
-            "detail": detail.into(),
-        });
+        let body = problem_body(status, &detail.into());
         LocalResponse {
             status,
             headers: vec![("content-type".into(), "application/problem+json".into())],

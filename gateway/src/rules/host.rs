@@ -15,8 +15,8 @@ use redis::Value as RedisValue;
 use seckill_contracts::keys::KeySchema;
 use seckill_contracts::message::OrderMessage;
 
-use crate::limiter::TokenBuckets;
 use crate::metrics;
+use crate::problem::problem_body;
 use crate::redis_scripts::{ScriptSet, SLIDING_WINDOW};
 use crate::services::HostServices;
 use crate::shared_dict::DictValue;
@@ -59,16 +59,7 @@ pub fn install(
         lua.create_function(
             |lua, (status, detail, headers): (u16, Option<String>, Option<Table>)| {
                 let t = response_table(lua, status, headers)?;
-                let title = http::StatusCode::from_u16(status)
-                    .ok()
-                    .and_then(|s| s.canonical_reason())
-                    .unwrap_or("Error");
-                let body = serde_json::json!({
-                    "type": "about:blank",
-                    "title": title,
-                    "status": status,
-                    "detail": detail.unwrap_or_default(),
-                });
+                let body = problem_body(status, detail.as_deref().unwrap_or_default());
                 t.set("body", body.to_string())?;
                 t.set("content_type", "application/problem+json")?;
                 Ok(t)
@@ -76,11 +67,11 @@ pub fn install(
         )?,
     )?;
 
-    let buckets: Arc<HostServices> = services.clone();
+    let svc = services.clone();
     api.set(
         "bucket",
         lua.create_function(move |_, (name, rate, burst): (String, f64, u32)| {
-            let ok = take(&buckets.buckets, &name, rate, burst);
+            let ok = svc.buckets.take(&name, rate, burst);
             if !ok {
                 metrics::LIMITER_REJECTIONS
                     .with_label_values(&["local_bucket"])
@@ -319,10 +310,6 @@ pub fn install(
 
     lua.globals().set("seckill", api)?;
     Ok(())
-}
-
-fn take(buckets: &TokenBuckets, name: &str, rate: f64, burst: u32) -> bool {
-    buckets.take(name, rate, burst)
 }
 
 fn response_table(lua: &Lua, status: u16, headers: Option<Table>) -> mlua::Result<Table> {

@@ -253,10 +253,10 @@ pub async fn handle_batch(ctx: &Arc<WorkerContext>, batch: Vec<Delivery>) -> lap
             }
             Ok(())
         }
-        Err(e) => {
-            let item = valid.pop().expect("one message");
-            failed_attempt(ctx, item, e).await
-        }
+        Err(e) => match valid.pop() {
+            Some(item) => failed_attempt(ctx, item, e).await,
+            None => Ok(()),
+        },
     }
 }
 
