@@ -1,13 +1,139 @@
--- The flash-sale admission route: POST /api/v1/seckill/{path}/{sale_id}.
+-- The flash-sale admission: POST /api/v1/seckill/{path}/{sale_id}.
 --
--- The full admission (local sold-out mark, token bucket, one Redis script,
--- publish with confirm) is built on this route by the buyer-flow work; until
--- then the gateway refuses to admit anything rather than pretend to.
+-- The gateway has already verified the JWT (req.user_id). From cheapest to
+-- dearest, each step turns most of the crowd away before the next:
+--
+--   1. the sale, from this gateway's local copy: unknown 404, not started or
+--      ended 409, local sold-out mark 410 (no Redis at all once sold out)
+--   2. this gateway's token bucket for the sale: 429 when Redis would be
+--      flooded beyond what the sale needs
+--   3. ONE Redis script (lua/redis/admit.lua): fails closed when the sale's
+--      keys are missing, re-checks the window, the hidden path, the
+--      per-user sliding window, duplicates, and takes one unit of stock
+--   4. publish the order message and wait for the broker's confirm: 202
+--      only then; otherwise roll the reservation back (release.lua) and 503
+--
+-- Ops tune the numbers below and reload (see lua/README.md).
 local M = {}
 
+-- Attempts one buyer may make per sale within the window (all gateways).
+M.user_limit = 5
+M.user_window_ms = 1000
+-- Admission attempts per second this gateway lets through to Redis per
+-- sale, and the burst it tolerates. Far above any stock, it only protects
+-- Redis from a flood; the local sold-out mark does the real shedding.
+M.bucket_rate = 200000
+M.bucket_burst = 50000
+-- How long a rolled-back request id is remembered, so its message, should
+-- the broker have kept it after all, is refused by the worker.
+M.released_ttl_secs = 86400
+
+local function retry_after_secs(ms)
+  return tostring(math.max(1, math.ceil(ms / 1000)))
+end
+
+local function admitted(req, sale_id, keys, reply)
+  local rid = req.request_id
+  local stock_left = reply[3]
+  if stock_left == 0 then
+    -- The last unit: every gateway may stop asking Redis now.
+    pcall(seckill.sale_event, sale_id, "sold_out")
+  end
+  local ok, err = seckill.publish({
+    message_id = rid,
+    sale_id = sale_id,
+    user_id = req.user_id,
+    admitted_at_ms = reply[2],
+  })
+  if ok then
+    return seckill.respond(202, { status = "queued", request_id = rid })
+  end
+  local rolled, back = pcall(seckill.redis, "release",
+    { keys.reservations, keys.stock, keys.buyers, keys.released },
+    req.user_id, rid, M.released_ttl_secs, 0)
+  if rolled and back == -1 then
+    -- A worker already claimed the message: it did reach the queue.
+    return seckill.respond(202, { status = "queued", request_id = rid })
+  end
+  if rolled and back == 1 and stock_left == 0 then
+    pcall(seckill.sale_event, sale_id, "reopened")
+  end
+  seckill.counter("seckill_enqueue_failed")
+  seckill.log("warn", "order not enqueued, reservation rolled back:", rid,
+    tostring(err), rolled and "" or tostring(back))
+  -- If the rollback itself failed, the sweeper releases the reservation
+  -- after its timeout and the worker refuses any late message.
+  return seckill.reject(503, "the order could not be queued; nothing was reserved, please retry",
+    { ["retry-after"] = "1" })
+end
+
 function M.access(req)
-  return seckill.reject(503, "flash-sale admission is not enabled on this gateway",
-    { ["retry-after"] = "5" })
+  local sale_id = tonumber(req.params.sale_id)
+  if not sale_id or sale_id < 1 or sale_id > 9007199254740991 or sale_id % 1 ~= 0 then
+    return seckill.reject(404, "no such sale")
+  end
+  local path = req.params.path
+  if #path ~= 32 or not path:match("^[0-9a-f]+$") then
+    return seckill.reject(403, "the sale path is invalid or has expired")
+  end
+
+  local sale = seckill.sale(sale_id)
+  if not sale then
+    return seckill.reject(404, "no such sale")
+  end
+  if sale.ready then
+    local now = seckill.now_ms()
+    if now < sale.starts_at_ms then
+      return seckill.reject(409, "the sale has not started yet",
+        { ["retry-after"] = retry_after_secs(sale.starts_at_ms - now) })
+    end
+    if now >= sale.ends_at_ms then
+      return seckill.reject(409, "the sale has ended")
+    end
+    if sale.sold_out then
+      seckill.counter("seckill_sold_out_local")
+      return seckill.reject(410, "sold out")
+    end
+  end
+  -- A sale that is not ready goes on to the script, which refuses it.
+
+  if not seckill.bucket("seckill:" .. sale_id, M.bucket_rate, M.bucket_burst) then
+    return seckill.reject(429, "too many requests for this sale, please retry",
+      { ["retry-after"] = "1" })
+  end
+
+  local keys = seckill.sale_keys(sale_id, req.user_id)
+  local ok, reply = pcall(seckill.redis, "admit",
+    { keys.info, keys.stock, keys.buyers, keys.reservations, keys.path, keys.limit },
+    req.user_id, path, req.request_id, M.user_limit, M.user_window_ms)
+  if not ok then
+    seckill.log("error", "admission script failed:", tostring(reply))
+    return seckill.reject(503, "the sale is unavailable, please retry", { ["retry-after"] = "1" })
+  end
+
+  local outcome = reply[1]
+  if outcome == "admitted" then
+    return admitted(req, sale_id, keys, reply)
+  elseif outcome == "sold_out" then
+    pcall(seckill.sale_event, sale_id, "sold_out")
+    return seckill.reject(410, "sold out")
+  elseif outcome == "duplicate" then
+    return seckill.reject(409, "you already bought or are queued for this sale")
+  elseif outcome == "limited" then
+    return seckill.reject(429, "too many attempts, slow down",
+      { ["retry-after"] = retry_after_secs(reply[2]) })
+  elseif outcome == "bad_path" then
+    return seckill.reject(403, "the sale path is invalid or has expired")
+  elseif outcome == "not_started" then
+    return seckill.reject(409, "the sale has not started yet")
+  elseif outcome == "ended" then
+    return seckill.reject(409, "the sale has ended")
+  elseif outcome == "not_ready" then
+    seckill.counter("seckill_not_ready")
+    return seckill.reject(503, "the sale is not ready, please retry shortly",
+      { ["retry-after"] = "2" })
+  end
+  error("admit.lua returned an unknown outcome: " .. tostring(outcome))
 end
 
 return M

@@ -278,6 +278,13 @@ pub struct GatewayConfig {
     pub jwt_cache_entries: u64,
     /// Seconds given to in-flight requests after SIGTERM.
     pub drain_secs: u64,
+    /// How long a gateway trusts its local copy of a sale's info (window,
+    /// stock_total) before re-reading it; a `updated` notice drops it sooner.
+    pub sale_info_ttl_ms: u64,
+    /// How long a local sold-out mark lives without a fresh notice: after
+    /// it, one request asks Redis again (a missed `reopened` notice costs at
+    /// most this long of answering "sold out" wrongly).
+    pub sold_out_mark_ttl_ms: u64,
     pub pools: BTreeMap<String, PoolConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -302,6 +309,8 @@ impl Default for GatewayConfig {
             lua_call_timeout_ms: 3_000,
             jwt_cache_entries: 100_000,
             drain_secs: 10,
+            sale_info_ttl_ms: 5_000,
+            sold_out_mark_ttl_ms: 2_000,
             pools: BTreeMap::from([("api".to_string(), api)]),
             routes: vec![
                 RouteConfig {
@@ -502,6 +511,15 @@ impl Config {
         if g.lua_instruction_budget == 0 {
             return Err(invalid(
                 "gateway.lua_instruction_budget",
+                "must be at least 1",
+            ));
+        }
+        if g.sale_info_ttl_ms == 0 {
+            return Err(invalid("gateway.sale_info_ttl_ms", "must be at least 1"));
+        }
+        if g.sold_out_mark_ttl_ms == 0 {
+            return Err(invalid(
+                "gateway.sold_out_mark_ttl_ms",
                 "must be at least 1",
             ));
         }

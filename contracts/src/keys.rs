@@ -10,7 +10,10 @@
 //! <prefix>:{sale:42}:info        hash   sale window, stock_total, prices (admission reads it)
 //! <prefix>:{sale:42}:stock       int    remaining stock, only ever moved by scripts
 //! <prefix>:{sale:42}:buyers      set    users queued or bought (dedupe)
-//! <prefix>:{sale:42}:resv        hash   user -> "request_id:admitted_ms" (in flight)
+//! <prefix>:{sale:42}:resv        hash   user -> "request_id:admitted_ms[:c]" (in flight;
+//!                                       ":c" once a worker claimed it)
+//! <prefix>:{sale:42}:released    set    request ids rolled back or timed out, so a
+//!                                       late message for one is refused
 //! <prefix>:{sale:42}:result:<u>  string user's result for polling
 //! <prefix>:{sale:42}:path:<u>    string user's hidden path
 //! <prefix>:{sale:42}:limit:<u>   zset   sliding-window limiter
@@ -85,6 +88,10 @@ impl SaleKeys {
     pub fn reservations(&self) -> String {
         format!("{}:resv", self.base)
     }
+    /// Request ids whose reservation was released without an order.
+    pub fn released(&self) -> String {
+        format!("{}:released", self.base)
+    }
     pub fn cache(&self) -> String {
         format!("{}:cache", self.base)
     }
@@ -133,6 +140,7 @@ mod tests {
             s.stock(),
             s.buyers(),
             s.reservations(),
+            s.released(),
             s.cache(),
             s.result(7),
             s.path(7),

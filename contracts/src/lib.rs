@@ -18,6 +18,7 @@ pub mod keys;
 pub mod message;
 #[cfg(feature = "redis")]
 pub mod redis_client;
+pub mod sale_events;
 pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -18,6 +18,7 @@ pub mod publisher;
 pub mod redis_scripts;
 pub mod routes;
 pub mod rules;
+pub mod sale_directory;
 pub mod server;
 pub mod services;
 pub mod shared_dict;

@@ -1,11 +1,13 @@
 //! Process-wide services the rules reach through the host API: Redis, the
-//! order publisher, the shared dict and the token buckets.
+//! order publisher, the shared dict, the token buckets and the local view
+//! of the sales.
 //!
 //! Redis and RabbitMQ connect lazily, on the proxy's own runtime, the first
 //! time a rule needs them: their connection drivers must live on a runtime
 //! that outlives the request, and a gateway whose broker is briefly down at
 //! start must still come up and proxy everything else.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use seckill_contracts::config::Config;
@@ -16,6 +18,7 @@ use tokio::sync::OnceCell;
 
 use crate::limiter::TokenBuckets;
 use crate::publisher::OrderPublisher;
+use crate::sale_directory::SaleDirectory;
 use crate::shared_dict::SharedDict;
 
 /// How many entries the shared dict and the bucket table keep at most.
@@ -31,6 +34,7 @@ pub struct HostServices {
     pub keys: KeySchema,
     pub dict: SharedDict,
     pub buckets: TokenBuckets,
+    pub sales: Arc<SaleDirectory>,
     config: Config,
     redis: OnceCell<RedisConn>,
     publisher: OnceCell<OrderPublisher>,
@@ -42,6 +46,11 @@ impl HostServices {
             keys: KeySchema::new(config.redis.key_prefix.clone()),
             dict: SharedDict::new(DICT_CAPACITY),
             buckets: TokenBuckets::new(BUCKET_CAPACITY, BUCKET_IDLE),
+            sales: Arc::new(SaleDirectory::new(
+                KeySchema::new(config.redis.key_prefix.clone()),
+                Duration::from_millis(config.gateway.sale_info_ttl_ms),
+                Duration::from_millis(config.gateway.sold_out_mark_ttl_ms),
+            )),
             config: config.clone(),
             redis: OnceCell::new(),
             publisher: OnceCell::new(),
@@ -49,14 +58,19 @@ impl HostServices {
     }
 
     /// A Redis handle (cheap clone of the shared multiplexed connection).
+    /// The first successful connect also starts following the sale events
+    /// channel, on the same long-lived runtime.
     pub async fn redis(&self) -> Result<RedisConn, String> {
         let conn = self
             .redis
             .get_or_try_init(|| async {
-                tokio::time::timeout(CONNECT_TIMEOUT, RedisConn::connect(&self.config.redis))
-                    .await
-                    .map_err(|_| "redis connect timed out".to_string())?
-                    .map_err(|e| format!("redis connect: {e}"))
+                let conn =
+                    tokio::time::timeout(CONNECT_TIMEOUT, RedisConn::connect(&self.config.redis))
+                        .await
+                        .map_err(|_| "redis connect timed out".to_string())?
+                        .map_err(|e| format!("redis connect: {e}"))?;
+                tokio::spawn(self.sales.clone().follow(self.config.redis.clone()));
+                Ok::<_, String>(conn)
             })
             .await?;
         Ok(conn.clone())

@@ -8,6 +8,7 @@
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionLike;
 use seckill_contracts::keys::KeySchema;
+use seckill_contracts::sale_events::{self, SaleEvent, SaleEventKind};
 use serde::Serialize;
 use sqlx::MySqlPool;
 
@@ -136,11 +137,16 @@ pub async fn warm<C: ConnectionLike>(
         .arg(sale.sale_price_cents)
         .invoke_async(redis)
         .await?;
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(keys.sale_events_channel())
-        .arg(format!("warm:{}", sale.id))
-        .query_async(redis)
-        .await?;
+    // Every gateway drops its copy of the sale (window, sold-out mark).
+    sale_events::publish(
+        redis,
+        keys,
+        SaleEvent {
+            sale_id: sale.id,
+            kind: SaleEventKind::Updated,
+        },
+    )
+    .await?;
     Ok(stock)
 }
 

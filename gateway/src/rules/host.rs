@@ -14,10 +14,12 @@ use mlua::{Lua, LuaSerdeExt, MultiValue, Table, Value, Variadic};
 use redis::Value as RedisValue;
 use seckill_contracts::keys::KeySchema;
 use seckill_contracts::message::OrderMessage;
+use seckill_contracts::sale_events::{SaleEvent, SaleEventKind};
 
 use crate::metrics;
 use crate::problem::problem_body;
 use crate::redis_scripts::{ScriptSet, SLIDING_WINDOW};
+use crate::sale_directory::SaleLookup;
 use crate::services::HostServices;
 use crate::shared_dict::DictValue;
 
@@ -149,12 +151,64 @@ pub fn install(
             t.set("stock", k.stock())?;
             t.set("buyers", k.buyers())?;
             t.set("reservations", k.reservations())?;
+            t.set("released", k.released())?;
             if let Some(u) = user_id {
                 t.set("path", k.path(u))?;
                 t.set("limit", k.limit(u))?;
                 t.set("result", k.result(u))?;
             }
             Ok(t)
+        })?,
+    )?;
+
+    let svc = services.clone();
+    api.set(
+        "sale",
+        lua.create_async_function(move |lua, sale_id: u64| {
+            let svc = svc.clone();
+            async move {
+                let conn = svc.redis().await.map_err(mlua::Error::runtime)?;
+                let found = svc
+                    .sales
+                    .lookup(&conn, sale_id)
+                    .await
+                    .map_err(|e| mlua::Error::runtime(e.to_string()))?;
+                let t = lua.create_table()?;
+                t.set("id", sale_id)?;
+                match found {
+                    SaleLookup::Unknown => return Ok(Value::Nil),
+                    SaleLookup::NotReady => t.set("ready", false)?,
+                    SaleLookup::Ready(s) => {
+                        t.set("ready", true)?;
+                        t.set("starts_at_ms", s.starts_at_ms)?;
+                        t.set("ends_at_ms", s.ends_at_ms)?;
+                        t.set("stock_total", s.stock_total)?;
+                    }
+                }
+                t.set("sold_out", svc.sales.is_sold_out(sale_id))?;
+                Ok(Value::Table(t))
+            }
+        })?,
+    )?;
+
+    let svc = services.clone();
+    api.set(
+        "sale_event",
+        lua.create_async_function(move |_, (sale_id, kind): (u64, String)| {
+            let svc = svc.clone();
+            async move {
+                let kind = SaleEventKind::parse(&kind).ok_or_else(|| {
+                    mlua::Error::runtime(format!(
+                        "sale_event: kind must be updated, sold_out or reopened, not `{kind}`"
+                    ))
+                })?;
+                let mut conn = svc.redis().await.map_err(mlua::Error::runtime)?;
+                svc.sales
+                    .announce(&mut conn, SaleEvent { sale_id, kind })
+                    .await
+                    .map_err(|e| mlua::Error::runtime(e.to_string()))?;
+                Ok(true)
+            }
         })?,
     )?;
 

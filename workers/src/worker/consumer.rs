@@ -11,7 +11,8 @@
 //! 1. malformed or unsupported-version messages are rejected without
 //!    requeue, which dead-letters them (the order queue's
 //!    `x-dead-letter-exchange`);
-//! 2. the rest go through [`order_writer::write_batch`] (one transaction);
+//! 2. the rest have their reservations claimed ([`reservations::claim`])
+//!    and go through [`order_writer::write_batch`] (one transaction);
 //! 3. after the commit, [`results::publish`] writes results and settles
 //!    reservations in Redis;
 //! 4. only then is every delivery of the batch acked (one ack per delivery:
@@ -66,7 +67,7 @@ use tokio::time::Instant;
 
 use super::metrics::METRICS;
 use super::order_writer::{self, Outcome, WriteError, WriterConfig};
-use super::results;
+use super::{reservations, results};
 
 /// In-process retries of a transient write before the batch is requeued.
 const WRITE_TRIES: u32 = 3;
@@ -276,11 +277,25 @@ async fn handle_single(
     }
 }
 
-/// The batch write, retried in process while the error is transient.
+/// Claims the reservations, then the batch write, each retried in process
+/// while the error is transient.
 async fn write(ctx: &WorkerContext, messages: &[OrderMessage]) -> Result<Vec<Outcome>, WriteError> {
+    let mut redis = ctx.redis.clone();
+    let mut tries = 0;
+    let released = loop {
+        match reservations::claim(&mut redis, &ctx.keys, messages).await {
+            Ok(r) => break r,
+            Err(e) if tries + 1 < WRITE_TRIES => {
+                tries += 1;
+                tracing::warn!(error = %e, tries, "claiming reservations failed, retrying");
+                tokio::time::sleep(BACKOFF_MIN * tries).await;
+            }
+            Err(e) => return Err(WriteError::Redis(e)),
+        }
+    };
     let mut tries = 0;
     loop {
-        match order_writer::write_batch(&ctx.db, messages, ctx.writer_config()).await {
+        match order_writer::write_batch(&ctx.db, messages, &released, ctx.writer_config()).await {
             Ok(o) => {
                 ctx.transient_failures.store(0, Ordering::Relaxed);
                 return Ok(o);

@@ -10,6 +10,8 @@
 //! ```
 //!
 //! * [`consumer`]: AMQP session, batching, ack/requeue/dead-letter policy;
+//! * [`reservations`]: claims the batch's Redis reservations first, so a
+//!   gateway rollback and a late message can never both count;
 //! * [`order_writer`]: the idempotent, oversell-proof batch transaction;
 //! * [`results`]: results for polling and reservation settlement in Redis;
 //! * [`metrics`]: the Prometheus series;
@@ -22,6 +24,7 @@ pub mod consumer;
 pub mod dlq;
 pub mod metrics;
 pub mod order_writer;
+pub mod reservations;
 pub mod results;
 
 use std::future::Future;

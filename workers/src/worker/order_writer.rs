@@ -16,7 +16,8 @@
 //! 2. find messages already settled (an order or a failed admission with the
 //!    same `request_id`): they are reported again, never written twice;
 //! 3. find existing orders of the batch's (user, sale) pairs;
-//! 4. decide, in message order: unknown sale → `unknown_sale`; the buyer
+//! 4. decide, in message order: reservation released before the message
+//!    arrived → `released`; unknown sale → `unknown_sale`; the buyer
 //!    already has an order (earlier or in this batch) → `duplicate`; the sale
 //!    has no stock left → `sold_out`; else a new order takes one unit;
 //! 5. per sale one guarded decrement, `UPDATE sales SET stock_left =
@@ -33,7 +34,7 @@
 //! Nothing is decremented for a failed admission, so nothing has to be
 //! restored in MySQL.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -51,6 +52,10 @@ pub enum FailReason {
     UnknownSale,
     /// The buyer already has an order for this sale.
     Duplicate,
+    /// The reservation was released before the message arrived (the
+    /// gateway rolled back after a failed publish, or it timed out): the
+    /// buyer was told no, and its unit is back in stock.
+    Released,
 }
 
 impl FailReason {
@@ -60,6 +65,7 @@ impl FailReason {
             FailReason::SoldOut => "sold_out",
             FailReason::UnknownSale => "unknown_sale",
             FailReason::Duplicate => "duplicate",
+            FailReason::Released => "released",
         }
     }
 
@@ -70,6 +76,7 @@ impl FailReason {
             "sold_out" => Some(FailReason::SoldOut),
             "unknown_sale" => Some(FailReason::UnknownSale),
             "duplicate" => Some(FailReason::Duplicate),
+            "released" => Some(FailReason::Released),
             _ => None,
         }
     }
@@ -108,6 +115,9 @@ pub enum WriteError {
     /// checked; should be impossible, retried like a conflict.
     #[error("stock guard of sale {0} refused a checked decrement")]
     GuardMissed(u64),
+    /// Claiming the batch's reservations in Redis failed (before any write).
+    #[error("redis: {0}")]
+    Redis(redis::RedisError),
 }
 
 impl WriteError {
@@ -128,6 +138,7 @@ impl WriteError {
     pub fn is_transient(&self) -> bool {
         match self {
             WriteError::GuardMissed(_) => false,
+            WriteError::Redis(_) => true,
             WriteError::Database(e) => match e {
                 sqlx::Error::Io(_)
                 | sqlx::Error::Tls(_)
@@ -180,10 +191,13 @@ struct NewOrder<'a> {
 
 /// Writes `messages` in one transaction and returns one [`Outcome`] per
 /// message, in order. Messages with the same `message_id` (a duplicate
-/// publish inside one batch) share one outcome.
+/// publish inside one batch) share one outcome. Messages whose id is in
+/// `released` (see [`super::reservations::claim`]) settle as
+/// [`FailReason::Released`] unless they were settled before.
 pub async fn write_batch(
     db: &MySqlPool,
     messages: &[OrderMessage],
+    released: &HashSet<String>,
     config: WriterConfig,
 ) -> Result<Vec<Outcome>, WriteError> {
     if messages.is_empty() {
@@ -284,6 +298,7 @@ pub async fn write_batch(
             )
         } else {
             let reason = match sales.get_mut(&m.sale_id) {
+                _ if released.contains(&m.message_id) => Some(FailReason::Released),
                 None => Some(FailReason::UnknownSale),
                 Some(_) if holders.contains_key(&key) => Some(FailReason::Duplicate),
                 Some(sale) if sale.stock_left == 0 => Some(FailReason::SoldOut),

@@ -1,0 +1,499 @@
+//! The buyer flow end to end: the real gateway running the repository's
+//! `lua/` rules, two real api processes behind it, real Redis, RabbitMQ and
+//! MariaDB (and a real worker where the journey needs orders). Each test
+//! has its own database, key prefix and queues.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+use support::stack::{CuttableLink, Snapshot, Stack, StackOptions};
+
+fn opts() -> StackOptions {
+    StackOptions {
+        worker: false,
+        gateway_amqp_url: None,
+    }
+}
+
+/// Waits until the sale's window has opened as seen by the gateway.
+async fn until_open(stack: &Stack, sale_id: u64, user: u64) {
+    // A request for an absent path answers 403 once the sale is active
+    // and 409 before; the refusal changes nothing.
+    let probe = "0".repeat(32);
+    for _ in 0..100 {
+        let (status, _, _) = stack.seckill(user, &probe, sale_id).await;
+        if status == 403 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("sale {sale_id} never opened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_whole_buyer_journey_through_the_gateway() {
+    let stack = Stack::start(StackOptions {
+        worker: true,
+        ..opts()
+    })
+    .await;
+    let sale_id = stack.create_sale(5, 1, 600).await;
+    let http = &stack.http;
+
+    let creds =
+        json!({"username": format!("buyer_{}", &stack.env.id[..8]), "password": "correct horse"});
+    let resp = http
+        .post(stack.url("/api/v1/auth/register"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let user_id = resp.json::<Value>().await.unwrap()["user_id"]
+        .as_u64()
+        .unwrap();
+    let resp = http
+        .post(stack.url("/api/v1/auth/login"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let login: Value = resp.json().await.unwrap();
+    assert_eq!(login["token_type"], "Bearer");
+    let token = login["access_token"].as_str().unwrap().to_string();
+
+    let sales: Value = http
+        .get(stack.url("/api/v1/sales"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        sales.as_array().unwrap().iter().any(|s| s["id"] == sale_id),
+        "{sales}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(1200)).await; // the sale opens
+    let resp = http
+        .get(stack.url(&format!("/api/v1/sales/{sale_id}/captcha")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "image/png");
+    let png = resp.bytes().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
+    let mut redis = stack.env.redis().await;
+    let answer: String = redis
+        .get(stack.env.keys().sale(sale_id).captcha(user_id))
+        .await
+        .unwrap();
+
+    let resp = http
+        .post(stack.url(&format!("/api/v1/sales/{sale_id}/path")))
+        .bearer_auth(&token)
+        .json(&json!({"captcha_answer": answer.parse::<i64>().unwrap()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let path = resp.json::<Value>().await.unwrap()["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let resp = http
+        .post(stack.url(&format!("/api/v1/seckill/{path}/{sale_id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let queued: Value = resp.json().await.unwrap();
+    assert_eq!(queued["status"], "queued");
+    let request_id = queued["request_id"].as_str().unwrap().to_string();
+
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = http
+            .get(stack.url(&format!("/api/v1/sales/{sale_id}/result")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if last["status"] == "success" {
+            break;
+        }
+        assert!(
+            last["status"] == "queued" || last["status"] == "none",
+            "{last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last["status"], "success", "{last}");
+    let order_id = last["order_id"].as_str().unwrap();
+    let db = stack.env.db().await;
+    let (uid, rid, status): (u64, String, String) =
+        sqlx::query_as("SELECT user_id, request_id, status FROM orders WHERE id = ?")
+            .bind(order_id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        (uid, rid.as_str(), status.as_str()),
+        (user_id, request_id.as_str(), "unpaid")
+    );
+    let stock: i64 = redis
+        .get(stack.env.keys().sale(sale_id).stock())
+        .await
+        .unwrap();
+    assert_eq!(stock, 4);
+
+    // The same path again: already queued/bought, nothing moves.
+    let resp = http
+        .post(stack.url(&format!("/api/v1/seckill/{path}/{sale_id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    let stock: i64 = redis
+        .get(stack.env.keys().sale(sale_id).stock())
+        .await
+        .unwrap();
+    assert_eq!(stock, 4);
+    drop(db);
+    stack.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thundering_herd_sells_exactly_the_stock() {
+    const STOCK: i64 = 100;
+    const FAIR: u64 = 2_000;
+    const GREEDY: u64 = 200;
+    const GREEDY_SHOTS: usize = 20;
+    let stack = Arc::new(Stack::start(opts()).await);
+    let sale_id = stack.create_sale(STOCK as u32, 1, 600).await;
+    let mut paths = HashMap::new();
+    for user in 1..=FAIR + GREEDY {
+        paths.insert(user, stack.issue_path(sale_id, user).await);
+    }
+    until_open(&stack, sale_id, 999_999).await;
+
+    // Every request at once (bounded only by the client's connections).
+    let limit = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = Vec::new();
+    for user in 1..=FAIR + GREEDY {
+        let shots = if user > FAIR { GREEDY_SHOTS } else { 1 };
+        for _ in 0..shots {
+            let stack = stack.clone();
+            let path = paths[&user].clone();
+            let limit = limit.clone();
+            tasks.push(tokio::spawn(async move {
+                let _slot = limit.acquire().await.unwrap();
+                let (status, headers, body) = stack.seckill(user, &path, sale_id).await;
+                (user, status, headers, body)
+            }));
+        }
+    }
+    let mut admitted_users = Vec::new();
+    let mut request_ids = HashSet::new();
+    let mut by_status: HashMap<u16, usize> = HashMap::new();
+    for t in tasks {
+        let (user, status, headers, body) = t.await.unwrap();
+        *by_status.entry(status).or_default() += 1;
+        match status {
+            202 => {
+                admitted_users.push(user);
+                assert!(request_ids.insert(body["request_id"].as_str().unwrap().to_string()));
+            }
+            // Sold out, duplicate, or over the per-user limit.
+            410 | 409 => {}
+            429 => assert!(headers.contains_key("retry-after"), "{body}"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+        assert!(
+            status == 202 || body["type"].is_string(),
+            "problem+json for every refusal: {body}"
+        );
+    }
+    eprintln!("herd outcomes: {by_status:?}");
+    assert_eq!(
+        admitted_users.len() as i64,
+        STOCK,
+        "exactly the stock admitted"
+    );
+    let distinct: HashSet<u64> = admitted_users.iter().copied().collect();
+    assert_eq!(distinct.len() as i64, STOCK, "one admission per user");
+
+    let snap = stack.snapshot(sale_id).await;
+    assert_eq!(snap.stock, Some(0));
+    assert_eq!(snap.queued as i64, STOCK, "one message per admission");
+    let resv_users: HashSet<u64> = snap
+        .reservations
+        .iter()
+        .map(|(u, _)| u.parse().unwrap())
+        .collect();
+    assert_eq!(
+        resv_users, distinct,
+        "reservations only for admitted requests"
+    );
+    for (_, v) in &snap.reservations {
+        let rid = v.split(':').next().unwrap();
+        assert!(
+            request_ids.contains(rid),
+            "reservation {v} of a refused request"
+        );
+    }
+    let buyers: HashSet<u64> = snap.buyers.iter().map(|u| u.parse().unwrap()).collect();
+    assert_eq!(buyers, distinct);
+    // A greedy user holds at most one reservation: the sets above are
+    // keyed by user, and the stock moved by exactly the admissions.
+    match Arc::try_unwrap(stack) {
+        Ok(s) => s.cleanup().await,
+        Err(_) => panic!("stack still shared"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_error_row_is_a_clear_4xx_that_changes_nothing() {
+    let stack = Stack::start(opts()).await;
+    let sale_id = stack.create_sale(10, 1, 600).await;
+    let upcoming = stack.create_sale(10, 3600, 600).await;
+    let ended = stack.create_sale(10, -7200, 3600).await;
+    let http = &stack.http;
+    let alice = 11u64;
+    let bob = 12u64;
+    let alice_path = stack.issue_path(sale_id, alice).await;
+    until_open(&stack, sale_id, 1).await;
+    let before = stack.snapshot(sale_id).await;
+
+    let check = |what: &'static str, status: u16, want: u16, body: &Value| {
+        assert_eq!(status, want, "{what}: {body}");
+        assert_eq!(body["status"], want, "{what}: problem+json {body}");
+        assert!(
+            body["title"].is_string() && body["detail"].is_string(),
+            "{what}: {body}"
+        );
+    };
+
+    // 403: a wrong path, someone else's path, a malformed path, an expired path.
+    let (s, _, b) = stack.seckill(alice, &"ab".repeat(16), sale_id).await;
+    check("wrong path", s, 403, &b);
+    let (s, _, b) = stack.seckill(bob, &alice_path, sale_id).await;
+    check("other user's path", s, 403, &b);
+    let (s, _, b) = stack.seckill(alice, "../../etc/passwd", sale_id).await;
+    assert!(s == 403 || s == 404, "hostile path {s}: {b}");
+    let (s, _, b) = stack.seckill(alice, "'%20OR%201=1--", sale_id).await;
+    assert!(s == 403 || s == 404, "SQL-looking path {s}: {b}");
+    let carol = 13u64;
+    let carol_path = stack.issue_path(sale_id, carol).await;
+    let mut redis = stack.env.redis().await;
+    let _: () = redis
+        .del(stack.env.keys().sale(sale_id).path(carol))
+        .await
+        .unwrap();
+    let (s, _, b) = stack.seckill(carol, &carol_path, sale_id).await;
+    check("expired path", s, 403, &b);
+
+    // 409 not started / ended, 404 unknown sale (also a non-numeric id).
+    let p = stack.issue_path(upcoming, alice).await;
+    let (s, _, b) = stack.seckill(alice, &p, upcoming).await;
+    check("not started", s, 409, &b);
+    let p = stack.issue_path(ended, alice).await;
+    let (s, _, b) = stack.seckill(alice, &p, ended).await;
+    check("ended", s, 409, &b);
+    let (s, _, b) = stack.seckill(alice, &alice_path, 987_654_321).await;
+    check("unknown sale", s, 404, &b);
+    let resp = http
+        .post(stack.url(&format!("/api/v1/seckill/{alice_path}/1%20OR%201")))
+        .bearer_auth(stack.gateway.token(alice))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    // 401: no token, a garbage token.
+    let resp = http
+        .post(stack.url(&format!("/api/v1/seckill/{alice_path}/{sale_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().contains_key("www-authenticate"));
+    let resp = http
+        .post(stack.url(&format!("/api/v1/seckill/{alice_path}/{sale_id}")))
+        .bearer_auth("not.a.jwt")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    // 400: malformed JSON and a wrong captcha (which spends it).
+    let token = stack.gateway.token(alice);
+    let resp = http
+        .post(stack.url(&format!("/api/v1/sales/{sale_id}/path")))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body("{\"captcha_answer\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = http
+        .get(stack.url(&format!("/api/v1/sales/{sale_id}/captcha")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: String = redis
+        .get(stack.env.keys().sale(sale_id).captcha(alice))
+        .await
+        .unwrap();
+    let wrong = answer.parse::<i64>().unwrap() + 1;
+    for (try_answer, what) in [(wrong, "wrong captcha"), (wrong - 1, "spent captcha")] {
+        let resp = http
+            .post(stack.url(&format!("/api/v1/sales/{sale_id}/path")))
+            .bearer_auth(&token)
+            .json(&json!({ "captcha_answer": try_answer }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{what}");
+    }
+    // The path issued before is still the only one.
+    let still: String = redis
+        .get(stack.env.keys().sale(sale_id).path(alice))
+        .await
+        .unwrap();
+    assert_eq!(still, alice_path);
+
+    assert_eq!(
+        stack.snapshot(sale_id).await,
+        before,
+        "refusals changed nothing"
+    );
+
+    // 429 with Retry-After: one admission, then duplicates, then the limit.
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..8 {
+        let (s, h, _) = stack.seckill(alice, &alice_path, sale_id).await;
+        if s == 429 {
+            retry_after = h.get("retry-after").cloned();
+        }
+        statuses.push(s);
+    }
+    assert_eq!(statuses[0], 202, "{statuses:?}");
+    assert!(
+        statuses[1..].iter().all(|s| *s == 409 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let secs: u64 = retry_after.unwrap().to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&secs));
+    let after = stack.snapshot(sale_id).await;
+    assert_eq!(after.stock, before.stock.map(|s| s - 1), "one unit moved");
+    assert_eq!(after.queued, before.queued + 1, "one message");
+    stack.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_down_answers_503_and_restores_stock_and_reservations_exactly() {
+    let env_probe = seckill_contracts::testkit::TestEnv::new().await;
+    let link = CuttableLink::start(&env_probe.config.amqp.url).await;
+    env_probe.cleanup().await;
+    let stack = Stack::start(StackOptions {
+        gateway_amqp_url: Some(link.url.clone()),
+        ..opts()
+    })
+    .await;
+    let sale_id = stack.create_sale(50, 1, 600).await;
+    let mut paths = HashMap::new();
+    for user in 1..=40u64 {
+        paths.insert(user, stack.issue_path(sale_id, user).await);
+    }
+    until_open(&stack, sale_id, 9_999).await;
+
+    // The broker works: ten buyers admitted and queued.
+    for user in 1..=10u64 {
+        let (s, _, b) = stack.seckill(user, &paths[&user], sale_id).await;
+        assert_eq!(s, 202, "{b}");
+    }
+    let before = stack.snapshot(sale_id).await;
+    assert_eq!(before.stock, Some(40));
+    assert_eq!(before.queued, 10);
+
+    // The broker dies mid-sale.
+    link.cut();
+    for user in 11..=40u64 {
+        let (s, h, b) = stack.seckill(user, &paths[&user], sale_id).await;
+        assert_eq!(s, 503, "user {user}: {b}");
+        assert!(h.contains_key("retry-after"));
+    }
+    let after = stack.snapshot(sale_id).await;
+    assert_eq!(
+        after, before,
+        "stock, buyers and reservations restored exactly"
+    );
+    // The rolled-back requests are remembered for the worker.
+    let mut redis = stack.env.redis().await;
+    let released: i64 = redis
+        .scard(stack.env.keys().sale(sale_id).released())
+        .await
+        .unwrap();
+    assert_eq!(released, 30);
+    // A refused buyer may try again once the broker is back (not here):
+    // their marker is gone, so the retry is not a "duplicate".
+    let (s, _, b) = stack.seckill(11, &paths[&11], sale_id).await;
+    assert_eq!(s, 503, "still down: {b}");
+    stack.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sale_keys_deleted_mid_sale_fail_closed() {
+    let stack = Stack::start(opts()).await;
+    let sale_id = stack.create_sale(20, 1, 600).await;
+    let mut paths = HashMap::new();
+    for user in 1..=20u64 {
+        paths.insert(user, stack.issue_path(sale_id, user).await);
+    }
+    until_open(&stack, sale_id, 9_999).await;
+    for user in 1..=5u64 {
+        let (s, _, b) = stack.seckill(user, &paths[&user], sale_id).await;
+        assert_eq!(s, 202, "{b}");
+    }
+    let k = stack.env.keys().sale(sale_id);
+    let mut redis = stack.env.redis().await;
+
+    // Redis loses the sale's hot state (a restart without persistence).
+    let _: () = redis.del(&[k.info(), k.stock()]).await.unwrap();
+    for user in 6..=20u64 {
+        let (s, _, b) = stack.seckill(user, &paths[&user], sale_id).await;
+        assert_eq!(s, 503, "user {user} must not be admitted blind: {b}");
+    }
+    // Only the stock counter gone: still refused, never recreated by admission.
+    let _: () = redis.hset(k.info(), "starts_at_ms", 0).await.unwrap();
+    let _: () = redis.hset(k.info(), "ends_at_ms", i64::MAX).await.unwrap();
+    let _: () = redis.hset(k.info(), "stock_total", 20).await.unwrap();
+    let (s, _, b) = stack.seckill(6, &paths[&6], sale_id).await;
+    assert_eq!(s, 503, "{b}");
+    let snap: Snapshot = stack.snapshot(sale_id).await;
+    assert_eq!(snap.stock, None, "admission never recreates stock");
+    assert_eq!(snap.queued, 5, "nothing published after the keys vanished");
+    assert_eq!(snap.buyers.len(), 5);
+    stack.cleanup().await;
+}

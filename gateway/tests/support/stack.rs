@@ -1,0 +1,339 @@
+//! The whole buyer-facing stack for end-to-end tests: the real gateway
+//! binary running the repository's own `lua/` rules, two real `seckill-api`
+//! processes behind it, optionally a real `seckill-worker`, all on this
+//! test's own database, key prefix and queues (`TestEnv`).
+//!
+//! The api and worker binaries are built by `cargo test --workspace` (or
+//! `cargo build --workspace`) next to the gateway binary; they are looked up
+//! there.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use redis::AsyncCommands;
+use seckill_contracts::config::Config;
+use seckill_contracts::testkit::{free_addr, wait_ok, Process, TestEnv};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+use super::{keys, GatewayProc};
+
+pub const ADMIN_TOKEN: &str = "stack-admin-token-0123456789";
+
+/// Path of a binary of the workspace built next to the gateway's.
+pub fn sibling_binary(name: &str) -> String {
+    let path = Path::new(env!("CARGO_BIN_EXE_seckill-gateway")).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` (scripts/test does)",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
+
+/// Copies the repository's rules (`lua/` and `lua/redis/`) into `dest`.
+pub fn copy_repo_rules(dest: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lua");
+    for sub in ["", "redis"] {
+        std::fs::create_dir_all(dest.join(sub)).unwrap();
+        for entry in std::fs::read_dir(src.join(sub)).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().and_then(|e| e.to_str()) == Some("lua") {
+                std::fs::copy(&p, dest.join(sub).join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+}
+
+/// What to start.
+pub struct StackOptions {
+    pub worker: bool,
+    /// Broker address the gateway publishes to (a cuttable link in the
+    /// broker-down test); `None` for the real one.
+    pub gateway_amqp_url: Option<String>,
+}
+
+pub struct Stack {
+    pub env: TestEnv,
+    pub config: Config,
+    pub gateway: GatewayProc,
+    pub apis: Vec<(SocketAddr, Process)>,
+    pub worker: Option<Process>,
+    pub http: reqwest::Client,
+    tokens: Mutex<std::collections::HashMap<u64, String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start(opts: StackOptions) -> Stack {
+        let env = TestEnv::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("lua");
+        copy_repo_rules(&rules);
+        let private = dir.path().join("private.pem");
+        std::fs::write(&private, &keys().private_pem).unwrap();
+        let api_addrs = [free_addr(), free_addr()];
+        let mut config = GatewayProc::config(&env, &api_addrs, &rules);
+        config.jwt.private_key_path = private;
+        config.api.admin_token = Some(ADMIN_TOKEN.into());
+        config.api.admin_token_path = None;
+        config.worker.listen = free_addr();
+        // Sales in these tests start a moment after creation.
+        config.gateway.sale_info_ttl_ms = 500;
+        let shared = dir.path().join("stack.toml");
+        std::fs::write(&shared, toml::to_string(&config).unwrap()).unwrap();
+        let shared_arg = shared.to_str().unwrap().to_string();
+        let log = [("RUST_LOG".to_string(), "warn".to_string())];
+
+        let mut apis = Vec::new();
+        for addr in api_addrs {
+            let p = Process::spawn(
+                &sibling_binary("seckill-api"),
+                &["--config", &shared_arg, "--listen", &addr.to_string()],
+                &log,
+            );
+            apis.push((addr, p));
+        }
+        for (addr, _) in &apis {
+            assert!(
+                wait_ok(&format!("http://{addr}/healthz"), Duration::from_secs(30)).await,
+                "api {addr} never became healthy"
+            );
+        }
+        let worker = opts.worker.then(|| {
+            Process::spawn(
+                &sibling_binary("seckill-worker"),
+                &["--config", &shared_arg],
+                &log,
+            )
+        });
+        if opts.worker {
+            let url = format!("http://{}/healthz", config.worker.listen);
+            assert!(
+                wait_ok(&url, Duration::from_secs(30)).await,
+                "worker never became healthy"
+            );
+        }
+        let mut gateway_config = config.clone();
+        if let Some(url) = opts.gateway_amqp_url {
+            gateway_config.amqp.url = url;
+        }
+        let gateway = GatewayProc::start(gateway_config).await;
+        // Both api backends in rotation before a test relies on them.
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()
+            .unwrap();
+        Stack {
+            env,
+            config,
+            gateway,
+            apis,
+            worker,
+            http,
+            tokens: Mutex::default(),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.gateway.url(path)
+    }
+
+    /// A valid token for `user` (minted once per user: RSA signing is slow).
+    pub fn token(&self, user: u64) -> String {
+        let mut tokens = self.tokens.lock().unwrap();
+        tokens
+            .entry(user)
+            .or_insert_with(|| self.gateway.token(user))
+            .clone()
+    }
+
+    /// Creates a sale through an api's admin route (MySQL, then the Redis
+    /// warm-up); `starts_in`/`lasts` in seconds from now (negative allowed).
+    pub async fn create_sale(&self, stock: u32, starts_in: i64, lasts: i64) -> u64 {
+        let now = chrono::Utc::now();
+        let body = json!({
+            "title": format!("Test sale {}", self.env.id),
+            "price_cents": 1999,
+            "sale_price_cents": 999,
+            "stock": stock,
+            "starts_at": now + chrono::Duration::seconds(starts_in),
+            "ends_at": now + chrono::Duration::seconds(starts_in + lasts),
+        });
+        let resp = self
+            .http
+            .post(format!("http://{}/admin/sales", self.apis[0].0))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "create sale: {:?}", resp.text().await);
+        let v: Value = resp.json().await.unwrap();
+        v["id"].as_u64().unwrap()
+    }
+
+    /// Issues a hidden path for `user` directly in Redis, as the api does
+    /// after a right captcha answer (the journey test goes through the api).
+    pub async fn issue_path(&self, sale_id: u64, user: u64) -> String {
+        let path = format!("{:032x}", rand_u128());
+        let mut r = self.env.redis().await;
+        let _: () = r
+            .set_ex(self.env.keys().sale(sale_id).path(user), &path, 60)
+            .await
+            .unwrap();
+        path
+    }
+
+    /// `POST /api/v1/seckill/{path}/{sale}` as `user` → (status, headers, body).
+    pub async fn seckill(
+        &self,
+        user: u64,
+        path: &str,
+        sale_id: u64,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let resp = self
+            .http
+            .post(self.url(&format!("/api/v1/seckill/{path}/{sale_id}")))
+            .bearer_auth(self.token(user))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    /// Everything an admission may change, to prove a refusal changed nothing.
+    pub async fn snapshot(&self, sale_id: u64) -> Snapshot {
+        let k = self.env.keys().sale(sale_id);
+        let mut r = self.env.redis().await;
+        let stock: Option<i64> = r.get(k.stock()).await.unwrap();
+        let buyers: Vec<String> = r.smembers(k.buyers()).await.unwrap();
+        let mut resv: Vec<(String, String)> = r.hgetall(k.reservations()).await.unwrap();
+        resv.sort();
+        let mut buyers = buyers;
+        buyers.sort();
+        Snapshot {
+            stock,
+            buyers,
+            reservations: resv,
+            queued: self.queue_len().await,
+        }
+    }
+
+    /// Messages waiting in this test's order queue.
+    pub async fn queue_len(&self) -> u32 {
+        let conn = lapin::Connection::connect(&self.config.amqp.url, Default::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let n = match ch
+            .queue_declare(
+                self.config.amqp.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(q) => q.message_count(),
+            // Not declared yet: nothing was ever published.
+            Err(_) => 0,
+        };
+        let _ = conn.close(200, "done".into()).await;
+        n
+    }
+
+    pub async fn cleanup(self) {
+        let Stack {
+            env,
+            gateway,
+            apis,
+            worker,
+            ..
+        } = self;
+        drop(gateway);
+        drop(apis);
+        drop(worker);
+        env.cleanup().await;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub stock: Option<i64>,
+    pub buyers: Vec<String>,
+    pub reservations: Vec<(String, String)>,
+    pub queued: u32,
+}
+
+fn rand_u128() -> u128 {
+    let a = uuid::Uuid::new_v4().as_u128();
+    a ^ (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos())
+}
+
+/// A TCP link to the broker that the test can cut, as if the broker died:
+/// every open connection is dropped and new ones are refused.
+pub struct CuttableLink {
+    pub url: String,
+    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl CuttableLink {
+    pub async fn start(broker_url: &str) -> CuttableLink {
+        let uri: lapin::uri::AMQPUri = broker_url.parse().expect("AMQP url");
+        let upstream = format!("{}:{}", uri.authority.host, uri.authority.port);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = format!(
+            "amqp://{}:{}@127.0.0.1:{port}/{}",
+            uri.authority.userinfo.username,
+            uri.authority.userinfo.password,
+            uri.vhost.replace('/', "%2f")
+        );
+        let tasks: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let inner = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let pipe = tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let _ = tokio::join!(
+                        tokio::io::copy(&mut cr, &mut sw),
+                        tokio::io::copy(&mut sr, &mut cw)
+                    );
+                });
+                inner.lock().unwrap().push(pipe.abort_handle());
+            }
+        });
+        tasks.lock().unwrap().push(accept.abort_handle());
+        CuttableLink { url, tasks }
+    }
+
+    /// The broker is gone: connections dropped, the port closed.
+    pub fn cut(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
