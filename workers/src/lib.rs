@@ -3,6 +3,7 @@
 //! into these modules, which tests call directly.
 
 pub mod api;
+pub mod audit;
 pub mod connections;
 pub mod probes;
 pub mod sales;

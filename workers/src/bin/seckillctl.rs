@@ -14,7 +14,7 @@ use seckill_contracts::telemetry;
 use seckill_workers::sales::{self, NewSale};
 use seckill_workers::tokens::TokenSigner;
 use seckill_workers::worker::dlq;
-use seckill_workers::{connections, signing_keys};
+use seckill_workers::{audit, connections, signing_keys};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -48,6 +48,15 @@ enum Command {
         /// How many consecutive user ids, one token per line.
         #[arg(long, default_value_t = 1)]
         count: u64,
+    },
+    /// Check SPEC invariants 1, 2 and 4 of a sale across MySQL, Redis and
+    /// RabbitMQ; prints JSON and exits 1 on any violation.
+    Audit {
+        #[arg(long)]
+        sale: u64,
+        /// How long to wait for in-flight admissions to settle first.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        wait: Duration,
     },
     /// Create and inspect sales.
     Sale {
@@ -166,6 +175,15 @@ async fn main() -> anyhow::Result<()> {
                 writeln!(out, "{}", signer.issue(uid, &format!("user{uid}"))?)?;
             }
             out.flush()?;
+        }
+        Command::Audit { sale, wait } => {
+            let db = connections::mysql(&config.database).await?;
+            let mut redis = connections::redis(&config).await?;
+            let report = audit::run(&config, &db, &mut redis, sale, wait).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.ok {
+                std::process::exit(1);
+            }
         }
         Command::Sale { command } => {
             let db = connections::mysql(&config.database).await?;

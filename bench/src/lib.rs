@@ -1,0 +1,16 @@
+//! The benchmark suite behind `bench/run`: one command that starts a bench
+//! stack (its own database, key prefix and queues, never the demo's),
+//! prepares buyers, runs wrk scenarios, audits every sale, measures the
+//! ceilings of this machine in the same run, and writes a report with plots.
+//!
+//! Flow: [`stack`] starts the release binaries → [`buyers`] mints tokens and
+//! pre-issues hidden paths → [`scenarios`] drive [`wrk`] while [`sampler`]
+//! scrapes the gateway's metrics every second → `seckill_workers::audit`
+//! checks the invariants → [`report`] writes `report.md` and the PNGs.
+
+pub mod buyers;
+pub mod report;
+pub mod sampler;
+pub mod scenarios;
+pub mod stack;
+pub mod wrk;

@@ -1,0 +1,619 @@
+//! The scenarios and ceilings of the suite, run in one go against one bench
+//! stack. Each scenario returns a [`Row`] of the report; sale scenarios are
+//! audited and a failed audit fails the run.
+//!
+//! | scenario | load | ceiling it is compared with |
+//! |---|---|---|
+//! | `hot-sale` | POST seckill, rotating buyers, until and past sell-out | gateway local route, no Lua |
+//! | `sold-out` | the same sale after sell-out (local mark) | gateway local route |
+//! | `browse` | GET a sale through the load balancer (cache hit) | nginx `return 200` |
+//! | `reload` | hot-sale load while rules reload every second | gateway local route |
+//! | `drain` | 10,000 queued orders into MySQL by the workers | — |
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use clap::Parser;
+use seckill_contracts::keys::KeySchema;
+use seckill_workers::audit;
+use seckill_workers::sales::{self, NewSale};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::report::{self, Report};
+use crate::sampler::{self, Sample, StatusCounts};
+use crate::stack::BenchStack;
+use crate::wrk::{WrkResult, WrkRun};
+use crate::{buyers, stack};
+
+/// `seckill-bench` flags (sizes and durations of the suite).
+#[derive(Debug, Clone, Parser)]
+#[command(
+    version,
+    about = "Flash-sale benchmark suite (run it through bench/run)"
+)]
+pub struct Options {
+    /// Scenarios to run (default: all). Ceilings always run.
+    #[arg(value_parser = ["hot-sale", "sold-out", "browse", "reload", "drain"])]
+    pub scenarios: Vec<String>,
+    #[arg(long, default_value = "bench/bench.toml")]
+    pub config: PathBuf,
+    /// Where the release binaries are.
+    #[arg(long, default_value = "target/release")]
+    pub bin_dir: PathBuf,
+    /// Reports go to <results>/<timestamp>/.
+    #[arg(long, default_value = "bench/results")]
+    pub results: PathBuf,
+    #[arg(long, default_value_t = 20_000)]
+    pub users: u64,
+    #[arg(long, default_value_t = 2_000)]
+    pub stock: u32,
+    /// Seconds of load per scenario.
+    #[arg(long, default_value_t = 15)]
+    pub duration: u64,
+    #[arg(long, default_value_t = 128)]
+    pub connections: u32,
+    #[arg(long, default_value_t = 2)]
+    pub threads: u32,
+    /// Orders queued for the drain scenario.
+    #[arg(long, default_value_t = 10_000)]
+    pub drain_orders: u32,
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+}
+
+/// One line of the report table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub scenario: String,
+    pub wrk: Option<WrkResult>,
+    /// Gateway responses during the load, by status.
+    pub statuses: StatusCounts,
+    pub admitted: Option<u64>,
+    pub committed: Option<u64>,
+    pub audit_ok: Option<bool>,
+    pub ceiling: Option<String>,
+    pub notes: Vec<String>,
+    pub samples: Vec<Sample>,
+    /// Throughput for the drain scenario (orders/s) or the ceiling figure.
+    pub rate: f64,
+}
+
+impl Row {
+    fn new(scenario: &str) -> Row {
+        Row {
+            scenario: scenario.to_string(),
+            wrk: None,
+            statuses: StatusCounts::new(),
+            admitted: None,
+            committed: None,
+            audit_ok: None,
+            ceiling: None,
+            notes: Vec::new(),
+            samples: Vec::new(),
+            rate: 0.0,
+        }
+    }
+}
+
+struct Ctx {
+    opts: Options,
+    stack: BenchStack,
+    out: PathBuf,
+    wrk_dir: PathBuf,
+    http: reqwest::Client,
+    keys: KeySchema,
+    db: sqlx::MySqlPool,
+    redis: seckill_contracts::redis_client::RedisConn,
+    tokens: Arc<Vec<String>>,
+}
+
+/// Runs the whole suite; returns true if any audit failed.
+pub async fn run_suite(opts: Options) -> anyhow::Result<bool> {
+    let stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let out = opts.results.join(&stamp);
+    std::fs::create_dir_all(&out)?;
+    let all = ["hot-sale", "sold-out", "browse", "reload", "drain"];
+    let chosen: Vec<String> = if opts.scenarios.is_empty() {
+        all.iter().map(|s| s.to_string()).collect()
+    } else {
+        opts.scenarios.clone()
+    };
+    progress(&format!(
+        "starting the bench stack (logs in {})",
+        out.join("logs").display()
+    ));
+    let stack =
+        BenchStack::start(&opts.config, &opts.bin_dir, &out.join("logs"), opts.workers).await?;
+    let db = seckill_workers::connections::mysql(&stack.config.database).await?;
+    let redis = seckill_workers::connections::redis(&stack.config).await?;
+    progress(&format!("minting {} buyer tokens", opts.users));
+    let tokens = {
+        let config = stack.config.clone();
+        let n = opts.users;
+        tokio::task::spawn_blocking(move || buyers::tokens(&config, &PathBuf::from("var/bench"), n))
+            .await??
+    };
+    let mut ctx = Ctx {
+        keys: KeySchema::new(stack.config.redis.key_prefix.clone()),
+        wrk_dir: PathBuf::from("bench/wrk"),
+        opts,
+        stack,
+        out: out.clone(),
+        http: reqwest::Client::new(),
+        db,
+        redis,
+        tokens: Arc::new(tokens),
+    };
+
+    let mut rows = Vec::new();
+    progress("ceiling: gateway local route (no Lua)");
+    rows.push(ceiling_local(&ctx).await?);
+    progress("ceiling: nginx return 200");
+    rows.push(ceiling_nginx(&ctx).await?);
+    progress("ceiling: redis-benchmark of the admission script");
+    rows.push(ceiling_redis(&mut ctx).await?);
+
+    let mut hot_sale_id = None;
+    for name in &chosen {
+        progress(&format!("scenario {name}"));
+        let row = match name.as_str() {
+            "hot-sale" => {
+                let (row, sale) = hot_sale(&mut ctx, "hot-sale", false).await?;
+                hot_sale_id = Some(sale);
+                row
+            }
+            "sold-out" => {
+                let sale = match hot_sale_id {
+                    Some(s) => s,
+                    None => hot_sale(&mut ctx, "hot-sale (setup)", false).await?.1,
+                };
+                sold_out(&mut ctx, sale).await?
+            }
+            "browse" => browse(&mut ctx).await?,
+            "reload" => hot_sale(&mut ctx, "reload", true).await?.0,
+            "drain" => drain(&mut ctx).await?,
+            other => anyhow::bail!("unknown scenario {other}"),
+        };
+        progress(&summary(&row));
+        rows.push(row);
+    }
+    let failed = rows.iter().any(|r| r.audit_ok == Some(false));
+    let report = Report {
+        rows,
+        options: ctx.opts.clone(),
+        machine: report::machine(),
+        started: stamp,
+    };
+    report::write(&report, &out)?;
+    progress(&format!("report: {}", out.join("report.md").display()));
+    Ok(failed)
+}
+
+fn progress(msg: &str) {
+    eprintln!("[bench {}] {msg}", Utc::now().format("%H:%M:%S"));
+}
+
+fn summary(row: &Row) -> String {
+    match &row.wrk {
+        Some(w) => format!(
+            "{}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, statuses {:?}, audit {:?}",
+            row.scenario, w.rps, w.p50_ms, w.p99_ms, row.statuses, row.audit_ok
+        ),
+        None => format!(
+            "{}: {:.0}/s, audit {:?}",
+            row.scenario, row.rate, row.audit_ok
+        ),
+    }
+}
+
+impl Ctx {
+    fn wrk(&self, url: String, script: &str, env: Vec<(String, String)>) -> WrkRun<'static> {
+        let script: &'static std::path::Path =
+            Box::leak(self.wrk_dir.join(script).into_boxed_path());
+        let mut env = env;
+        env.push(("WRK_THREADS".into(), self.opts.threads.to_string()));
+        WrkRun {
+            url,
+            script,
+            env,
+            threads: self.opts.threads,
+            connections: self.opts.connections,
+            duration: Duration::from_secs(self.opts.duration),
+        }
+    }
+
+    /// Runs `run` while sampling the gateway; returns wrk's result, the
+    /// per-second samples and the status counts of `route`.
+    async fn measured(
+        &self,
+        run: WrkRun<'static>,
+        route: Option<&str>,
+    ) -> anyhow::Result<(WrkResult, Vec<Sample>, StatusCounts)> {
+        let metrics = self.stack.admin_url("/metrics");
+        let token = self.stack.admin_token.clone();
+        let before = sampler::scrape(&self.http, &metrics, &token, route).await?;
+        let (tx, rx) = watch::channel(false);
+        let sampler = tokio::spawn(sampler::sample_until(
+            metrics.clone(),
+            token.clone(),
+            route.map(str::to_string),
+            rx,
+        ));
+        let result = tokio::task::spawn_blocking(move || run.run()).await??;
+        let _ = tx.send(true);
+        let samples = sampler.await.unwrap_or_default();
+        let after = sampler::scrape(&self.http, &metrics, &token, route).await?;
+        Ok((result, samples, sampler::delta(&before, &after)))
+    }
+
+    async fn create_sale(&mut self, stock: u32, starts_in: Duration) -> anyhow::Result<u64> {
+        let now = Utc::now();
+        let starts_at = now + chrono::Duration::from_std(starts_in)?;
+        let sale = sales::create(
+            &self.db,
+            &mut self.redis,
+            &self.keys,
+            &NewSale {
+                title: "Bench sale".into(),
+                price_cents: 1999,
+                sale_price_cents: 999,
+                stock,
+                starts_at,
+                ends_at: starts_at + chrono::Duration::hours(1),
+            },
+        )
+        .await?;
+        Ok(sale.id)
+    }
+
+    async fn audit(&mut self, sale_id: u64, row: &mut Row) -> anyhow::Result<()> {
+        let report = audit::run(
+            &self.stack.config,
+            &self.db,
+            &mut self.redis,
+            sale_id,
+            Duration::from_secs(120),
+        )
+        .await?;
+        row.committed =
+            Some((report.orders_unpaid + report.orders_paid + report.orders_closed) as u64);
+        row.audit_ok = Some(report.ok);
+        if !report.ok {
+            row.notes.extend(report.violations.iter().cloned());
+        }
+        std::fs::write(
+            self.out.join(format!(
+                "audit-{}-{sale_id}.json",
+                row.scenario.replace(' ', "_")
+            )),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        Ok(())
+    }
+}
+
+async fn ceiling_local(ctx: &Ctx) -> anyhow::Result<Row> {
+    let run = ctx.wrk(ctx.stack.gateway_url("/healthz"), "report.lua", vec![]);
+    let (w, samples, statuses) = ctx.measured(run, None).await?;
+    let mut row = Row::new("ceiling: gateway local route");
+    row.rate = w.rps;
+    row.wrk = Some(w);
+    row.samples = samples;
+    row.statuses = statuses;
+    Ok(row)
+}
+
+async fn ceiling_nginx(ctx: &Ctx) -> anyhow::Result<Row> {
+    let dir = ctx.out.join("nginx");
+    std::fs::create_dir_all(&dir)?;
+    let conf = std::fs::read_to_string("bench/gateway/nginx.conf")?
+        .replace("__VAR__", &std::fs::canonicalize(&dir)?.to_string_lossy());
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let mut nginx = std::process::Command::new("nginx")
+        .arg("-c")
+        .arg(std::fs::canonicalize(&conf_path)?)
+        .arg("-p")
+        .arg(std::fs::canonicalize(&dir)?)
+        .spawn()
+        .context("starting nginx (is nginx-light installed?)")?;
+    let up = stack::wait_ok("http://127.0.0.1:18090/", Duration::from_secs(10)).await;
+    let result = match up {
+        Ok(()) => {
+            let run = ctx.wrk("http://127.0.0.1:18090/".into(), "report.lua", vec![]);
+            tokio::task::spawn_blocking(move || run.run()).await?
+        }
+        Err(e) => Err(e),
+    };
+    let _ = std::process::Command::new("kill")
+        .arg("-QUIT")
+        .arg(nginx.id().to_string())
+        .status();
+    let _ = nginx.wait();
+    let w = result?;
+    let mut row = Row::new("ceiling: nginx return 200");
+    row.rate = w.rps;
+    row.wrk = Some(w);
+    Ok(row)
+}
+
+/// `redis-benchmark` of admit.lua alone (EVALSHA, a path that is never
+/// right, so it measures the script's checks without moving stock).
+async fn ceiling_redis(ctx: &mut Ctx) -> anyhow::Result<Row> {
+    let sale = ctx.create_sale(1, Duration::ZERO).await?;
+    let source = std::fs::read_to_string("lua/redis/admit.lua")?;
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(&source)
+        .query_async(&mut ctx.redis)
+        .await?;
+    let k = ctx.keys.sale(sale);
+    let url = &ctx.stack.config.redis.url;
+    let hostport = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .rsplit('@')
+        .next()
+        .unwrap_or("127.0.0.1:6379")
+        .to_string();
+    let (host, port) = hostport.split_once(':').unwrap_or(("127.0.0.1", "6379"));
+    let n = 200_000u32;
+    let args: Vec<String> = vec![
+        "-h".into(),
+        host.into(),
+        "-p".into(),
+        port.into(),
+        "-n".into(),
+        n.to_string(),
+        "-c".into(),
+        "64".into(),
+        "-P".into(),
+        "1".into(),
+        "-q".into(),
+        "EVALSHA".into(),
+        sha,
+        "6".into(),
+        k.info(),
+        k.stock(),
+        k.buyers(),
+        k.reservations(),
+        k.path(1),
+        k.limit(1),
+        "1".into(),
+        "0123456789abcdef0123456789abcdef".into(),
+        "bench".into(),
+        "1000000000".into(),
+        "1000".into(),
+    ];
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-benchmark")
+            .args(&args)
+            .output()
+    })
+    .await?
+    .context("running redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "-q" prints e.g. "EVALSHA ...: 85034.01 requests per second, p50=0.303 msec"
+    let rps = text
+        .split("requests per second")
+        .next()
+        .and_then(|s| s.rsplit(": ").next())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| n as f64 / started.elapsed().as_secs_f64());
+    let mut row = Row::new("ceiling: redis admit.lua (redis-benchmark -c64)");
+    row.rate = rps;
+    row.notes.push(format!(
+        "redis-benchmark -n {n} -c 64 -q EVALSHA <admit.lua> 6 <keys> … (bad-path branch)"
+    ));
+    Ok(row)
+}
+
+/// A fresh sale, buyers with paths, wrk until `duration`: time to sell
+/// out, admitted == stock, audit. With `reload`, the rules are reloaded
+/// every second meanwhile and no request may fail because of it.
+async fn hot_sale(ctx: &mut Ctx, name: &str, reload: bool) -> anyhow::Result<(Row, u64)> {
+    let stock = ctx.opts.stock;
+    // Warm-up before start: the sale opens once the load is on.
+    let sale = ctx.create_sale(stock, Duration::from_secs(3)).await?;
+    let file = ctx.out.join(format!("buyers-{sale}.txt"));
+    buyers::issue_paths(&mut ctx.redis, &ctx.keys, sale, &ctx.tokens, &file).await?;
+    let opens = Instant::now() + Duration::from_secs(3);
+    tokio::time::sleep_until(opens.into()).await;
+
+    // Watch the stock counter to time the sell-out.
+    let (tx, mut rx) = watch::channel(false);
+    let mut watcher_redis = ctx.redis.clone();
+    let stock_key = ctx.keys.sale(sale).stock();
+    let watcher = tokio::spawn(async move {
+        let start = Instant::now();
+        loop {
+            let left: Option<i64> = redis::cmd("GET")
+                .arg(&stock_key)
+                .query_async(&mut watcher_redis)
+                .await
+                .ok()
+                .flatten();
+            if left == Some(0) {
+                return Some(start.elapsed());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = rx.changed() => return None,
+            }
+        }
+    });
+    let reloader = reload.then(|| {
+        let url = ctx.stack.admin_url("/admin/rules/reload");
+        let token = ctx.stack.admin_token.clone();
+        let http = ctx.http.clone();
+        let mut stop = tx.subscribe();
+        tokio::spawn(async move {
+            let (mut ok, mut refused) = (0u32, 0u32);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => return (ok, refused),
+                }
+                match http.post(&url).bearer_auth(&token).send().await {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    _ => refused += 1,
+                }
+            }
+        })
+    });
+    let run = ctx.wrk(
+        ctx.stack.gateway_url("/"),
+        "seckill.lua",
+        vec![
+            (
+                "BENCH_USERS".into(),
+                std::fs::canonicalize(&file)?.to_string_lossy().into_owned(),
+            ),
+            ("SALE_ID".into(), sale.to_string()),
+        ],
+    );
+    let (w, samples, statuses) = ctx.measured(run, Some("seckill")).await?;
+    let _ = tx.send(true);
+    let sold_out_after = watcher.await.ok().flatten();
+
+    let mut row = Row::new(name);
+    row.admitted = Some(*statuses.get(&202).unwrap_or(&0));
+    match sold_out_after {
+        Some(t) => row
+            .notes
+            .push(format!("sold out after {:.2} s", t.as_secs_f64())),
+        None => row.notes.push("did not sell out during the run".into()),
+    }
+    if row.admitted != Some(u64::from(stock)) {
+        row.notes.push(format!(
+            "admitted {} != stock {stock}",
+            row.admitted.unwrap_or(0)
+        ));
+        row.audit_ok = Some(false);
+    }
+    if let Some(r) = reloader {
+        let (ok, refused) = r.await.unwrap_or((0, 0));
+        let failed: u64 = statuses
+            .iter()
+            .filter(|(code, _)| **code >= 500)
+            .map(|(_, n)| n)
+            .sum();
+        row.notes.push(format!(
+            "{ok} reloads accepted, {refused} refused; {failed} requests failed (5xx) during reloads"
+        ));
+        if failed > 0 || refused > 0 {
+            row.audit_ok = Some(false);
+        }
+    }
+    row.wrk = Some(w);
+    row.samples = samples;
+    row.statuses = statuses;
+    row.ceiling = Some("ceiling: gateway local route".into());
+    let before = row.audit_ok;
+    ctx.audit(sale, &mut row).await?;
+    if before == Some(false) {
+        row.audit_ok = Some(false);
+    }
+    Ok((row, sale))
+}
+
+async fn sold_out(ctx: &mut Ctx, sale: u64) -> anyhow::Result<Row> {
+    let file = ctx.out.join(format!("buyers-{sale}.txt"));
+    let run = ctx.wrk(
+        ctx.stack.gateway_url("/"),
+        "seckill.lua",
+        vec![
+            (
+                "BENCH_USERS".into(),
+                std::fs::canonicalize(&file)?.to_string_lossy().into_owned(),
+            ),
+            ("SALE_ID".into(), sale.to_string()),
+        ],
+    );
+    let (w, samples, statuses) = ctx.measured(run, Some("seckill")).await?;
+    let mut row = Row::new("sold-out");
+    row.admitted = Some(*statuses.get(&202).unwrap_or(&0));
+    if row.admitted != Some(0) {
+        row.notes.push("admitted after sell-out".into());
+        row.audit_ok = Some(false);
+    }
+    row.wrk = Some(w);
+    row.samples = samples;
+    row.statuses = statuses;
+    row.ceiling = Some("ceiling: gateway local route".into());
+    let before = row.audit_ok;
+    ctx.audit(sale, &mut row).await?;
+    if before == Some(false) {
+        row.audit_ok = Some(false);
+    }
+    Ok(row)
+}
+
+async fn browse(ctx: &mut Ctx) -> anyhow::Result<Row> {
+    let sale = ctx.create_sale(10, Duration::ZERO).await?;
+    // Prime the cache once, as the first buyer would.
+    let url = ctx.stack.gateway_url(&format!("/api/v1/sales/{sale}"));
+    ctx.http.get(&url).send().await?.error_for_status()?;
+    let run = ctx.wrk(url, "report.lua", vec![]);
+    let (w, samples, statuses) = ctx.measured(run, Some("sale_detail")).await?;
+    let mut row = Row::new("browse");
+    row.wrk = Some(w);
+    row.samples = samples;
+    row.statuses = statuses;
+    row.ceiling = Some("ceiling: nginx return 200".into());
+    Ok(row)
+}
+
+/// Stops the workers, queues `drain_orders` admitted orders (as the
+/// gateway would after admitting them), starts the workers and times how
+/// long MySQL takes to hold them all.
+async fn drain(ctx: &mut Ctx) -> anyhow::Result<Row> {
+    let n = ctx.opts.drain_orders;
+    let sale = ctx.create_sale(n, Duration::ZERO).await?;
+    // Redis as after n admissions: stock taken (the audit checks it).
+    let _: () = redis::cmd("SET")
+        .arg(ctx.keys.sale(sale).stock())
+        .arg(0)
+        .query_async(&mut ctx.redis)
+        .await?;
+    ctx.stack.stop_matching("worker-");
+    let messages: Vec<seckill_contracts::OrderMessage> = (1..=u64::from(n))
+        .map(|u| {
+            seckill_contracts::OrderMessage::new(
+                format!("drain-{sale}-{u}"),
+                sale,
+                u,
+                Utc::now().timestamp_millis(),
+            )
+        })
+        .collect();
+    stack::publish_orders(&ctx.stack.config, &messages).await?;
+    let started = Instant::now();
+    ctx.stack.start_workers(ctx.opts.workers).await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut committed = 0i64;
+    while Instant::now() < deadline {
+        committed = sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE sale_id = ?")
+            .bind(sale)
+            .fetch_one(&ctx.db)
+            .await?;
+        if committed >= i64::from(n) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let mut row = Row::new("drain");
+    row.rate = committed as f64 / secs;
+    row.notes.push(format!(
+        "{committed} orders in {secs:.2} s with {} workers (batch_size {}, worker start-up included)",
+        ctx.opts.workers, ctx.stack.config.worker.batch_size
+    ));
+    ctx.audit(sale, &mut row).await?;
+    Ok(row)
+}

@@ -1,0 +1,307 @@
+//! Starts and stops the bench stack: the release `seckill-gateway`, two
+//! `seckill-api` and the `seckill-worker`s on `bench/bench.toml`, after
+//! resetting the bench's own database, key prefix and queues.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use seckill_contracts::config::{read_secret, Config};
+
+/// The running bench processes; stopped (SIGTERM, then kill) on drop.
+pub struct BenchStack {
+    pub config: Config,
+    pub config_path: PathBuf,
+    pub bin_dir: PathBuf,
+    pub admin_token: String,
+    pub log_dir: PathBuf,
+    procs: Vec<(String, Child)>,
+}
+
+impl BenchStack {
+    /// Resets the bench data and starts every process; waits until each
+    /// answers `/healthz`.
+    pub async fn start(
+        config_path: &Path,
+        bin_dir: &Path,
+        log_dir: &Path,
+        workers: usize,
+    ) -> anyhow::Result<BenchStack> {
+        let config = Config::load(Some(config_path)).context("loading the bench config")?;
+        std::fs::create_dir_all(log_dir)?;
+        let admin_token = read_secret(
+            "gateway.admin_token",
+            config.gateway.admin_token.as_deref(),
+            config.gateway.admin_token_path.as_deref(),
+        )?;
+        let mut stack = BenchStack {
+            config,
+            config_path: config_path.to_path_buf(),
+            bin_dir: bin_dir.to_path_buf(),
+            admin_token,
+            log_dir: log_dir.to_path_buf(),
+            procs: Vec::new(),
+        };
+        stack.reset().await?;
+        let pool = stack
+            .config
+            .gateway
+            .pools
+            .get("api")
+            .context("bench config needs pool `api`")?
+            .backends
+            .clone();
+        for (i, addr) in pool.iter().enumerate() {
+            stack.spawn(&format!("api-{i}"), "seckill-api", &["--listen", addr])?;
+        }
+        let worker_base = stack.config.worker.listen;
+        let mut worker_health = Vec::new();
+        for i in 0..workers {
+            let mut addr = worker_base;
+            addr.set_port(worker_base.port() + i as u16);
+            stack.spawn(
+                &format!("worker-{i}"),
+                "seckill-worker",
+                &["--listen", &addr.to_string()],
+            )?;
+            worker_health.push(format!("http://{addr}/healthz"));
+        }
+        stack.spawn("gateway", "seckill-gateway", &[])?;
+        let mut health: Vec<String> = pool.iter().map(|a| format!("http://{a}/healthz")).collect();
+        health.extend(worker_health);
+        health.push(format!("http://{}/healthz", stack.config.gateway.listen));
+        for url in health {
+            wait_ok(&url, Duration::from_secs(60))
+                .await
+                .with_context(|| {
+                    format!("{url} never became healthy (logs in {})", log_dir.display())
+                })?;
+        }
+        Ok(stack)
+    }
+
+    /// Drops and re-migrates the bench database, deletes the bench key
+    /// prefix and purges the bench queues, so runs never see each other.
+    async fn reset(&self) -> anyhow::Result<()> {
+        let db_url = &self.config.database.url;
+        let (server, name) = db_url
+            .rsplit_once('/')
+            .context("database.url needs a database name")?;
+        if !name.contains("bench") {
+            bail!(
+                "refusing to reset database `{name}`: the bench database name must contain `bench`"
+            );
+        }
+        if !self.config.redis.key_prefix.contains("bench") {
+            bail!("refusing to reset the key prefix: it must contain `bench`");
+        }
+        let admin = sqlx::MySqlPool::connect(&format!("{server}/")).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        self.ctl(&["migrate"])?;
+        let mut redis = seckill_workers::connections::redis(&self.config).await?;
+        let pattern = format!("{}:*", self.config.redis.key_prefix);
+        loop {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut redis)
+                .await?;
+            if keys.is_empty() {
+                break;
+            }
+            for chunk in keys.chunks(1000) {
+                let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut redis).await?;
+            }
+        }
+        purge_queues(&self.config).await?;
+        Ok(())
+    }
+
+    /// Runs `seckillctl` on the bench config; returns its stdout.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(self.bin_dir.join("seckillctl"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running seckillctl")?;
+        if !out.status.success() {
+            bail!(
+                "seckillctl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn spawn(&mut self, name: &str, bin: &str, args: &[&str]) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.log_dir.join(format!("{name}.log")))?;
+        let child = Command::new(self.bin_dir.join(bin))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        self.procs.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// Stops the processes whose name starts with `prefix` (SIGTERM).
+    pub fn stop_matching(&mut self, prefix: &str) {
+        let (stop, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.procs)
+            .into_iter()
+            .partition(|(n, _)| n.starts_with(prefix));
+        self.procs = keep;
+        terminate(stop);
+    }
+
+    /// Starts `n` workers again (after [`BenchStack::stop_matching`]).
+    pub async fn start_workers(&mut self, n: usize) -> anyhow::Result<()> {
+        let base = self.config.worker.listen;
+        for i in 0..n {
+            let mut addr = base;
+            addr.set_port(base.port() + i as u16);
+            self.spawn(
+                &format!("worker-{i}"),
+                "seckill-worker",
+                &["--listen", &addr.to_string()],
+            )?;
+            wait_ok(&format!("http://{addr}/healthz"), Duration::from_secs(60)).await?;
+        }
+        Ok(())
+    }
+
+    pub fn gateway_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.config.gateway.listen)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.config.gateway.admin_listen)
+    }
+}
+
+impl Drop for BenchStack {
+    fn drop(&mut self) {
+        terminate(std::mem::take(&mut self.procs));
+    }
+}
+
+fn terminate(procs: Vec<(String, Child)>) {
+    for (_, child) in &procs {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+    }
+    for (name, mut child) in procs {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    eprintln!("{name} did not stop in time; killing it");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Polls `url` until it answers 200.
+pub async fn wait_ok(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(r) = client
+            .get(url)
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+        {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{url} not healthy after {timeout:?}")
+}
+
+/// Empties the bench's queues (a missing queue is fine: nothing to purge).
+async fn purge_queues(config: &Config) -> anyhow::Result<()> {
+    let conn = lapin::Connection::connect(&config.amqp.url, Default::default()).await?;
+    let a = &config.amqp;
+    for q in [
+        &a.queue,
+        &a.dead_letter_queue,
+        &a.close_delay_queue,
+        &a.close_queue,
+    ] {
+        let ch = conn.create_channel().await?;
+        match ch.queue_purge(q.as_str().into(), Default::default()).await {
+            Ok(_) => {
+                let _ = ch.close(200, "".into()).await;
+            }
+            Err(e) if e.is_amqp_soft_error() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let _ = conn.close(200, "".into()).await;
+    Ok(())
+}
+
+/// Publishes order messages to the bench's order queue as the gateway
+/// does (persistent, confirmed), for the drain scenario.
+pub async fn publish_orders(
+    config: &Config,
+    messages: &[seckill_contracts::OrderMessage],
+) -> anyhow::Result<()> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let conn = lapin::Connection::connect(&config.amqp.url, Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    seckill_contracts::amqp_topology::declare(
+        &ch,
+        &config.amqp,
+        seckill_contracts::amqp_topology::close_delay_ms(&config.worker),
+    )
+    .await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let routing = seckill_contracts::amqp_topology::order_routing_key(&config.amqp);
+    for chunk in messages.chunks(1000) {
+        let mut confirms = Vec::with_capacity(chunk.len());
+        for m in chunk {
+            let body = serde_json::to_vec(m)?;
+            let props = lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(m.message_id.as_str().into())
+                .with_content_type("application/json".into());
+            confirms.push(
+                ch.basic_publish(
+                    config.amqp.exchange.as_str().into(),
+                    routing.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await?,
+            );
+        }
+        for c in confirms {
+            c.await?;
+        }
+    }
+    let _ = conn.close(200, "".into()).await;
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! `seckillctl audit --sale ID`: checks SPEC invariants 1, 2 and 4 for one
+//! sale against the three stores at once, so ops (and the benchmark suite)
+//! can prove a sale sold exactly its stock.
+//!
+//! What is read:
+//!
+//! * MySQL: `stock_total`, `stock_left`, orders by status, (user, sale)
+//!   pairs with more than one order;
+//! * Redis: the stock counter, in-flight reservations, buyer markers;
+//! * RabbitMQ: messages waiting in the order queue and in its DLQ.
+//!
+//! The checks:
+//!
+//! 1. unclosed (unpaid + paid) orders ≤ `stock_total` (no oversell), and
+//!    MySQL agrees with itself: `stock_left + unclosed = stock_total`;
+//! 2. no (user, sale) with two orders;
+//! 4. once quiet (no reservation in flight, nothing queued): Redis stock +
+//!    unclosed orders = `stock_total` (no undersell, no stuck units).
+//!
+//! Invariant 4 only holds when the system is quiet, so [`run`] polls until
+//! it is (or `wait` passes): a sale still draining is reported as
+//! `quiet: false` and that itself is a violation after the wait, because a
+//! reservation older than the wait is a stuck one. A non-empty DLQ is a
+//! violation too (an admitted request parked instead of settled, SPEC
+//! invariant 3); it is shared by all sales, so the report says so.
+
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use redis::aio::ConnectionLike;
+use seckill_contracts::config::Config;
+use seckill_contracts::keys::KeySchema;
+use serde::Serialize;
+use sqlx::MySqlPool;
+
+/// Why an audit could not be carried out (as opposed to a violation).
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("no sale with id {0}")]
+    UnknownSale(u64),
+    #[error("MySQL: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("RabbitMQ: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// Everything the audit saw, and what is wrong with it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AuditReport {
+    pub sale_id: u64,
+    pub ok: bool,
+    pub quiet: bool,
+    pub stock_total: i64,
+    pub mysql_stock_left: i64,
+    pub orders_unpaid: i64,
+    pub orders_paid: i64,
+    pub orders_closed: i64,
+    pub duplicate_pairs: i64,
+    pub redis_stock: Option<i64>,
+    pub redis_reservations: i64,
+    pub redis_buyers: i64,
+    pub queue_depth: u32,
+    pub dlq_depth: u32,
+    pub violations: Vec<String>,
+}
+
+/// Audits sale `sale_id`, waiting up to `wait` for it to be quiet.
+pub async fn run<C: ConnectionLike>(
+    config: &Config,
+    db: &MySqlPool,
+    redis: &mut C,
+    sale_id: u64,
+    wait: Duration,
+) -> Result<AuditReport, AuditError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let broker = Connection::connect(&config.amqp.url, ConnectionProperties::default()).await?;
+    let result = loop {
+        let report = snapshot(config, db, redis, &broker, sale_id).await?;
+        if report.quiet || tokio::time::Instant::now() >= deadline {
+            break report;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let _ = broker.close(200, "audit done".into()).await;
+    Ok(result)
+}
+
+async fn snapshot<C: ConnectionLike>(
+    config: &Config,
+    db: &MySqlPool,
+    redis: &mut C,
+    broker: &Connection,
+    sale_id: u64,
+) -> Result<AuditReport, AuditError> {
+    let keys = KeySchema::new(config.redis.key_prefix.clone());
+    let k = keys.sale(sale_id);
+    let (stock_total, stock_left): (i64, i64) = sqlx::query_as(
+        "SELECT CAST(stock_total AS SIGNED), CAST(stock_left AS SIGNED) FROM sales WHERE id = ?",
+    )
+    .bind(sale_id)
+    .fetch_optional(db)
+    .await?
+    .ok_or(AuditError::UnknownSale(sale_id))?;
+    let (unpaid, paid, closed): (i64, i64, i64) = sqlx::query_as(
+        "SELECT CAST(COALESCE(SUM(status = 'unpaid'), 0) AS SIGNED), \
+                CAST(COALESCE(SUM(status = 'paid'), 0) AS SIGNED), \
+                CAST(COALESCE(SUM(status = 'closed'), 0) AS SIGNED) \
+         FROM orders WHERE sale_id = ?",
+    )
+    .bind(sale_id)
+    .fetch_one(db)
+    .await?;
+    let duplicate_pairs: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT user_id FROM orders WHERE sale_id = ? \
+         GROUP BY user_id HAVING COUNT(*) > 1) d",
+    )
+    .bind(sale_id)
+    .fetch_one(db)
+    .await?;
+
+    let (redis_stock, reservations, buyers): (Option<i64>, i64, i64) = redis::pipe()
+        .cmd("GET")
+        .arg(k.stock())
+        .cmd("HLEN")
+        .arg(k.reservations())
+        .cmd("SCARD")
+        .arg(k.buyers())
+        .query_async(redis)
+        .await?;
+
+    let queue_depth = depth(broker, &config.amqp.queue).await?;
+    let dlq_depth = depth(broker, &config.amqp.dead_letter_queue).await?;
+
+    let unclosed = unpaid + paid;
+    let quiet = reservations == 0 && queue_depth == 0;
+    let mut violations = Vec::new();
+    if unclosed > stock_total {
+        violations.push(format!(
+            "invariant 1: {unclosed} unclosed orders exceed the stock of {stock_total}"
+        ));
+    }
+    if stock_left + unclosed != stock_total {
+        violations.push(format!(
+            "invariant 1: MySQL stock_left {stock_left} + unclosed {unclosed} != stock_total {stock_total}"
+        ));
+    }
+    if duplicate_pairs > 0 {
+        violations.push(format!(
+            "invariant 2: {duplicate_pairs} buyers hold more than one order"
+        ));
+    }
+    if !quiet {
+        violations.push(format!(
+            "invariant 4: not quiet ({reservations} reservations in flight, {queue_depth} messages queued)"
+        ));
+    } else {
+        match redis_stock {
+            None => violations.push(
+                "invariant 4: the Redis stock counter is missing (run the reconciler)".to_string(),
+            ),
+            Some(s) if s + unclosed != stock_total => violations.push(format!(
+                "invariant 4: Redis stock {s} + unclosed orders {unclosed} != stock_total {stock_total}"
+            )),
+            Some(_) => {}
+        }
+    }
+    if dlq_depth > 0 {
+        violations.push(format!(
+            "invariant 3: {dlq_depth} messages parked in the dead-letter queue (shared by all sales)"
+        ));
+    }
+    Ok(AuditReport {
+        sale_id,
+        ok: violations.is_empty(),
+        quiet,
+        stock_total,
+        mysql_stock_left: stock_left,
+        orders_unpaid: unpaid,
+        orders_paid: paid,
+        orders_closed: closed,
+        duplicate_pairs,
+        redis_stock,
+        redis_reservations: reservations,
+        redis_buyers: buyers,
+        queue_depth,
+        dlq_depth,
+        violations,
+    })
+}
+
+/// Messages ready in `queue`; a queue never declared holds none.
+async fn depth(broker: &Connection, queue: &str) -> Result<u32, AuditError> {
+    // A passive declare of a missing queue closes its channel: use a fresh one.
+    let ch = broker.create_channel().await?;
+    let n = match ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(q) => q.message_count(),
+        // NOT_FOUND is a channel-level (soft) error.
+        Err(e) if e.is_amqp_soft_error() => 0,
+        Err(e) => return Err(e.into()),
+    };
+    let _ = ch.close(200, "".into()).await;
+    Ok(n)
+}
