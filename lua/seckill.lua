@@ -4,7 +4,8 @@
 -- dearest, each step turns most of the crowd away before the next:
 --
 --   1. the sale, from this gateway's local copy: unknown 404, not started or
---      ended 409, local sold-out mark 410 (no Redis at all once sold out)
+--      ended 409, local sold-out mark 410 (no Redis at all once sold out,
+--      and for a short while not even these rules: seckill.shortcut)
 --   2. this gateway's token bucket for the sale: 429 when Redis would be
 --      flooded beyond what the sale needs
 --   3. ONE Redis script (lua/redis/admit.lua): fails closed when the sale's
@@ -24,12 +25,30 @@ M.user_window_ms = 1000
 -- Redis from a flood; the local sold-out mark does the real shedding.
 M.bucket_rate = 200000
 M.bucket_burst = 50000
+-- Once sold out (or ended), the answer is stored in the gateway for this
+-- long and replayed without running the rules (seckill.shortcut): the
+-- crowd that keeps clicking costs almost nothing. Bounded so a unit that
+-- comes back (a rollback, a cancel) is on sale again within it.
+M.sold_out_shortcut_ms = 500
+M.ended_shortcut_ms = 5000
 -- How long a rolled-back request id is remembered, so its message, should
 -- the broker have kept it after all, is refused by the worker.
 M.released_ttl_secs = 86400
 
 local function retry_after_secs(ms)
   return tostring(math.max(1, math.ceil(ms / 1000)))
+end
+
+local function sold_out(req, sale_id)
+  local answer = seckill.reject(410, "sold out")
+  seckill.shortcut(req.route, "sale_id", req.params.sale_id, answer, M.sold_out_shortcut_ms)
+  return answer
+end
+
+local function ended(req)
+  local answer = seckill.reject(409, "the sale has ended")
+  seckill.shortcut(req.route, "sale_id", req.params.sale_id, answer, M.ended_shortcut_ms)
+  return answer
 end
 
 local function admitted(req, sale_id, keys, reply)
@@ -56,6 +75,7 @@ local function admitted(req, sale_id, keys, reply)
     return seckill.respond(202, { status = "queued", request_id = rid })
   end
   if rolled and back == 1 and stock_left == 0 then
+    seckill.shortcut_clear(req.route, "sale_id", req.params.sale_id)
     pcall(seckill.sale_event, sale_id, "reopened")
   end
   seckill.counter("seckill_enqueue_failed")
@@ -88,11 +108,10 @@ function M.access(req)
         { ["retry-after"] = retry_after_secs(sale.starts_at_ms - now) })
     end
     if now >= sale.ends_at_ms then
-      return seckill.reject(409, "the sale has ended")
+      return ended(req)
     end
     if sale.sold_out then
-      seckill.counter("seckill_sold_out_local")
-      return seckill.reject(410, "sold out")
+      return sold_out(req, sale_id)
     end
   end
   -- A sale that is not ready goes on to the script, which refuses it.
@@ -116,7 +135,7 @@ function M.access(req)
     return admitted(req, sale_id, keys, reply)
   elseif outcome == "sold_out" then
     pcall(seckill.sale_event, sale_id, "sold_out")
-    return seckill.reject(410, "sold out")
+    return sold_out(req, sale_id)
   elseif outcome == "duplicate" then
     return seckill.reject(409, "you already bought or are queued for this sale")
   elseif outcome == "limited" then
@@ -127,7 +146,7 @@ function M.access(req)
   elseif outcome == "not_started" then
     return seckill.reject(409, "the sale has not started yet")
   elseif outcome == "ended" then
-    return seckill.reject(409, "the sale has ended")
+    return ended(req)
   elseif outcome == "not_ready" then
     seckill.counter("seckill_not_ready")
     return seckill.reject(503, "the sale is not ready, please retry shortly",

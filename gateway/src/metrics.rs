@@ -89,6 +89,15 @@ pub static RULE_COUNTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static RULE_SHORTCUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "gateway_rule_shortcuts_total",
+        "Requests answered from a rule's stored answer without running Lua, by route",
+        &["route"]
+    )
+    .expect("metric registers once")
+});
+
 /// Prometheus text exposition of every registered metric.
 pub fn render() -> Vec<u8> {
     use prometheus::Encoder;

@@ -57,9 +57,14 @@ impl LocalResponse {
 
     /// Writes the whole response to the downstream session.
     pub async fn write(self, session: &mut Session, request_id: &str) -> pingora::Result<()> {
+        self.write_ref(session, request_id).await
+    }
+
+    /// [`LocalResponse::write`] for a shared answer (a rule shortcut).
+    pub async fn write_ref(&self, session: &mut Session, request_id: &str) -> pingora::Result<()> {
         let mut header = ResponseHeader::build(self.status, Some(self.headers.len() + 3))?;
-        for (name, value) in self.headers {
-            header.append_header(name, value)?;
+        for (name, value) in &self.headers {
+            header.append_header(name.clone(), value.as_str())?;
         }
         header.insert_header("content-length", self.body.len().to_string())?;
         header.insert_header("x-request-id", request_id)?;
@@ -70,7 +75,9 @@ impl LocalResponse {
         session
             .write_response_header(Box::new(header), false)
             .await?;
-        session.write_response_body(Some(self.body), true).await?;
+        session
+            .write_response_body(Some(self.body.clone()), true)
+            .await?;
         Ok(())
     }
 }

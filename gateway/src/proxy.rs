@@ -274,6 +274,15 @@ impl ProxyHttp for EdgeProxy {
             }
         }
 
+        let rules = self.rules.current();
+        if let Some(answer) = rules.shortcut(&route.name, &matched.params) {
+            metrics::RULE_SHORTCUTS
+                .with_label_values(&[route.name.as_str()])
+                .inc();
+            answer.write_ref(session, &ctx.request_id).await?;
+            return Ok(true);
+        }
+
         let mut body = None;
         if ctx.pool.is_none() && !session.is_body_empty() {
             let bytes = match self.read_body(session).await? {
@@ -323,7 +332,6 @@ impl ProxyHttp for EdgeProxy {
             body,
             claims: ctx.claims.clone(),
         };
-        let rules = self.rules.current();
         let decision = rules.access(&info).await;
         ctx.rules = Some(rules);
         ctx.info = Some(info);

@@ -23,6 +23,9 @@ use crate::sale_directory::SaleLookup;
 use crate::services::HostServices;
 use crate::shared_dict::DictValue;
 
+use super::shortcuts::Shortcuts;
+use super::Decision;
+
 /// Marks a table returned by `seckill.respond` / `seckill.reject`.
 pub const RESPONSE_MARK: &str = "__seckill_response";
 
@@ -31,8 +34,37 @@ pub fn install(
     lua: &Lua,
     services: Arc<HostServices>,
     scripts: Arc<ScriptSet>,
+    shortcuts: Arc<Shortcuts>,
 ) -> mlua::Result<()> {
     let api = lua.create_table()?;
+
+    let table = shortcuts.clone();
+    api.set(
+        "shortcut",
+        lua.create_function(
+            move |_, (route, param, value, response, ttl_ms): (String, String, String, Value, u64)| {
+                let resp = match super::decision(response) {
+                    Ok(Decision::Respond(r)) => r,
+                    Ok(Decision::Continue) => {
+                        return Err(mlua::Error::runtime(
+                            "shortcut: the answer must be seckill.respond(...) or seckill.reject(...)",
+                        ))
+                    }
+                    Err(e) => return Err(mlua::Error::runtime(format!("shortcut: {e}"))),
+                };
+                table.set(&route, &param, &value, resp, Duration::from_millis(ttl_ms));
+                Ok(())
+            },
+        )?,
+    )?;
+    let table = shortcuts;
+    api.set(
+        "shortcut_clear",
+        lua.create_function(move |_, (route, param, value): (String, String, String)| {
+            table.clear(&route, &param, &value);
+            Ok(())
+        })?,
+    )?;
 
     api.set(
         "respond",

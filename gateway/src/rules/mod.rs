@@ -16,6 +16,7 @@
 
 mod host;
 mod sandbox;
+pub mod shortcuts;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -99,6 +100,7 @@ pub struct RuleSet {
     pub loaded_at: DateTime<Utc>,
     limits: Limits,
     vms: Vec<RuleVm>,
+    shortcuts: Arc<shortcuts::Shortcuts>,
 }
 
 thread_local! {
@@ -163,11 +165,12 @@ fn build_vm(
     modules: Arc<BTreeMap<String, String>>,
     scripts: Arc<ScriptSet>,
     services: Arc<HostServices>,
+    shortcuts: Arc<shortcuts::Shortcuts>,
     limits: Limits,
 ) -> Result<(RuleVm, Table), RuleError> {
     let entry = sources.modules.get(ENTRY).ok_or(RuleError::NoEntry)?;
     let (lua, budget) = sandbox::new_vm(modules, limits)?;
-    host::install(&lua, services, scripts)?;
+    host::install(&lua, services, scripts, shortcuts)?;
     let chunk = lua
         .load(entry.as_str())
         .set_name(format!("@{ENTRY}.lua"))
@@ -228,12 +231,14 @@ fn compile(
     let sources = read_sources(dir)?;
     let modules = Arc::new(sources.modules.clone());
     let scripts = Arc::new(ScriptSet::new(&sources.scripts));
+    let shortcuts = Arc::new(shortcuts::Shortcuts::default());
     // Validation VM: compile, check phases, run selftest once.
     let (probe, phases) = build_vm(
         &sources,
         modules.clone(),
         scripts.clone(),
         services.clone(),
+        shortcuts.clone(),
         limits,
     )?;
     if let Value::Function(selftest) = phases.get::<Value>("selftest")? {
@@ -250,6 +255,7 @@ fn compile(
             modules.clone(),
             scripts.clone(),
             services.clone(),
+            shortcuts.clone(),
             limits,
         )?;
         built.push(vm);
@@ -260,6 +266,7 @@ fn compile(
         loaded_at: Utc::now(),
         limits,
         vms: built,
+        shortcuts,
     })
 }
 
@@ -267,6 +274,12 @@ impl RuleSet {
     fn vm(&self) -> &RuleVm {
         let slot = VM_SLOT.with(|s| *s);
         &self.vms[slot % self.vms.len()]
+    }
+
+    /// An answer a rule of this version stored for this request with
+    /// `seckill.shortcut` (see [`shortcuts`]), to write without running Lua.
+    pub fn shortcut(&self, route: &str, params: &[(String, String)]) -> Option<Arc<LocalResponse>> {
+        self.shortcuts.find(route, params)
     }
 
     /// Runs the access phase. An error is the rule's fault: the caller
@@ -388,7 +401,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn decision(v: Value) -> Result<Decision, RuleError> {
+pub(crate) fn decision(v: Value) -> Result<Decision, RuleError> {
     let t = match v {
         Value::Nil => return Ok(Decision::Continue),
         Value::Table(t) if t.get::<bool>(host::RESPONSE_MARK).unwrap_or(false) => t,
