@@ -366,6 +366,9 @@ pub struct ApiConfig {
     pub captcha_ttl_secs: u64,
     pub path_ttl_secs: u64,
     pub idempotency_key_ttl_secs: u64,
+    /// Verified tokens kept so a buyer polling results costs no RSA
+    /// (0 verifies every request).
+    pub jwt_cache_entries: u64,
 }
 
 impl Default for ApiConfig {
@@ -378,6 +381,7 @@ impl Default for ApiConfig {
             captcha_ttl_secs: 300,
             path_ttl_secs: 60,
             idempotency_key_ttl_secs: 600,
+            jwt_cache_entries: 10_000,
         }
     }
 }

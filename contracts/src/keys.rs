@@ -14,6 +14,7 @@
 //!                                       ":c" once a worker claimed it)
 //! <prefix>:{sale:42}:released    set    request ids rolled back or timed out, so a
 //!                                       late message for one is refused
+//! <prefix>:{sale:42}:returned    set    order ids whose unit came back after a close
 //! <prefix>:{sale:42}:result:<u>  string user's result for polling
 //! <prefix>:{sale:42}:path:<u>    string user's hidden path
 //! <prefix>:{sale:42}:limit:<u>   zset   sliding-window limiter
@@ -92,6 +93,11 @@ impl SaleKeys {
     pub fn released(&self) -> String {
         format!("{}:released", self.base)
     }
+    /// Order ids whose unit went back to the stock counter after the order
+    /// closed, so a retried return never adds a unit twice.
+    pub fn returned(&self) -> String {
+        format!("{}:returned", self.base)
+    }
     pub fn cache(&self) -> String {
         format!("{}:cache", self.base)
     }
@@ -141,6 +147,7 @@ mod tests {
             s.buyers(),
             s.reservations(),
             s.released(),
+            s.returned(),
             s.cache(),
             s.result(7),
             s.path(7),

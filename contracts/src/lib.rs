@@ -14,6 +14,8 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "db")]
 pub mod db;
+#[cfg(feature = "jwt")]
+pub mod jwt;
 pub mod keys;
 pub mod message;
 #[cfg(feature = "redis")]

@@ -8,7 +8,6 @@
 
 pub mod admin;
 pub mod drain;
-pub mod jwt;
 pub mod limiter;
 pub mod metrics;
 pub mod pools;
@@ -23,4 +22,6 @@ pub mod server;
 pub mod services;
 pub mod shared_dict;
 
+/// RS256 verification lives in the shared crate (the api verifies too).
+pub use seckill_contracts::jwt;
 pub use server::{Gateway, GatewayError};

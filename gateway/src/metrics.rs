@@ -98,6 +98,20 @@ pub static RULE_SHORTCUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// How long an admitted request waits for the broker: publish to publisher
+/// confirm (or to the failure), by outcome. During a sell-out this wait is
+/// most of an admitted buyer's latency, so it is what to watch when the
+/// seckill route's tail grows.
+pub static PUBLISH_CONFIRM: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "gateway_publish_confirm_seconds",
+        "Order message publish until the publisher confirm or the failure, by outcome",
+        &["outcome"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+    )
+    .expect("metric registers once")
+});
+
 /// Prometheus text exposition of every registered metric.
 pub fn render() -> Vec<u8> {
     use prometheus::Encoder;

@@ -112,6 +112,21 @@ pub enum PublishError {
     Invalid(String),
 }
 
+impl PublishError {
+    /// A short fixed name for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PublishError::Returned => "returned",
+            PublishError::Nacked => "nacked",
+            PublishError::Timeout => "timeout",
+            PublishError::Blocked => "blocked",
+            PublishError::Connection(_) => "connection",
+            PublishError::Topology(_) => "topology",
+            PublishError::Invalid(_) => "invalid",
+        }
+    }
+}
+
 /// Publishes order messages with publisher confirms over a self-healing
 /// connection. `Send + Sync`: build one per gateway process and share it via
 /// `Arc` between all proxy threads.

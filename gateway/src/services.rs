@@ -8,7 +8,7 @@
 //! start must still come up and proxy everything else.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use seckill_contracts::config::Config;
 use seckill_contracts::keys::KeySchema;
@@ -17,7 +17,8 @@ use seckill_contracts::redis_client::RedisConn;
 use tokio::sync::OnceCell;
 
 use crate::limiter::TokenBuckets;
-use crate::publisher::OrderPublisher;
+use crate::metrics;
+use crate::publisher::{OrderPublisher, PublishError};
 use crate::sale_directory::SaleDirectory;
 use crate::shared_dict::SharedDict;
 
@@ -91,6 +92,14 @@ impl HostServices {
                 .map_err(|e| format!("broker connect: {e}"))
             })
             .await?;
-        publisher.publish(msg).await.map_err(|e| e.to_string())
+        let started = Instant::now();
+        let result = publisher.publish(msg).await;
+        let outcome = result
+            .as_ref()
+            .map_or_else(PublishError::kind, |()| "confirmed");
+        metrics::PUBLISH_CONFIRM
+            .with_label_values(&[outcome])
+            .observe(started.elapsed().as_secs_f64());
+        result.map_err(|e| e.to_string())
     }
 }

@@ -460,7 +460,29 @@ async fn broker_down_answers_503_and_restores_stock_and_reservations_exactly() {
     // their marker is gone, so the retry is not a "duplicate".
     let (s, _, b) = stack.seckill(11, &paths[&11], sale_id).await;
     assert_eq!(s, 503, "still down: {b}");
+
+    // Ops see every publish's wait and outcome: 10 confirmed, 31 failed.
+    let counts = publish_counts(&stack.gateway.metrics().await);
+    assert_eq!(counts.get("confirmed"), Some(&10), "{counts:?}");
+    let failed: u64 = counts
+        .iter()
+        .filter(|(outcome, _)| *outcome != "confirmed")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(failed, 31, "{counts:?}");
     stack.cleanup().await;
+}
+
+/// `gateway_publish_confirm_seconds_count` by outcome, from `/metrics`.
+fn publish_counts(metrics: &str) -> HashMap<String, u64> {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("gateway_publish_confirm_seconds_count{outcome=\""))
+        .filter_map(|rest| {
+            let (outcome, value) = rest.split_once("\"} ")?;
+            Some((outcome.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

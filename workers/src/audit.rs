@@ -132,11 +132,11 @@ async fn snapshot<C: ConnectionLike>(
         .query_async(redis)
         .await?;
 
-    let queue_depth = depth(broker, &config.amqp.queue).await?;
-    let dlq_depth = depth(broker, &config.amqp.dead_letter_queue).await?;
+    let queued = queue_depth(broker, &config.amqp.queue).await?;
+    let parked = queue_depth(broker, &config.amqp.dead_letter_queue).await?;
 
     let unclosed = unpaid + paid;
-    let quiet = reservations == 0 && queue_depth == 0;
+    let quiet = reservations == 0 && queued == 0;
     let mut violations = Vec::new();
     if unclosed > stock_total {
         violations.push(format!(
@@ -155,7 +155,7 @@ async fn snapshot<C: ConnectionLike>(
     }
     if !quiet {
         violations.push(format!(
-            "invariant 4: not quiet ({reservations} reservations in flight, {queue_depth} messages queued)"
+            "invariant 4: not quiet ({reservations} reservations in flight, {queued} messages queued)"
         ));
     } else {
         match redis_stock {
@@ -168,9 +168,9 @@ async fn snapshot<C: ConnectionLike>(
             Some(_) => {}
         }
     }
-    if dlq_depth > 0 {
+    if parked > 0 {
         violations.push(format!(
-            "invariant 3: {dlq_depth} messages parked in the dead-letter queue (shared by all sales)"
+            "invariant 3: {parked} messages parked in the dead-letter queue (shared by all sales)"
         ));
     }
     Ok(AuditReport {
@@ -186,14 +186,14 @@ async fn snapshot<C: ConnectionLike>(
         redis_stock,
         redis_reservations: reservations,
         redis_buyers: buyers,
-        queue_depth,
-        dlq_depth,
+        queue_depth: queued,
+        dlq_depth: parked,
         violations,
     })
 }
 
 /// Messages ready in `queue`; a queue never declared holds none.
-async fn depth(broker: &Connection, queue: &str) -> Result<u32, AuditError> {
+pub async fn queue_depth(broker: &Connection, queue: &str) -> Result<u32, lapin::Error> {
     // A passive declare of a missing queue closes its channel: use a fresh one.
     let ch = broker.create_channel().await?;
     let n = match ch
@@ -210,7 +210,7 @@ async fn depth(broker: &Connection, queue: &str) -> Result<u32, AuditError> {
         Ok(q) => q.message_count(),
         // NOT_FOUND is a channel-level (soft) error.
         Err(e) if e.is_amqp_soft_error() => 0,
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     let _ = ch.close(200, "".into()).await;
     Ok(n)

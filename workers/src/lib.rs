@@ -5,7 +5,11 @@
 pub mod api;
 pub mod audit;
 pub mod connections;
+pub mod demo;
+pub mod lock;
+pub mod orders;
 pub mod probes;
+pub mod reconcile;
 pub mod sales;
 pub mod shutdown;
 pub mod signing_keys;

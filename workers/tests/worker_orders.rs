@@ -68,25 +68,31 @@ async fn two_workers_sell_exactly_the_stock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn duplicates_give_one_order_per_buyer() {
+async fn two_workers_10000_messages_with_duplicates_give_one_order_per_buyer() {
+    const BUYERS: u64 = 4_000;
+    const SECOND_TRIES: u64 = 2_000;
     let env = TestEnv::new().await;
     let db = env.db().await;
-    let sale = create_sale(&env, &db, 500).await;
+    let sale = create_sale(&env, &db, 5_000).await;
     let mut messages = Vec::new();
-    for u in 1..=200u64 {
-        // The same request published twice...
+    // 10,000 messages: 4,000 buyers, each request published twice, and
+    // half of the buyers send a second request too.
+    for u in 1..=BUYERS {
         messages.push(message(format!("req-{u}"), sale.id, u));
         messages.push(message(format!("req-{u}"), sale.id, u));
-        // ...and a second request of the same buyer.
-        messages.push(message(format!("again-{u}"), sale.id, u));
+        if u <= SECOND_TRIES {
+            messages.push(message(format!("again-{u}"), sale.id, u));
+        }
     }
+    assert_eq!(messages.len(), 10_000);
     publish(&env.config, &messages).await;
     let mut config = env.config.clone();
     config.worker.batch_size = 17; // batches straddle the duplicates
     let a = InProcessWorker::start(&config).await;
     let b = InProcessWorker::start(&config).await;
-    let done = wait_for(Duration::from_secs(60), || async {
-        settled(&db).await >= 400 && queue_depth(&env.config, &env.config.amqp.queue).await == 0
+    let done = wait_for(Duration::from_secs(120), || async {
+        settled(&db).await >= (BUYERS + SECOND_TRIES) as i64
+            && queue_depth(&env.config, &env.config.amqp.queue).await == 0
     })
     .await;
     // Give the last acks a moment, then stop.
@@ -94,10 +100,13 @@ async fn duplicates_give_one_order_per_buyer() {
     a.stop().await;
     b.stop().await;
     assert!(done, "settled {}", settled(&db).await);
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM orders").await, 200);
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM orders").await,
+        BUYERS as i64
+    );
     assert_eq!(
         count(&db, "SELECT COUNT(DISTINCT user_id) FROM orders").await,
-        200
+        BUYERS as i64
     );
     assert_eq!(
         count(
@@ -105,9 +114,9 @@ async fn duplicates_give_one_order_per_buyer() {
             "SELECT COUNT(*) FROM failed_admissions WHERE reason = 'duplicate'"
         )
         .await,
-        200
+        SECOND_TRIES as i64
     );
-    assert_eq!(stock_left(&db, sale.id).await, 300);
+    assert_eq!(stock_left(&db, sale.id).await, 5_000 - BUYERS as i64);
 
     // Every buyer's poll shows their one order.
     let mut redis = env.redis().await;

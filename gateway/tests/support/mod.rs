@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod recovery;
 pub mod stack;
 
 use std::net::SocketAddr;

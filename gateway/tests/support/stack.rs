@@ -65,6 +65,8 @@ pub struct Stack {
     pub apis: Vec<(SocketAddr, Process)>,
     pub worker: Option<Process>,
     pub http: reqwest::Client,
+    /// The TOML every process of the stack was started with (for CLI runs).
+    pub config_path: PathBuf,
     tokens: Mutex<std::collections::HashMap<u64, String>>,
     _dir: tempfile::TempDir,
 }
@@ -136,6 +138,7 @@ impl Stack {
             apis,
             worker,
             http,
+            config_path: shared.clone(),
             tokens: Mutex::default(),
             _dir: dir,
         }

@@ -13,6 +13,7 @@
 //! | [`hidden_path`] | `POST /api/v1/sales/{id}/path` |
 //! | [`results`] | `GET /api/v1/sales/{id}/result` |
 //! | [`idempotency`] | `GET /api/v1/idempotency-key` |
+//! | [`orders`] | `GET /api/v1/orders`, `GET /api/v1/orders/{id}`, `POST /api/v1/orders/{id}/pay`, `POST /api/v1/orders/{id}/cancel` |
 //! | [`admin`] | `POST /admin/sales` (admin bearer token) |
 //!
 //! plus `/healthz` and `/metrics` from [`crate::probes`]. [`identity`]
@@ -26,6 +27,7 @@ pub mod hidden_path;
 pub mod idempotency;
 pub mod identity;
 pub mod metrics;
+pub mod orders;
 pub mod problem;
 pub mod results;
 pub mod sales_cache;
@@ -44,8 +46,8 @@ use tokio::net::TcpListener;
 use crate::connections::{self, ConnectError};
 use crate::probes;
 use crate::tokens::TokenSigner;
-use identity::TokenVerifier;
 use sales_cache::SingleFlight;
+use seckill_contracts::jwt::JwtVerifier;
 
 /// Largest request body accepted; every body of this api is a small JSON
 /// object, so anything bigger is refused with a problem+json 413.
@@ -66,7 +68,7 @@ struct Inner {
     keys: KeySchema,
     config: ApiConfig,
     signer: Option<TokenSigner>,
-    verifier: Option<TokenVerifier>,
+    verifier: Option<JwtVerifier>,
     admin_digest: Option<[u8; 32]>,
     dummy_hash: String,
     flights: SingleFlight,
@@ -99,7 +101,7 @@ impl ApiState {
                 |e| tracing::error!(error = %e, "login disabled: cannot load the signing key"),
             )
             .ok();
-        let verifier = TokenVerifier::from_config(&config.jwt)
+        let verifier = identity::verifier(config)
             .inspect_err(|e| {
                 tracing::error!(error = %e, "authenticated routes disabled: cannot load public keys")
             })
@@ -163,7 +165,7 @@ impl ApiState {
     }
 
     /// The token verifier, when the public keys loaded.
-    pub fn verifier(&self) -> Option<&TokenVerifier> {
+    pub fn verifier(&self) -> Option<&JwtVerifier> {
         self.inner.verifier.as_ref()
     }
 
@@ -195,6 +197,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(hidden_path::router())
         .merge(results::router())
         .merge(idempotency::router())
+        .merge(orders::router())
         .merge(admin::router())
         .merge(probes::router())
         .fallback(problem::route_not_found)

@@ -14,7 +14,7 @@ use seckill_contracts::telemetry;
 use seckill_workers::sales::{self, NewSale};
 use seckill_workers::tokens::TokenSigner;
 use seckill_workers::worker::dlq;
-use seckill_workers::{audit, connections, signing_keys};
+use seckill_workers::{audit, connections, demo, reconcile, signing_keys};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -49,6 +49,16 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         count: u64,
     },
+    /// Rebuild a sale's Redis state from MySQL (after Redis lost it, or on
+    /// suspected drift): pauses admission, waits for the order queue to
+    /// drain, rebuilds stock and buyer markers, reopens. Prints JSON.
+    Reconcile {
+        #[arg(long)]
+        sale: u64,
+        /// Give up (the sale stays paused; run again) after this long.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        max_wait: Duration,
+    },
     /// Check SPEC invariants 1, 2 and 4 of a sale across MySQL, Redis and
     /// RabbitMQ; prints JSON and exits 1 on any violation.
     Audit {
@@ -57,6 +67,38 @@ enum Command {
         /// How long to wait for in-flight admissions to settle first.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
         wait: Duration,
+    },
+    /// The main job end to end: simulated buyers go through the gateway
+    /// (captcha, hidden path, seckill, result polling) with a progress bar,
+    /// then the summary and the audit. Exits 1 when the audit fails or an
+    /// admitted buyer never got a result.
+    Demo {
+        /// Sale to buy from; default: a fresh sale of --stock units.
+        #[arg(long)]
+        sale: Option<u64>,
+        /// Units of the fresh sale.
+        #[arg(long, default_value_t = 100, conflicts_with = "sale")]
+        stock: u32,
+        #[arg(long, default_value_t = 1_000)]
+        buyers: u64,
+        /// First simulated buyer's user id (far above real accounts).
+        #[arg(long, default_value_t = 900_000_001)]
+        first_user: u64,
+        /// Gateway base URL; default: http://<gateway.listen>.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
+        /// Give up waiting for results after this long.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        timeout: Duration,
+        /// No progress bars.
+        #[arg(long)]
+        no_progress: bool,
+        /// Print the report as JSON instead of the summary.
+        #[arg(long)]
+        json: bool,
     },
     /// Create and inspect sales.
     Sale {
@@ -176,11 +218,56 @@ async fn main() -> anyhow::Result<()> {
             }
             out.flush()?;
         }
+        Command::Reconcile { sale, max_wait } => {
+            let db = connections::mysql(&config.database).await?;
+            let mut redis = connections::redis(&config).await?;
+            let opts = reconcile::ReconcileOptions {
+                max_wait,
+                ..reconcile::ReconcileOptions::default()
+            };
+            let report = reconcile::reconcile(&config, &db, &mut redis, sale, opts).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
         Command::Audit { sale, wait } => {
             let db = connections::mysql(&config.database).await?;
             let mut redis = connections::redis(&config).await?;
             let report = audit::run(&config, &db, &mut redis, sale, wait).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.ok {
+                std::process::exit(1);
+            }
+        }
+        Command::Demo {
+            sale,
+            stock,
+            buyers,
+            first_user,
+            gateway,
+            concurrency,
+            timeout,
+            no_progress,
+            json,
+        } => {
+            let db = connections::mysql(&config.database).await?;
+            let mut redis = connections::redis(&config).await?;
+            let defaults = demo::DemoOptions::new(&config);
+            let opts = demo::DemoOptions {
+                sale,
+                stock,
+                buyers,
+                first_user,
+                gateway: gateway.unwrap_or(defaults.gateway.clone()),
+                concurrency,
+                timeout,
+                progress: !no_progress,
+                ..defaults
+            };
+            let report = demo::run(&config, &db, &mut redis, &opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", demo::summary(&report));
+            }
             if !report.ok {
                 std::process::exit(1);
             }

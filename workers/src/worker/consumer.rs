@@ -1,9 +1,8 @@
 //! The RabbitMQ side of the order worker: consume, batch, settle.
 //!
-//! A session connects, declares the shared topology
-//! ([`amqp_topology::declare`], close delay from
-//! [`amqp_topology::close_delay_ms`]), sets `basic.qos(prefetch)` and
-//! consumes with manual acknowledgements. Deliveries are collected into
+//! A session connects and opens a manual-ack consumer with
+//! `basic.qos(prefetch)` on the order queue (`broker_session`, which also
+//! declares the shared topology and reconnects). Deliveries are collected into
 //! batches of up to `worker.batch_size` messages, or whatever arrived within
 //! `worker.batch_max_wait_ms` of the batch's first message, and each batch
 //! is handled to the end before the next is collected:
@@ -32,7 +31,7 @@
 //!   (`<prefix>:worker:attempts:<message_id>`); below `amqp.delivery_limit`
 //!   it is requeued after a backoff (without blocking the consumer), at the
 //!   limit it is rejected into the DLQ. Classic queues cannot count
-//!   deliveries themselves (see [`amqp_topology`]); with quorum queues the
+//!   deliveries themselves (see [`seckill_contracts::amqp_topology`]); with quorum queues the
 //!   broker's `x-delivery-limit` applies as well.
 //!
 //! At-least-once delivery is safe because the writer is idempotent per
@@ -51,12 +50,8 @@ use std::time::Duration;
 use anyhow::anyhow;
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
-use seckill_contracts::amqp_topology;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions, ConfirmSelectOptions};
+use lapin::{Channel, Connection, ConnectionProperties};
 use seckill_contracts::config::Config;
 use seckill_contracts::keys::KeySchema;
 use seckill_contracts::redis_client::RedisConn;
@@ -66,8 +61,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::metrics::METRICS;
-use super::order_writer::{self, Outcome, WriteError, WriterConfig};
-use super::{reservations, results};
+use super::order_writer::{self, Outcome, Settlement, WriteError, WriterConfig};
+use super::{broker_session, closer, reservations, results};
 
 /// In-process retries of a transient write before the batch is requeued.
 const WRITE_TRIES: u32 = 3;
@@ -118,25 +113,12 @@ fn backoff(step: u32) -> Duration {
 
 /// Consumes until `stop` turns true, reconnecting with backoff after any
 /// broker error. Returns once the in-flight batch is settled.
-pub async fn consume(ctx: Arc<WorkerContext>, mut stop: watch::Receiver<bool>, index: usize) {
-    let mut failures = 0u32;
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        match session(&ctx, &mut stop, index).await {
-            Ok(()) => return,
-            Err(e) => {
-                let wait = backoff(failures);
-                failures = failures.saturating_add(1);
-                tracing::warn!(error = %e, retry_in = ?wait, "order consumer session ended");
-                tokio::select! {
-                    _ = stop.wait_for(|s| *s) => return,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            }
-        }
-    }
+pub async fn consume(ctx: Arc<WorkerContext>, stop: watch::Receiver<bool>, index: usize) {
+    broker_session::reconnecting("order consumer", stop, backoff, |mut stop| {
+        let ctx = ctx.clone();
+        async move { session(&ctx, &mut stop, index).await }
+    })
+    .await
 }
 
 /// One connection: returns `Ok` on a requested stop, `Err` when the broker
@@ -152,23 +134,14 @@ async fn session(
         .with_connection_name(format!("seckill-worker consumer {index}").into());
     let conn = Connection::connect(&amqp.url, props).await?;
     let channel = conn.create_channel().await?;
-    amqp_topology::declare(
-        &channel,
-        amqp,
-        amqp_topology::close_delay_ms(&ctx.config.worker),
-    )
-    .await?;
-    channel
-        .basic_qos(worker.prefetch, BasicQosOptions::default())
+    // Close messages go out on their own confirm-mode channel, so waiting
+    // for their confirms never mixes with the consumer's acks.
+    let closes = conn.create_channel().await?;
+    closes
+        .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let mut consumer = channel
-        .basic_consume(
-            amqp.queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer =
+        broker_session::open_consumer(ctx, &channel, &amqp.queue, worker.prefetch).await?;
     tracing::info!(queue = %amqp.queue, prefetch = worker.prefetch, batch = worker.batch_size, "consuming orders");
 
     let batch_size = worker.batch_size.max(1);
@@ -201,7 +174,7 @@ async fn session(
                 Err(_) => break,
             }
         }
-        if let Err(e) = handle_batch(ctx, batch).await {
+        if let Err(e) = handle_batch(ctx, &closes, batch).await {
             break Err(e.into());
         }
         if let Some(e) = stream_end {
@@ -216,7 +189,11 @@ async fn session(
 
 /// Handles one batch to the end: every delivery is acked, rejected or
 /// (possibly after a delay) requeued when this returns `Ok`.
-pub async fn handle_batch(ctx: &Arc<WorkerContext>, batch: Vec<Delivery>) -> lapin::Result<()> {
+pub async fn handle_batch(
+    ctx: &Arc<WorkerContext>,
+    closes: &Channel,
+    batch: Vec<Delivery>,
+) -> lapin::Result<()> {
     METRICS.consumed.inc_by(batch.len() as u64);
     let mut valid: Vec<(Delivery, OrderMessage)> = Vec::with_capacity(batch.len());
     for d in batch {
@@ -239,7 +216,7 @@ pub async fn handle_batch(ctx: &Arc<WorkerContext>, batch: Vec<Delivery>) -> lap
     }
     let messages: Vec<OrderMessage> = valid.iter().map(|(_, m)| m.clone()).collect();
     match write(ctx, &messages).await {
-        Ok(outcomes) => finish(ctx, &valid, &outcomes).await,
+        Ok(outcomes) => finish(ctx, closes, &valid, &outcomes).await,
         Err(e) if e.is_transient() => {
             let step = ctx.transient_failures.fetch_add(1, Ordering::Relaxed);
             let wait = backoff(step);
@@ -250,7 +227,7 @@ pub async fn handle_batch(ctx: &Arc<WorkerContext>, batch: Vec<Delivery>) -> lap
         Err(e) if valid.len() > 1 => {
             tracing::warn!(error = %e, messages = valid.len(), "batch write failed; retrying its messages one by one");
             for item in valid {
-                handle_single(ctx, item).await?;
+                handle_single(ctx, closes, item).await?;
             }
             Ok(())
         }
@@ -264,10 +241,11 @@ pub async fn handle_batch(ctx: &Arc<WorkerContext>, batch: Vec<Delivery>) -> lap
 /// One message in its own transaction (after its batch failed).
 async fn handle_single(
     ctx: &Arc<WorkerContext>,
+    closes: &Channel,
     item: (Delivery, OrderMessage),
 ) -> lapin::Result<()> {
     match write(ctx, std::slice::from_ref(&item.1)).await {
-        Ok(outcomes) => finish(ctx, std::slice::from_ref(&item), &outcomes).await,
+        Ok(outcomes) => finish(ctx, closes, std::slice::from_ref(&item), &outcomes).await,
         Err(e) if e.is_transient() => {
             let step = ctx.transient_failures.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(backoff(step)).await;
@@ -310,9 +288,11 @@ async fn write(ctx: &WorkerContext, messages: &[OrderMessage]) -> Result<Vec<Out
     }
 }
 
-/// After commit: results and reservations to Redis, then the acks.
+/// After commit: results and reservations to Redis, the orders' delayed
+/// close messages, then the acks.
 async fn finish(
     ctx: &WorkerContext,
+    closes: &Channel,
     items: &[(Delivery, OrderMessage)],
     outcomes: &[Outcome],
 ) -> lapin::Result<()> {
@@ -338,6 +318,7 @@ async fn finish(
             }
         }
     }
+    schedule_closes(ctx, closes, outcomes).await;
     let acks = items
         .iter()
         .map(|(d, _)| d.acker.ack(BasicAckOptions::default()));
@@ -345,6 +326,50 @@ async fn finish(
         r?;
     }
     Ok(())
+}
+
+/// Schedules the timeout close of every order of the batch, including
+/// orders found again on a redelivery (their first schedule may be what
+/// got lost; a close is idempotent, so a second message is harmless). A
+/// failure is only logged: the sweeper closes overdue orders either way.
+async fn schedule_closes(ctx: &WorkerContext, closes: &Channel, outcomes: &[Outcome]) {
+    let orders: Vec<(String, u64)> = outcomes
+        .iter()
+        .filter_map(|o| match &o.settlement {
+            Settlement::Success { order_id } => Some((order_id.clone(), o.message.sale_id)),
+            Settlement::Failed { .. } => None,
+        })
+        .collect();
+    if orders.is_empty() {
+        return;
+    }
+    let wait = Duration::from_millis(ctx.config.amqp.confirm_timeout_ms.max(1));
+    match tokio::time::timeout(wait, closer::schedule(closes, &ctx.config.amqp, &orders)).await {
+        Ok(Ok(confirmed)) => {
+            let label = if confirmed { "ok" } else { "failed" };
+            METRICS
+                .closes_scheduled
+                .with_label_values(&[label])
+                .inc_by(orders.len() as u64);
+        }
+        Ok(Err(e)) => {
+            METRICS
+                .closes_scheduled
+                .with_label_values(&["failed"])
+                .inc_by(orders.len() as u64);
+            tracing::warn!(error = %e, orders = orders.len(), "could not schedule order closes; the sweeper will close them");
+        }
+        Err(_) => {
+            METRICS
+                .closes_scheduled
+                .with_label_values(&["failed"])
+                .inc_by(orders.len() as u64);
+            tracing::warn!(
+                orders = orders.len(),
+                "scheduling order closes timed out; the sweeper will close them"
+            );
+        }
+    }
 }
 
 async fn requeue_now(items: &[(Delivery, OrderMessage)], cause: &str) -> lapin::Result<()> {

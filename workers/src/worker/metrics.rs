@@ -32,6 +32,18 @@ pub struct WorkerMetrics {
     pub batch_size: Histogram,
     /// Wall time of one batch transaction, BEGIN to COMMIT.
     pub commit_seconds: Histogram,
+    /// Unpaid orders closed on timeout, by path (`delayed` message or
+    /// `sweeper` safety net).
+    pub orders_closed: IntCounterVec,
+    /// Close messages scheduled after commit, and those that could not be
+    /// (the sweeper covers those).
+    pub closes_scheduled: IntCounterVec,
+    /// Sweeps run by this process (it held the sweeper lock), by result.
+    pub sweeps: IntCounterVec,
+    /// Reservations released by the sweeper because no message came.
+    pub reservations_released: IntCounter,
+    /// Sales whose Redis state the sweeper rebuilt from MySQL.
+    pub reconciles: IntCounter,
 }
 
 /// The process-wide instance.
@@ -79,6 +91,34 @@ pub static METRICS: LazyLock<WorkerMetrics> = LazyLock::new(|| WorkerMetrics {
         "seckill_worker_commit_seconds",
         "Duration of one batch transaction, BEGIN to COMMIT",
         vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+    )
+    .expect("register metric"),
+    orders_closed: register_int_counter_vec!(
+        "seckill_worker_orders_closed_total",
+        "Unpaid orders closed on timeout, by path (delayed, sweeper)",
+        &["path"]
+    )
+    .expect("register metric"),
+    closes_scheduled: register_int_counter_vec!(
+        "seckill_worker_closes_scheduled_total",
+        "Delayed close messages after commit, by result (ok, failed)",
+        &["result"]
+    )
+    .expect("register metric"),
+    sweeps: register_int_counter_vec!(
+        "seckill_worker_sweeps_total",
+        "Sweeps run under the sweeper lock, by result (ok, error)",
+        &["result"]
+    )
+    .expect("register metric"),
+    reservations_released: register_int_counter!(
+        "seckill_worker_reservations_released_total",
+        "Reservations released by the sweeper because their message never came"
+    )
+    .expect("register metric"),
+    reconciles: register_int_counter!(
+        "seckill_worker_reconciles_total",
+        "Sales whose Redis state the sweeper rebuilt from MySQL"
     )
     .expect("register metric"),
 });

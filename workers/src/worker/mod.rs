@@ -9,23 +9,33 @@
 //!                      ack ◀── results (Redis: result key, reservation settled)
 //! ```
 //!
-//! * [`consumer`]: AMQP session, batching, ack/requeue/dead-letter policy;
+//! * [`consumer`]: batching, ack/requeue/dead-letter policy;
+//! * `broker_session`: the connection, topology and reconnect loop the
+//!   order and close consumers share;
 //! * [`reservations`]: claims the batch's Redis reservations first, so a
 //!   gateway rollback and a late message can never both count;
 //! * [`order_writer`]: the idempotent, oversell-proof batch transaction;
 //! * [`results`]: results for polling and reservation settlement in Redis;
 //! * [`metrics`]: the Prometheus series;
+//! * [`closer`]: schedules each new order's delayed close message and
+//!   consumes the close queue (unpaid orders close on timeout);
+//! * [`sweeper`]: the periodic safety net under a Redis lock (overdue
+//!   orders, unfinished stock returns, lost Redis state, orphaned
+//!   reservations);
 //! * [`dlq`]: listing and replaying dead-lettered messages (ops).
 //!
 //! [`run`] serves `/healthz` and `/metrics` next to the consumer until the
 //! shutdown future resolves, then finishes the batch in flight and closes.
 
+mod broker_session;
+pub mod closer;
 pub mod consumer;
 pub mod dlq;
 pub mod metrics;
 pub mod order_writer;
 pub mod reservations;
 pub mod results;
+pub mod sweeper;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,7 +55,8 @@ pub use consumer::WorkerContext;
 pub const CONSUMERS_PER_PROCESS: usize = 2;
 
 /// Runs the worker until `shutdown` resolves: probes on `listener` and
-/// [`CONSUMERS_PER_PROCESS`] order consumers. Fails only when MySQL or Redis cannot be reached at start
+/// [`CONSUMERS_PER_PROCESS`] order consumers, the close consumer and the
+/// sweeper. Fails only when MySQL or Redis cannot be reached at start
 /// (the broker is retried with backoff for as long as the process runs).
 pub async fn run(
     config: Config,
@@ -71,6 +82,12 @@ pub async fn run(
     });
     let consumers = (0..CONSUMERS_PER_PROCESS)
         .map(|i| tokio::spawn(consumer::consume(ctx.clone(), stop_rx.clone(), i)));
+    let consumers = consumers
+        .chain([
+            tokio::spawn(closer::consume(ctx.clone(), stop_rx.clone())),
+            tokio::spawn(sweeper::run(ctx.clone(), stop_rx.clone())),
+        ])
+        .collect::<Vec<_>>();
     let consumers = futures::future::join_all(consumers);
     let (served, joined) = tokio::join!(probes, consumers);
     for j in joined {

@@ -19,8 +19,10 @@
 use std::collections::{BTreeMap, HashSet};
 
 use redis::aio::ConnectionLike;
-use seckill_contracts::keys::KeySchema;
+use seckill_contracts::keys::{KeySchema, SaleKeys};
 use seckill_contracts::OrderMessage;
+
+use super::results::{ResultRecord, RESULT_TTL_SECS};
 
 /// The claim script, shared with the gateway's Redis script folder.
 pub const CLAIM_SCRIPT: &str = include_str!("../../../lua/redis/claim.lua");
@@ -53,4 +55,59 @@ pub async fn claim<C: ConnectionLike>(
         }
     }
     Ok(released)
+}
+
+/// How long a released request id is remembered, so a message arriving
+/// late for it is refused (the gateway's rollback uses the same span).
+pub const RELEASED_TTL_SECS: u64 = 24 * 3600;
+
+/// The reason recorded for a reservation released because its message
+/// never came; the order writer records a late message for one the same
+/// way, so both read alike.
+pub const RELEASED_REASON: &str = "released";
+
+/// Records in MySQL that `request_id` was released, so the buyer's `failed`
+/// survives Redis and a later audit can explain the unit that came back.
+pub async fn record_released<'e, E: sqlx::MySqlExecutor<'e>>(
+    db: E,
+    request_id: &str,
+    user_id: u64,
+    sale_id: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT IGNORE INTO failed_admissions (request_id, user_id, sale_id, reason) \
+         VALUES (?, ?, ?, ?)",
+    )
+    .bind(request_id)
+    .bind(user_id)
+    .bind(sale_id)
+    .bind(RELEASED_REASON)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Tells the polling buyer their released admission `failed`. `NX`: a
+/// result already there (written by a worker that did get the message) is
+/// never overwritten.
+pub async fn publish_released_result<C: ConnectionLike>(
+    redis: &mut C,
+    keys: &SaleKeys,
+    user_id: u64,
+) -> Result<(), redis::RedisError> {
+    let record = ResultRecord {
+        status: "failed".into(),
+        order_id: None,
+        reason: Some(RELEASED_REASON.into()),
+    };
+    let json = serde_json::to_string(&record).unwrap_or_default();
+    let _: Option<String> = redis::cmd("SET")
+        .arg(keys.result(user_id))
+        .arg(json)
+        .arg("EX")
+        .arg(RESULT_TTL_SECS)
+        .arg("NX")
+        .query_async(redis)
+        .await?;
+    Ok(())
 }

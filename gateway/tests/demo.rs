@@ -1,0 +1,102 @@
+//! `seckillctl demo` end to end: the real CLI binary drives simulated buyers
+//! through the real gateway, two api instances and a worker (captcha, hidden
+//! path, seckill, result polling), and its report must match what MySQL and
+//! Redis hold afterwards.
+
+mod support;
+
+use std::process::Command;
+
+use redis::AsyncCommands;
+use serde_json::Value;
+use support::stack::{sibling_binary, Stack, StackOptions};
+
+const BUYERS: u64 = 300;
+const STOCK: u64 = 30;
+
+#[tokio::test]
+async fn demo_sells_exactly_the_stock_and_audits_clean() {
+    let stack = Stack::start(StackOptions {
+        worker: true,
+        gateway_amqp_url: None,
+    })
+    .await;
+    let config = stack.config_path.to_str().unwrap().to_string();
+    let ctl = sibling_binary("seckillctl");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(ctl)
+            .args(["--config", &config, "demo", "--json", "--no-progress"])
+            .args([
+                "--buyers",
+                &BUYERS.to_string(),
+                "--stock",
+                &STOCK.to_string(),
+            ])
+            .args(["--concurrency", "100", "--timeout", "60s"])
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run seckillctl demo")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).expect("--json prints the report");
+    println!("{}", serde_json::to_string(&report).unwrap());
+
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["buyers"], BUYERS);
+    assert_eq!(report["stock_at_start"], STOCK);
+    assert_eq!(report["admitted"], STOCK, "exactly the stock admitted");
+    assert_eq!(report["sold"], STOCK);
+    assert_eq!(report["failed"], 0);
+    assert_eq!(report["unsettled"], 0);
+    assert!(report["sold_out_after_ms"].is_u64(), "the sale sold out");
+    let rejected: u64 = report["rejected"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        rejected,
+        BUYERS - STOCK,
+        "every other buyer got a final answer"
+    );
+    assert!(
+        report["rejected"]["410 sold out"].as_u64().unwrap_or(0) > 0,
+        "late buyers saw sold out: {}",
+        report["rejected"]
+    );
+    assert_eq!(report["audit"]["ok"], true);
+
+    // The report against the stores themselves.
+    let sale_id = report["sale_id"].as_u64().unwrap();
+    let db = stack.env.db().await;
+    let (orders, users): (i64, i64) =
+        sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT user_id) FROM orders WHERE sale_id = ?")
+            .bind(sale_id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!((orders, users), (STOCK as i64, STOCK as i64));
+    assert_eq!(report["orders_committed"], orders);
+    let left: i64 = sqlx::query_scalar("SELECT CAST(stock_left AS SIGNED) FROM sales WHERE id = ?")
+        .bind(sale_id)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    let mut redis = stack.env.redis().await;
+    let stock: Option<i64> = redis
+        .get(stack.env.keys().sale(sale_id).stock())
+        .await
+        .unwrap();
+    assert_eq!(stock, Some(0));
+    stack.cleanup().await;
+}

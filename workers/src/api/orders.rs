@@ -1,0 +1,249 @@
+//! The buyer's orders: list, get, pay, cancel (SPEC §3).
+//!
+//! Every route takes the user from the verified token ([`Identity`]) and
+//! every query is scoped to that user, so nobody can read or change someone
+//! else's order: another user's order id answers 404, exactly like an id
+//! that does not exist (SPEC invariant 6). The state changes live in
+//! [`crate::orders`]; this module maps them to HTTP.
+//!
+//! Paying is made safe to retry with an `Idempotency-Key` the buyer got
+//! from `GET /idempotency-key` ([`super::idempotency`]):
+//!
+//! ```text
+//! POST /orders/{id}/pay  Idempotency-Key: K
+//!   lua/redis/idempotency.lua begin(K, order)
+//!     unknown ──▶ 400        pending ──▶ 409 (the first request still runs)
+//!     mismatch ─▶ 422        replay  ──▶ the first response again
+//!     new ──▶ orders::pay ──▶ finish(K, status, body) ──▶ response
+//!                        └──▶ 5xx: abort(K), the key may be used again
+//! ```
+
+use std::sync::LazyLock;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::identity::Identity;
+use super::problem::{Problem, PROBLEM_CONTENT_TYPE};
+use super::ApiState;
+use crate::orders::{self, CancelOutcome, Order, PayOutcome};
+
+/// The idempotency script.
+pub const IDEMPOTENCY_SCRIPT: &str = include_str!("../../../lua/redis/idempotency.lua");
+static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(IDEMPOTENCY_SCRIPT));
+/// The request header carrying the key.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+/// Set on a response that replays a stored one.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// How long the first response of a key is kept for replays.
+const REPLAY_TTL_SECS: u64 = 24 * 3600;
+/// Largest response body stored for a replay (an order is well under 1 KiB).
+const MAX_STORED_BODY: usize = 16 * 1024;
+
+/// `/api/v1/orders` and its sub-routes.
+pub fn router() -> Router<ApiState> {
+    Router::new()
+        .route("/api/v1/orders", get(list))
+        .route("/api/v1/orders/{id}", get(show))
+        .route("/api/v1/orders/{id}/pay", post(pay))
+        .route("/api/v1/orders/{id}/cancel", post(cancel))
+}
+
+fn not_found() -> Problem {
+    Problem::not_found("no such order")
+}
+
+fn closed_conflict() -> Problem {
+    Problem::conflict("/problems/order-closed", "the order is closed")
+}
+
+async fn list(State(state): State<ApiState>, who: Identity) -> Result<Json<Vec<Order>>, Problem> {
+    orders::list_for_user(state.db(), who.user_id)
+        .await
+        .map(Json)
+        .map_err(Problem::internal)
+}
+
+async fn show(
+    State(state): State<ApiState>,
+    who: Identity,
+    Path(id): Path<String>,
+) -> Result<Json<Order>, Problem> {
+    orders::get_for_user(state.db(), who.user_id, &id)
+        .await
+        .map_err(Problem::internal)?
+        .map(Json)
+        .ok_or_else(not_found)
+}
+
+async fn cancel(
+    State(state): State<ApiState>,
+    who: Identity,
+    Path(id): Path<String>,
+) -> Result<Json<Order>, Problem> {
+    let mut redis = state.redis();
+    match orders::cancel(state.db(), &mut redis, state.keys(), who.user_id, &id)
+        .await
+        .map_err(Problem::internal)?
+    {
+        CancelOutcome::Cancelled(o) | CancelOutcome::AlreadyClosed(o) => Ok(Json(o)),
+        CancelOutcome::Paid(_) => Err(Problem::conflict(
+            "/problems/order-paid",
+            "a paid order cannot be cancelled",
+        )),
+        CancelOutcome::NotFound => Err(not_found()),
+    }
+}
+
+/// A well-formed key is what `GET /idempotency-key` issues: 32 hex digits.
+fn valid_key(key: &str) -> bool {
+    key.len() == 32 && key.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+async fn pay(
+    State(state): State<ApiState>,
+    who: Identity,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let key =
+        match headers.get(IDEMPOTENCY_HEADER).map(|v| v.to_str()) {
+            None => return Problem::bad_request(
+                "the Idempotency-Key header is required; get one from GET /api/v1/idempotency-key",
+            )
+            .into_response(),
+            Some(Ok(k)) if valid_key(k) => k.to_ascii_lowercase(),
+            Some(_) => return unknown_key().into_response(),
+        };
+    // An id that cannot exist spends no key.
+    if !orders::valid_order_id(&id) {
+        return not_found().into_response();
+    }
+    let redis_key = state.keys().idempotency(who.user_id, &key);
+    let mut redis = state.redis();
+    let begun: Result<Vec<String>, _> = SCRIPT
+        .key(&redis_key)
+        .arg("begin")
+        .arg(&id)
+        .invoke_async(&mut redis)
+        .await;
+    let begun = match begun {
+        Ok(v) => v,
+        Err(e) => return Problem::internal(e).into_response(),
+    };
+    match begun.first().map(String::as_str) {
+        Some("new") => {}
+        Some("pending") => {
+            return Problem::conflict(
+                "/problems/idempotency-key-in-use",
+                "a request with this Idempotency-Key is still being processed; retry shortly",
+            )
+            .into_response()
+        }
+        Some("mismatch") => {
+            return Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "/problems/idempotency-key-reused",
+                "this Idempotency-Key was used for another order",
+            )
+            .into_response()
+        }
+        Some("replay") => return replay(begun.get(1), begun.get(2)),
+        _ => return unknown_key().into_response(),
+    }
+
+    let response = match orders::pay(state.db(), &mut redis, state.keys(), who.user_id, &id).await {
+        Ok(PayOutcome::Paid(o)) | Ok(PayOutcome::AlreadyPaid(o)) => Json(o).into_response(),
+        Ok(PayOutcome::Closed(_)) => closed_conflict().into_response(),
+        Ok(PayOutcome::NotFound) => not_found().into_response(),
+        Err(e) => Problem::internal(e).into_response(),
+    };
+    let status = response.status();
+    if status.is_server_error() {
+        // Our failure, not the buyer's: the key may be used again.
+        finish(&mut redis, &redis_key, &id, &["abort"]).await;
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = match to_bytes(body, MAX_STORED_BODY).await {
+        Ok(b) => b,
+        Err(e) => {
+            finish(&mut redis, &redis_key, &id, &["abort"]).await;
+            return Problem::internal(e).into_response();
+        }
+    };
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let code = status.as_u16().to_string();
+    let ttl = REPLAY_TTL_SECS.to_string();
+    finish(&mut redis, &redis_key, &id, &["finish", &code, &text, &ttl]).await;
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+fn unknown_key() -> Problem {
+    Problem::bad_request(
+        "unknown or expired Idempotency-Key; get one from GET /api/v1/idempotency-key",
+    )
+}
+
+/// Runs `finish` or `abort` of the idempotency script. A failure only
+/// means a retry with this key answers 409 until the key expires, so it is
+/// logged, not returned.
+async fn finish(
+    redis: &mut seckill_contracts::redis_client::RedisConn,
+    key: &str,
+    order_id: &str,
+    args: &[&str],
+) {
+    let mut invocation = SCRIPT.key(key);
+    invocation.arg(args[0]).arg(order_id);
+    for a in &args[1..] {
+        invocation.arg(*a);
+    }
+    if let Err(e) = invocation.invoke_async::<i64>(redis).await {
+        tracing::warn!(error = %e, "could not record the pay response for replays");
+    }
+}
+
+/// The stored first response, sent again.
+fn replay(status: Option<&String>, body: Option<&String>) -> Response {
+    let status = status
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let content_type = if status.is_success() {
+        "application/json"
+    } else {
+        PROBLEM_CONTENT_TYPE
+    };
+    let mut response = (status, body.cloned().unwrap_or_default()).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_32_hex_digits() {
+        assert!(valid_key("0123456789abcdef0123456789ABCDEF"));
+        assert!(!valid_key(""));
+        assert!(!valid_key("0123456789abcdef0123456789abcde"));
+        assert!(!valid_key("0123456789abcdef0123456789abcdeg"));
+        assert!(!valid_key("' OR 1=1 --0123456789abcdef01234"));
+    }
+
+    #[test]
+    fn a_replay_keeps_status_and_marks_itself() {
+        let r = replay(Some(&"409".to_string()), Some(&"{}".to_string()));
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], PROBLEM_CONTENT_TYPE);
+        assert_eq!(r.headers()[REPLAYED_HEADER], "true");
+    }
+}

@@ -1,0 +1,539 @@
+//! `seckillctl demo`: the platform's main job, end to end, on a running
+//! stack. Simulated buyers go through the gateway exactly as a buyer's app
+//! would, and the run ends with the audit, so a demo that "worked" also
+//! proves the invariants held.
+//!
+//! ```text
+//! sale      the one given, or a fresh one (stock --stock, starting now)
+//! prepare   per buyer: token (dev private key) → GET captcha (PNG) → answer
+//!           read from Redis (a simulated buyer cannot read the picture)
+//!           → POST /sales/{id}/path → hidden path
+//! rush      all buyers at once: POST /seckill/{path}/{id}; a 429/503 with
+//!           Retry-After is retried like an app would, a few times
+//! settle    every 202 polls GET /sales/{id}/result until success or failed
+//! report    admitted, sold, rejected by reason, time to sell out, orders
+//!           committed in MySQL, audit (invariants 1, 2, 4)
+//! ```
+//!
+//! Buyers' user ids start at `first_user`, far above registered accounts,
+//! so the demo never buys as a real user. Progress goes to stderr (a bar,
+//! or nothing), the report is returned for the CLI to print.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::stream::{self, StreamExt};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use reqwest::header::RETRY_AFTER;
+use reqwest::StatusCode;
+use seckill_contracts::config::Config;
+use seckill_contracts::keys::KeySchema;
+use seckill_contracts::redis_client::RedisConn;
+use serde::Serialize;
+use serde_json::{json, Value};
+use sqlx::MySqlPool;
+
+use crate::audit::{self, AuditReport};
+use crate::sales::{self, NewSale};
+use crate::tokens::TokenSigner;
+
+/// How one demo run behaves (the CLI's flags).
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Sale to buy from; `None` creates a fresh one with `stock` units, so
+    /// every run starts from a full sale.
+    pub sale: Option<u64>,
+    /// Units of a freshly created sale.
+    pub stock: u32,
+    /// Number of simulated buyers.
+    pub buyers: u64,
+    /// First buyer's user id; buyers are `first_user..first_user + buyers`.
+    pub first_user: u64,
+    /// Gateway base URL, e.g. `http://127.0.0.1:8080`.
+    pub gateway: String,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Retries of a 429 or 503 answer that carries `Retry-After`.
+    pub retries: u32,
+    /// Give up waiting for results after this long.
+    pub timeout: Duration,
+    /// Draw progress bars on stderr.
+    pub progress: bool,
+}
+
+impl DemoOptions {
+    /// The defaults of `seckillctl demo` against `config`'s gateway.
+    pub fn new(config: &Config) -> DemoOptions {
+        DemoOptions {
+            sale: None,
+            stock: 100,
+            buyers: 1_000,
+            first_user: 900_000_001,
+            gateway: gateway_url(&config.gateway.listen.to_string()),
+            concurrency: 200,
+            retries: 3,
+            timeout: Duration::from_secs(60),
+            progress: true,
+        }
+    }
+}
+
+/// `http://` URL for a listen address; a wildcard bind is reached on loopback.
+pub fn gateway_url(listen: &str) -> String {
+    let addr = listen
+        .replace("0.0.0.0:", "127.0.0.1:")
+        .replace("[::]:", "[::1]:");
+    format!("http://{addr}")
+}
+
+/// Why a demo could not run (an unhealthy stack, not a failed audit: that
+/// is reported in [`DemoReport::ok`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("no sale with id {0}")]
+    UnknownSale(u64),
+    #[error("sale: {0}")]
+    Sale(#[from] sales::SaleError),
+    #[error("signing buyer tokens: {0}")]
+    Tokens(#[from] crate::tokens::TokenError),
+    #[error("gateway at {url}: {source}")]
+    Gateway { url: String, source: reqwest::Error },
+    #[error("buyer {user}: {step} answered {status}: {body}")]
+    Journey {
+        user: u64,
+        step: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("MySQL: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("audit: {0}")]
+    Audit(#[from] audit::AuditError),
+}
+
+/// What the demo saw, printed by `seckillctl demo`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoReport {
+    pub sale_id: u64,
+    pub buyers: u64,
+    pub stock_total: u32,
+    /// Stock still available when the rush began.
+    pub stock_at_start: u32,
+    /// `202 queued` answers.
+    pub admitted: u64,
+    /// Results that came back `success` (an order exists).
+    pub sold: u64,
+    /// Results that came back `failed` (the worker refused the order).
+    pub failed: u64,
+    /// Admitted buyers whose result was still pending at the timeout.
+    pub unsettled: u64,
+    /// Final refusals by `"<status> <detail>"`, after retries.
+    pub rejected: BTreeMap<String, u64>,
+    /// Retried 429/503 answers.
+    pub retried: u64,
+    /// From the first seckill request to the last unit admitted, when the
+    /// sale sold out.
+    pub sold_out_after_ms: Option<u64>,
+    /// From the first seckill request to the last result known.
+    pub settled_after_ms: u64,
+    /// Preparation (captcha and path for every buyer).
+    pub prepare_ms: u64,
+    /// Orders of this sale in MySQL after the run.
+    pub orders_committed: i64,
+    pub audit: AuditReport,
+    /// Audit clean, every 202 settled as an order, nothing oversold.
+    pub ok: bool,
+}
+
+/// One buyer after preparation.
+struct Buyer {
+    user: u64,
+    token: String,
+    path: String,
+}
+
+/// Counters shared by all buyer tasks.
+#[derive(Default)]
+struct Tally {
+    admitted: AtomicU64,
+    retried: AtomicU64,
+    rejected: Mutex<BTreeMap<String, u64>>,
+    last_admit: Mutex<Option<Instant>>,
+}
+
+/// Runs the demo against the stack `config` describes.
+pub async fn run(
+    config: &Config,
+    db: &MySqlPool,
+    redis: &mut RedisConn,
+    opts: &DemoOptions,
+) -> Result<DemoReport, DemoError> {
+    let keys = KeySchema::new(config.redis.key_prefix.clone());
+    let sale = match opts.sale {
+        Some(id) => sales::get(db, id)
+            .await?
+            .ok_or(DemoError::UnknownSale(id))?,
+        None => {
+            let now = Utc::now();
+            let new = NewSale {
+                title: "Demo phone".into(),
+                price_cents: 99_900,
+                sale_price_cents: 19_900,
+                stock: opts.stock,
+                starts_at: now,
+                ends_at: now + chrono::Duration::hours(1),
+            };
+            sales::create(db, redis, &keys, &new).await?
+        }
+    };
+    let sale_id = sale.id;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(opts.concurrency)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|source| DemoError::Gateway {
+            url: opts.gateway.clone(),
+            source,
+        })?;
+    let signer = TokenSigner::from_config(&config.jwt)?;
+    let users: Vec<u64> = (opts.first_user..opts.first_user.saturating_add(opts.buyers)).collect();
+    let client = Client {
+        http,
+        base: opts.gateway.trim_end_matches('/').to_string(),
+        sale_id,
+    };
+
+    let bars = MultiProgress::with_draw_target(if opts.progress {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+
+    // prepare
+    let started = Instant::now();
+    let bar = progress_bar(&bars, users.len() as u64, "captcha + path");
+    let mut buyers = Vec::with_capacity(users.len());
+    let buyer_redis = redis.clone();
+    let mut prepared = stream::iter(users.iter().copied())
+        .map(|user| {
+            let (client, signer, keys, mut redis) = (&client, &signer, &keys, buyer_redis.clone());
+            async move {
+                let token = signer.issue(user, &format!("demo-buyer-{user}"))?;
+                let path = client.prepare(&token, user, keys, &mut redis).await?;
+                Ok::<_, DemoError>(Buyer { user, token, path })
+            }
+        })
+        .buffer_unordered(opts.concurrency.max(1));
+    while let Some(buyer) = prepared.next().await {
+        buyers.push(buyer?);
+        bar.inc(1);
+    }
+    bar.finish();
+    let prepare_ms = millis(started.elapsed());
+
+    // rush
+    let stock_at_start = sales::redis_stock(redis, &keys, sale_id)
+        .await?
+        .unwrap_or_default()
+        .max(0) as u32;
+    let tally = Tally::default();
+    let bar = progress_bar(&bars, buyers.len() as u64, "rush");
+    let rush_started = Instant::now();
+    let admitted: Vec<&Buyer> = stream::iter(buyers.iter())
+        .map(|buyer| {
+            let (client, tally, bar) = (&client, &tally, &bar);
+            async move {
+                let won = client.rush(buyer, opts.retries, tally).await;
+                bar.inc(1);
+                bar.set_message(format!(
+                    "admitted {}",
+                    tally.admitted.load(Ordering::Relaxed)
+                ));
+                won.then_some(buyer)
+            }
+        })
+        .buffer_unordered(opts.concurrency.max(1))
+        .filter_map(|b| async move { b })
+        .collect()
+        .await;
+    bar.finish();
+
+    // settle
+    let bar = progress_bar(&bars, admitted.len() as u64, "results");
+    let deadline = Instant::now() + opts.timeout;
+    let results: Vec<&'static str> = stream::iter(admitted.iter())
+        .map(|buyer| {
+            let (client, bar) = (&client, &bar);
+            async move {
+                let status = client.settle(buyer, deadline).await;
+                bar.inc(1);
+                status
+            }
+        })
+        .buffer_unordered(opts.concurrency.max(1))
+        .collect()
+        .await;
+    bar.finish();
+    if !bars.is_hidden() {
+        // The bars end mid-line; the summary starts on its own.
+        eprintln!();
+    }
+    let settled_after_ms = millis(rush_started.elapsed());
+    let count = |s: &str| results.iter().filter(|r| **r == s).count() as u64;
+    let (sold, failed) = (count("success"), count("failed"));
+
+    let redis_stock = sales::redis_stock(redis, &keys, sale_id).await?;
+    let sold_out_after_ms = match (redis_stock, *lock(&tally.last_admit)) {
+        (Some(0), Some(at)) => Some(millis(at.saturating_duration_since(rush_started))),
+        _ => None,
+    };
+    let audit = audit::run(config, db, redis, sale_id, Duration::from_secs(30)).await?;
+    let orders_committed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE sale_id = ?")
+        .bind(sale_id)
+        .fetch_one(db)
+        .await?;
+    let admitted_n = tally.admitted.load(Ordering::Relaxed);
+    let unsettled = admitted_n - sold - failed;
+    let ok = audit.ok && unsettled == 0 && admitted_n <= u64::from(stock_at_start);
+    let rejected = lock(&tally.rejected).clone();
+    Ok(DemoReport {
+        sale_id,
+        buyers: opts.buyers,
+        stock_total: sale.stock_total,
+        stock_at_start,
+        admitted: admitted_n,
+        sold,
+        failed,
+        unsettled,
+        rejected,
+        retried: tally.retried.load(Ordering::Relaxed),
+        sold_out_after_ms,
+        settled_after_ms,
+        prepare_ms,
+        orders_committed,
+        audit,
+        ok,
+    })
+}
+
+/// The human summary `seckillctl demo` prints without `--json`.
+pub fn summary(r: &DemoReport) -> String {
+    let mut out = format!(
+        "sale {}: {} buyers for {} units ({} left at the start)\n",
+        r.sale_id, r.buyers, r.stock_total, r.stock_at_start
+    );
+    out += &format!(
+        "  admitted {} (202 queued), sold {}, failed {}, unsettled {}\n",
+        r.admitted, r.sold, r.failed, r.unsettled
+    );
+    for (reason, n) in &r.rejected {
+        out += &format!("  rejected {n:>5}  {reason}\n");
+    }
+    if r.retried > 0 {
+        out += &format!("  retried {} answers with Retry-After\n", r.retried);
+    }
+    match r.sold_out_after_ms {
+        Some(ms) => out += &format!("  sold out {ms} ms after the first request\n"),
+        None => out += "  not sold out\n",
+    }
+    out += &format!(
+        "  every result known after {} ms; preparation (captcha + path) took {} ms\n",
+        r.settled_after_ms, r.prepare_ms
+    );
+    out += &format!("  orders committed in MySQL: {}\n", r.orders_committed);
+    if r.audit.ok {
+        out += "  audit: ok (no oversell, one order per buyer, Redis + orders = stock)\n";
+    } else {
+        out += &format!("  audit: FAILED: {}\n", r.audit.violations.join("; "));
+    }
+    out
+}
+
+/// HTTP calls of one buyer journey, all through the gateway.
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    sale_id: u64,
+}
+
+impl Client {
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+
+    fn gateway_error(&self, source: reqwest::Error) -> DemoError {
+        DemoError::Gateway {
+            url: self.base.clone(),
+            source,
+        }
+    }
+
+    /// Captcha, its answer, and the hidden path it unlocks.
+    async fn prepare(
+        &self,
+        token: &str,
+        user: u64,
+        keys: &KeySchema,
+        redis: &mut RedisConn,
+    ) -> Result<String, DemoError> {
+        let resp = self
+            .http
+            .get(self.url(&format!("/sales/{}/captcha", self.sale_id)))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| self.gateway_error(e))?;
+        expect_ok(user, "GET captcha", resp).await?;
+        let answer: Option<String> = redis::cmd("GET")
+            .arg(keys.sale(self.sale_id).captcha(user))
+            .query_async(redis)
+            .await?;
+        let answer = answer.unwrap_or_default();
+        let resp = self
+            .http
+            .post(self.url(&format!("/sales/{}/path", self.sale_id)))
+            .bearer_auth(token)
+            .json(&json!({ "captcha_answer": answer }))
+            .send()
+            .await
+            .map_err(|e| self.gateway_error(e))?;
+        let body = expect_ok(user, "POST path", resp).await?;
+        Ok(body["path"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// One buyer's attempt; true when admitted (202).
+    async fn rush(&self, buyer: &Buyer, retries: u32, tally: &Tally) -> bool {
+        let url = self.url(&format!("/seckill/{}/{}", buyer.path, self.sale_id));
+        let mut attempt = 0;
+        loop {
+            let resp = self.http.post(&url).bearer_auth(&buyer.token).send().await;
+            let resp = match resp {
+                Ok(r) => r,
+                Err(e) => {
+                    let reason = if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "connection error"
+                    };
+                    tally_reject(tally, reason.to_string());
+                    return false;
+                }
+            };
+            let status = resp.status();
+            if status == StatusCode::ACCEPTED {
+                tally.admitted.fetch_add(1, Ordering::Relaxed);
+                *lock(&tally.last_admit) = Some(Instant::now());
+                return true;
+            }
+            let retry_after = resp
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            let retryable = matches!(status.as_u16(), 429 | 503);
+            if let (true, Some(secs)) = (retryable && attempt < retries, retry_after) {
+                attempt += 1;
+                tally.retried.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(secs.min(2))).await;
+                continue;
+            }
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            let detail = body["detail"].as_str().unwrap_or("no detail");
+            tally_reject(tally, format!("{} {detail}", status.as_u16()));
+            return false;
+        }
+    }
+
+    /// Polls the buyer's result until it is final or `deadline` passes;
+    /// `success`, `failed`, or `pending`.
+    async fn settle(&self, buyer: &Buyer, deadline: Instant) -> &'static str {
+        let url = self.url(&format!("/sales/{}/result", self.sale_id));
+        loop {
+            let polled = self.http.get(&url).bearer_auth(&buyer.token).send().await;
+            if let Ok(resp) = polled {
+                if resp.status().is_success() {
+                    if let Ok(v) = resp.json::<Value>().await {
+                        match v["status"].as_str() {
+                            Some("success") => return "success",
+                            Some("failed") => return "failed",
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(user = buyer.user, "no final result before the timeout");
+                return "pending";
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn expect_ok(
+    user: u64,
+    step: &'static str,
+    resp: reqwest::Response,
+) -> Result<Value, DemoError> {
+    let status = resp.status();
+    if status.is_success() {
+        let is_json = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        return Ok(if is_json {
+            resp.json().await.unwrap_or(Value::Null)
+        } else {
+            Value::Null
+        });
+    }
+    Err(DemoError::Journey {
+        user,
+        step,
+        status: status.as_u16(),
+        body: resp.text().await.unwrap_or_default(),
+    })
+}
+
+fn tally_reject(tally: &Tally, reason: String) {
+    *lock(&tally.rejected).entry(reason).or_default() += 1;
+}
+
+/// A poisoned counter lock only means another buyer task panicked; the
+/// counts are still right.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One bar per phase, each kept on its own line when done.
+fn progress_bar(bars: &MultiProgress, len: u64, phase: &'static str) -> ProgressBar {
+    let bar = bars.add(ProgressBar::new(len).with_prefix(phase));
+    let style =
+        ProgressStyle::with_template("{prefix:>14} [{bar:40}] {pos:>5}/{len:5} {elapsed:>4} {msg}")
+            .map(|s| s.progress_chars("=> "));
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_listen_is_reached_on_loopback() {
+        assert_eq!(gateway_url("0.0.0.0:8080"), "http://127.0.0.1:8080");
+        assert_eq!(gateway_url("127.0.0.1:8080"), "http://127.0.0.1:8080");
+        assert_eq!(gateway_url("[::]:8080"), "http://[::1]:8080");
+    }
+}
