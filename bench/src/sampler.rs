@@ -18,6 +18,26 @@ pub struct Sample {
     pub rps: f64,
 }
 
+/// Cumulative histogram buckets: (upper bound in seconds, observations at
+/// or below it), in Prometheus order (ascending, `+Inf` last).
+pub type Buckets = Vec<(f64, u64)>;
+
+/// The gateway's `/metrics` text.
+pub async fn metrics_text(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+) -> anyhow::Result<String> {
+    Ok(http
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
+}
+
 /// Reads `gateway_requests_total` for `route` (all routes when `None`).
 pub async fn scrape(
     http: &reqwest::Client,
@@ -25,15 +45,54 @@ pub async fn scrape(
     token: &str,
     route: Option<&str>,
 ) -> anyhow::Result<StatusCounts> {
-    let text = http
-        .get(url)
-        .bearer_auth(token)
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    Ok(parse(&text, route))
+    Ok(parse(&metrics_text(http, url, token).await?, route))
+}
+
+/// The buckets of `gateway_publish_confirm_seconds{outcome="confirmed"}`:
+/// how long admitted requests waited for RabbitMQ's publisher confirm.
+pub fn confirm_buckets(text: &str) -> Buckets {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("gateway_publish_confirm_seconds_bucket{"))
+        .filter_map(|rest| {
+            let (labels, value) = rest.split_once("} ")?;
+            if !labels.contains("outcome=\"confirmed\"") {
+                return None;
+            }
+            let le = labels.split(',').find_map(|kv| kv.strip_prefix("le="))?;
+            let le = le.trim_matches('"');
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((bound, value.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect()
+}
+
+/// The upper bound of the bucket holding quantile `q` of the observations
+/// made between `before` and `after`, and how many there were; `None`
+/// when there were none. A histogram only bounds a quantile from above.
+pub fn bucket_quantile(before: &Buckets, after: &Buckets, q: f64) -> Option<(f64, u64)> {
+    let count_before = |bound: f64| {
+        before
+            .iter()
+            .find(|(b, _)| *b == bound)
+            .map_or(0, |(_, n)| *n)
+    };
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|(b, n)| (*b, n.saturating_sub(count_before(*b))))
+        .collect();
+    let total = delta.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = (q * total as f64).ceil() as u64;
+    delta
+        .iter()
+        .find(|(_, n)| *n >= rank)
+        .map(|(b, _)| (*b, total))
 }
 
 /// Sums `gateway_requests_total{route=..,status=..}` by status.
@@ -131,5 +190,27 @@ mod tests {
             delta(&before, &s),
             StatusCounts::from([(202, 60), (410, 7)])
         );
+    }
+
+    #[test]
+    fn confirm_quantiles_come_from_the_bucket_deltas() {
+        let text = |fast: u64, slow: u64| {
+            format!(
+                "gateway_publish_confirm_seconds_bucket{{outcome=\"confirmed\",le=\"0.01\"}} {fast}\n\
+                 gateway_publish_confirm_seconds_bucket{{outcome=\"confirmed\",le=\"0.1\"}} {}\n\
+                 gateway_publish_confirm_seconds_bucket{{outcome=\"confirmed\",le=\"+Inf\"}} {}\n\
+                 gateway_publish_confirm_seconds_bucket{{outcome=\"timeout\",le=\"0.01\"}} 9\n",
+                fast + slow,
+                fast + slow
+            )
+        };
+        let before = confirm_buckets(&text(5, 0));
+        assert_eq!(before.len(), 3, "only the confirmed outcome");
+        // 90 fast and 10 slow confirms during the run.
+        let after = confirm_buckets(&text(95, 10));
+        assert_eq!(bucket_quantile(&before, &after, 0.5), Some((0.01, 100)));
+        assert_eq!(bucket_quantile(&before, &after, 0.9), Some((0.01, 100)));
+        assert_eq!(bucket_quantile(&before, &after, 0.99), Some((0.1, 100)));
+        assert_eq!(bucket_quantile(&after, &after, 0.5), None);
     }
 }
