@@ -216,6 +216,14 @@ pub struct PoolConfig {
     /// Active health check path, probed over HTTP.
     pub health_path: String,
     pub health_interval_ms: u64,
+    /// How long one probe may take. Kept apart from the interval: a backend
+    /// busy with a sale answers `/healthz` slowly but is still serving, and
+    /// ejecting it then only moves its load onto the others.
+    pub health_timeout_ms: u64,
+    /// Consecutive failed probes before a backend leaves rotation (and
+    /// consecutive good ones before it returns). A dead backend refuses the
+    /// connection at once, so it is gone after this many intervals.
+    pub health_failures: usize,
     pub connect_timeout_ms: u64,
     pub read_timeout_ms: u64,
 }
@@ -227,6 +235,8 @@ impl Default for PoolConfig {
             selection: Selection::RoundRobin,
             health_path: "/healthz".into(),
             health_interval_ms: 500,
+            health_timeout_ms: 1_000,
+            health_failures: 2,
             connect_timeout_ms: 1_000,
             read_timeout_ms: 10_000,
         }
@@ -546,6 +556,18 @@ impl Config {
                 return Err(invalid(
                     format!("gateway.pools.{name}.health_path"),
                     "must start with '/'",
+                ));
+            }
+            if pool.health_failures == 0 {
+                return Err(invalid(
+                    format!("gateway.pools.{name}.health_failures"),
+                    "must be at least 1",
+                ));
+            }
+            if pool.health_timeout_ms == 0 {
+                return Err(invalid(
+                    format!("gateway.pools.{name}.health_timeout_ms"),
+                    "must be at least 1",
                 ));
             }
         }

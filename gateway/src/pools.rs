@@ -2,9 +2,10 @@
 //! HTTP health checks.
 //!
 //! Each configured pool becomes a Pingora `LoadBalancer` whose health checker
-//! runs as a background service: a backend that fails its `/healthz` probe
-//! leaves rotation at the next probe (every `health_interval_ms`) and comes
-//! back once it answers again. The proxy asks [`Pool::select`] for a backend,
+//! runs as a background service: a backend that fails `health_failures`
+//! probes in a row (one every `health_interval_ms`, each allowed
+//! `health_timeout_ms`) leaves rotation, and comes back after as many good
+//! ones. One slow probe from a backend busy with a sale does not eject it. The proxy asks [`Pool::select`] for a backend,
 //! optionally excluding the one a failed attempt just used so a retry lands
 //! elsewhere.
 
@@ -72,9 +73,11 @@ impl Pool {
             req.append_header("Host", "localhost")
                 .map_err(|e| err(format!("health request: {e}")))?;
             hc.req = req;
-            let probe_timeout = Duration::from_millis(config.health_interval_ms.clamp(100, 1_000));
+            let probe_timeout = Duration::from_millis(config.health_timeout_ms.max(1));
             hc.peer_template.options.connection_timeout = Some(probe_timeout);
             hc.peer_template.options.read_timeout = Some(probe_timeout);
+            hc.consecutive_failure = config.health_failures.max(1);
+            hc.consecutive_success = config.health_failures.max(1);
             Ok(Box::new(hc))
         };
         let frequency = Some(Duration::from_millis(config.health_interval_ms.max(50)));

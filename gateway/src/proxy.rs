@@ -13,6 +13,8 @@
 //!                       chunked bodies (411) so nothing partial goes upstream
 //! fail_to_connect /     one retry on another backend, idempotent methods only
 //! error_while_proxy
+//! fail_to_proxy         what is left after the retry: a problem+json naming
+//!                       the failure (502, 504 on a timeout, 503 no backend)
 //! response_filter       X-Request-Id on the way out; Connection: close
 //!                       while draining
 //! logging               metrics, Lua `log` phase
@@ -26,8 +28,8 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
-use pingora::proxy::{ProxyHttp, Session};
-use pingora::{Error, ErrorType, Result};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
 use seckill_contracts::claims::AccessClaims;
 
 use crate::drain;
@@ -147,6 +149,43 @@ fn framing_problem(req: &RequestHeader) -> Option<&'static str> {
         }
     }
     None
+}
+
+/// The status for a request the proxy could not complete, as Pingora's
+/// default answer would pick it, except that an upstream timeout is a 504
+/// rather than a 502 so a buyer's client and the metrics can tell a slow
+/// backend from a broken one. `None`: the client's own connection is gone,
+/// there is nobody to answer.
+fn failure_status(e: &Error) -> Option<u16> {
+    use ErrorType::*;
+    match (e.etype(), e.esource()) {
+        (HTTPStatus(code), _) => Some(*code),
+        (ConnectTimedout | ReadTimedout | WriteTimedout, ErrorSource::Upstream) => Some(504),
+        (_, ErrorSource::Upstream) => Some(502),
+        (WriteError | ReadError | ConnectionClosed, ErrorSource::Downstream) => None,
+        (_, ErrorSource::Downstream) => Some(400),
+        (_, ErrorSource::Internal | ErrorSource::Unset) => Some(500),
+    }
+}
+
+/// The problem detail for [`failure_status`]: the gateway's own refusals
+/// keep their explanation; an upstream failure names the pool and the kind
+/// of failure (never a backend address) so the buyer's report, the gateway
+/// log line with the same request id, and the metrics line up.
+fn failure_detail(e: &Error, pool: Option<&str>, attempts: u32) -> String {
+    match (e.etype(), e.esource()) {
+        (ErrorType::HTTPStatus(_), _) => e
+            .context
+            .as_ref()
+            .map(|c| c.as_str().to_string())
+            .unwrap_or_else(|| "request refused".into()),
+        (kind, ErrorSource::Upstream) => format!(
+            "upstream pool `{}` failed: {} (attempts: {attempts})",
+            pool.unwrap_or("?"),
+            kind.as_str()
+        ),
+        (kind, _) => format!("the request could not be proxied: {}", kind.as_str()),
+    }
 }
 
 fn declared_length(req: &RequestHeader) -> Option<u64> {
@@ -483,6 +522,36 @@ impl ProxyHttp for EdgeProxy {
         e
     }
 
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let Some(status) = failure_status(e) else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        let pool = ctx.pool.as_ref().map(|p| p.name.as_str());
+        let detail = failure_detail(e, pool, ctx.attempts);
+        // Pingora closes the client connection after a failed proxy attempt
+        // (the request body may be half read); `Connection: close` tells the
+        // client so it does not send its next request into a closing socket.
+        session.set_keepalive(None);
+        if let Err(write) = LocalResponse::problem(status, detail)
+            .write(session, &ctx.request_id)
+            .await
+        {
+            tracing::debug!(request_id = %ctx.request_id, error = %write, "error answer not written");
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session
             .response_written()
@@ -501,5 +570,70 @@ impl ProxyHttp for EdgeProxy {
         if let (Some(rules), Some(info)) = (&ctx.rules, &ctx.info) {
             rules.log(info, status, elapsed.as_secs_f64() * 1e3).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(kind: ErrorType) -> Box<Error> {
+        Error::new_up(kind)
+    }
+
+    #[test]
+    fn failure_status_tells_timeouts_from_broken_backends() {
+        assert_eq!(
+            failure_status(&upstream(ErrorType::ConnectTimedout)),
+            Some(504)
+        );
+        assert_eq!(
+            failure_status(&upstream(ErrorType::ReadTimedout)),
+            Some(504)
+        );
+        assert_eq!(
+            failure_status(&upstream(ErrorType::ConnectRefused)),
+            Some(502)
+        );
+        assert_eq!(
+            failure_status(&upstream(ErrorType::ConnectionClosed)),
+            Some(502)
+        );
+        let refusal = Error::explain(
+            ErrorType::HTTPStatus(503),
+            "pool api has no healthy backend",
+        );
+        assert_eq!(failure_status(&refusal), Some(503));
+        assert_eq!(
+            failure_status(&Error::new_down(ErrorType::ConnectionClosed)),
+            None,
+            "nobody left to answer"
+        );
+        assert_eq!(
+            failure_status(&Error::new_down(ErrorType::InvalidHTTPHeader)),
+            Some(400)
+        );
+        assert_eq!(
+            failure_status(&Error::new_in(ErrorType::InternalError)),
+            Some(500)
+        );
+    }
+
+    #[test]
+    fn failure_detail_names_the_pool_and_kind_never_the_backend() {
+        let e = upstream(ErrorType::ConnectRefused).more_context("peer: 127.0.0.1:8081");
+        let detail = failure_detail(&e, Some("api"), 2);
+        assert!(detail.contains("`api`"), "{detail}");
+        assert!(detail.contains("ConnectRefused"), "{detail}");
+        assert!(detail.contains("attempts: 2"), "{detail}");
+        assert!(!detail.contains("8081"), "{detail}");
+        let refusal = Error::explain(
+            ErrorType::HTTPStatus(503),
+            "pool api has no healthy backend",
+        );
+        assert_eq!(
+            failure_detail(&refusal, Some("api"), 1),
+            "pool api has no healthy backend"
+        );
     }
 }

@@ -57,7 +57,23 @@ async fn spreads_retries_gets_and_never_resends_posts() {
             .unwrap();
         if r.status() == 200 {
             ok += 1;
+            continue;
         }
+        // The failure is a problem document naming the pool and the kind
+        // of failure, never a bare status or a backend address.
+        assert_eq!(r.status(), 502);
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{:?}",
+            r.headers()
+        );
+        assert!(r.headers().contains_key("x-request-id"));
+        let problem: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(problem["status"], 502);
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains("upstream pool `api` failed"), "{detail}");
+        assert!(!detail.contains(&ups[0].addr.to_string()), "{detail}");
     }
     let after: usize = ups.iter().map(|u| u.hits()).sum();
     assert_eq!(
@@ -98,6 +114,18 @@ async fn spreads_retries_gets_and_never_resends_posts() {
     for b in health["api"].as_array().unwrap() {
         assert_eq!(b["healthy"], b["addr"] != dead.as_str(), "{b}");
     }
+
+    // Every backend gone: once the checks caught up, a clear 503 problem.
+    for u in ups.iter_mut().skip(1) {
+        u.kill().await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let r = client.get(gw.url("/api/v1/sales")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let problem: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(problem["status"], 503);
+    assert_eq!(problem["detail"], "pool api has no healthy backend");
 }
 
 #[tokio::test]

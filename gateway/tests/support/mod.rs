@@ -185,7 +185,6 @@ impl GatewayProc {
         if let Some(pool) = g.pools.get_mut("api") {
             pool.backends = backends.iter().map(|b| b.to_string()).collect();
             pool.health_interval_ms = 200;
-            pool.connect_timeout_ms = 300;
         }
         c
     }
