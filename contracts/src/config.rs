@@ -379,6 +379,9 @@ pub struct ApiConfig {
     /// Verified tokens kept so a buyer polling results costs no RSA
     /// (0 verifies every request).
     pub jwt_cache_entries: u64,
+    /// Password hashes and captcha renders running at once (0: one per
+    /// core); a burst beyond it queues instead of starving the machine.
+    pub cpu_jobs: usize,
 }
 
 impl Default for ApiConfig {
@@ -392,6 +395,7 @@ impl Default for ApiConfig {
             path_ttl_secs: 60,
             idempotency_key_ttl_secs: 600,
             jwt_cache_entries: 10_000,
+            cpu_jobs: 0,
         }
     }
 }

@@ -35,6 +35,11 @@ struct Api {
 
 impl Api {
     async fn start() -> Api {
+        Api::start_with(|_| {}).await
+    }
+
+    /// [`Api::start`] with the test's own changes to the config.
+    async fn start_with(tweak: impl FnOnce(&mut seckill_contracts::Config)) -> Api {
         let env = TestEnv::new().await;
         let dir = tempfile::tempdir().unwrap();
         let keys = test_keys();
@@ -50,6 +55,7 @@ impl Api {
         }];
         config.api.admin_token = Some(ADMIN.into());
         config.api.admin_token_path = None;
+        tweak(&mut config);
         let state = ApiState::connect(&config).await.expect("api state");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -745,6 +751,47 @@ async fn captcha_then_hidden_path() {
     let none: Option<String> = redis.get(up_keys.path(user)).await.unwrap();
     assert_eq!(none, None);
 
+    api.stop().await;
+}
+
+/// A burst of logins and captchas (the opening of a sale) runs at most
+/// `api.cpu_jobs` argon2 hashes and PNG renders at once; the rest queue and
+/// every request still gets its answer, each captcha with its own answer.
+#[tokio::test]
+async fn a_login_and_captcha_burst_is_bounded_by_cpu_jobs() {
+    let api = Api::start_with(|c| c.api.cpu_jobs = 2).await;
+    let sale = api.active_sale().await;
+    let creds = json!({"username": "burst_user", "password": "correct horse"});
+    let resp = api.post_json("/api/v1/auth/register", creds.clone()).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+
+    let logins = (0..12).map(|_| {
+        let (api, creds) = (&api, creds.clone());
+        async move { api.post_json("/api/v1/auth/login", creds).await.status() }
+    });
+    let captchas = (0..24).map(|user| {
+        let api = &api;
+        async move { fetch_captcha(api, sale.id, 1_000 + user).await }
+    });
+    let (statuses, _) = tokio::join!(
+        futures::future::join_all(logins),
+        futures::future::join_all(captchas)
+    );
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        api.state.cpu().peak_running(),
+        2,
+        "both slots used, never more"
+    );
+    let mut redis = api.redis().await;
+    let keys = api.env.keys().sale(sale.id);
+    for user in 1_000..1_024 {
+        let answer: Option<String> = redis.get(keys.captcha(user)).await.unwrap();
+        assert!(answer.is_some(), "captcha answer for user {user} stored");
+    }
     api.stop().await;
 }
 

@@ -1,9 +1,10 @@
 //! Registration and login: argon2id password hashes, RS256 access tokens.
 //!
 //! Passwords are hashed with argon2id (the argon2 crate's defaults, the
-//! OWASP-recommended 19 MiB / 2 passes) on the blocking pool, because a
-//! hash takes tens of milliseconds of CPU and must not stall the async
-//! workers. Registration relies on the `UNIQUE(username)` index to detect a
+//! OWASP-recommended 19 MiB / 2 passes) through [`super::cpu_work`], on the
+//! blocking pool because a hash takes tens of milliseconds of CPU and must
+//! not stall the async workers, and at most `api.cpu_jobs` at once so a
+//! login burst queues instead of taking every core and 19 MiB per request. Registration relies on the `UNIQUE(username)` index to detect a
 //! taken name: a pre-check would race with a concurrent registration.
 //! Login answers the same 401 for an unknown user and a wrong password, and
 //! verifies against a dummy hash when the user is unknown so both take about
@@ -92,7 +93,9 @@ async fn register(
         return Err(Problem::bad_request("password must be 8 to 128 characters"));
     }
     let password = creds.password;
-    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+    let hash = state
+        .cpu()
+        .run(move || hash_password(&password))
         .await
         .map_err(Problem::internal)?
         .map_err(Problem::internal)?;
@@ -144,7 +147,9 @@ async fn login(
     };
     // Bound the work an attacker can cause with a huge password.
     let password: String = creds.password.chars().take(128).collect();
-    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+    let ok = state
+        .cpu()
+        .run(move || verify_password(&password, &hash))
         .await
         .map_err(Problem::internal)?;
     if !(ok && known) {

@@ -186,14 +186,16 @@ async fn captcha(
     if sales_cache::cached_sale(&state, sale_id).await?.is_none() {
         return Err(Problem::not_found("no such sale"));
     }
-    let (answer, png) = tokio::task::spawn_blocking(|| {
-        let mut rng = rand::rng();
-        let formula = random_formula(&mut rng);
-        render_png(&mut rng, &formula.text).map(|png| (formula.answer, png))
-    })
-    .await
-    .map_err(Problem::internal)?
-    .map_err(Problem::internal)?;
+    let (answer, png) = state
+        .cpu()
+        .run(|| {
+            let mut rng = rand::rng();
+            let formula = random_formula(&mut rng);
+            render_png(&mut rng, &formula.text).map(|png| (formula.answer, png))
+        })
+        .await
+        .map_err(Problem::internal)?
+        .map_err(Problem::internal)?;
     let mut redis = state.redis();
     let _: () = redis::cmd("SET")
         .arg(state.keys().sale(sale_id).captcha(who.user_id))

@@ -16,8 +16,8 @@ use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, HistogramVec,
-    IntCounter, IntCounterVec,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge,
 };
 use tracing::Instrument;
 
@@ -67,6 +67,31 @@ static AUTH_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+static CPU_JOBS_WAITING: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "seckill_api_cpu_jobs_waiting",
+        "Password hashes and captcha renders waiting for a CPU slot (api.cpu_jobs)."
+    )
+    .expect("metric registers once")
+});
+
+/// Counts a CPU job as waiting for its slot while alive (drop-safe, so a
+/// client that hangs up mid-wait is uncounted too).
+pub struct CpuJobWaiting(());
+
+impl CpuJobWaiting {
+    pub fn enter() -> CpuJobWaiting {
+        CPU_JOBS_WAITING.inc();
+        CpuJobWaiting(())
+    }
+}
+
+impl Drop for CpuJobWaiting {
+    fn drop(&mut self) {
+        CPU_JOBS_WAITING.dec();
+    }
+}
 
 /// Counts a MySQL read of the sale loader.
 pub fn sale_db_load() {

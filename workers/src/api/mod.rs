@@ -18,11 +18,13 @@
 //!
 //! plus `/healthz` and `/metrics` from [`crate::probes`]. [`identity`]
 //! re-verifies the bearer token on every authenticated route and
-//! [`problem`] makes every error RFC 9457 problem+json.
+//! [`problem`] makes every error RFC 9457 problem+json; [`cpu_work`] bounds
+//! the CPU-heavy work (argon2, captcha PNGs) a burst can start at once.
 
 pub mod admin;
 pub mod auth;
 pub mod captcha;
+pub mod cpu_work;
 pub mod hidden_path;
 pub mod idempotency;
 pub mod identity;
@@ -46,6 +48,7 @@ use tokio::net::TcpListener;
 use crate::connections::{self, ConnectError};
 use crate::probes;
 use crate::tokens::TokenSigner;
+use cpu_work::CpuWork;
 use sales_cache::SingleFlight;
 use seckill_contracts::jwt::JwtVerifier;
 
@@ -72,6 +75,7 @@ struct Inner {
     admin_digest: Option<[u8; 32]>,
     dummy_hash: String,
     flights: SingleFlight,
+    cpu: CpuWork,
 }
 
 /// Everything a request handler needs, cheap to clone (one `Arc`).
@@ -135,6 +139,7 @@ impl ApiState {
                 admin_digest,
                 dummy_hash,
                 flights: SingleFlight::default(),
+                cpu: CpuWork::new(config.api.cpu_jobs),
             }),
         })
     }
@@ -175,6 +180,11 @@ impl ApiState {
 
     fn dummy_hash(&self) -> &str {
         &self.inner.dummy_hash
+    }
+
+    /// The bounded runner for password hashing and captcha rendering.
+    pub fn cpu(&self) -> &CpuWork {
+        &self.inner.cpu
     }
 
     fn flights(&self) -> &SingleFlight {
