@@ -17,10 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::recovery::{
-    assert_audit_clean, assert_every_admission_settled, attempt, sell_out, SweepingWorker, Tally,
+    assert_audit_clean, assert_every_admission_settled, attempt, sell_out, OpenSale,
 };
-use support::stack::{Stack, StackOptions};
-use tokio::sync::Mutex;
 
 const STOCK: u32 = 300;
 const BUYERS: u64 = 800;
@@ -48,25 +46,15 @@ impl Drop for RestartGuard {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_restarted_mid_sale_loses_nothing_admitted() {
-    let stack = Arc::new(
-        Stack::start(StackOptions {
-            worker: false,
-            gateway_amqp_url: None,
-        })
-        .await,
-    );
     // Our own worker, with a sweeper fast enough to release, within the
-    // test, a reservation whose publish died with the broker.
-    let worker = SweepingWorker::start(&stack).await;
-
-    let sale_id = stack.create_sale(STOCK, 1, 600).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let tally = Arc::new(Mutex::new(Tally::default()));
-
-    // Before: a third of the stock sells normally.
-    for user in 1..=40 {
-        assert_eq!(attempt(&stack, sale_id, user, &tally).await, 202);
-    }
+    // test, a reservation whose publish died with the broker. Before the
+    // restart a third of the stock sells normally.
+    let OpenSale {
+        stack,
+        worker,
+        sale_id,
+        tally,
+    } = OpenSale::start(STOCK, 40).await;
 
     // During: buyers keep coming while the broker goes down and comes back.
     let guard = RestartGuard;

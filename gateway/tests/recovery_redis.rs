@@ -16,33 +16,21 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use support::recovery::{
-    assert_audit_clean, assert_every_admission_settled, attempt, sell_out, SweepingWorker, Tally,
+    assert_audit_clean, assert_every_admission_settled, attempt, sell_out, OpenSale,
 };
-use support::stack::{Stack, StackOptions};
-use tokio::sync::Mutex;
 
 const STOCK: u32 = 100;
 const BUYERS: u64 = 400;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_emptied_mid_sale_is_rebuilt_from_mysql_without_over_or_underselling() {
-    let stack = Arc::new(
-        Stack::start(StackOptions {
-            worker: false,
-            gateway_amqp_url: None,
-        })
-        .await,
-    );
-    let worker = SweepingWorker::start(&stack).await;
-
-    let sale_id = stack.create_sale(STOCK, 1, 600).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let tally = Arc::new(Mutex::new(Tally::default()));
-
     // Before: a third of the stock sells normally.
-    for user in 1..=35 {
-        assert_eq!(attempt(&stack, sale_id, user, &tally).await, 202);
-    }
+    let OpenSale {
+        stack,
+        worker,
+        sale_id,
+        tally,
+    } = OpenSale::start(STOCK, 35).await;
 
     // Redis loses everything of this deployment, while buyers keep coming.
     let mut redis = stack.env.redis().await;

@@ -150,6 +150,30 @@ impl Api {
         (status, body, headers)
     }
 
+    /// `POST /api/v1/orders/{order}/pay` as `user`, with `key` as the
+    /// `Idempotency-Key` when given.
+    async fn pay(
+        &self,
+        order: &str,
+        user: u64,
+        key: Option<&str>,
+    ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+        let path = format!("/api/v1/orders/{order}/pay");
+        self.call(reqwest::Method::POST, &path, Some(user), key)
+            .await
+    }
+
+    /// `POST /api/v1/orders/{order}/cancel` as `user`.
+    async fn cancel(
+        &self,
+        order: &str,
+        user: u64,
+    ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+        let path = format!("/api/v1/orders/{order}/cancel");
+        self.call(reqwest::Method::POST, &path, Some(user), None)
+            .await
+    }
+
     async fn key(&self, user: u64) -> String {
         let (s, body, _) = self
             .call(
@@ -216,88 +240,41 @@ async fn orders_routes_pay_and_cancel_keep_buyers_apart_and_stock_right() {
     }
     // Another user cannot pay or cancel my order.
     let key12 = api.key(12).await;
-    let (s, _, _) = api
-        .call(
-            Method::POST,
-            &format!("/api/v1/orders/{mine}/pay"),
-            Some(12),
-            Some(&key12),
-        )
-        .await;
+    let (s, _, _) = api.pay(mine, 12, Some(&key12)).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _, _) = api
-        .call(
-            Method::POST,
-            &format!("/api/v1/orders/{mine}/cancel"),
-            Some(12),
-            None,
-        )
-        .await;
+    let (s, _, _) = api.cancel(mine, 12).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(order_status(&db, mine).await.0, "unpaid");
 
     // Pay needs an issued key of this user.
-    let pay_mine = format!("/api/v1/orders/{mine}/pay");
-    let (s, _, _) = api.call(Method::POST, &pay_mine, Some(11), None).await;
+    let (s, _, _) = api.pay(mine, 11, None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, _, _) = api
-        .call(
-            Method::POST,
-            &pay_mine,
-            Some(11),
-            Some("0123456789abcdef0123456789abcdef"),
-        )
+        .pay(mine, 11, Some("0123456789abcdef0123456789abcdef"))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "a never-issued key");
-    let (s, _, _) = api
-        .call(Method::POST, &pay_mine, Some(11), Some(&key12))
-        .await;
+    let (s, _, _) = api.pay(mine, 11, Some(&key12)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "another user's key");
-    let (s, _, _) = api
-        .call(
-            Method::POST,
-            &pay_mine,
-            Some(11),
-            Some("'; DROP TABLE orders; --"),
-        )
-        .await;
+    let (s, _, _) = api.pay(mine, 11, Some("'; DROP TABLE orders; --")).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(order_status(&db, mine).await.0, "unpaid");
 
     let key = api.key(11).await;
-    let (s, first, h) = api
-        .call(Method::POST, &pay_mine, Some(11), Some(&key))
-        .await;
+    let (s, first, h) = api.pay(mine, 11, Some(&key)).await;
     assert_eq!(s, StatusCode::OK, "{first}");
     assert_eq!(first["status"], "paid");
     assert!(first["paid_at"].is_string());
     assert!(!h.contains_key("idempotent-replayed"));
-    let (s, again, h) = api
-        .call(Method::POST, &pay_mine, Some(11), Some(&key))
-        .await;
+    let (s, again, h) = api.pay(mine, 11, Some(&key)).await;
     assert_eq!(
         (s, &again),
         (StatusCode::OK, &first),
         "a replay answers the first response"
     );
     assert_eq!(h["idempotent-replayed"], "true");
-    let (s, _, _) = api
-        .call(
-            Method::POST,
-            &format!("/api/v1/orders/{theirs}/pay"),
-            Some(12),
-            Some(&key),
-        )
-        .await;
+    let (s, _, _) = api.pay(theirs, 12, Some(&key)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "my key is not user 12's");
-    let (s, body, _) = api
-        .call(
-            Method::POST,
-            &format!("/api/v1/orders/{mine}/cancel"),
-            Some(11),
-            None,
-        )
-        .await;
+    let (s, body, _) = api.cancel(mine, 11).await;
     assert_eq!(
         s,
         StatusCode::CONFLICT,
@@ -311,54 +288,32 @@ async fn orders_routes_pay_and_cancel_keep_buyers_apart_and_stock_right() {
         redis_stock(&api.env, sale.id).await,
     );
     assert_eq!(before, (3, 3));
-    let cancel = format!("/api/v1/orders/{theirs}/cancel");
-    let (s, body, _) = api.call(Method::POST, &cancel, Some(12), None).await;
+    let (s, body, _) = api.cancel(theirs, 12).await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(
         (body["status"].as_str(), body["close_reason"].as_str()),
         (Some("closed"), Some("cancelled"))
     );
-    let (s, _, _) = api.call(Method::POST, &cancel, Some(12), None).await;
+    let (s, _, _) = api.cancel(theirs, 12).await;
     assert_eq!(s, StatusCode::OK, "cancelling twice is harmless");
     assert_eq!(stock_left(&db, sale.id).await, 4);
     assert_eq!(redis_stock(&api.env, sale.id).await, 4);
     // key12 answered 404 for my order: it stays bound to that answer.
-    let (s, _, _) = api
-        .call(
-            Method::POST,
-            &format!("/api/v1/orders/{theirs}/pay"),
-            Some(12),
-            Some(&key12),
-        )
-        .await;
+    let (s, _, _) = api.pay(theirs, 12, Some(&key12)).await;
     assert_eq!(
         s,
         StatusCode::UNPROCESSABLE_ENTITY,
         "a key serves one order"
     );
     let key12 = api.key(12).await;
-    let (s, body, _) = api
-        .call(
-            Method::POST,
-            &format!("/api/v1/orders/{theirs}/pay"),
-            Some(12),
-            Some(&key12),
-        )
-        .await;
+    let (s, body, _) = api.pay(theirs, 12, Some(&key12)).await;
     assert_eq!(
         s,
         StatusCode::CONFLICT,
         "a closed order cannot be paid: {body}"
     );
     assert_eq!(body["type"], "/problems/order-closed");
-    let (s, replay, _) = api
-        .call(
-            Method::POST,
-            &format!("/api/v1/orders/{theirs}/pay"),
-            Some(12),
-            Some(&key12),
-        )
-        .await;
+    let (s, replay, _) = api.pay(theirs, 12, Some(&key12)).await;
     assert_eq!(
         (s, replay),
         (StatusCode::CONFLICT, body),

@@ -3,13 +3,50 @@
 //! out, and the end-of-sale checks of SPEC invariants 1 to 4.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use seckill_contracts::testkit::{free_addr, wait_ok, Process};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use super::stack::{sibling_binary, Stack};
+use super::stack::{sibling_binary, Stack, StackOptions};
+
+/// A recovery test's sale, open and partly sold before the fault.
+pub struct OpenSale {
+    pub stack: Arc<Stack>,
+    pub worker: SweepingWorker,
+    pub sale_id: u64,
+    pub tally: Arc<Mutex<Tally>>,
+}
+
+impl OpenSale {
+    /// A stack without its own worker (the [`SweepingWorker`] replaces it),
+    /// a sale of `stock` open for 10 minutes, and users `1..=sold_before`
+    /// each admitted once, as the sale's normal start before the fault.
+    pub async fn start(stock: u32, sold_before: u64) -> OpenSale {
+        let stack = Arc::new(
+            Stack::start(StackOptions {
+                worker: false,
+                gateway_amqp_url: None,
+            })
+            .await,
+        );
+        let worker = SweepingWorker::start(&stack).await;
+        let sale_id = stack.create_sale(stock, 1, 600).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        for user in 1..=sold_before {
+            assert_eq!(attempt(&stack, sale_id, user, &tally).await, 202);
+        }
+        OpenSale {
+            stack,
+            worker,
+            sale_id,
+            tally,
+        }
+    }
+}
 
 /// What buyers were answered.
 #[derive(Default)]

@@ -15,6 +15,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
@@ -81,4 +83,23 @@ pub(crate) async fn open_consumer(
             FieldTable::default(),
         )
         .await
+}
+
+/// The consumer's next delivery, or `Ok(None)` once `stop` turns true (a
+/// stop wins over a delivery that arrived at the same moment, which then
+/// stays unacked and is redelivered). A failed stream or a consumer the
+/// broker cancelled is an `Err`: the session ends and reconnects.
+pub(crate) async fn next_delivery(
+    consumer: &mut Consumer,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Option<Delivery>> {
+    let next = tokio::select! {
+        biased;
+        _ = stop.wait_for(|s| *s) => return Ok(None),
+        d = consumer.next() => d,
+    };
+    match next {
+        Some(d) => Ok(Some(d?)),
+        None => Err(anyhow::anyhow!("the broker cancelled the consumer")),
+    }
 }

@@ -25,7 +25,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use seckill_contracts::config::AmqpConfig;
@@ -128,15 +127,10 @@ async fn session(ctx: &Arc<WorkerContext>, stop: &mut watch::Receiver<bool>) -> 
     tracing::info!(queue = %amqp.close_queue, "consuming order closes");
     let mut failures = 0u32;
     let result = loop {
-        let next = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break Ok(()),
-            d = deliveries.next() => d,
-        };
-        let delivery = match next {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => break Err(e.into()),
-            None => break Err(anyhow::anyhow!("the broker cancelled the close consumer")),
+        let delivery = match broker_session::next_delivery(&mut deliveries, stop).await {
+            Ok(Some(d)) => d,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e.context("close consumer")),
         };
         let message = match serde_json::from_slice::<CloseMessage>(&delivery.data) {
             Ok(m) if m.version == CLOSE_MESSAGE_VERSION => m,

@@ -147,15 +147,10 @@ async fn session(
     let batch_size = worker.batch_size.max(1);
     let max_wait = Duration::from_millis(worker.batch_max_wait_ms);
     let result: anyhow::Result<()> = loop {
-        let first = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break Ok(()),
-            d = consumer.next() => d,
-        };
-        let first = match first {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => break Err(e.into()),
-            None => break Err(anyhow!("the broker cancelled the consumer")),
+        let first = match broker_session::next_delivery(&mut consumer, stop).await {
+            Ok(Some(d)) => d,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e.context("order consumer")),
         };
         let mut batch = vec![first];
         let deadline = Instant::now() + max_wait;
