@@ -13,8 +13,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
+
+mod env;
 use serde::{Deserialize, Serialize};
 
 /// The environment prefix; `__` separates nesting levels.
@@ -284,6 +286,10 @@ pub struct GatewayConfig {
     pub lua_memory_bytes: usize,
     /// Wall-clock limit of one phase call, its I/O waits included.
     pub lua_call_timeout_ms: u64,
+    /// Time kept at the end of a rule call for giving a reservation back
+    /// when the publish fails: the publish may use only what the call has
+    /// left minus this, so the rollback and the buyer's 503 always fit.
+    pub rollback_reserve_ms: u64,
     /// Verified tokens kept to skip RSA on a buyer's repeated requests.
     pub jwt_cache_entries: u64,
     /// Seconds given to in-flight requests after SIGTERM.
@@ -295,6 +301,23 @@ pub struct GatewayConfig {
     /// it, one request asks Redis again (a missed `reopened` notice costs at
     /// most this long of answering "sold out" wrongly).
     pub sold_out_mark_ttl_ms: u64,
+
+    // Client connections before a whole request header has arrived: how
+    // long a client may take and how much memory it may hold. Defaults are
+    // nginx's; the gateway's `header_gate` module enforces them.
+    /// A request header must be complete this long after the connection is
+    /// accepted, or after the first byte of a later request on a kept-alive
+    /// connection; otherwise 408 (if any byte came) and close. nginx's
+    /// `client_header_timeout`.
+    pub client_header_timeout_ms: u64,
+    /// A kept-alive connection is closed after this long without the first
+    /// byte of its next request. nginx's `keepalive_timeout`.
+    pub keepalive_timeout_ms: u64,
+    /// The header buffer a connection gets once its first bytes arrive (an
+    /// idle connection holds none); it doubles up to `max_header_bytes`.
+    /// nginx's `client_header_buffer_size`.
+    pub header_buffer_bytes: usize,
+
     pub pools: BTreeMap<String, PoolConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -317,10 +340,14 @@ impl Default for GatewayConfig {
             lua_instruction_budget: 1_000_000,
             lua_memory_bytes: 32 * 1024 * 1024,
             lua_call_timeout_ms: 3_000,
+            rollback_reserve_ms: 500,
             jwt_cache_entries: 100_000,
             drain_secs: 10,
             sale_info_ttl_ms: 5_000,
             sold_out_mark_ttl_ms: 2_000,
+            client_header_timeout_ms: 60_000,
+            keepalive_timeout_ms: 75_000,
+            header_buffer_bytes: 1024,
             pools: BTreeMap::from([("api".to_string(), api)]),
             routes: vec![
                 RouteConfig {
@@ -453,13 +480,24 @@ impl Default for LogConfig {
 }
 
 impl Config {
-    /// Defaults, then `path` (if given), then `SECKILL__*` environment
-    /// variables; then [`Config::validate`].
+    /// Defaults, then `path` (if given), then the process's `SECKILL__*`
+    /// environment variables; then [`Config::validate`].
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_with_env(path, Env::prefixed(ENV_PREFIX).split("__"))
+        Self::load_with_env(path, env::EnvVars::process(ENV_PREFIX))
     }
 
-    fn load_with_env(path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+    /// [`Config::load`] with `vars` standing in for the process environment
+    /// (name, value pairs; names without the `SECKILL__` prefix are
+    /// ignored), so callers such as tests can give their own without
+    /// touching `std::env`.
+    pub fn load_from(
+        path: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, env::EnvVars::new(ENV_PREFIX, vars))
+    }
+
+    fn load_with_env(path: Option<&Path>, env: env::EnvVars) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = path {
             // Figment silently skips a missing file; an operator who names a
@@ -481,6 +519,31 @@ impl Config {
     }
 
     /// Cross-field checks the type system cannot express.
+    /// The publish of an admitted order gets what the rule call has left
+    /// minus the rollback reserve; the broker's confirm timeout must fit in
+    /// that, or every slow confirm would be cut by the call instead.
+    fn validate_handoff_deadlines(&self) -> Result<(), ConfigError> {
+        let g = &self.gateway;
+        if g.rollback_reserve_ms == 0 || g.rollback_reserve_ms >= g.lua_call_timeout_ms {
+            return Err(invalid(
+                "gateway.rollback_reserve_ms",
+                "must be at least 1 and less than gateway.lua_call_timeout_ms",
+            ));
+        }
+        let publish_window = g.lua_call_timeout_ms - g.rollback_reserve_ms;
+        if self.amqp.confirm_timeout_ms > publish_window {
+            return Err(invalid(
+                "amqp.confirm_timeout_ms",
+                format!(
+                    "must fit in gateway.lua_call_timeout_ms - gateway.rollback_reserve_ms \
+                     ({publish_window} ms), so a failed publish still leaves time to give \
+                     the reservation back"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.database.url.is_empty() {
             return Err(invalid("database.url", "must not be empty"));
@@ -526,6 +589,7 @@ impl Config {
         if g.lua_call_timeout_ms == 0 {
             return Err(invalid("gateway.lua_call_timeout_ms", "must be at least 1"));
         }
+        self.validate_handoff_deadlines()?;
         if g.lua_instruction_budget == 0 {
             return Err(invalid(
                 "gateway.lua_instruction_budget",
@@ -539,6 +603,24 @@ impl Config {
             return Err(invalid(
                 "gateway.sold_out_mark_ttl_ms",
                 "must be at least 1",
+            ));
+        }
+        if g.client_header_timeout_ms == 0 {
+            return Err(invalid(
+                "gateway.client_header_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        if g.keepalive_timeout_ms == 0 {
+            return Err(invalid(
+                "gateway.keepalive_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        if g.header_buffer_bytes == 0 || g.header_buffer_bytes > g.max_header_bytes {
+            return Err(invalid(
+                "gateway.header_buffer_bytes",
+                "must be at least 1 and at most gateway.max_header_bytes",
             ));
         }
         for (name, pool) in &g.pools {
@@ -642,25 +724,33 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// Loads `toml` with `env` as the whole environment (names without the
+    /// prefix). The process environment is never touched: another test
+    /// thread may be reading it.
     fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
         file.write_all(toml.as_bytes()).expect("write");
-        // A unique prefix keeps parallel tests from seeing each other's vars.
-        let prefix = format!("SECKILLTEST{}__", std::process::id() ^ rand_suffix());
-        for (k, v) in env {
-            std::env::set_var(format!("{prefix}{k}"), v);
-        }
-        let result = Config::load_with_env(Some(file.path()), Env::prefixed(&prefix).split("__"));
-        for (k, _) in env {
-            std::env::remove_var(format!("{prefix}{k}"));
-        }
-        result
+        let vars = env
+            .iter()
+            .map(|(k, v)| (format!("{ENV_PREFIX}{k}"), v.to_string()));
+        Config::load_from(Some(file.path()), vars)
     }
 
-    fn rand_suffix() -> u32 {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(1);
-        N.fetch_add(1, Ordering::Relaxed) << 20
+    #[test]
+    fn only_the_given_environment_is_read() {
+        // Whatever the process environment holds, an empty source means
+        // defaults plus the file.
+        let c = Config::load_from(None, std::iter::empty()).expect("defaults load");
+        assert_eq!(c, Config::default());
+        let c = load_str("", &[("REDIS__KEY_PREFIX", "from-source")]).expect("loads");
+        assert_eq!(c.redis.key_prefix, "from-source");
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let err = load_str("", &[("WORKER__BATCH_SIZE", "-3")]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("SECKILL__WORKER__BATCH_SIZE"), "{msg}");
     }
 
     #[test]
@@ -697,6 +787,22 @@ mod tests {
     fn bad_address_names_the_key() {
         let err = load_str("[gateway]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("gateway.listen"), "{err}");
+    }
+
+    #[test]
+    fn client_connection_limits_must_be_set() {
+        for (toml, key) in [
+            (
+                "client_header_timeout_ms = 0",
+                "gateway.client_header_timeout_ms",
+            ),
+            ("keepalive_timeout_ms = 0", "gateway.keepalive_timeout_ms"),
+            ("header_buffer_bytes = 0", "gateway.header_buffer_bytes"),
+            ("header_buffer_bytes = 99999", "gateway.header_buffer_bytes"),
+        ] {
+            let err = load_str(&format!("[gateway]\n{toml}\n"), &[]).unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]

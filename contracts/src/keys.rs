@@ -11,7 +11,8 @@
 //! <prefix>:{sale:42}:stock       int    remaining stock, only ever moved by scripts
 //! <prefix>:{sale:42}:buyers      set    users queued or bought (dedupe)
 //! <prefix>:{sale:42}:resv        hash   user -> "request_id:admitted_ms[:c]" (in flight;
-//!                                       ":c" once a worker claimed it)
+//!                                       ":c" once a worker claimed it; see
+//!                                       `crate::reservation`)
 //! <prefix>:{sale:42}:released    set    request ids rolled back or timed out, so a
 //!                                       late message for one is refused
 //! <prefix>:{sale:42}:returned    set    order ids whose unit came back after a close
@@ -20,6 +21,9 @@
 //! <prefix>:{sale:42}:limit:<u>   zset   sliding-window limiter
 //! <prefix>:{sale:42}:captcha:<u> string captcha answer
 //! <prefix>:{sale:42}:cache       string cached sale JSON (cache-aside)
+//! <prefix>:idem:<u>:<key>        string a pay idempotency key and its first answer
+//! <prefix>:lock:<name>           string a named lock's owner token
+//! <prefix>:worker:attempts:<id>  int    failed attempts of one order message
 //! ```
 
 use std::fmt;
@@ -68,6 +72,13 @@ impl KeySchema {
     /// A named distributed lock (e.g. the timeout sweeper's).
     pub fn lock(&self, name: &str) -> String {
         format!("{}:lock:{name}", self.prefix)
+    }
+
+    /// How often the order worker has failed one message on its own
+    /// (`INCR`ed per failed attempt; at `amqp.delivery_limit` the message is
+    /// dead-lettered). Not a sale key: a message may name an unknown sale.
+    pub fn worker_attempts(&self, message_id: &str) -> String {
+        format!("{}:worker:attempts:{message_id}", self.prefix)
     }
 
     /// Pattern matching every key of this prefix, for cleanup.
@@ -160,6 +171,15 @@ mod tests {
         }
         let unique: std::collections::HashSet<_> = keys.iter().collect();
         assert_eq!(unique.len(), keys.len());
+    }
+
+    #[test]
+    fn worker_attempts_live_under_the_prefix() {
+        let keys = KeySchema::new("seckill");
+        let k = keys.worker_attempts("0192-ab");
+        assert_eq!(k, "seckill:worker:attempts:0192-ab");
+        assert!(k.starts_with(keys.all_keys_pattern().trim_end_matches('*')));
+        assert_eq!(hash_tag(&k), None, "not a key of one sale");
     }
 
     #[test]

@@ -31,9 +31,11 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use redis::aio::ConnectionLike;
 use seckill_contracts::config::Config;
-use seckill_contracts::keys::KeySchema;
+use seckill_contracts::keys::{KeySchema, SaleKeys};
 use serde::Serialize;
 use sqlx::MySqlPool;
+
+use crate::statuses::OrderStatus;
 
 /// Why an audit could not be carried out (as opposed to a violation).
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,23 @@ pub async fn run<C: ConnectionLike>(
     Ok(result)
 }
 
+/// What MySQL says about one sale.
+struct MysqlFigures {
+    stock_total: i64,
+    stock_left: i64,
+    unpaid: i64,
+    paid: i64,
+    closed: i64,
+    duplicate_pairs: i64,
+}
+
+/// What Redis says about one sale.
+struct RedisFigures {
+    stock: Option<i64>,
+    reservations: i64,
+    buyers: i64,
+}
+
 async fn snapshot<C: ConnectionLike>(
     config: &Config,
     db: &MySqlPool,
@@ -97,7 +116,32 @@ async fn snapshot<C: ConnectionLike>(
     sale_id: u64,
 ) -> Result<AuditReport, AuditError> {
     let keys = KeySchema::new(config.redis.key_prefix.clone());
-    let k = keys.sale(sale_id);
+    let m = mysql_figures(db, sale_id).await?;
+    let r = redis_figures(redis, &keys.sale(sale_id)).await?;
+    let queued = queue_depth(broker, &config.amqp.queue).await?;
+    let parked = queue_depth(broker, &config.amqp.dead_letter_queue).await?;
+    let quiet = r.reservations == 0 && queued == 0;
+    let violations = violations(&m, &r, quiet, queued, parked);
+    Ok(AuditReport {
+        sale_id,
+        ok: violations.is_empty(),
+        quiet,
+        stock_total: m.stock_total,
+        mysql_stock_left: m.stock_left,
+        orders_unpaid: m.unpaid,
+        orders_paid: m.paid,
+        orders_closed: m.closed,
+        duplicate_pairs: m.duplicate_pairs,
+        redis_stock: r.stock,
+        redis_reservations: r.reservations,
+        redis_buyers: r.buyers,
+        queue_depth: queued,
+        dlq_depth: parked,
+        violations,
+    })
+}
+
+async fn mysql_figures(db: &MySqlPool, sale_id: u64) -> Result<MysqlFigures, AuditError> {
     let (stock_total, stock_left): (i64, i64) = sqlx::query_as(
         "SELECT CAST(stock_total AS SIGNED), CAST(stock_left AS SIGNED) FROM sales WHERE id = ?",
     )
@@ -106,11 +150,14 @@ async fn snapshot<C: ConnectionLike>(
     .await?
     .ok_or(AuditError::UnknownSale(sale_id))?;
     let (unpaid, paid, closed): (i64, i64, i64) = sqlx::query_as(
-        "SELECT CAST(COALESCE(SUM(status = 'unpaid'), 0) AS SIGNED), \
-                CAST(COALESCE(SUM(status = 'paid'), 0) AS SIGNED), \
-                CAST(COALESCE(SUM(status = 'closed'), 0) AS SIGNED) \
+        "SELECT CAST(COALESCE(SUM(status = ?), 0) AS SIGNED), \
+                CAST(COALESCE(SUM(status = ?), 0) AS SIGNED), \
+                CAST(COALESCE(SUM(status = ?), 0) AS SIGNED) \
          FROM orders WHERE sale_id = ?",
     )
+    .bind(OrderStatus::Unpaid)
+    .bind(OrderStatus::Paid)
+    .bind(OrderStatus::Closed)
     .bind(sale_id)
     .fetch_one(db)
     .await?;
@@ -121,8 +168,21 @@ async fn snapshot<C: ConnectionLike>(
     .bind(sale_id)
     .fetch_one(db)
     .await?;
+    Ok(MysqlFigures {
+        stock_total,
+        stock_left,
+        unpaid,
+        paid,
+        closed,
+        duplicate_pairs,
+    })
+}
 
-    let (redis_stock, reservations, buyers): (Option<i64>, i64, i64) = redis::pipe()
+async fn redis_figures<C: ConnectionLike>(
+    redis: &mut C,
+    k: &SaleKeys,
+) -> Result<RedisFigures, AuditError> {
+    let (stock, reservations, buyers): (Option<i64>, i64, i64) = redis::pipe()
         .cmd("GET")
         .arg(k.stock())
         .cmd("HLEN")
@@ -131,12 +191,23 @@ async fn snapshot<C: ConnectionLike>(
         .arg(k.buyers())
         .query_async(redis)
         .await?;
+    Ok(RedisFigures {
+        stock,
+        reservations,
+        buyers,
+    })
+}
 
-    let queued = queue_depth(broker, &config.amqp.queue).await?;
-    let parked = queue_depth(broker, &config.amqp.dead_letter_queue).await?;
-
-    let unclosed = unpaid + paid;
-    let quiet = reservations == 0 && queued == 0;
+/// The invariants the figures break, each named by its SPEC number.
+fn violations(
+    m: &MysqlFigures,
+    r: &RedisFigures,
+    quiet: bool,
+    queued: u32,
+    parked: u32,
+) -> Vec<String> {
+    let (stock_total, stock_left) = (m.stock_total, m.stock_left);
+    let unclosed = m.unpaid + m.paid;
     let mut violations = Vec::new();
     if unclosed > stock_total {
         violations.push(format!(
@@ -148,17 +219,19 @@ async fn snapshot<C: ConnectionLike>(
             "invariant 1: MySQL stock_left {stock_left} + unclosed {unclosed} != stock_total {stock_total}"
         ));
     }
-    if duplicate_pairs > 0 {
+    if m.duplicate_pairs > 0 {
         violations.push(format!(
-            "invariant 2: {duplicate_pairs} buyers hold more than one order"
+            "invariant 2: {} buyers hold more than one order",
+            m.duplicate_pairs
         ));
     }
     if !quiet {
         violations.push(format!(
-            "invariant 4: not quiet ({reservations} reservations in flight, {queued} messages queued)"
+            "invariant 4: not quiet ({} reservations in flight, {queued} messages queued)",
+            r.reservations
         ));
     } else {
-        match redis_stock {
+        match r.stock {
             None => violations.push(
                 "invariant 4: the Redis stock counter is missing (run the reconciler)".to_string(),
             ),
@@ -173,23 +246,7 @@ async fn snapshot<C: ConnectionLike>(
             "invariant 3: {parked} messages parked in the dead-letter queue (shared by all sales)"
         ));
     }
-    Ok(AuditReport {
-        sale_id,
-        ok: violations.is_empty(),
-        quiet,
-        stock_total,
-        mysql_stock_left: stock_left,
-        orders_unpaid: unpaid,
-        orders_paid: paid,
-        orders_closed: closed,
-        duplicate_pairs,
-        redis_stock,
-        redis_reservations: reservations,
-        redis_buyers: buyers,
-        queue_depth: queued,
-        dlq_depth: parked,
-        violations,
-    })
+    violations
 }
 
 /// Messages ready in `queue`; a queue never declared holds none.
@@ -214,4 +271,63 @@ pub async fn queue_depth(broker: &Connection, queue: &str) -> Result<u32, lapin:
     };
     let _ = ch.close(200, "".into()).await;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mysql(stock_left: i64, unpaid: i64, paid: i64, closed: i64) -> MysqlFigures {
+        MysqlFigures {
+            stock_total: 10,
+            stock_left,
+            unpaid,
+            paid,
+            closed,
+            duplicate_pairs: 0,
+        }
+    }
+
+    fn redis(stock: Option<i64>) -> RedisFigures {
+        RedisFigures {
+            stock,
+            reservations: 0,
+            buyers: 0,
+        }
+    }
+
+    #[test]
+    fn a_consistent_quiet_sale_has_no_violation() {
+        let v = violations(&mysql(4, 3, 3, 2), &redis(Some(4)), true, 0, 0);
+        assert!(v.is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn each_broken_invariant_is_named() {
+        let oversold = violations(&mysql(0, 6, 5, 0), &redis(Some(0)), true, 0, 0);
+        assert!(oversold
+            .iter()
+            .any(|v| v.starts_with("invariant 1: 11 unclosed")));
+        let mut dup = mysql(4, 3, 3, 0);
+        dup.duplicate_pairs = 1;
+        let v = violations(&dup, &redis(Some(4)), true, 0, 0);
+        assert!(v.iter().any(|v| v.starts_with("invariant 2")), "{v:?}");
+        let v = violations(&mysql(4, 3, 3, 0), &redis(Some(5)), true, 0, 0);
+        assert!(
+            v.iter()
+                .any(|v| v.starts_with("invariant 4: Redis stock 5")),
+            "{v:?}"
+        );
+        let v = violations(&mysql(4, 3, 3, 0), &redis(None), true, 0, 0);
+        assert!(v.iter().any(|v| v.contains("counter is missing")), "{v:?}");
+        let v = violations(&mysql(4, 3, 3, 0), &redis(Some(4)), false, 2, 1);
+        assert!(
+            v.iter().any(|v| v.starts_with("invariant 4: not quiet")),
+            "{v:?}"
+        );
+        assert!(
+            v.iter().any(|v| v.starts_with("invariant 3: 1 messages")),
+            "{v:?}"
+        );
+    }
 }

@@ -38,6 +38,7 @@ use sqlx::MySqlPool;
 
 use crate::audit::{self, AuditReport};
 use crate::sales::{self, NewSale};
+use crate::statuses::ResultStatus;
 use crate::tokens::TokenSigner;
 
 /// How one demo run behaves (the CLI's flags).
@@ -166,6 +167,15 @@ struct Tally {
     last_admit: Mutex<Option<Instant>>,
 }
 
+/// One demo run's shared parts: the options, the gateway client and the
+/// progress bars.
+struct Run<'a> {
+    opts: &'a DemoOptions,
+    client: Client,
+    keys: KeySchema,
+    bars: MultiProgress,
+}
+
 /// Runs the demo against the stack `config` describes.
 pub async fn run(
     config: &Config,
@@ -174,24 +184,7 @@ pub async fn run(
     opts: &DemoOptions,
 ) -> Result<DemoReport, DemoError> {
     let keys = KeySchema::new(config.redis.key_prefix.clone());
-    let sale = match opts.sale {
-        Some(id) => sales::get(db, id)
-            .await?
-            .ok_or(DemoError::UnknownSale(id))?,
-        None => {
-            let now = Utc::now();
-            let new = NewSale {
-                title: "Demo phone".into(),
-                price_cents: 99_900,
-                sale_price_cents: 19_900,
-                stock: opts.stock,
-                starts_at: now,
-                ends_at: now + chrono::Duration::hours(1),
-            };
-            sales::create(db, redis, &keys, &new).await?
-        }
-    };
-    let sale_id = sale.id;
+    let sale = open_sale(db, redis, &keys, opts).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(opts.concurrency)
         .timeout(Duration::from_secs(10))
@@ -200,96 +193,171 @@ pub async fn run(
             url: opts.gateway.clone(),
             source,
         })?;
-    let signer = TokenSigner::from_config(&config.jwt)?;
-    let users: Vec<u64> = (opts.first_user..opts.first_user.saturating_add(opts.buyers)).collect();
-    let client = Client {
-        http,
-        base: opts.gateway.trim_end_matches('/').to_string(),
-        sale_id,
+    let run = Run {
+        opts,
+        client: Client {
+            http,
+            base: opts.gateway.trim_end_matches('/').to_string(),
+            sale_id: sale.id,
+        },
+        keys,
+        bars: MultiProgress::with_draw_target(if opts.progress {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        }),
     };
-
-    let bars = MultiProgress::with_draw_target(if opts.progress {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
-
-    // prepare
     let started = Instant::now();
-    let bar = progress_bar(&bars, users.len() as u64, "captcha + path");
-    let mut buyers = Vec::with_capacity(users.len());
-    let buyer_redis = redis.clone();
-    let mut prepared = stream::iter(users.iter().copied())
-        .map(|user| {
-            let (client, signer, keys, mut redis) = (&client, &signer, &keys, buyer_redis.clone());
-            async move {
-                let token = signer.issue(user, &format!("demo-buyer-{user}"))?;
-                let path = client.prepare(&token, user, keys, &mut redis).await?;
-                Ok::<_, DemoError>(Buyer { user, token, path })
-            }
-        })
-        .buffer_unordered(opts.concurrency.max(1));
-    while let Some(buyer) = prepared.next().await {
-        buyers.push(buyer?);
-        bar.inc(1);
-    }
-    bar.finish();
+    let signer = TokenSigner::from_config(&config.jwt)?;
+    let buyers = run.prepare(&signer, redis).await?;
     let prepare_ms = millis(started.elapsed());
-
-    // rush
-    let stock_at_start = sales::redis_stock(redis, &keys, sale_id)
+    let stock_at_start = sales::redis_stock(redis, &run.keys, sale.id)
         .await?
         .unwrap_or_default()
         .max(0) as u32;
     let tally = Tally::default();
-    let bar = progress_bar(&bars, buyers.len() as u64, "rush");
     let rush_started = Instant::now();
-    let admitted: Vec<&Buyer> = stream::iter(buyers.iter())
-        .map(|buyer| {
-            let (client, tally, bar) = (&client, &tally, &bar);
-            async move {
-                let won = client.rush(buyer, opts.retries, tally).await;
-                bar.inc(1);
-                bar.set_message(format!(
-                    "admitted {}",
-                    tally.admitted.load(Ordering::Relaxed)
-                ));
-                won.then_some(buyer)
-            }
-        })
-        .buffer_unordered(opts.concurrency.max(1))
-        .filter_map(|b| async move { b })
-        .collect()
-        .await;
-    bar.finish();
-
-    // settle
-    let bar = progress_bar(&bars, admitted.len() as u64, "results");
-    let deadline = Instant::now() + opts.timeout;
-    let results: Vec<&'static str> = stream::iter(admitted.iter())
-        .map(|buyer| {
-            let (client, bar) = (&client, &bar);
-            async move {
-                let status = client.settle(buyer, deadline).await;
-                bar.inc(1);
-                status
-            }
-        })
-        .buffer_unordered(opts.concurrency.max(1))
-        .collect()
-        .await;
-    bar.finish();
-    if !bars.is_hidden() {
+    let admitted = run.rush(&buyers, &tally).await;
+    let results = run.settle(&admitted).await;
+    if !run.bars.is_hidden() {
         // The bars end mid-line; the summary starts on its own.
         eprintln!();
     }
-    let settled_after_ms = millis(rush_started.elapsed());
-    let count = |s: &str| results.iter().filter(|r| **r == s).count() as u64;
-    let (sold, failed) = (count("success"), count("failed"));
+    let outcome = Outcome {
+        stock_total: sale.stock_total,
+        stock_at_start,
+        prepare_ms,
+        settled_after_ms: millis(rush_started.elapsed()),
+        rush_started,
+        results,
+    };
+    report(config, db, redis, &run, &tally, outcome).await
+}
 
-    let redis_stock = sales::redis_stock(redis, &keys, sale_id).await?;
+/// The sale given, or a fresh one of `opts.stock` units starting now.
+async fn open_sale(
+    db: &MySqlPool,
+    redis: &mut RedisConn,
+    keys: &KeySchema,
+    opts: &DemoOptions,
+) -> Result<sales::Sale, DemoError> {
+    if let Some(id) = opts.sale {
+        return sales::get(db, id).await?.ok_or(DemoError::UnknownSale(id));
+    }
+    let now = Utc::now();
+    let new = NewSale {
+        title: "Demo phone".into(),
+        price_cents: 99_900,
+        sale_price_cents: 19_900,
+        stock: opts.stock,
+        starts_at: now,
+        ends_at: now + chrono::Duration::hours(1),
+    };
+    Ok(sales::create(db, redis, keys, &new).await?)
+}
+
+impl Run<'_> {
+    /// Every buyer's token, captcha and hidden path.
+    async fn prepare(
+        &self,
+        signer: &TokenSigner,
+        redis: &RedisConn,
+    ) -> Result<Vec<Buyer>, DemoError> {
+        let first = self.opts.first_user;
+        let users = first..first.saturating_add(self.opts.buyers);
+        let bar = progress_bar(&self.bars, users.end - users.start, "captcha + path");
+        let mut buyers = Vec::with_capacity(usize::try_from(self.opts.buyers).unwrap_or(0));
+        let mut prepared = stream::iter(users)
+            .map(|user| {
+                let mut redis = redis.clone();
+                async move {
+                    let token = signer.issue(user, &format!("demo-buyer-{user}"))?;
+                    let path = self
+                        .client
+                        .prepare(&token, user, &self.keys, &mut redis)
+                        .await?;
+                    Ok::<_, DemoError>(Buyer { user, token, path })
+                }
+            })
+            .buffer_unordered(self.opts.concurrency.max(1));
+        while let Some(buyer) = prepared.next().await {
+            buyers.push(buyer?);
+            bar.inc(1);
+        }
+        bar.finish();
+        Ok(buyers)
+    }
+
+    /// All buyers at once; returns the admitted ones.
+    async fn rush<'b>(&self, buyers: &'b [Buyer], tally: &Tally) -> Vec<&'b Buyer> {
+        let bar = progress_bar(&self.bars, buyers.len() as u64, "rush");
+        let admitted = stream::iter(buyers.iter())
+            .map(|buyer| {
+                let bar = &bar;
+                async move {
+                    let won = self.client.rush(buyer, self.opts.retries, tally).await;
+                    bar.inc(1);
+                    bar.set_message(format!(
+                        "admitted {}",
+                        tally.admitted.load(Ordering::Relaxed)
+                    ));
+                    won.then_some(buyer)
+                }
+            })
+            .buffer_unordered(self.opts.concurrency.max(1))
+            .filter_map(|b| async move { b })
+            .collect()
+            .await;
+        bar.finish();
+        admitted
+    }
+
+    /// Every admitted buyer's final result (`None`: none before the timeout).
+    async fn settle(&self, admitted: &[&Buyer]) -> Vec<Option<ResultStatus>> {
+        let bar = progress_bar(&self.bars, admitted.len() as u64, "results");
+        let deadline = Instant::now() + self.opts.timeout;
+        let results = stream::iter(admitted.iter())
+            .map(|buyer| {
+                let bar = &bar;
+                async move {
+                    let status = self.client.settle(buyer, deadline).await;
+                    bar.inc(1);
+                    status
+                }
+            })
+            .buffer_unordered(self.opts.concurrency.max(1))
+            .collect()
+            .await;
+        bar.finish();
+        results
+    }
+}
+
+/// What the phases measured, for the report.
+struct Outcome {
+    stock_total: u32,
+    stock_at_start: u32,
+    prepare_ms: u64,
+    settled_after_ms: u64,
+    rush_started: Instant,
+    results: Vec<Option<ResultStatus>>,
+}
+
+/// The audit and the counts after the run.
+async fn report(
+    config: &Config,
+    db: &MySqlPool,
+    redis: &mut RedisConn,
+    run: &Run<'_>,
+    tally: &Tally,
+    outcome: Outcome,
+) -> Result<DemoReport, DemoError> {
+    let sale_id = run.client.sale_id;
+    let count = |s| outcome.results.iter().filter(|r| **r == Some(s)).count() as u64;
+    let (sold, failed) = (count(ResultStatus::Success), count(ResultStatus::Failed));
+    let redis_stock = sales::redis_stock(redis, &run.keys, sale_id).await?;
     let sold_out_after_ms = match (redis_stock, *lock(&tally.last_admit)) {
-        (Some(0), Some(at)) => Some(millis(at.saturating_duration_since(rush_started))),
+        (Some(0), Some(at)) => Some(millis(at.saturating_duration_since(outcome.rush_started))),
         _ => None,
     };
     let audit = audit::run(config, db, redis, sale_id, Duration::from_secs(30)).await?;
@@ -297,24 +365,23 @@ pub async fn run(
         .bind(sale_id)
         .fetch_one(db)
         .await?;
-    let admitted_n = tally.admitted.load(Ordering::Relaxed);
-    let unsettled = admitted_n - sold - failed;
-    let ok = audit.ok && unsettled == 0 && admitted_n <= u64::from(stock_at_start);
-    let rejected = lock(&tally.rejected).clone();
+    let admitted = tally.admitted.load(Ordering::Relaxed);
+    let unsettled = admitted.saturating_sub(sold + failed);
+    let ok = audit.ok && unsettled == 0 && admitted <= u64::from(outcome.stock_at_start);
     Ok(DemoReport {
         sale_id,
-        buyers: opts.buyers,
-        stock_total: sale.stock_total,
-        stock_at_start,
-        admitted: admitted_n,
+        buyers: run.opts.buyers,
+        stock_total: outcome.stock_total,
+        stock_at_start: outcome.stock_at_start,
+        admitted,
         sold,
         failed,
         unsettled,
-        rejected,
+        rejected: lock(&tally.rejected).clone(),
         retried: tally.retried.load(Ordering::Relaxed),
         sold_out_after_ms,
-        settled_after_ms,
-        prepare_ms,
+        settled_after_ms: outcome.settled_after_ms,
+        prepare_ms: outcome.prepare_ms,
         orders_committed,
         audit,
         ok,
@@ -449,26 +516,25 @@ impl Client {
         }
     }
 
-    /// Polls the buyer's result until it is final or `deadline` passes;
-    /// `success`, `failed`, or `pending`.
-    async fn settle(&self, buyer: &Buyer, deadline: Instant) -> &'static str {
+    /// Polls the buyer's result until it is final (`success` or `failed`);
+    /// `None` when `deadline` passes first.
+    async fn settle(&self, buyer: &Buyer, deadline: Instant) -> Option<ResultStatus> {
         let url = self.url(&format!("/sales/{}/result", self.sale_id));
         loop {
             let polled = self.http.get(&url).bearer_auth(&buyer.token).send().await;
-            if let Ok(resp) = polled {
-                if resp.status().is_success() {
-                    if let Ok(v) = resp.json::<Value>().await {
-                        match v["status"].as_str() {
-                            Some("success") => return "success",
-                            Some("failed") => return "failed",
-                            _ => {}
-                        }
-                    }
+            if let Ok(resp) = polled.and_then(|r| r.error_for_status()) {
+                let status = resp.json::<Value>().await.ok().and_then(|v| {
+                    v["status"]
+                        .as_str()
+                        .and_then(|s| s.parse::<ResultStatus>().ok())
+                });
+                if let Some(s @ (ResultStatus::Success | ResultStatus::Failed)) = status {
+                    return Some(s);
                 }
             }
             if Instant::now() >= deadline {
                 tracing::warn!(user = buyer.user, "no final result before the timeout");
-                return "pending";
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

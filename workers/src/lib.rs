@@ -13,5 +13,6 @@ pub mod reconcile;
 pub mod sales;
 pub mod shutdown;
 pub mod signing_keys;
+pub mod statuses;
 pub mod tokens;
 pub mod worker;

@@ -34,9 +34,9 @@ use seckill_contracts::redis_client::RedisConn;
 use tokio::sync::watch;
 
 /// Deletes the key only when it holds the caller's owner value.
-pub const RELEASE_SCRIPT: &str = include_str!("../../lua/redis/lock_release.lua");
+pub const RELEASE_SCRIPT: &str = include_str!("../../lua/workers/lock_release.lua");
 /// Extends the key's expiry only when it holds the caller's owner value.
-pub const RENEW_SCRIPT: &str = include_str!("../../lua/redis/lock_renew.lua");
+pub const RENEW_SCRIPT: &str = include_str!("../../lua/workers/lock_renew.lua");
 
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RELEASE_SCRIPT));
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RENEW_SCRIPT));

@@ -42,8 +42,10 @@ use serde::Serialize;
 use sqlx::mysql::MySqlRow;
 use sqlx::{MySqlPool, Row};
 
+use crate::statuses::{CloseReason, OrderStatus, UnknownValue};
+
 /// The script that gives a closed order's unit back to Redis.
-pub const RETURN_STOCK_SCRIPT: &str = include_str!("../../lua/redis/return_stock.lua");
+pub const RETURN_STOCK_SCRIPT: &str = include_str!("../../lua/workers/return_stock.lua");
 static RETURN_STOCK: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(RETURN_STOCK_SCRIPT));
 /// Most orders `GET /orders` lists, newest first.
@@ -61,34 +63,10 @@ pub enum OrderError {
     Db(#[from] sqlx::Error),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-}
-
-/// Where an order is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OrderStatus {
-    Unpaid,
-    Paid,
-    Closed,
-}
-
-/// Why a closed order closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CloseReason {
-    /// The buyer cancelled it.
-    Cancelled,
-    /// It stayed unpaid past `expires_at`.
-    Timeout,
-}
-
-impl CloseReason {
-    fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Cancelled => "cancelled",
-            CloseReason::Timeout => "timeout",
-        }
-    }
+    /// A row holds a value this build does not know (a newer build wrote
+    /// it, or someone edited it): refused rather than guessed.
+    #[error("order row: {0}")]
+    Stored(#[from] UnknownValue),
 }
 
 /// An order as its buyer sees it (the JSON of the orders routes).
@@ -114,18 +92,11 @@ const ORDER_COLUMNS: &str = "id, sale_id, goods_id, amount_cents, status, close_
                              created_at, expires_at, paid_at, closed_at";
 
 impl Order {
-    fn from_row(row: &MySqlRow) -> Result<Order, sqlx::Error> {
+    fn from_row(row: &MySqlRow) -> Result<Order, OrderError> {
         let status: String = row.try_get("status")?;
-        let status = match status.as_str() {
-            "unpaid" => OrderStatus::Unpaid,
-            "paid" => OrderStatus::Paid,
-            _ => OrderStatus::Closed,
-        };
+        let status = status.parse::<OrderStatus>()?;
         let reason: Option<String> = row.try_get("close_reason")?;
-        let close_reason = reason.map(|r| match r.as_str() {
-            "cancelled" => CloseReason::Cancelled,
-            _ => CloseReason::Timeout,
-        });
+        let close_reason = reason.map(|r| r.parse::<CloseReason>()).transpose()?;
         Ok(Order {
             id: row.try_get("id")?,
             sale_id: row.try_get("sale_id")?,
@@ -158,7 +129,7 @@ pub async fn list_for_user(db: &MySqlPool, user_id: u64) -> Result<Vec<Order>, O
         .bind(LIST_LIMIT)
         .fetch_all(db)
         .await?;
-    Ok(rows.iter().map(Order::from_row).collect::<Result<_, _>>()?)
+    rows.iter().map(Order::from_row).collect()
 }
 
 /// The order `order_id` if it is `user_id`'s; `None` for an unknown id,
@@ -178,7 +149,7 @@ pub async fn get_for_user(
         .bind(user_id)
         .fetch_optional(db)
         .await?;
-    Ok(row.as_ref().map(Order::from_row).transpose()?)
+    row.as_ref().map(Order::from_row).transpose()
 }
 
 /// What a payment attempt found.
@@ -186,7 +157,8 @@ pub async fn get_for_user(
 pub enum PayOutcome {
     /// Paid now.
     Paid(Order),
-    /// It had been paid before (another key, a retry): nothing changed.
+    /// It had been paid before (with another idempotency key): nothing
+    /// changed; the api answers 409.
     AlreadyPaid(Order),
     /// Closed (cancelled or timed out) before the payment: 409.
     Closed(Order),
@@ -336,9 +308,10 @@ pub async fn close_expired<C: ConnectionLike>(
     limit: u32,
 ) -> Result<u64, OrderError> {
     let due: Vec<(String, u64)> = sqlx::query_as(
-        "SELECT id, sale_id FROM orders WHERE status = 'unpaid' AND expires_at <= NOW(3) \
+        "SELECT id, sale_id FROM orders WHERE status = ? AND expires_at <= NOW(3) \
          ORDER BY expires_at LIMIT ?",
     )
+    .bind(OrderStatus::Unpaid)
     .bind(limit)
     .fetch_all(db)
     .await?;
@@ -365,10 +338,11 @@ pub async fn finish_stock_returns<C: ConnectionLike>(
 ) -> Result<u64, OrderError> {
     let pending: Vec<(String, u64)> = sqlx::query_as(
         "SELECT id, sale_id FROM orders \
-         WHERE status = 'closed' AND stock_returned_at IS NULL \
+         WHERE status = ? AND stock_returned_at IS NULL \
            AND closed_at < NOW(3) - INTERVAL ? SECOND \
          ORDER BY closed_at LIMIT ?",
     )
+    .bind(OrderStatus::Closed)
     .bind(RETURN_GRACE_SECS)
     .bind(limit)
     .fetch_all(db)
@@ -396,7 +370,7 @@ async fn close<C: ConnectionLike>(
     if !retry_on_deadlock(|| close_in_mysql(db, order_id, sale_id, reason)).await? {
         return Ok(CloseOutcome::Unchanged);
     }
-    tracing::info!(order_id, sale_id, reason = reason.as_str(), "order closed");
+    tracing::info!(order_id, sale_id, %reason, "order closed");
     let stock = return_stock(db, redis, keys, order_id, sale_id).await;
     Ok(CloseOutcome::Closed { sale_id, stock })
 }
@@ -420,13 +394,15 @@ async fn close_in_mysql(
         CloseReason::Cancelled => "",
     };
     let sql = format!(
-        "UPDATE orders SET status = 'closed', close_reason = ?, closed_at = NOW(3) \
-         WHERE id = ? AND sale_id = ? AND status = 'unpaid'{due}"
+        "UPDATE orders SET status = ?, close_reason = ?, closed_at = NOW(3) \
+         WHERE id = ? AND sale_id = ? AND status = ?{due}"
     );
     let changed = sqlx::query(&sql)
-        .bind(reason.as_str())
+        .bind(OrderStatus::Closed)
+        .bind(reason)
         .bind(order_id)
         .bind(sale_id)
+        .bind(OrderStatus::Unpaid)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -468,11 +444,13 @@ async fn mark_paid(db: &MySqlPool, user_id: u64, order_id: &str) -> Result<bool,
         .execute(&mut *tx)
         .await?;
     let paid = sqlx::query(
-        "UPDATE orders SET status = 'paid', paid_at = NOW(3) \
-         WHERE id = ? AND user_id = ? AND status = 'unpaid' AND expires_at > NOW(3)",
+        "UPDATE orders SET status = ?, paid_at = NOW(3) \
+         WHERE id = ? AND user_id = ? AND status = ? AND expires_at > NOW(3)",
     )
+    .bind(OrderStatus::Paid)
     .bind(order_id)
     .bind(user_id)
+    .bind(OrderStatus::Unpaid)
     .execute(&mut *tx)
     .await?
     .rows_affected()

@@ -13,7 +13,7 @@ use serde::Serialize;
 use sqlx::MySqlPool;
 
 /// The Redis-side warm-up script, shared with the gateway's script folder.
-pub const WARM_SALE_SCRIPT: &str = include_str!("../../lua/redis/warm_sale.lua");
+pub const WARM_SALE_SCRIPT: &str = include_str!("../../lua/workers/warm_sale.lua");
 
 /// Why a sale could not be created or read.
 #[derive(Debug, thiserror::Error)]

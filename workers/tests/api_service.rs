@@ -987,3 +987,97 @@ async fn admin_creates_sales_and_invalidates_the_cache() {
     assert_eq!(n, 1);
     api.stop().await;
 }
+
+/// A Redis user that may run everything but `SET`, and its password.
+async fn redis_user_without_set(admin: &mut redis::aio::MultiplexedConnection) -> (String, String) {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (user, password) = (format!("noset-{}", &id[..12]), id);
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-set")
+        .query_async(admin)
+        .await
+        .expect("ACL SETUSER");
+    (user, password)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_lock_set_still_answers_and_releases_no_lock_it_never_set() {
+    let base = seckill_contracts::Config::load(None).expect("config");
+    let admin_client = redis::Client::open(base.redis.url.as_str()).unwrap();
+    let mut admin = admin_client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (user, password) = redis_user_without_set(&mut admin).await;
+    let api = Api::start_with(|c| {
+        c.redis.url = c
+            .redis
+            .url
+            .replacen("redis://", &format!("redis://{user}:{password}@"), 1);
+    })
+    .await;
+    // The setup is real: this user's `SET NX` fails on a live connection.
+    let mut limited = redis::Client::open(api.config.redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let set: redis::RedisResult<Option<String>> = redis::cmd("SET")
+        .arg(api.env.keys().lock("probe"))
+        .arg("x")
+        .arg("NX")
+        .query_async(&mut limited)
+        .await;
+    assert!(set.is_err(), "SET must be refused: {set:?}");
+
+    let sale = api.active_sale().await;
+    let lock = api.env.keys().lock(&format!("sale-cache:{}", sale.id));
+    // Every command Redis runs that names the lock key.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let monitor = admin_client.get_async_monitor().await.expect("MONITOR");
+    let watcher = {
+        let (seen, lock) = (seen.clone(), lock.clone());
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut lines = monitor.into_on_message::<String>();
+            while let Some(line) = lines.next().await {
+                if line.contains(&lock) {
+                    seen.lock().unwrap().push(line);
+                }
+            }
+        })
+    };
+    let loads = api.state.sale_db_loads();
+    let resp = api
+        .http
+        .get(api.url(&format!("/api/v1/sales/{}", sale.id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "Redis trouble is no outage");
+    assert_eq!(api.state.sale_db_loads(), loads + 1, "read from MySQL");
+    // MONITOR lags a little behind the commands it reports.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    watcher.abort();
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .all(|l| !l.contains("EVAL") && !l.contains("lua]") && !l.contains("\"DEL\"")),
+        "a lock that was never set must not be compare-and-deleted: {seen:?}"
+    );
+
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut admin)
+        .await
+        .expect("ACL DELUSER");
+    api.stop().await;
+}

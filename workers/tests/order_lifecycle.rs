@@ -567,3 +567,134 @@ async fn pay_racing_the_timeout_close_ends_paid_xor_closed_1000_times() {
     assert_audit_clean(&env, &db, sale.id).await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paying_a_paid_order_with_a_new_key_is_409_and_each_key_replays_its_answer() {
+    let api = Api::start().await;
+    let db = api.env.db().await;
+    let sale = create_sale(&api.env, &db, 5).await;
+    let ids = admit(&api.env, &db, sale.id, &[41], 1800).await;
+    let first_key = api.key(41).await;
+    let (s, first, _) = api.pay(&ids[0], 41, Some(&first_key)).await;
+    assert_eq!(s, StatusCode::OK, "{first}");
+
+    let new_key = api.key(41).await;
+    let (s, body, h) = api.pay(&ids[0], 41, Some(&new_key)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert_eq!(h["content-type"], "application/problem+json");
+    assert_eq!(body["type"], "/problems/order-paid");
+    assert_eq!(body["status"], 409);
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("already paid"),
+        "{body}"
+    );
+    let (s, again, h) = api.pay(&ids[0], 41, Some(&new_key)).await;
+    assert_eq!(
+        (s, &again),
+        (StatusCode::CONFLICT, &body),
+        "the 409 replays"
+    );
+    assert_eq!(h["idempotent-replayed"], "true");
+    let (s, replay, h) = api.pay(&ids[0], 41, Some(&first_key)).await;
+    assert_eq!(
+        (s, replay),
+        (StatusCode::OK, first),
+        "the first key still replays its 200"
+    );
+    assert_eq!(h["idempotent-replayed"], "true");
+    assert_eq!(order_status(&db, &ids[0]).await.0, "paid");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn expiry_is_on_the_mysql_clock_the_guards_read() {
+    let env = TestEnv::new().await;
+    let db = env.db().await;
+    let sale = create_sale(&env, &db, 5).await;
+    // MySQL's clock two hours ahead of this process's (hosts drift); the
+    // session timestamp stands in for the drifted server clock.
+    let drifted = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(2)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SET @@timestamp = UNIX_TIMESTAMP(NOW(6)) + 7200")
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect(&env.config.database.url)
+        .await
+        .expect("drifted pool");
+    let ids = admit(&env, &drifted, sale.id, &[31], 1800).await;
+    let (left, age): (i64, i64) = sqlx::query_as(
+        "SELECT TIMESTAMPDIFF(SECOND, NOW(3), expires_at), \
+                TIMESTAMPDIFF(SECOND, created_at, NOW(3)) FROM orders WHERE id = ?",
+    )
+    .bind(&ids[0])
+    .fetch_one(&drifted)
+    .await
+    .expect("order row");
+    assert!(
+        (1_790..=1_800).contains(&left),
+        "due in {left} s by the guards' clock, not 1800"
+    );
+    assert!(
+        (0..=10).contains(&age),
+        "created {age} s ago by MySQL's clock"
+    );
+    let mut redis = env.redis().await;
+    let closed = orders::close_expired_one(&drifted, &mut redis, &env.keys(), &ids[0])
+        .await
+        .expect("close attempt");
+    assert_eq!(closed, CloseOutcome::Unchanged, "not due for 30 minutes");
+    drifted.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn unknown_statuses_and_close_reasons_are_errors() {
+    let env = TestEnv::new().await;
+    let db = env.db().await;
+    let sale = create_sale(&env, &db, 5).await;
+    let ids = admit(&env, &db, sale.id, &[21, 22], 1800).await;
+    // A newer build's schema, with values this build has never heard of.
+    sqlx::query(
+        "ALTER TABLE orders \
+         MODIFY status ENUM('unpaid', 'paid', 'closed', 'refunded') NOT NULL DEFAULT 'unpaid', \
+         MODIFY close_reason ENUM('cancelled', 'timeout', 'fraud') NULL",
+    )
+    .execute(&db)
+    .await
+    .expect("widen the enums");
+    sqlx::query("UPDATE orders SET status = 'refunded' WHERE id = ?")
+        .bind(&ids[0])
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE orders SET status = 'closed', close_reason = 'fraud', closed_at = NOW(3) \
+         WHERE id = ?",
+    )
+    .bind(&ids[1])
+    .execute(&db)
+    .await
+    .unwrap();
+
+    let err = orders::get_for_user(&db, 21, &ids[0])
+        .await
+        .expect_err("`refunded` is no status of this build");
+    assert!(err.to_string().contains("refunded"), "{err}");
+    let err = orders::list_for_user(&db, 21)
+        .await
+        .expect_err("the list fails the same way");
+    assert!(err.to_string().contains("refunded"), "{err}");
+    let err = orders::get_for_user(&db, 22, &ids[1])
+        .await
+        .expect_err("`fraud` is no close reason of this build");
+    assert!(err.to_string().contains("fraud"), "{err}");
+    env.cleanup().await;
+}

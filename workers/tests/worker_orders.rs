@@ -302,6 +302,7 @@ async fn unknown_sale_is_an_explicit_failure() {
 
 #[tokio::test]
 async fn settle_script_is_exact_and_idempotent() {
+    use seckill_workers::statuses::FailReason;
     use seckill_workers::worker::order_writer::{Outcome, Settlement};
     use seckill_workers::worker::results;
 
@@ -347,7 +348,7 @@ async fn settle_script_is_exact_and_idempotent() {
             "r2",
             2,
             Settlement::Failed {
-                reason: "sold_out".into(),
+                reason: FailReason::SoldOut,
                 existing_order: None,
             },
         ),
@@ -355,7 +356,7 @@ async fn settle_script_is_exact_and_idempotent() {
             "r3b",
             3,
             Settlement::Failed {
-                reason: "duplicate".into(),
+                reason: FailReason::Duplicate,
                 existing_order: Some("o3".into()),
             },
         ),
@@ -363,7 +364,7 @@ async fn settle_script_is_exact_and_idempotent() {
             "r4",
             4,
             Settlement::Failed {
-                reason: "sold_out".into(),
+                reason: FailReason::SoldOut,
                 existing_order: None,
             },
         ),

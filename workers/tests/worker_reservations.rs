@@ -13,7 +13,7 @@ use seckill_workers::worker::reservations;
 use support::*;
 
 const ADMIT: &str = include_str!("../../lua/redis/admit.lua");
-const RELEASE: &str = include_str!("../../lua/redis/release.lua");
+const RELEASE: &str = seckill_contracts::scripts::RELEASE;
 
 /// Admits `user` as the gateway would; returns the request id.
 async fn admit(env: &TestEnv, sale: u64, user: u64) -> String {

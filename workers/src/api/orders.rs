@@ -11,10 +11,12 @@
 //!
 //! ```text
 //! POST /orders/{id}/pay  Idempotency-Key: K
-//!   lua/redis/idempotency.lua begin(K, order)
+//!   lua/workers/idempotency.lua begin(K, order)
 //!     unknown ──▶ 400        pending ──▶ 409 (the first request still runs)
 //!     mismatch ─▶ 422        replay  ──▶ the first response again
 //!     new ──▶ orders::pay ──▶ finish(K, status, body) ──▶ response
+//!                        │   paid now 200, paid before (another key) 409,
+//!                        │   closed 409, not found 404
 //!                        └──▶ 5xx: abort(K), the key may be used again
 //! ```
 
@@ -26,6 +28,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use seckill_contracts::redis_client::RedisConn;
 
 use super::identity::Identity;
 use super::problem::{Problem, PROBLEM_CONTENT_TYPE};
@@ -33,7 +36,7 @@ use super::ApiState;
 use crate::orders::{self, CancelOutcome, Order, PayOutcome};
 
 /// The idempotency script.
-pub const IDEMPOTENCY_SCRIPT: &str = include_str!("../../../lua/redis/idempotency.lua");
+pub const IDEMPOTENCY_SCRIPT: &str = include_str!("../../../lua/workers/idempotency.lua");
 static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(IDEMPOTENCY_SCRIPT));
 /// The request header carrying the key.
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -60,6 +63,9 @@ fn not_found() -> Problem {
 fn closed_conflict() -> Problem {
     Problem::conflict("/problems/order-closed", "the order is closed")
 }
+
+/// The problem type of every "the order is paid" conflict (pay, cancel).
+const ORDER_PAID: &str = "/problems/order-paid";
 
 async fn list(State(state): State<ApiState>, who: Identity) -> Result<Json<Vec<Order>>, Problem> {
     orders::list_for_user(state.db(), who.user_id)
@@ -92,7 +98,7 @@ async fn cancel(
     {
         CancelOutcome::Cancelled(o) | CancelOutcome::AlreadyClosed(o) => Ok(Json(o)),
         CancelOutcome::Paid(_) => Err(Problem::conflict(
-            "/problems/order-paid",
+            ORDER_PAID,
             "a paid order cannot be cancelled",
         )),
         CancelOutcome::NotFound => Err(not_found()),
@@ -110,76 +116,101 @@ async fn pay(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let key =
-        match headers.get(IDEMPOTENCY_HEADER).map(|v| v.to_str()) {
-            None => return Problem::bad_request(
-                "the Idempotency-Key header is required; get one from GET /api/v1/idempotency-key",
-            )
-            .into_response(),
-            Some(Ok(k)) if valid_key(k) => k.to_ascii_lowercase(),
-            Some(_) => return unknown_key().into_response(),
-        };
+    let key = match idempotency_key(&headers) {
+        Ok(k) => k,
+        Err(p) => return p.into_response(),
+    };
     // An id that cannot exist spends no key.
     if !orders::valid_order_id(&id) {
         return not_found().into_response();
     }
     let redis_key = state.keys().idempotency(who.user_id, &key);
     let mut redis = state.redis();
-    let begun: Result<Vec<String>, _> = SCRIPT
-        .key(&redis_key)
-        .arg("begin")
-        .arg(&id)
-        .invoke_async(&mut redis)
-        .await;
-    let begun = match begun {
-        Ok(v) => v,
-        Err(e) => return Problem::internal(e).into_response(),
-    };
-    match begun.first().map(String::as_str) {
-        Some("new") => {}
-        Some("pending") => {
-            return Problem::conflict(
-                "/problems/idempotency-key-in-use",
-                "a request with this Idempotency-Key is still being processed; retry shortly",
-            )
-            .into_response()
-        }
-        Some("mismatch") => {
-            return Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "/problems/idempotency-key-reused",
-                "this Idempotency-Key was used for another order",
-            )
-            .into_response()
-        }
-        Some("replay") => return replay(begun.get(1), begun.get(2)),
-        _ => return unknown_key().into_response(),
+    if let Err(early) = begin(&mut redis, &redis_key, &id).await {
+        return early;
     }
+    let paid = orders::pay(state.db(), &mut redis, state.keys(), who.user_id, &id).await;
+    record(&mut redis, &redis_key, &id, pay_response(paid)).await
+}
 
-    let response = match orders::pay(state.db(), &mut redis, state.keys(), who.user_id, &id).await {
-        Ok(PayOutcome::Paid(o)) | Ok(PayOutcome::AlreadyPaid(o)) => Json(o).into_response(),
+/// The request's `Idempotency-Key`, lowercased.
+fn idempotency_key(headers: &HeaderMap) -> Result<String, Problem> {
+    match headers.get(IDEMPOTENCY_HEADER).map(|v| v.to_str()) {
+        None => Err(Problem::bad_request(
+            "the Idempotency-Key header is required; get one from GET /api/v1/idempotency-key",
+        )),
+        Some(Ok(k)) if valid_key(k) => Ok(k.to_ascii_lowercase()),
+        Some(_) => Err(unknown_key()),
+    }
+}
+
+/// Takes the key for this request (`begin`); `Err` is the answer when the
+/// key cannot be taken: unknown (400), in use (409), used for another
+/// order (422), or used before for this one (its first answer, replayed).
+async fn begin(redis: &mut RedisConn, redis_key: &str, order_id: &str) -> Result<(), Response> {
+    let begun: Vec<String> = SCRIPT
+        .key(redis_key)
+        .arg("begin")
+        .arg(order_id)
+        .invoke_async(redis)
+        .await
+        .map_err(|e| Problem::internal(e).into_response())?;
+    let problem = match begun.first().map(String::as_str) {
+        Some("new") => return Ok(()),
+        Some("replay") => return Err(replay(begun.get(1), begun.get(2))),
+        Some("pending") => Problem::conflict(
+            "/problems/idempotency-key-in-use",
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+        ),
+        Some("mismatch") => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "/problems/idempotency-key-reused",
+            "this Idempotency-Key was used for another order",
+        ),
+        _ => unknown_key(),
+    };
+    Err(problem.into_response())
+}
+
+fn pay_response(paid: Result<PayOutcome, orders::OrderError>) -> Response {
+    match paid {
+        Ok(PayOutcome::Paid(o)) => Json(o).into_response(),
+        // Paid under another key: this key's request did not pay (SPEC §3).
+        // A retry of the paying request replays its 200 under its own key.
+        Ok(PayOutcome::AlreadyPaid(_)) => {
+            Problem::conflict(ORDER_PAID, "the order is already paid").into_response()
+        }
         Ok(PayOutcome::Closed(_)) => closed_conflict().into_response(),
         Ok(PayOutcome::NotFound) => not_found().into_response(),
         Err(e) => Problem::internal(e).into_response(),
-    };
+    }
+}
+
+/// Stores `response` as the key's answer for replays and returns it; a 5xx
+/// is our failure, not the buyer's, so the key is given back instead.
+async fn record(
+    redis: &mut RedisConn,
+    redis_key: &str,
+    order_id: &str,
+    response: Response,
+) -> Response {
     let status = response.status();
     if status.is_server_error() {
-        // Our failure, not the buyer's: the key may be used again.
-        finish(&mut redis, &redis_key, &id, &["abort"]).await;
+        finish(redis, redis_key, order_id, &["abort"]).await;
         return response;
     }
     let (parts, body) = response.into_parts();
     let bytes = match to_bytes(body, MAX_STORED_BODY).await {
         Ok(b) => b,
         Err(e) => {
-            finish(&mut redis, &redis_key, &id, &["abort"]).await;
+            finish(redis, redis_key, order_id, &["abort"]).await;
             return Problem::internal(e).into_response();
         }
     };
     let text = String::from_utf8_lossy(&bytes).into_owned();
     let code = status.as_u16().to_string();
     let ttl = REPLAY_TTL_SECS.to_string();
-    finish(&mut redis, &redis_key, &id, &["finish", &code, &text, &ttl]).await;
+    finish(redis, redis_key, order_id, &["finish", &code, &text, &ttl]).await;
     Response::from_parts(parts, Body::from(bytes))
 }
 
@@ -192,12 +223,7 @@ fn unknown_key() -> Problem {
 /// Runs `finish` or `abort` of the idempotency script. A failure only
 /// means a retry with this key answers 409 until the key expires, so it is
 /// logged, not returned.
-async fn finish(
-    redis: &mut seckill_contracts::redis_client::RedisConn,
-    key: &str,
-    order_id: &str,
-    args: &[&str],
-) {
+async fn finish(redis: &mut RedisConn, key: &str, order_id: &str, args: &[&str]) {
     let mut invocation = SCRIPT.key(key);
     invocation.arg(args[0]).arg(order_id);
     for a in &args[1..] {

@@ -20,27 +20,36 @@
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::identity::Identity;
 use super::problem::{parse_sale_id, Problem};
 use super::ApiState;
+use crate::statuses::ResultStatus;
+use crate::worker::results::ResultRecord;
 
 /// The poll answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PollResult {
-    /// `success`, `queued`, `failed` or `none`.
-    pub status: &'static str,
+    pub status: ResultStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub order_id: Option<String>,
 }
 
-/// The workers' result record, as stored in Redis.
-#[derive(Debug, Deserialize)]
-struct Stored {
-    status: String,
-    #[serde(default)]
-    order_id: Option<String>,
+impl PollResult {
+    fn without_order(status: ResultStatus) -> PollResult {
+        PollResult {
+            status,
+            order_id: None,
+        }
+    }
+
+    fn success(order_id: String) -> PollResult {
+        PollResult {
+            status: ResultStatus::Success,
+            order_id: Some(order_id),
+        }
+    }
 }
 
 /// `/api/v1/sales/{id}/result`.
@@ -62,27 +71,21 @@ pub async fn lookup(state: &ApiState, sale_id: u64, user_id: u64) -> Result<Poll
         .await
         .map_err(Problem::internal)?;
     if let Some(raw) = stored {
-        match serde_json::from_str::<Stored>(&raw) {
-            Ok(s) if s.status == "success" && s.order_id.is_some() => {
-                return Ok(PollResult {
-                    status: "success",
-                    order_id: s.order_id,
-                })
-            }
-            Ok(s) if s.status == "failed" => {
-                return Ok(PollResult {
-                    status: "failed",
-                    order_id: None,
-                })
-            }
+        match serde_json::from_str::<ResultRecord>(&raw) {
+            Ok(ResultRecord {
+                status: ResultStatus::Success,
+                order_id: Some(id),
+                ..
+            }) => return Ok(PollResult::success(id)),
+            Ok(ResultRecord {
+                status: ResultStatus::Failed,
+                ..
+            }) => return Ok(PollResult::without_order(ResultStatus::Failed)),
             _ => tracing::warn!(sale_id, user_id, "unreadable result record; asking MySQL"),
         }
     }
     if queued {
-        return Ok(PollResult {
-            status: "queued",
-            order_id: None,
-        });
+        return Ok(PollResult::without_order(ResultStatus::Queued));
     }
     let order: Option<(String,)> =
         sqlx::query_as("SELECT id FROM orders WHERE user_id = ? AND sale_id = ?")
@@ -92,10 +95,7 @@ pub async fn lookup(state: &ApiState, sale_id: u64, user_id: u64) -> Result<Poll
             .await
             .map_err(Problem::internal)?;
     if let Some((id,)) = order {
-        return Ok(PollResult {
-            status: "success",
-            order_id: Some(id),
-        });
+        return Ok(PollResult::success(id));
     }
     let failed: Option<(i32,)> =
         sqlx::query_as("SELECT 1 FROM failed_admissions WHERE sale_id = ? AND user_id = ? LIMIT 1")
@@ -104,10 +104,11 @@ pub async fn lookup(state: &ApiState, sale_id: u64, user_id: u64) -> Result<Poll
             .fetch_optional(state.db())
             .await
             .map_err(Problem::internal)?;
-    Ok(PollResult {
-        status: if failed.is_some() { "failed" } else { "none" },
-        order_id: None,
-    })
+    Ok(PollResult::without_order(if failed.is_some() {
+        ResultStatus::Failed
+    } else {
+        ResultStatus::None
+    }))
 }
 
 async fn poll(

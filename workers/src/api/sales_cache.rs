@@ -12,8 +12,10 @@
 //!   wait for its answer. The loader re-reads the cache first, so a task that
 //!   missed just before another filled it does not read MySQL again.
 //!   Across api instances a short `SET NX PX` lock
-//!   (`KeySchema.lock("sale-cache:ID")`) lets one instance read MySQL while
-//!   the others poll the cache for up to [`LOCK_WAIT_MS`].
+//!   (`KeySchema.lock("sale-cache:ID")`, `FillLock`) lets one instance read
+//!   MySQL while the others poll the cache for up to [`LOCK_WAIT_MS`]; if
+//!   the lock cannot be set at all (Redis failing), the instance reads
+//!   MySQL without it.
 //! * **Avalanche**: entries live `api.sale_cache_ttl_secs` plus up to 20 %
 //!   random jitter (in milliseconds), so keys cached together do not expire
 //!   together.
@@ -26,6 +28,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::routing::get;
@@ -39,6 +42,7 @@ use tokio::sync::OnceCell;
 
 use super::problem::{parse_sale_id, Problem};
 use super::{metrics, ApiState};
+use crate::lock;
 
 /// Lifetime of a "no such sale" marker: short, so a sale created under a
 /// previously probed id shows up soon even without an invalidation.
@@ -239,46 +243,76 @@ async fn load_and_fill(state: &ApiState, id: u64) -> Result<Option<CachedSale>, 
     if let Ok(Some(hit)) = read_cache(state, id).await {
         return Ok(hit);
     }
-    // Across instances: a short Redis lock lets one api instance read
-    // MySQL while the others wait briefly for its fill. The wait is bounded;
-    // if the holder is slow or died, read MySQL anyway (availability over
-    // a few extra reads).
-    let lock = state.keys().lock(&format!("sale-cache:{id}"));
-    let token = super::hidden_path::new_path();
-    let mut redis = state.redis();
-    let acquired: Option<String> = redis::cmd("SET")
-        .arg(&lock)
-        .arg(&token)
-        .arg("NX")
-        .arg("PX")
-        .arg(LOCK_TTL_MS)
-        .query_async(&mut redis)
-        .await
-        .unwrap_or(Some(String::new()));
-    if acquired.is_none() {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(LOCK_WAIT_MS);
-        while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            if let Ok(Some(hit)) = read_cache(state, id).await {
-                return Ok(hit);
-            }
+    let lock = FillLock::take(state, id).await;
+    if lock == FillLock::Busy {
+        if let Some(hit) = wait_for_fill(state, id).await {
+            return Ok(hit);
         }
     }
     let result = read_db_and_fill(state, id).await;
-    if acquired.is_some() {
-        // Release only our own lock (compare-and-delete).
-        let _: redis::RedisResult<i64> = redis::Script::new(RELEASE_LOCK)
-            .key(&lock)
-            .arg(&token)
-            .invoke_async(&mut redis)
-            .await;
-    }
+    lock.release(state).await;
     result
 }
 
-/// Deletes the lock only if it still holds our token.
-const RELEASE_LOCK: &str =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+/// The cross-instance lock on loading one sale from MySQL
+/// (`KeySchema.lock("sale-cache:ID")`, `SET NX PX` with [`LOCK_TTL_MS`]):
+/// one api instance reads MySQL while the others wait briefly for its fill.
+#[derive(Debug, PartialEq, Eq)]
+enum FillLock {
+    /// This call set the lock to `token` and deletes it when done.
+    Held { key: String, token: String },
+    /// Another instance holds it: wait for its fill (bounded), then read
+    /// MySQL anyway if the holder is slow or died.
+    Busy,
+    /// The `SET NX` itself failed (Redis down, refused): read MySQL without
+    /// the lock. Availability over dedupe, on purpose: Redis trouble must
+    /// not turn sale pages into errors or waits, and the in-process single
+    /// flight still keeps it to one MySQL read per instance. Nothing was
+    /// set, so nothing is released.
+    Unavailable,
+}
+
+impl FillLock {
+    async fn take(state: &ApiState, id: u64) -> FillLock {
+        let key = state.keys().lock(&format!("sale-cache:{id}"));
+        // A lock owner token from the lock module, never a buyer-facing
+        // value: nothing outside this lock can ever hold the same one.
+        let token = lock::new_owner();
+        let ttl = Duration::from_millis(LOCK_TTL_MS);
+        match lock::acquire_raw(&mut state.redis(), &key, &token, ttl).await {
+            Ok(true) => FillLock::Held { key, token },
+            Ok(false) => FillLock::Busy,
+            Err(e) => {
+                tracing::warn!(sale_id = id, error = %e, "sale cache lock unavailable; reading MySQL without it");
+                FillLock::Unavailable
+            }
+        }
+    }
+
+    /// Deletes the lock if this call holds it and it is still ours
+    /// (compare-and-delete: a holder past its TTL must not delete the lock
+    /// another instance took meanwhile).
+    async fn release(self, state: &ApiState) {
+        let FillLock::Held { key, token } = self else {
+            return;
+        };
+        if let Err(e) = lock::release_raw(&mut state.redis(), &key, &token).await {
+            tracing::debug!(key, error = %e, "releasing the sale cache lock failed; it expires");
+        }
+    }
+}
+
+/// Polls the cache for another instance's fill for up to [`LOCK_WAIT_MS`].
+async fn wait_for_fill(state: &ApiState, id: u64) -> Option<Option<CachedSale>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(LOCK_WAIT_MS);
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Ok(Some(hit)) = read_cache(state, id).await {
+            return Some(hit);
+        }
+    }
+    None
+}
 
 /// The MySQL read and cache fill, under the locks.
 async fn read_db_and_fill(state: &ApiState, id: u64) -> Result<Option<CachedSale>, String> {

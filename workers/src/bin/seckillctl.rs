@@ -9,7 +9,9 @@ use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use seckill_contracts::cli::ConfigArgs;
+use seckill_contracts::config::Config;
 use seckill_contracts::keys::KeySchema;
+use seckill_contracts::redis_client::RedisConn;
 use seckill_contracts::telemetry;
 use seckill_workers::sales::{self, NewSale};
 use seckill_workers::tokens::TokenSigner;
@@ -50,8 +52,9 @@ enum Command {
         count: u64,
     },
     /// Rebuild a sale's Redis state from MySQL (after Redis lost it, or on
-    /// suspected drift): pauses admission, waits for the order queue to
-    /// drain, rebuilds stock and buyer markers, reopens. Prints JSON.
+    /// suspected drift): pauses admission, waits for the sale's admissions
+    /// in flight to settle, rebuilds stock and buyer markers, reopens.
+    /// Prints JSON.
     Reconcile {
         #[arg(long)]
         sale: u64,
@@ -72,34 +75,7 @@ enum Command {
     /// (captcha, hidden path, seckill, result polling) with a progress bar,
     /// then the summary and the audit. Exits 1 when the audit fails or an
     /// admitted buyer never got a result.
-    Demo {
-        /// Sale to buy from; default: a fresh sale of --stock units.
-        #[arg(long)]
-        sale: Option<u64>,
-        /// Units of the fresh sale.
-        #[arg(long, default_value_t = 100, conflicts_with = "sale")]
-        stock: u32,
-        #[arg(long, default_value_t = 1_000)]
-        buyers: u64,
-        /// First simulated buyer's user id (far above real accounts).
-        #[arg(long, default_value_t = 900_000_001)]
-        first_user: u64,
-        /// Gateway base URL; default: http://<gateway.listen>.
-        #[arg(long)]
-        gateway: Option<String>,
-        /// Requests in flight at once.
-        #[arg(long, default_value_t = 200)]
-        concurrency: usize,
-        /// Give up waiting for results after this long.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
-        timeout: Duration,
-        /// No progress bars.
-        #[arg(long)]
-        no_progress: bool,
-        /// Print the report as JSON instead of the summary.
-        #[arg(long)]
-        json: bool,
-    },
+    Demo(DemoArgs),
     /// Create and inspect sales.
     Sale {
         #[command(subcommand)]
@@ -141,31 +117,66 @@ enum DlqCommand {
 #[derive(Subcommand)]
 enum SaleCommand {
     /// Create a sale (goods + sale in MySQL) and warm its stock into Redis.
-    Create {
-        #[arg(long)]
-        title: String,
-        /// Regular price, in cents.
-        #[arg(long)]
-        price_cents: i64,
-        /// Flash-sale price, in cents.
-        #[arg(long)]
-        sale_price_cents: i64,
-        #[arg(long)]
-        stock: u32,
-        /// RFC 3339 start time; default: now + --starts-in.
-        #[arg(long, conflicts_with = "starts_in")]
-        starts_at: Option<DateTime<Utc>>,
-        /// Start after this long, e.g. `30s`, `5m` (default `0s`: now).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        starts_in: Option<Duration>,
-        /// How long the sale runs, e.g. `1h`.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
-        duration: Duration,
-    },
+    Create(NewSaleArgs),
     /// Show a sale from MySQL with its Redis stock counter.
     Show { id: u64 },
     /// Re-run the warm-up of a sale (safe on a live sale: never raises stock).
     Warm { id: u64 },
+}
+
+/// `seckillctl demo`'s flags.
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Sale to buy from; default: a fresh sale of --stock units.
+    #[arg(long)]
+    sale: Option<u64>,
+    /// Units of the fresh sale.
+    #[arg(long, default_value_t = 100, conflicts_with = "sale")]
+    stock: u32,
+    #[arg(long, default_value_t = 1_000)]
+    buyers: u64,
+    /// First simulated buyer's user id (far above real accounts).
+    #[arg(long, default_value_t = 900_000_001)]
+    first_user: u64,
+    /// Gateway base URL; default: http://<gateway.listen>.
+    #[arg(long)]
+    gateway: Option<String>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Give up waiting for results after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    timeout: Duration,
+    /// No progress bars.
+    #[arg(long)]
+    no_progress: bool,
+    /// Print the report as JSON instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `seckillctl sale create`'s flags.
+#[derive(clap::Args)]
+struct NewSaleArgs {
+    #[arg(long)]
+    title: String,
+    /// Regular price, in cents.
+    #[arg(long)]
+    price_cents: i64,
+    /// Flash-sale price, in cents.
+    #[arg(long)]
+    sale_price_cents: i64,
+    #[arg(long)]
+    stock: u32,
+    /// RFC 3339 start time; default: now + --starts-in.
+    #[arg(long, conflicts_with = "starts_in")]
+    starts_at: Option<DateTime<Utc>>,
+    /// Start after this long, e.g. `30s`, `5m` (default `0s`: now).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    starts_in: Option<Duration>,
+    /// How long the sale runs, e.g. `1h`.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    duration: Duration,
 }
 
 #[tokio::main]
@@ -176,7 +187,6 @@ async fn main() -> anyhow::Result<()> {
     let Some(command) = args.command else {
         bail!("no subcommand given; see `seckillctl --help`");
     };
-    let keys = KeySchema::new(config.redis.key_prefix.clone());
     match command {
         Command::Migrate => {
             connections::migrate(&config.database).await?;
@@ -196,31 +206,15 @@ async fn main() -> anyhow::Result<()> {
                 })
             );
         }
-        Command::Dlq { command } => {
-            let entries = match command {
-                DlqCommand::List { limit } => dlq::list(&config, limit).await?,
-                DlqCommand::Replay { limit, ids } => {
-                    let only = (!ids.is_empty()).then_some(ids.as_slice());
-                    dlq::replay(&config, limit, only).await?
-                }
-            };
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for entry in &entries {
-                writeln!(out, "{}", serde_json::to_string(entry)?)?;
-            }
-            out.flush()?;
-        }
+        Command::Dlq { command } => dlq_command(&config, command).await?,
         Command::Token { user_id, count } => {
             let signer = TokenSigner::from_config(&config.jwt)?;
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for uid in user_id..user_id.saturating_add(count) {
-                writeln!(out, "{}", signer.issue(uid, &format!("user{uid}"))?)?;
-            }
-            out.flush()?;
+            let tokens = (user_id..user_id.saturating_add(count))
+                .map(|uid| signer.issue(uid, &format!("user{uid}")));
+            print_lines(tokens)?;
         }
         Command::Reconcile { sale, max_wait } => {
-            let db = connections::mysql(&config.database).await?;
-            let mut redis = connections::redis(&config).await?;
+            let (db, mut redis) = stores(&config).await?;
             let opts = reconcile::ReconcileOptions {
                 max_wait,
                 ..reconcile::ReconcileOptions::default()
@@ -229,94 +223,111 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Audit { sale, wait } => {
-            let db = connections::mysql(&config.database).await?;
-            let mut redis = connections::redis(&config).await?;
+            let (db, mut redis) = stores(&config).await?;
             let report = audit::run(&config, &db, &mut redis, sale, wait).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             if !report.ok {
                 std::process::exit(1);
             }
         }
-        Command::Demo {
-            sale,
-            stock,
-            buyers,
-            first_user,
-            gateway,
-            concurrency,
-            timeout,
-            no_progress,
-            json,
-        } => {
-            let db = connections::mysql(&config.database).await?;
-            let mut redis = connections::redis(&config).await?;
-            let defaults = demo::DemoOptions::new(&config);
-            let opts = demo::DemoOptions {
-                sale,
-                stock,
-                buyers,
-                first_user,
-                gateway: gateway.unwrap_or(defaults.gateway.clone()),
-                concurrency,
-                timeout,
-                progress: !no_progress,
-                ..defaults
-            };
-            let report = demo::run(&config, &db, &mut redis, &opts).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", demo::summary(&report));
-            }
-            if !report.ok {
-                std::process::exit(1);
-            }
+        Command::Demo(demo_args) => demo_command(&config, demo_args).await?,
+        Command::Sale { command } => sale_command(&config, command).await?,
+    }
+    Ok(())
+}
+
+async fn stores(config: &Config) -> anyhow::Result<(sqlx::MySqlPool, RedisConn)> {
+    Ok((
+        connections::mysql(&config.database).await?,
+        connections::redis(config).await?,
+    ))
+}
+
+/// One line per item on stdout, written in one go.
+fn print_lines<T: std::fmt::Display, E: Into<anyhow::Error>>(
+    items: impl IntoIterator<Item = Result<T, E>>,
+) -> anyhow::Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for item in items {
+        writeln!(out, "{}", item.map_err(Into::into)?)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+async fn dlq_command(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
+    let entries = match command {
+        DlqCommand::List { limit } => dlq::list(config, limit).await?,
+        DlqCommand::Replay { limit, ids } => {
+            let only = (!ids.is_empty()).then_some(ids.as_slice());
+            dlq::replay(config, limit, only).await?
         }
-        Command::Sale { command } => {
-            let db = connections::mysql(&config.database).await?;
-            let mut redis = connections::redis(&config).await?;
-            match command {
-                SaleCommand::Create {
-                    title,
-                    price_cents,
-                    sale_price_cents,
-                    stock,
-                    starts_at,
-                    starts_in,
-                    duration,
-                } => {
-                    let starts_at =
-                        starts_at.unwrap_or_else(|| Utc::now() + starts_in.unwrap_or_default());
-                    let ends_at = starts_at
-                        + chrono::Duration::from_std(duration).context("duration too large")?;
-                    let new = NewSale {
-                        title,
-                        price_cents,
-                        sale_price_cents,
-                        stock,
-                        starts_at,
-                        ends_at,
-                    };
-                    let sale = sales::create(&db, &mut redis, &keys, &new).await?;
-                    println!("{}", serde_json::to_string(&sale)?);
-                }
-                SaleCommand::Show { id } => {
-                    let Some(sale) = sales::get(&db, id).await? else {
-                        bail!("no sale with id {id}");
-                    };
-                    let redis_stock = sales::redis_stock(&mut redis, &keys, id).await?;
-                    let mut value = serde_json::to_value(&sale)?;
-                    value["redis_stock"] = json!(redis_stock);
-                    println!("{value}");
-                }
-                SaleCommand::Warm { id } => {
-                    let Some(sale) = sales::get(&db, id).await? else {
-                        bail!("no sale with id {id}");
-                    };
-                    let stock = sales::warm(&mut redis, &keys, &sale).await?;
-                    println!("{}", json!({"sale_id": id, "redis_stock": stock}));
-                }
-            }
+    };
+    print_lines(entries.iter().map(serde_json::to_string))
+}
+
+async fn demo_command(config: &Config, a: DemoArgs) -> anyhow::Result<()> {
+    let (db, mut redis) = stores(config).await?;
+    let defaults = demo::DemoOptions::new(config);
+    let opts = demo::DemoOptions {
+        sale: a.sale,
+        stock: a.stock,
+        buyers: a.buyers,
+        first_user: a.first_user,
+        gateway: a.gateway.unwrap_or(defaults.gateway.clone()),
+        concurrency: a.concurrency,
+        timeout: a.timeout,
+        progress: !a.no_progress,
+        ..defaults
+    };
+    let report = demo::run(config, &db, &mut redis, &opts).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", demo::summary(&report));
+    }
+    if !report.ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn sale_command(config: &Config, command: SaleCommand) -> anyhow::Result<()> {
+    let (db, mut redis) = stores(config).await?;
+    let keys = KeySchema::new(config.redis.key_prefix.clone());
+    match command {
+        SaleCommand::Create(a) => {
+            let starts_at = a
+                .starts_at
+                .unwrap_or_else(|| Utc::now() + a.starts_in.unwrap_or_default());
+            let ends_at =
+                starts_at + chrono::Duration::from_std(a.duration).context("duration too large")?;
+            let new = NewSale {
+                title: a.title,
+                price_cents: a.price_cents,
+                sale_price_cents: a.sale_price_cents,
+                stock: a.stock,
+                starts_at,
+                ends_at,
+            };
+            let sale = sales::create(&db, &mut redis, &keys, &new).await?;
+            println!("{}", serde_json::to_string(&sale)?);
+        }
+        SaleCommand::Show { id } => {
+            let Some(sale) = sales::get(&db, id).await? else {
+                bail!("no sale with id {id}");
+            };
+            let redis_stock = sales::redis_stock(&mut redis, &keys, id).await?;
+            let mut value = serde_json::to_value(&sale)?;
+            value["redis_stock"] = json!(redis_stock);
+            println!("{value}");
+        }
+        SaleCommand::Warm { id } => {
+            let Some(sale) = sales::get(&db, id).await? else {
+                bail!("no sale with id {id}");
+            };
+            let stock = sales::warm(&mut redis, &keys, &sale).await?;
+            println!("{}", json!({"sale_id": id, "redis_stock": stock}));
         }
     }
     Ok(())

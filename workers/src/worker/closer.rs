@@ -31,8 +31,9 @@ use seckill_contracts::config::AmqpConfig;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::backoff::Backoff;
 use super::broker_session;
-use super::consumer::WorkerContext;
+use super::context::WorkerContext;
 use super::metrics::METRICS;
 use crate::orders;
 
@@ -42,8 +43,8 @@ pub const CLOSE_MESSAGE_VERSION: u32 = 2;
 /// Close messages handled at once per process: each holds up to a batch of
 /// orders, closed one single-row transaction at a time.
 const CLOSE_PREFETCH: u16 = 4;
-const RETRY_MIN: Duration = Duration::from_millis(200);
-const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Reconnects, and pauses before a failed close message is handed back.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
 
 /// "Close these orders if they are still unpaid": what waits in the close
 /// delay queue for the order timeout. One message per committed batch, not
@@ -105,15 +106,11 @@ pub async fn schedule(
 /// Consumes the close queue until `stop` turns true, reconnecting with
 /// backoff after a broker error.
 pub async fn consume(ctx: Arc<WorkerContext>, stop: watch::Receiver<bool>) {
-    broker_session::reconnecting("close consumer", stop, backoff, |mut stop| {
+    broker_session::reconnecting("close consumer", stop, BACKOFF, |mut stop| {
         let ctx = ctx.clone();
         async move { session(&ctx, &mut stop).await }
     })
     .await
-}
-
-fn backoff(step: u32) -> Duration {
-    (RETRY_MIN * (1u32 << step.min(6))).min(RETRY_MAX)
 }
 
 async fn session(ctx: &Arc<WorkerContext>, stop: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -161,7 +158,7 @@ async fn session(ctx: &Arc<WorkerContext>, stop: &mut watch::Receiver<bool>) -> 
                 // MySQL or Redis trouble: hand it back after a pause; the
                 // close is idempotent, so the orders already closed stay
                 // closed once, and the retry does the rest.
-                let wait = backoff(failures);
+                let wait = BACKOFF.delay(failures);
                 failures = failures.saturating_add(1);
                 tracing::warn!(error = %e, retry_in = ?wait, "closing orders failed; requeueing");
                 tokio::time::sleep(wait).await;
@@ -215,12 +212,5 @@ mod tests {
         // The per-order shape of version 1 is refused, not misread.
         let v1 = "{\"version\":1,\"order_id\":\"a\",\"sale_id\":7}";
         assert!(serde_json::from_str::<CloseMessage>(v1).is_err());
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert_eq!(backoff(0), RETRY_MIN);
-        assert!(backoff(3) > backoff(1));
-        assert_eq!(backoff(30), RETRY_MAX);
     }
 }

@@ -28,7 +28,7 @@
 //! * anything else (a value the schema refuses, ...): the batch is split and
 //!   every message retried alone, so one poison message cannot hold back
 //!   the others. A message that fails alone has its attempt counted in Redis
-//!   (`<prefix>:worker:attempts:<message_id>`); below `amqp.delivery_limit`
+//!   (`KeySchema::worker_attempts`); below `amqp.delivery_limit`
 //!   it is requeued after a backoff (without blocking the consumer), at the
 //!   limit it is rejected into the DLQ. Classic queues cannot count
 //!   deliveries themselves (see [`seckill_contracts::amqp_topology`]); with quorum queues the
@@ -43,7 +43,6 @@
 //! acked, then the channel is closed, which hands every prefetched but
 //! unhandled delivery back to the broker.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,70 +50,33 @@ use anyhow::anyhow;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions, ConfirmSelectOptions};
-use lapin::{Channel, Connection, ConnectionProperties};
-use seckill_contracts::config::Config;
-use seckill_contracts::keys::KeySchema;
-use seckill_contracts::redis_client::RedisConn;
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use seckill_contracts::OrderMessage;
-use sqlx::MySqlPool;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::backoff::Backoff;
+use super::context::WorkerContext;
 use super::metrics::METRICS;
-use super::order_writer::{self, Outcome, Settlement, WriteError, WriterConfig};
+use super::order_writer::{self, Outcome, Settlement, WriteError};
 use super::{broker_session, closer, reservations, results};
 
 /// In-process retries of a transient write before the batch is requeued.
 const WRITE_TRIES: u32 = 3;
-/// Backoff bounds for requeues and reconnects.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Pause before the n-th in-process retry: `n · RETRY_STEP`.
+const RETRY_STEP: Duration = Duration::from_millis(100);
+/// Requeues after a transient failure, failed attempts and reconnects.
+const BACKOFF: Backoff = Backoff::new(RETRY_STEP, Duration::from_secs(5));
 /// How long an attempt counter outlives the message's last failure.
 const ATTEMPTS_TTL_SECS: u64 = 24 * 3600;
 
-/// What a consumer needs: configuration and the two stores.
-pub struct WorkerContext {
-    pub config: Config,
-    pub db: MySqlPool,
-    pub redis: RedisConn,
-    pub keys: KeySchema,
-    /// Consecutive transient failures; drives the requeue backoff.
-    transient_failures: AtomicU32,
-}
-
-impl WorkerContext {
-    pub fn new(config: Config, db: MySqlPool, redis: RedisConn) -> WorkerContext {
-        let keys = KeySchema::new(config.redis.key_prefix.clone());
-        WorkerContext {
-            config,
-            db,
-            redis,
-            keys,
-            transient_failures: AtomicU32::new(0),
-        }
-    }
-
-    fn writer_config(&self) -> WriterConfig {
-        WriterConfig {
-            order_timeout_secs: self.config.worker.order_timeout_secs,
-        }
-    }
-
-    /// The Redis key counting failed attempts of one message.
-    pub fn attempts_key(&self, message_id: &str) -> String {
-        format!("{}:worker:attempts:{message_id}", self.keys.prefix())
-    }
-}
-
-fn backoff(step: u32) -> Duration {
-    let factor = 1u32 << step.min(10);
-    (BACKOFF_MIN * factor).min(BACKOFF_MAX)
-}
+/// A delivery and the order message it carries.
+type Item = (Delivery, OrderMessage);
 
 /// Consumes until `stop` turns true, reconnecting with backoff after any
 /// broker error. Returns once the in-flight batch is settled.
 pub async fn consume(ctx: Arc<WorkerContext>, stop: watch::Receiver<bool>, index: usize) {
-    broker_session::reconnecting("order consumer", stop, backoff, |mut stop| {
+    broker_session::reconnecting("order consumer", stop, BACKOFF, |mut stop| {
         let ctx = ctx.clone();
         async move { session(&ctx, &mut stop, index).await }
     })
@@ -144,31 +106,13 @@ async fn session(
         broker_session::open_consumer(ctx, &channel, &amqp.queue, worker.prefetch).await?;
     tracing::info!(queue = %amqp.queue, prefetch = worker.prefetch, batch = worker.batch_size, "consuming orders");
 
-    let batch_size = worker.batch_size.max(1);
-    let max_wait = Duration::from_millis(worker.batch_max_wait_ms);
     let result: anyhow::Result<()> = loop {
         let first = match broker_session::next_delivery(&mut consumer, stop).await {
             Ok(Some(d)) => d,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e.context("order consumer")),
         };
-        let mut batch = vec![first];
-        let deadline = Instant::now() + max_wait;
-        let mut stream_end = None;
-        while batch.len() < batch_size {
-            match tokio::time::timeout_at(deadline, consumer.next()).await {
-                Ok(Some(Ok(d))) => batch.push(d),
-                Ok(Some(Err(e))) => {
-                    stream_end = Some(anyhow::Error::from(e));
-                    break;
-                }
-                Ok(None) => {
-                    stream_end = Some(anyhow!("the broker cancelled the consumer"));
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
+        let (batch, stream_end) = collect_batch(ctx, &mut consumer, first).await;
         if let Err(e) = handle_batch(ctx, &closes, batch).await {
             break Err(e.into());
         }
@@ -182,6 +126,53 @@ async fn session(
     result
 }
 
+/// `first` and whatever else arrives within `worker.batch_max_wait_ms` of
+/// it, up to `worker.batch_size` deliveries. A broken stream ends the batch
+/// early; its error comes back to end the session after the batch is
+/// handled.
+async fn collect_batch(
+    ctx: &WorkerContext,
+    consumer: &mut Consumer,
+    first: Delivery,
+) -> (Vec<Delivery>, Option<anyhow::Error>) {
+    let worker = &ctx.config.worker;
+    let batch_size = worker.batch_size.max(1);
+    let deadline = Instant::now() + Duration::from_millis(worker.batch_max_wait_ms);
+    let mut batch = vec![first];
+    while batch.len() < batch_size {
+        match tokio::time::timeout_at(deadline, consumer.next()).await {
+            Ok(Some(Ok(d))) => batch.push(d),
+            Ok(Some(Err(e))) => return (batch, Some(e.into())),
+            Ok(None) => return (batch, Some(anyhow!("the broker cancelled the consumer"))),
+            Err(_) => break,
+        }
+    }
+    (batch, None)
+}
+
+/// What to do with messages whose write failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// The failure says nothing about the messages (MySQL or Redis
+    /// trouble): hand them back after a backoff, without counting.
+    Requeue,
+    /// Something in the batch is refused: write each message alone, so one
+    /// poison message holds back none of the others.
+    OneByOne,
+    /// This message is refused on its own: count the attempt.
+    CountAttempt,
+}
+
+fn recovery(error: &WriteError, messages: usize) -> Recovery {
+    if error.is_transient() {
+        Recovery::Requeue
+    } else if messages > 1 {
+        Recovery::OneByOne
+    } else {
+        Recovery::CountAttempt
+    }
+}
+
 /// Handles one batch to the end: every delivery is acked, rejected or
 /// (possibly after a delay) requeued when this returns `Ok`.
 pub async fn handle_batch(
@@ -190,7 +181,17 @@ pub async fn handle_batch(
     batch: Vec<Delivery>,
 ) -> lapin::Result<()> {
     METRICS.consumed.inc_by(batch.len() as u64);
-    let mut valid: Vec<(Delivery, OrderMessage)> = Vec::with_capacity(batch.len());
+    let valid = reject_malformed(batch).await?;
+    if valid.is_empty() {
+        return Ok(());
+    }
+    handle_items(ctx, closes, valid).await
+}
+
+/// Dead-letters the deliveries that are no order message of this version
+/// and returns the others with their messages.
+async fn reject_malformed(batch: Vec<Delivery>) -> lapin::Result<Vec<Item>> {
+    let mut valid = Vec::with_capacity(batch.len());
     for d in batch {
         match OrderMessage::from_json(&d.data) {
             Ok(m) => valid.push((d, m)),
@@ -206,81 +207,87 @@ pub async fn handle_batch(
             }
         }
     }
-    if valid.is_empty() {
-        return Ok(());
-    }
-    let messages: Vec<OrderMessage> = valid.iter().map(|(_, m)| m.clone()).collect();
-    match write(ctx, &messages).await {
-        Ok(outcomes) => finish(ctx, closes, &valid, &outcomes).await,
-        Err(e) if e.is_transient() => {
-            let step = ctx.transient_failures.fetch_add(1, Ordering::Relaxed);
-            let wait = backoff(step);
-            tracing::warn!(error = %e, messages = valid.len(), retry_in = ?wait, "batch write failed; requeueing");
+    Ok(valid)
+}
+
+/// Writes `items` in one transaction and settles them; on failure applies
+/// the [`Recovery`] the error calls for.
+async fn handle_items(
+    ctx: &Arc<WorkerContext>,
+    closes: &Channel,
+    mut items: Vec<Item>,
+) -> lapin::Result<()> {
+    let messages: Vec<OrderMessage> = items.iter().map(|(_, m)| m.clone()).collect();
+    let error = match write(ctx, &messages).await {
+        Ok(outcomes) => return finish(ctx, closes, &items, &outcomes).await,
+        Err(e) => e,
+    };
+    match recovery(&error, items.len()) {
+        Recovery::Requeue => {
+            let wait = BACKOFF.delay(ctx.transient_failure());
+            tracing::warn!(error = %error, messages = items.len(), retry_in = ?wait, "batch write failed; requeueing");
             tokio::time::sleep(wait).await;
-            requeue_now(&valid, "database").await
+            requeue_now(&items, "database").await
         }
-        Err(e) if valid.len() > 1 => {
-            tracing::warn!(error = %e, messages = valid.len(), "batch write failed; retrying its messages one by one");
-            for item in valid {
-                handle_single(ctx, closes, item).await?;
+        Recovery::OneByOne => {
+            tracing::warn!(error = %error, messages = items.len(), "batch write failed; retrying its messages one by one");
+            for item in items {
+                Box::pin(handle_items(ctx, closes, vec![item])).await?;
             }
             Ok(())
         }
-        Err(e) => match valid.pop() {
-            Some(item) => failed_attempt(ctx, item, e).await,
+        Recovery::CountAttempt => match items.pop() {
+            Some(item) => failed_attempt(ctx, item, error).await,
             None => Ok(()),
         },
     }
 }
 
-/// One message in its own transaction (after its batch failed).
-async fn handle_single(
-    ctx: &Arc<WorkerContext>,
-    closes: &Channel,
-    item: (Delivery, OrderMessage),
-) -> lapin::Result<()> {
-    match write(ctx, std::slice::from_ref(&item.1)).await {
-        Ok(outcomes) => finish(ctx, closes, std::slice::from_ref(&item), &outcomes).await,
-        Err(e) if e.is_transient() => {
-            let step = ctx.transient_failures.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(backoff(step)).await;
-            requeue_now(std::slice::from_ref(&item), "database").await
+/// Runs `op` up to [`WRITE_TRIES`] times while `retry` says its error is
+/// worth another immediate try, pausing a little longer each time.
+async fn with_retries<T, E, Fut>(
+    what: &str,
+    mut op: impl FnMut() -> Fut,
+    retry: impl Fn(&E) -> bool,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut tries = 1;
+    loop {
+        match op().await {
+            Err(e) if tries < WRITE_TRIES && retry(&e) => {
+                tracing::warn!(error = %e, tries, "{what} failed, retrying");
+                tokio::time::sleep(RETRY_STEP * tries).await;
+                tries += 1;
+            }
+            other => return other,
         }
-        Err(e) => failed_attempt(ctx, item, e).await,
     }
 }
 
 /// Claims the reservations, then the batch write, each retried in process
 /// while the error is transient.
 async fn write(ctx: &WorkerContext, messages: &[OrderMessage]) -> Result<Vec<Outcome>, WriteError> {
-    let mut redis = ctx.redis.clone();
-    let mut tries = 0;
-    let released = loop {
-        match reservations::claim(&mut redis, &ctx.keys, messages).await {
-            Ok(r) => break r,
-            Err(e) if tries + 1 < WRITE_TRIES => {
-                tries += 1;
-                tracing::warn!(error = %e, tries, "claiming reservations failed, retrying");
-                tokio::time::sleep(BACKOFF_MIN * tries).await;
-            }
-            Err(e) => return Err(WriteError::Redis(e)),
-        }
-    };
-    let mut tries = 0;
-    loop {
-        match order_writer::write_batch(&ctx.db, messages, &released, ctx.writer_config()).await {
-            Ok(o) => {
-                ctx.transient_failures.store(0, Ordering::Relaxed);
-                return Ok(o);
-            }
-            Err(e) if (e.is_transient() || e.is_race()) && tries + 1 < WRITE_TRIES => {
-                tries += 1;
-                tracing::debug!(error = %e, tries, "transient write failure, retrying");
-                tokio::time::sleep(BACKOFF_MIN * tries).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let released = with_retries(
+        "claiming reservations",
+        || {
+            let mut redis = ctx.redis.clone();
+            async move { reservations::claim(&mut redis, &ctx.keys, messages).await }
+        },
+        |_| true,
+    )
+    .await
+    .map_err(WriteError::Redis)?;
+    let outcomes = with_retries(
+        "the batch write",
+        || order_writer::write_batch(&ctx.db, messages, &released, ctx.writer_config()),
+        |e: &WriteError| e.is_transient() || e.is_race(),
+    )
+    .await?;
+    ctx.transient_recovered();
+    Ok(outcomes)
 }
 
 /// After commit: results and reservations to Redis, the orders' delayed
@@ -288,30 +295,27 @@ async fn write(ctx: &WorkerContext, messages: &[OrderMessage]) -> Result<Vec<Out
 async fn finish(
     ctx: &WorkerContext,
     closes: &Channel,
-    items: &[(Delivery, OrderMessage)],
+    items: &[Item],
     outcomes: &[Outcome],
 ) -> lapin::Result<()> {
     let already = outcomes.iter().filter(|o| o.already_settled).count();
     METRICS.already_processed.inc_by(already as u64);
-    let mut redis = ctx.redis.clone();
-    let mut tries = 0u32;
-    loop {
-        match results::publish(&mut redis, &ctx.keys, outcomes).await {
-            Ok(_) => break,
-            Err(e) if tries + 1 < WRITE_TRIES => {
-                tries += 1;
-                tracing::warn!(error = %e, tries, "writing results to Redis failed, retrying");
-                tokio::time::sleep(BACKOFF_MIN * tries).await;
-            }
-            Err(e) => {
-                // Committed, but not settled in Redis: the redelivery finds
-                // the rows and settles again.
-                let step = ctx.transient_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "results not written to Redis; requeueing the batch");
-                tokio::time::sleep(backoff(step)).await;
-                return requeue_now(items, "redis").await;
-            }
-        }
+    let published = with_retries(
+        "writing results to Redis",
+        || {
+            let mut redis = ctx.redis.clone();
+            async move { results::publish(&mut redis, &ctx.keys, outcomes).await }
+        },
+        |_| true,
+    )
+    .await;
+    if let Err(e) = published {
+        // Committed, but not settled in Redis: the redelivery finds the
+        // rows and settles again.
+        let wait = BACKOFF.delay(ctx.transient_failure());
+        tracing::warn!(error = %e, "results not written to Redis; requeueing the batch");
+        tokio::time::sleep(wait).await;
+        return requeue_now(items, "redis").await;
     }
     schedule_closes(ctx, closes, outcomes).await;
     let acks = items
@@ -323,51 +327,51 @@ async fn finish(
     Ok(())
 }
 
-/// Schedules the timeout close of every order of the batch, including
-/// orders found again on a redelivery (their first schedule may be what
-/// got lost; a close is idempotent, so a second message is harmless). A
-/// failure is only logged: the sweeper closes overdue orders either way.
-async fn schedule_closes(ctx: &WorkerContext, closes: &Channel, outcomes: &[Outcome]) {
-    let orders: Vec<(String, u64)> = outcomes
+/// The orders of a batch that get a timeout close: every order, including
+/// those found again on a redelivery (their first schedule may be what got
+/// lost; a close is idempotent, so a second message is harmless).
+fn orders_to_close(outcomes: &[Outcome]) -> Vec<(String, u64)> {
+    outcomes
         .iter()
         .filter_map(|o| match &o.settlement {
             Settlement::Success { order_id } => Some((order_id.clone(), o.message.sale_id)),
             Settlement::Failed { .. } => None,
         })
-        .collect();
+        .collect()
+}
+
+/// Schedules the timeout close of the batch's orders ([`orders_to_close`]).
+/// A failure is only logged: the sweeper closes overdue orders either way.
+async fn schedule_closes(ctx: &WorkerContext, closes: &Channel, outcomes: &[Outcome]) {
+    let orders = orders_to_close(outcomes);
     if orders.is_empty() {
         return;
     }
     let wait = Duration::from_millis(ctx.config.amqp.confirm_timeout_ms.max(1));
-    match tokio::time::timeout(wait, closer::schedule(closes, &ctx.config.amqp, &orders)).await {
-        Ok(Ok(confirmed)) => {
-            let label = if confirmed { "ok" } else { "failed" };
-            METRICS
-                .closes_scheduled
-                .with_label_values(&[label])
-                .inc_by(orders.len() as u64);
-        }
+    let scheduled =
+        tokio::time::timeout(wait, closer::schedule(closes, &ctx.config.amqp, &orders)).await;
+    let label = match scheduled {
+        Ok(Ok(true)) => "ok",
+        Ok(Ok(false)) => "failed",
         Ok(Err(e)) => {
-            METRICS
-                .closes_scheduled
-                .with_label_values(&["failed"])
-                .inc_by(orders.len() as u64);
             tracing::warn!(error = %e, orders = orders.len(), "could not schedule order closes; the sweeper will close them");
+            "failed"
         }
         Err(_) => {
-            METRICS
-                .closes_scheduled
-                .with_label_values(&["failed"])
-                .inc_by(orders.len() as u64);
             tracing::warn!(
                 orders = orders.len(),
                 "scheduling order closes timed out; the sweeper will close them"
             );
+            "failed"
         }
-    }
+    };
+    METRICS
+        .closes_scheduled
+        .with_label_values(&[label])
+        .inc_by(orders.len() as u64);
 }
 
-async fn requeue_now(items: &[(Delivery, OrderMessage)], cause: &str) -> lapin::Result<()> {
+async fn requeue_now(items: &[Item], cause: &str) -> lapin::Result<()> {
     METRICS
         .requeued
         .with_label_values(&[cause])
@@ -384,17 +388,30 @@ async fn requeue_now(items: &[(Delivery, OrderMessage)], cause: &str) -> lapin::
     Ok(())
 }
 
-/// A message failed on its own with a non-transient error: count the
-/// attempt; dead-letter it at the delivery limit, otherwise requeue it after
-/// a backoff without holding up the consumer.
-async fn failed_attempt(
-    ctx: &Arc<WorkerContext>,
-    (delivery, message): (Delivery, OrderMessage),
-    error: WriteError,
-) -> lapin::Result<()> {
-    let key = ctx.attempts_key(&message.message_id);
+/// What becomes of a message that failed on its own `attempts` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// At `amqp.delivery_limit`: into the dead-letter queue.
+    DeadLetter,
+    /// Below it: back to the queue after this wait.
+    RetryAfter(Duration),
+}
+
+fn verdict(attempts: u64, delivery_limit: u32) -> Verdict {
+    if attempts >= u64::from(delivery_limit.max(1)) {
+        Verdict::DeadLetter
+    } else {
+        Verdict::RetryAfter(BACKOFF.delay(u32::try_from(attempts).unwrap_or(u32::MAX)))
+    }
+}
+
+/// Counts one failed attempt of `message_id` in Redis and returns the
+/// count. Redis trouble counts as a first attempt: the message is retried,
+/// never dead-lettered because the counter could not be read.
+async fn count_attempt(ctx: &WorkerContext, message_id: &str) -> u64 {
+    let key = ctx.keys.worker_attempts(message_id);
     let mut redis = ctx.redis.clone();
-    let attempts: u64 = match redis::pipe()
+    let counted = redis::pipe()
         .cmd("INCR")
         .arg(&key)
         .cmd("EXPIRE")
@@ -402,32 +419,49 @@ async fn failed_attempt(
         .arg(ATTEMPTS_TTL_SECS)
         .ignore()
         .query_async::<(u64,)>(&mut redis)
-        .await
-    {
+        .await;
+    match counted {
         Ok((n,)) => n,
         Err(e) => {
             tracing::warn!(error = %e, "cannot count the attempt in Redis");
             1
         }
-    };
-    let limit = u64::from(ctx.config.amqp.delivery_limit.max(1));
-    if attempts >= limit {
-        tracing::error!(
-            message_id = %message.message_id, attempts, error = %error,
-            "order message keeps failing; dead-lettering it"
-        );
-        METRICS
-            .dead_lettered
-            .with_label_values(&["delivery_limit"])
-            .inc();
-        delivery
-            .acker
-            .reject(BasicRejectOptions { requeue: false })
-            .await?;
-        let _: Result<(), _> = redis::cmd("DEL").arg(&key).query_async(&mut redis).await;
-        return Ok(());
     }
-    let wait = backoff(u32::try_from(attempts).unwrap_or(u32::MAX));
+}
+
+/// A message failed on its own with a non-transient error: count the
+/// attempt; dead-letter it at the delivery limit, otherwise requeue it after
+/// a backoff without holding up the consumer.
+async fn failed_attempt(
+    ctx: &Arc<WorkerContext>,
+    (delivery, message): Item,
+    error: WriteError,
+) -> lapin::Result<()> {
+    let attempts = count_attempt(ctx, &message.message_id).await;
+    let limit = ctx.config.amqp.delivery_limit;
+    let wait = match verdict(attempts, limit) {
+        Verdict::RetryAfter(wait) => wait,
+        Verdict::DeadLetter => {
+            tracing::error!(
+                message_id = %message.message_id, attempts, error = %error,
+                "order message keeps failing; dead-lettering it"
+            );
+            METRICS
+                .dead_lettered
+                .with_label_values(&["delivery_limit"])
+                .inc();
+            delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await?;
+            let mut redis = ctx.redis.clone();
+            let _: Result<(), _> = redis::cmd("DEL")
+                .arg(ctx.keys.worker_attempts(&message.message_id))
+                .query_async(&mut redis)
+                .await;
+            return Ok(());
+        }
+    };
     tracing::warn!(
         message_id = %message.message_id, attempts, limit, retry_in = ?wait, error = %error,
         "order message failed; requeueing it later"
@@ -444,4 +478,100 @@ async fn failed_attempt(
             .await;
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::statuses::FailReason;
+
+    fn outcome(id: &str, sale: u64, settlement: Settlement, already: bool) -> Outcome {
+        Outcome {
+            message: OrderMessage::new(id.into(), sale, 1, 0),
+            settlement,
+            already_settled: already,
+        }
+    }
+
+    #[test]
+    fn transient_failures_requeue_whole_batches_uncounted() {
+        let redis_down = WriteError::Redis(redis::RedisError::from(std::io::Error::other("gone")));
+        assert_eq!(recovery(&redis_down, 1), Recovery::Requeue);
+        assert_eq!(recovery(&redis_down, 50), Recovery::Requeue);
+        let pool = WriteError::Database(sqlx::Error::PoolTimedOut);
+        assert_eq!(recovery(&pool, 50), Recovery::Requeue);
+    }
+
+    #[test]
+    fn refused_batches_split_and_a_refused_message_is_counted() {
+        let refused = WriteError::GuardMissed(7);
+        assert_eq!(recovery(&refused, 2), Recovery::OneByOne);
+        assert_eq!(recovery(&refused, 1), Recovery::CountAttempt);
+        let schema = WriteError::Database(sqlx::Error::RowNotFound);
+        assert_eq!(recovery(&schema, 1), Recovery::CountAttempt);
+    }
+
+    #[test]
+    fn the_delivery_limit_dead_letters_and_earlier_attempts_back_off() {
+        assert_eq!(verdict(5, 5), Verdict::DeadLetter);
+        assert_eq!(verdict(9, 5), Verdict::DeadLetter);
+        let Verdict::RetryAfter(first) = verdict(1, 5) else {
+            panic!("below the limit: retried");
+        };
+        let Verdict::RetryAfter(later) = verdict(4, 5) else {
+            panic!("below the limit: retried");
+        };
+        assert!(later > first, "{later:?} > {first:?}");
+        // A limit of 0 would dead-letter before any attempt: it means 1.
+        assert_eq!(verdict(1, 0), Verdict::DeadLetter);
+    }
+
+    #[test]
+    fn every_order_of_a_batch_is_scheduled_to_close_even_a_redelivered_one() {
+        let success = |id: &str| Settlement::Success {
+            order_id: id.into(),
+        };
+        let failed = Settlement::Failed {
+            reason: FailReason::SoldOut,
+            existing_order: None,
+        };
+        let outcomes = vec![
+            outcome("m1", 1, success("o1"), false),
+            outcome("m2", 1, failed, false),
+            outcome("m3", 2, success("o3"), true),
+        ];
+        assert_eq!(
+            orders_to_close(&outcomes),
+            vec![("o1".to_string(), 1), ("o3".to_string(), 2)]
+        );
+        assert!(orders_to_close(&[]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn retries_stop_at_the_limit_or_when_told() {
+        let mut calls = 0;
+        let r: Result<(), String> = with_retries(
+            "test",
+            || {
+                calls += 1;
+                async { Err("busy".to_string()) }
+            },
+            |_| true,
+        )
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls, WRITE_TRIES);
+        let mut calls = 0;
+        let r: Result<(), String> = with_retries(
+            "test",
+            || {
+                calls += 1;
+                async { Err("refused".to_string()) }
+            },
+            |_| false,
+        )
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls, 1, "a refusal is not retried in process");
+    }
 }

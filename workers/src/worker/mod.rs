@@ -9,9 +9,11 @@
 //!                      ack ◀── results (Redis: result key, reservation settled)
 //! ```
 //!
+//! * [`context`]: what they all share (config, MySQL, Redis, key schema);
 //! * [`consumer`]: batching, ack/requeue/dead-letter policy;
 //! * `broker_session`: the connection, topology and reconnect loop the
-//!   order and close consumers share;
+//!   order and close consumers share, with the `backoff` curve every retry
+//!   loop of the worker uses;
 //! * [`reservations`]: claims the batch's Redis reservations first, so a
 //!   gateway rollback and a late message can never both count;
 //! * [`order_writer`]: the idempotent, oversell-proof batch transaction;
@@ -27,9 +29,11 @@
 //! [`run`] serves `/healthz` and `/metrics` next to the consumer until the
 //! shutdown future resolves, then finishes the batch in flight and closes.
 
+mod backoff;
 mod broker_session;
 pub mod closer;
 pub mod consumer;
+pub mod context;
 pub mod dlq;
 pub mod metrics;
 pub mod order_writer;
@@ -46,7 +50,7 @@ use tokio::sync::watch;
 
 use crate::{connections, probes};
 
-pub use consumer::WorkerContext;
+pub use context::WorkerContext;
 
 /// Independent consumers (each its own connection, channel and prefetch
 /// window) per process. Batches of one sale serialise on its row lock in

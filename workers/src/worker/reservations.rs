@@ -1,11 +1,11 @@
 //! Before a batch is written, its reservations are claimed in Redis.
 //!
-//! The gateway answers 503 and gives the unit back (`lua/redis/release.lua`)
+//! The gateway answers 503 and gives the unit back (`lua/shared/release.lua`)
 //! when the broker did not confirm a publish in time, yet the broker may
 //! still have kept the message. Without a guard that late message would
 //! become an order the buyer was told failed, and Redis would count the
 //! unit twice (back in stock *and* sold). So, per sale of the batch, one
-//! `lua/redis/claim.lua` call atomically
+//! `lua/workers/claim.lua` call atomically
 //!
 //! * marks each still-held reservation as claimed (`":c"`), after which a
 //!   rollback refuses (`-1`) and the gateway answers 202 instead, and
@@ -23,9 +23,10 @@ use seckill_contracts::keys::{KeySchema, SaleKeys};
 use seckill_contracts::OrderMessage;
 
 use super::results::{ResultRecord, RESULT_TTL_SECS};
+use crate::statuses::FailReason;
 
 /// The claim script, shared with the gateway's Redis script folder.
-pub const CLAIM_SCRIPT: &str = include_str!("../../../lua/redis/claim.lua");
+pub const CLAIM_SCRIPT: &str = include_str!("../../../lua/workers/claim.lua");
 
 /// Claims the reservations of `messages`; returns the ids of the messages
 /// whose reservation was released before they arrived.
@@ -57,17 +58,10 @@ pub async fn claim<C: ConnectionLike>(
     Ok(released)
 }
 
-/// How long a released request id is remembered, so a message arriving
-/// late for it is refused (the gateway's rollback uses the same span).
-pub const RELEASED_TTL_SECS: u64 = 24 * 3600;
-
-/// The reason recorded for a reservation released because its message
-/// never came; the order writer records a late message for one the same
-/// way, so both read alike.
-pub const RELEASED_REASON: &str = "released";
-
 /// Records in MySQL that `request_id` was released, so the buyer's `failed`
 /// survives Redis and a later audit can explain the unit that came back.
+/// The reason is [`FailReason::Released`], the one the order writer gives
+/// a late message for it, so both read alike.
 pub async fn record_released<'e, E: sqlx::MySqlExecutor<'e>>(
     db: E,
     request_id: &str,
@@ -81,7 +75,7 @@ pub async fn record_released<'e, E: sqlx::MySqlExecutor<'e>>(
     .bind(request_id)
     .bind(user_id)
     .bind(sale_id)
-    .bind(RELEASED_REASON)
+    .bind(FailReason::Released)
     .execute(db)
     .await?;
     Ok(())
@@ -95,12 +89,7 @@ pub async fn publish_released_result<C: ConnectionLike>(
     keys: &SaleKeys,
     user_id: u64,
 ) -> Result<(), redis::RedisError> {
-    let record = ResultRecord {
-        status: "failed".into(),
-        order_id: None,
-        reason: Some(RELEASED_REASON.into()),
-    };
-    let json = serde_json::to_string(&record).unwrap_or_default();
+    let json = ResultRecord::failed(FailReason::Released).to_json();
     let _: Option<String> = redis::cmd("SET")
         .arg(keys.result(user_id))
         .arg(json)
@@ -110,4 +99,11 @@ pub async fn publish_released_result<C: ConnectionLike>(
         .query_async(redis)
         .await?;
     Ok(())
+}
+
+/// The Redis server's clock in Unix milliseconds: the clock reservations
+/// are stamped with (`admit.lua`), so their age is judged on it too.
+pub async fn redis_now_ms<C: ConnectionLike>(redis: &mut C) -> Result<u64, redis::RedisError> {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(redis).await?;
+    Ok(secs * 1000 + micros / 1000)
 }

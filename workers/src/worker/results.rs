@@ -1,7 +1,7 @@
 //! After a batch committed: the buyers' results go to Redis for polling and
 //! their reservations are settled, before the deliveries are acked.
 //!
-//! Per sale of the batch one `lua/redis/settle.lua` call (one round trip,
+//! Per sale of the batch one `lua/workers/settle.lua` call (one round trip,
 //! one hash tag, so it is a single-slot script on Redis Cluster too):
 //!
 //! * the result key `KeySchema.sale(id).result(user)` gets
@@ -22,67 +22,93 @@ use std::collections::BTreeMap;
 
 use redis::aio::ConnectionLike;
 use seckill_contracts::keys::KeySchema;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::order_writer::{FailReason, Outcome, Settlement};
+use super::order_writer::{Outcome, Settlement};
+use crate::statuses::{FailReason, ResultStatus};
 
 /// The settle script, shared with the gateway's Redis script folder.
-pub const SETTLE_SCRIPT: &str = include_str!("../../../lua/redis/settle.lua");
+pub const SETTLE_SCRIPT: &str = include_str!("../../../lua/workers/settle.lua");
 
 /// How long a result stays pollable.
 pub const RESULT_TTL_SECS: u64 = 24 * 3600;
 
 /// The JSON a buyer's result poll reads.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResultRecord {
-    pub status: String,
+    pub status: ResultStatus,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub order_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub reason: Option<String>,
+    pub reason: Option<FailReason>,
+}
+
+/// What `settle.lua` does with one item (its `mode` argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SettleMode {
+    /// The order exists: clear the reservation.
+    Success,
+    /// Failed: clear it, give the unit back, unmark the buyer.
+    Release,
+    /// The buyer has another order: clear it, give back only its unit.
+    Duplicate,
+}
+
+impl SettleMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            SettleMode::Success => "success",
+            SettleMode::Release => "release",
+            SettleMode::Duplicate => "duplicate",
+        }
+    }
 }
 
 impl ResultRecord {
+    /// `success` with the order.
+    pub fn success(order_id: &str) -> ResultRecord {
+        ResultRecord {
+            status: ResultStatus::Success,
+            order_id: Some(order_id.to_string()),
+            reason: None,
+        }
+    }
+
+    /// `failed` for `reason`.
+    pub fn failed(reason: FailReason) -> ResultRecord {
+        ResultRecord {
+            status: ResultStatus::Failed,
+            order_id: None,
+            reason: Some(reason),
+        }
+    }
+
+    /// The stored JSON.
+    pub fn to_json(&self) -> String {
+        // Strings and enums only: serialising cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
     /// What the buyer of `outcome` should see, and the settle mode.
-    fn of(outcome: &Outcome) -> (ResultRecord, &'static str) {
+    fn of(outcome: &Outcome) -> (ResultRecord, SettleMode) {
         match &outcome.settlement {
-            Settlement::Success { order_id } => (
-                ResultRecord {
-                    status: "success".into(),
-                    order_id: Some(order_id.clone()),
-                    reason: None,
-                },
-                "success",
-            ),
+            Settlement::Success { order_id } => {
+                (ResultRecord::success(order_id), SettleMode::Success)
+            }
+            // The buyer has an order; the poll shows it.
             Settlement::Failed {
-                reason,
-                existing_order,
-            } => {
-                if FailReason::parse(reason) == Some(FailReason::Duplicate) {
-                    // The buyer has an order; the poll shows it.
-                    let record = match existing_order {
-                        Some(id) => ResultRecord {
-                            status: "success".into(),
-                            order_id: Some(id.clone()),
-                            reason: None,
-                        },
-                        None => ResultRecord {
-                            status: "failed".into(),
-                            order_id: None,
-                            reason: Some(reason.clone()),
-                        },
-                    };
-                    (record, "duplicate")
-                } else {
-                    (
-                        ResultRecord {
-                            status: "failed".into(),
-                            order_id: None,
-                            reason: Some(reason.clone()),
-                        },
-                        "release",
-                    )
-                }
+                reason: FailReason::Duplicate,
+                existing_order: Some(id),
+            } => (ResultRecord::success(id), SettleMode::Duplicate),
+            Settlement::Failed {
+                reason: FailReason::Duplicate,
+                existing_order: None,
+            } => (
+                ResultRecord::failed(FailReason::Duplicate),
+                SettleMode::Duplicate,
+            ),
+            Settlement::Failed { reason, .. } => {
+                (ResultRecord::failed(*reason), SettleMode::Release)
             }
         }
     }
@@ -111,11 +137,64 @@ pub async fn publish<C: ConnectionLike>(
             inv.key(k.result(o.message.user_id));
             inv.arg(o.message.user_id)
                 .arg(&o.message.message_id)
-                .arg(serde_json::to_string(&record).unwrap_or_default())
-                .arg(mode);
+                .arg(record.to_json())
+                .arg(mode.as_str());
         }
         let n: u64 = inv.invoke_async(redis).await?;
         given_back += n;
     }
     Ok(given_back)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use seckill_contracts::OrderMessage;
+
+    fn of(settlement: Settlement) -> (String, SettleMode) {
+        let outcome = Outcome {
+            message: OrderMessage::new("m".into(), 1, 2, 0),
+            settlement,
+            already_settled: false,
+        };
+        let (record, mode) = ResultRecord::of(&outcome);
+        (record.to_json(), mode)
+    }
+
+    #[test]
+    fn each_settlement_has_its_result_and_mode() {
+        let success = Settlement::Success {
+            order_id: "o1".into(),
+        };
+        assert_eq!(
+            of(success),
+            (
+                r#"{"status":"success","order_id":"o1"}"#.into(),
+                SettleMode::Success
+            )
+        );
+        let duplicate = Settlement::Failed {
+            reason: FailReason::Duplicate,
+            existing_order: Some("o0".into()),
+        };
+        assert_eq!(
+            of(duplicate),
+            (
+                r#"{"status":"success","order_id":"o0"}"#.into(),
+                SettleMode::Duplicate
+            ),
+            "the buyer's poll shows the order they have"
+        );
+        let sold_out = Settlement::Failed {
+            reason: FailReason::SoldOut,
+            existing_order: None,
+        };
+        assert_eq!(
+            of(sold_out),
+            (
+                r#"{"status":"failed","reason":"sold_out"}"#.into(),
+                SettleMode::Release
+            )
+        );
+    }
 }

@@ -16,7 +16,7 @@
 //! 4. **orphaned reservations**: a reservation older than
 //!    `worker.reservation_timeout_secs` that no worker claimed means its
 //!    message never reached the broker (a gateway died between the stock
-//!    decrement and the publish). `lua/redis/release.lua` gives the unit
+//!    decrement and the publish). `lua/shared/release.lua` gives the unit
 //!    back and remembers the request id, so should the message still arrive
 //!    the worker refuses it; the buyer's result becomes an explicit
 //!    `failed` (SPEC invariant 3) and a `failed_admissions` row records it.
@@ -27,18 +27,19 @@
 
 use std::time::Duration;
 
+use seckill_contracts::reservation::{Reservation, RELEASED_TTL_SECS};
 use seckill_contracts::sale_events::{self, SaleEvent, SaleEventKind};
 use thiserror::Error;
 use tokio::sync::watch;
 
-use super::consumer::WorkerContext;
+use super::context::WorkerContext;
 use super::metrics::METRICS;
-use super::reservations::{self, RELEASED_TTL_SECS};
+use super::reservations;
 use crate::lock::RedisLock;
 use crate::{orders, reconcile};
 
 /// The release script, shared with the gateway's rollback.
-pub const RELEASE_SCRIPT: &str = include_str!("../../../lua/redis/release.lua");
+pub const RELEASE_SCRIPT: &str = seckill_contracts::scripts::RELEASE;
 /// Name of the lock (under `KeySchema::lock`).
 pub const LOCK_NAME: &str = "sweeper";
 /// Orders handled per statement; a large backlog is worked off in rounds
@@ -185,16 +186,21 @@ pub async fn release_orphans(ctx: &WorkerContext, sale_id: u64) -> Result<u64, S
         .worker
         .reservation_timeout_secs
         .saturating_mul(1000);
-    let now_ms = redis_now_ms(&mut redis).await?;
+    let now_ms = reservations::redis_now_ms(&mut redis).await?;
     let script = redis::Script::new(RELEASE_SCRIPT);
     let mut released = 0;
     for (user, value) in held {
-        let Some((request_id, admitted_ms, claimed)) = parse_reservation(&value) else {
-            continue;
+        let reservation = match Reservation::parse(&value) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(sale_id, user, error = %e, "skipping an unreadable reservation");
+                continue;
+            }
         };
-        if claimed || now_ms.saturating_sub(admitted_ms) < min_age_ms {
+        if !reservation.is_orphan(now_ms, min_age_ms) {
             continue;
         }
+        let request_id = reservation.request_id;
         let Ok(user_id) = user.parse::<u64>() else {
             continue;
         };
@@ -235,38 +241,19 @@ pub async fn release_orphans(ctx: &WorkerContext, sale_id: u64) -> Result<u64, S
     Ok(released)
 }
 
-async fn redis_now_ms(
-    redis: &mut seckill_contracts::redis_client::RedisConn,
-) -> Result<u64, redis::RedisError> {
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(redis).await?;
-    Ok(secs * 1000 + micros / 1000)
-}
-
-/// `"<request_id>:<admitted_ms>[:c]"` → (request id, admitted ms, claimed).
-fn parse_reservation(value: &str) -> Option<(&str, u64, bool)> {
-    let (rest, claimed) = match value.strip_suffix(":c") {
-        Some(r) => (r, true),
-        None => (value, false),
-    };
-    let (request_id, admitted) = rest.rsplit_once(':')?;
-    Some((request_id, admitted.parse().ok()?, claimed))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The sweeper releases with the shipped `lua/shared/release.lua`, the
+    /// same text the gateway's rollback runs (its own test checks the same).
     #[test]
-    fn parses_reservation_values() {
+    fn the_sweeper_runs_the_shared_release_script() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../lua/shared/release.lua");
+        let shipped = std::fs::read_to_string(file).unwrap();
         assert_eq!(
-            parse_reservation("0192-ab:1700000000000"),
-            Some(("0192-ab", 1_700_000_000_000, false))
+            redis::Script::new(RELEASE_SCRIPT).get_hash(),
+            redis::Script::new(&shipped).get_hash()
         );
-        assert_eq!(
-            parse_reservation("0192-ab:1700000000000:c"),
-            Some(("0192-ab", 1_700_000_000_000, true))
-        );
-        assert_eq!(parse_reservation("garbage"), None);
-        assert_eq!(parse_reservation("x:notanumber"), None);
     }
 }

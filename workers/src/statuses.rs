@@ -1,0 +1,209 @@
+//! The stored vocabularies of orders and admissions, each owned here once:
+//! the Rust value, the text MySQL stores (and the api shows), and the
+//! parse back, which refuses a text this build does not know.
+//!
+//! | enum | column | values |
+//! |---|---|---|
+//! | [`OrderStatus`] | `orders.status` | `unpaid`, `paid`, `closed` |
+//! | [`CloseReason`] | `orders.close_reason` | `cancelled`, `timeout` |
+//! | [`FailReason`] | `failed_admissions.reason` | `sold_out`, `unknown_sale`, `duplicate`, `released` |
+//! | [`ResultStatus`] | the buyer's result key (Redis), the poll answer | `success`, `queued`, `failed`, `none` |
+//!
+//! SQL never spells these out: the values are bound as parameters
+//! (`.bind(OrderStatus::Unpaid)`), so a renamed value cannot leave a stale
+//! literal behind in some query. An unknown stored value (a newer build's,
+//! or a hand-edited row) is an [`UnknownValue`] error, never read as
+//! something else.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A stored text that is none of its enum's values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind} {value:?}")]
+pub struct UnknownValue {
+    /// Which vocabulary, e.g. `order status`.
+    pub kind: &'static str,
+    pub value: String,
+}
+
+/// Defines an enum of stored values with `as_str`, `Display`, `FromStr`
+/// (refusing unknown text with [`UnknownValue`]), serde as the text, and
+/// binding as a MySQL string parameter.
+macro_rules! stored_enum {
+    (
+        $(#[$meta:meta])*
+        $name:ident, $kind:literal {
+            $( $(#[$vmeta:meta])* $variant:ident => $text:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The stored (and shown) text.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $text, )+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownValue;
+
+            fn from_str(s: &str) -> Result<$name, UnknownValue> {
+                match s {
+                    $( $text => Ok($name::$variant), )+
+                    _ => Err(UnknownValue {
+                        kind: $kind,
+                        value: s.to_string(),
+                    }),
+                }
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<$name, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl sqlx::Type<sqlx::MySql> for $name {
+            fn type_info() -> sqlx::mysql::MySqlTypeInfo {
+                <str as sqlx::Type<sqlx::MySql>>::type_info()
+            }
+        }
+
+        impl<'q> sqlx::Encode<'q, sqlx::MySql> for $name {
+            fn encode_by_ref(
+                &self,
+                buf: &mut Vec<u8>,
+            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<'q, sqlx::MySql>>::encode(self.as_str(), buf)
+            }
+        }
+    };
+}
+
+stored_enum! {
+    /// Where an order is in its life (SPEC §3).
+    OrderStatus, "order status" {
+        Unpaid => "unpaid",
+        Paid => "paid",
+        Closed => "closed",
+    }
+}
+
+stored_enum! {
+    /// Why a closed order closed.
+    CloseReason, "close reason" {
+        /// The buyer cancelled it.
+        Cancelled => "cancelled",
+        /// It stayed unpaid past `expires_at`.
+        Timeout => "timeout",
+    }
+}
+
+stored_enum! {
+    /// Why an admission did not become an order; also the `reason` of the
+    /// buyer's `failed` result.
+    FailReason, "admission failure reason" {
+        /// MySQL's stock guard refused: the sale has no stock left.
+        SoldOut => "sold_out",
+        /// No such sale in MySQL.
+        UnknownSale => "unknown_sale",
+        /// The buyer already has an order for this sale.
+        Duplicate => "duplicate",
+        /// The reservation was released before the message arrived (the
+        /// gateway rolled back after a failed publish, or it timed out): the
+        /// buyer was told no, and its unit is back in stock.
+        Released => "released",
+    }
+}
+
+stored_enum! {
+    /// What became of a buyer's admission, as result polling answers it
+    /// (`GET /sales/{id}/result`); the workers store `success` or `failed`
+    /// in the buyer's result key.
+    ResultStatus, "result status" {
+        /// An order exists.
+        Success => "success",
+        /// Admitted, not settled yet.
+        Queued => "queued",
+        /// Settled without an order.
+        Failed => "failed",
+        /// Never admitted.
+        None => "none",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trips<T>(all: &[T])
+    where
+        T: Copy + PartialEq + fmt::Debug + fmt::Display + FromStr<Err = UnknownValue>,
+    {
+        for v in all {
+            assert_eq!(v.to_string().parse::<T>(), Ok(*v));
+        }
+    }
+
+    #[test]
+    fn every_value_round_trips() {
+        round_trips(OrderStatus::ALL);
+        round_trips(CloseReason::ALL);
+        round_trips(FailReason::ALL);
+        round_trips(ResultStatus::ALL);
+        assert_eq!(OrderStatus::Unpaid.as_str(), "unpaid");
+        assert_eq!(CloseReason::Timeout.as_str(), "timeout");
+        assert_eq!(FailReason::UnknownSale.as_str(), "unknown_sale");
+    }
+
+    #[test]
+    fn unknown_text_is_an_error_naming_it() {
+        let err = "refunded".parse::<OrderStatus>().unwrap_err();
+        assert_eq!(
+            err,
+            UnknownValue {
+                kind: "order status",
+                value: "refunded".into()
+            }
+        );
+        assert!(err.to_string().contains("refunded"));
+        assert!("".parse::<CloseReason>().is_err());
+        assert!("Sold_Out".parse::<FailReason>().is_err(), "exact text only");
+    }
+
+    #[test]
+    fn json_is_the_stored_text() {
+        let v = serde_json::to_value([OrderStatus::Paid]).unwrap();
+        assert_eq!(v, serde_json::json!(["paid"]));
+        let v = serde_json::to_value(FailReason::SoldOut).unwrap();
+        assert_eq!(v, "sold_out");
+        let back: ResultStatus = serde_json::from_str("\"failed\"").unwrap();
+        assert_eq!(back, ResultStatus::Failed);
+        assert!(serde_json::from_str::<ResultStatus>("\"lost\"").is_err());
+    }
+}
