@@ -11,8 +11,9 @@
 --   3. ONE Redis script (lua/redis/admit.lua): fails closed when the sale's
 --      keys are missing, re-checks the window, the hidden path, the
 --      per-user sliding window, duplicates, and takes one unit of stock
---   4. publish the order message and wait for the broker's confirm: 202
---      only then; otherwise roll the reservation back (release.lua) and 503
+--   4. seckill.enqueue: publish the order message and wait for the broker's
+--      confirm: 202 only then; otherwise the gateway gives the unit back
+--      (release.lua) and the buyer gets a 503 saying what happened
 --
 -- Ops tune the numbers below and reload (see lua/README.md).
 local M = {}
@@ -31,9 +32,6 @@ M.bucket_burst = 50000
 -- comes back (a rollback, a cancel) is on sale again within it.
 M.sold_out_shortcut_ms = 500
 M.ended_shortcut_ms = 5000
--- How long a rolled-back request id is remembered, so its message, should
--- the broker have kept it after all, is refused by the worker.
-M.released_ttl_secs = 86400
 
 local function retry_after_secs(ms)
   return tostring(math.max(1, math.ceil(ms / 1000)))
@@ -51,40 +49,49 @@ local function ended(req)
   return answer
 end
 
-local function admitted(req, sale_id, keys, reply)
+-- After a failed publish the gateway has already tried to give the unit
+-- back (seckill.enqueue does both, outside this call, so a timeout here
+-- cannot strand the reservation); each outcome is told as it is.
+local function not_enqueued(req, sale_id, stock_left, outcome, err, retry_after)
+  seckill.counter("seckill_enqueue_failed")
+  seckill.log("warn", "order not enqueued:", req.request_id, outcome, tostring(err))
+  if outcome == "released" then
+    if stock_left == 0 then
+      seckill.shortcut_clear(req.route, "sale_id", req.params.sale_id)
+      pcall(seckill.sale_event, sale_id, "reopened")
+    end
+    return seckill.reject(503, "the order could not be queued; nothing was reserved, please retry",
+      { ["retry-after"] = "1" })
+  elseif outcome == "not_held" then
+    return seckill.reject(503, "the order could not be confirmed as queued, and it may have been "
+      .. "placed after all: check GET /api/v1/sales/" .. sale_id .. "/result before retrying",
+      { ["retry-after"] = "1" })
+  end
+  -- release_failed: the unit is still held for this request.
+  return seckill.reject(503, "the order could not be queued and your reservation could not be "
+    .. "given back yet; it is released automatically within " .. retry_after .. " s, and a retry "
+    .. "before then is refused as already queued",
+    { ["retry-after"] = tostring(retry_after) })
+end
+
+local function admitted(req, sale_id, reply)
   local rid = req.request_id
   local stock_left = reply[3]
   if stock_left == 0 then
     -- The last unit: every gateway may stop asking Redis now.
     pcall(seckill.sale_event, sale_id, "sold_out")
   end
-  local ok, err = seckill.publish({
+  local outcome, err, retry_after = seckill.enqueue({
     message_id = rid,
     sale_id = sale_id,
     user_id = req.user_id,
     admitted_at_ms = reply[2],
   })
-  if ok then
+  -- "claimed": the publish failed but a worker already took the message.
+  if outcome == "queued" or outcome == "claimed" then
     return seckill.respond(202, { status = "queued", request_id = rid })
   end
-  local rolled, back = pcall(seckill.redis, "release",
-    { keys.reservations, keys.stock, keys.buyers, keys.released },
-    req.user_id, rid, M.released_ttl_secs, 0)
-  if rolled and back == -1 then
-    -- A worker already claimed the message: it did reach the queue.
-    return seckill.respond(202, { status = "queued", request_id = rid })
-  end
-  if rolled and back == 1 and stock_left == 0 then
-    seckill.shortcut_clear(req.route, "sale_id", req.params.sale_id)
-    pcall(seckill.sale_event, sale_id, "reopened")
-  end
-  seckill.counter("seckill_enqueue_failed")
-  seckill.log("warn", "order not enqueued, reservation rolled back:", rid,
-    tostring(err), rolled and "" or tostring(back))
-  -- If the rollback itself failed, the sweeper releases the reservation
-  -- after its timeout and the worker refuses any late message.
-  return seckill.reject(503, "the order could not be queued; nothing was reserved, please retry",
-    { ["retry-after"] = "1" })
+  return not_enqueued(req, sale_id, stock_left, outcome, err, retry_after)
 end
 
 function M.access(req)
@@ -132,7 +139,7 @@ function M.access(req)
 
   local outcome = reply[1]
   if outcome == "admitted" then
-    return admitted(req, sale_id, keys, reply)
+    return admitted(req, sale_id, reply)
   elseif outcome == "sold_out" then
     pcall(seckill.sale_event, sale_id, "sold_out")
     return sold_out(req, sale_id)

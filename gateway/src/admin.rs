@@ -121,6 +121,7 @@ impl ServeHttp for AdminApp {
             ("GET", "/metrics") => {
                 // Health gauges are sampled on scrape.
                 let _ = self.upstreams();
+                let _ = self.rules.services().broker_state();
                 respond(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",

@@ -1,13 +1,16 @@
 //! The edge gateway: a Pingora proxy in front of the api pool that verifies
 //! JWTs, runs the hot-reloadable Lua rules and admits flash-sale requests.
 //!
-//! Modules follow the request: [`routes`] picks a route, [`proxy`] runs the
-//! lifecycle, [`pools`] chooses a healthy backend, [`problem`] writes local
+//! Modules follow the request: [`header_gate`] lets a connection through
+//! once it has sent a whole header in time, [`routes`] picks a route,
+//! [`proxy`] runs the lifecycle, [`pools`] chooses a healthy backend, [`problem`] writes local
 //! answers, [`metrics`] counts, [`admin`] exposes it all to operators, and
 //! [`server`] assembles the Pingora services from configuration.
 
 pub mod admin;
 pub mod drain;
+pub mod handoff;
+pub mod header_gate;
 pub mod limiter;
 pub mod metrics;
 pub mod pools;

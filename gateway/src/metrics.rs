@@ -4,8 +4,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, HistogramVec,
-    IntCounterVec, IntGaugeVec,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 /// Requests by route name and final status.
@@ -35,6 +35,26 @@ pub static LUA_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "gateway_lua_errors_total",
         "Lua rule errors by phase and kind",
         &["phase", "kind"]
+    )
+    .expect("metric registers once")
+});
+
+/// Polls of a rule call from a thread other than its VM's own. The design
+/// (one single-threaded runtime per proxy thread) keeps this at 0; anything
+/// else means requests migrate between threads and share VMs.
+pub static LUA_VM_FOREIGN_POLLS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "gateway_lua_vm_foreign_polls_total",
+        "Rule-call polls made on a thread other than the one that owns the Lua VM (should stay 0)"
+    )
+    .expect("metric registers once")
+});
+
+/// 1 while the order publisher holds an open link to RabbitMQ.
+pub static BROKER_CONNECTED: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "gateway_broker_connected",
+        "1 while the order publisher's RabbitMQ connection and channels are open"
     )
     .expect("metric registers once")
 });
@@ -108,6 +128,22 @@ pub static PUBLISH_CONFIRM: LazyLock<HistogramVec> = LazyLock::new(|| {
         "Order message publish until the publisher confirm or the failure, by outcome",
         &["outcome"],
         vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+    )
+    .expect("metric registers once")
+});
+
+/// Client connections that ended before a whole request header arrived,
+/// by reason: `header_timeout` (no whole header within
+/// `client_header_timeout_ms`), `idle_timeout` (a kept-alive connection
+/// idle for `keepalive_timeout_ms`), `aborted` (the client left half way
+/// through its header), `header_too_large` (431). Counted rather than
+/// logged: a slowloris or a port scan must not write a log line per
+/// connection.
+pub static CLIENT_CONNECTIONS_CLOSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "gateway_client_connections_closed_total",
+        "Client connections closed before a whole request header arrived, by reason",
+        &["reason"]
     )
     .expect("metric registers once")
 });

@@ -221,66 +221,17 @@ impl OrderPublisher {
         let shared = &self.shared;
         let message_id = ShortString::try_new(msg.message_id.as_str())
             .map_err(|e| PublishError::Invalid(format!("message_id: {e}")))?;
-        let Some(link) = shared.link.load_full() else {
-            shared.trigger_reconnect();
-            return Err(PublishError::Connection(
-                "not connected to RabbitMQ; reconnecting".into(),
-            ));
-        };
-        let status = link.connection.status();
-        if !status.connected() {
-            shared.invalidate(link.generation, "connection is closed");
-            return Err(PublishError::Connection(
-                "RabbitMQ connection is closed; reconnecting".into(),
-            ));
-        }
-        if status.blocked() {
-            return Err(PublishError::Blocked);
-        }
-        let index = shared.next_channel.fetch_add(1, Ordering::Relaxed) % link.channels.len();
-        let slot = &link.channels[index];
-        if !slot.channel.status().connected() {
-            shared.invalidate(link.generation, "channel is closed");
-            return Err(PublishError::Connection(
-                "RabbitMQ channel is closed; reconnecting".into(),
-            ));
-        }
-
-        let payload = msg.to_json();
+        let (link, index) = shared.usable_channel()?;
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_message_id(message_id);
-        let options = BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
-        };
         let started_ms = shared.now_ms();
-        let attempt = tokio::time::timeout(shared.confirm_timeout, async {
-            let publish = slot.channel.basic_publish(
-                shared.exchange.clone(),
-                shared.routing_key.clone(),
-                options,
-                &payload,
-                properties,
-            );
-            let mut publish = pin!(publish);
-            // The first poll numbers the publish and queues its frames;
-            // holding the channel's submit lock only for that synchronous
-            // step keeps numbering and wire order identical.
-            let first = poll_fn(|cx| {
-                let _order = slot.submit.lock().unwrap_or_else(PoisonError::into_inner);
-                Poll::Ready(publish.as_mut().poll(cx))
-            })
-            .await;
-            let confirm = match first {
-                Poll::Ready(result) => result?,
-                Poll::Pending => publish.await?,
-            };
-            confirm.await
-        })
+        let attempt = tokio::time::timeout(
+            shared.confirm_timeout,
+            shared.send_and_confirm(&link.channels[index], &msg.to_json(), properties),
+        )
         .await;
-
         match attempt {
             Err(_elapsed) => {
                 // One slow confirm among many is just a timeout; a link that
@@ -299,20 +250,20 @@ impl OrderPublisher {
             Ok(Ok(confirmation)) => {
                 link.last_confirm_ms
                     .fetch_max(shared.now_ms(), Ordering::AcqRel);
-                if matches!(confirmation, Confirmation::NotRequested) {
-                    shared.invalidate(link.generation, "channel is not in confirm mode");
-                    return Err(PublishError::Connection(
-                        "RabbitMQ channel is not in publisher-confirm mode".into(),
-                    ));
+                let outcome = classify(confirmation, &msg.message_id, &shared.returned);
+                if let Err(PublishError::Connection(reason)) = &outcome {
+                    // A channel that confirms nothing is useless: replace it.
+                    shared.invalidate(link.generation, reason);
                 }
-                classify(confirmation, &msg.message_id, &shared.returned)
+                outcome
             }
         }
     }
 
     /// Whether the connection and all its channels are currently open. For
-    /// health checks and metrics; a `true` can turn stale at any moment, so
-    /// callers still handle [`publish`](Self::publish) errors.
+    /// the gateway's `/healthz` and its `gateway_broker_connected` gauge; a
+    /// `true` can turn stale at any moment, so callers still handle
+    /// [`publish`](Self::publish) errors.
     pub fn is_connected(&self) -> bool {
         self.shared.link.load().as_ref().is_some_and(|link| {
             link.connection.status().connected()
@@ -331,6 +282,70 @@ impl OrderPublisher {
 }
 
 impl Shared {
+    /// The current link and the index of the channel this publish uses, or
+    /// the reason there is none (a closed link is dropped and replaced).
+    fn usable_channel(self: &Arc<Self>) -> Result<(Arc<Link>, usize), PublishError> {
+        let Some(link) = self.link.load_full() else {
+            self.trigger_reconnect();
+            return Err(PublishError::Connection(
+                "not connected to RabbitMQ; reconnecting".into(),
+            ));
+        };
+        let status = link.connection.status();
+        if !status.connected() {
+            self.invalidate(link.generation, "connection is closed");
+            return Err(PublishError::Connection(
+                "RabbitMQ connection is closed; reconnecting".into(),
+            ));
+        }
+        if status.blocked() {
+            return Err(PublishError::Blocked);
+        }
+        let index = self.next_channel.fetch_add(1, Ordering::Relaxed) % link.channels.len();
+        if !link.channels[index].channel.status().connected() {
+            self.invalidate(link.generation, "channel is closed");
+            return Err(PublishError::Connection(
+                "RabbitMQ channel is closed; reconnecting".into(),
+            ));
+        }
+        Ok((link, index))
+    }
+
+    /// Publishes on `slot` (mandatory, to the order exchange and routing
+    /// key) and waits for the broker's confirm.
+    async fn send_and_confirm(
+        &self,
+        slot: &PublishChannel,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Confirmation, lapin::Error> {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        let publish = slot.channel.basic_publish(
+            self.exchange.clone(),
+            self.routing_key.clone(),
+            options,
+            payload,
+            properties,
+        );
+        let mut publish = pin!(publish);
+        // The first poll numbers the publish and queues its frames;
+        // holding the channel's submit lock only for that synchronous
+        // step keeps numbering and wire order identical.
+        let first = poll_fn(|cx| {
+            let _order = slot.submit.lock().unwrap_or_else(PoisonError::into_inner);
+            Poll::Ready(publish.as_mut().poll(cx))
+        })
+        .await;
+        let confirm = match first {
+            Poll::Ready(result) => result?,
+            Poll::Pending => publish.await?,
+        };
+        confirm.await
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }

@@ -1,4 +1,6 @@
-//! The Redis-side scripts under `lua/redis/`, by name (file stem).
+//! The rule set's Redis scripts, `lua/redis/`, by name (file stem). Scripts
+//! the gateway runs for itself, not for the rules (the rollback's
+//! `lua/shared/release.lua`), are compiled in instead (see `handoff`).
 //!
 //! They are part of a rule set: read and hashed with the rules, so a reload
 //! picks up a changed script too. Each is a `redis::Script`, which calls

@@ -11,7 +11,7 @@
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignalWatch};
 use pingora::services::listening::Service;
-use seckill_contracts::config::{read_secret, Config, ConfigError};
+use seckill_contracts::config::{read_secret, Config, ConfigError, GatewayConfig};
 
 use std::sync::Arc;
 
@@ -19,6 +19,7 @@ use pingora::services::background::background_service;
 
 use crate::admin::AdminApp;
 use crate::drain::DrainWatch;
+use crate::header_gate::{self, GateLimits, HeaderGate};
 use crate::jwt::{JwtSetupError, JwtVerifier};
 use crate::pools::{self, HealthService, PoolError};
 use crate::proxy::{EdgeProxy, RequestLimits};
@@ -61,36 +62,15 @@ impl Gateway {
         let routes = RouteTable::new(&g.routes)?;
         let (pools, health_services) = pools::build_all(&g.pools)?;
         let jwt = Arc::new(JwtVerifier::from_config(&config.jwt, g.jwt_cache_entries)?);
-        let services = Arc::new(HostServices::new(config));
-        let limits = Limits {
-            instruction_budget: g.lua_instruction_budget,
-            memory_bytes: g.lua_memory_bytes,
-            call_timeout: std::time::Duration::from_millis(g.lua_call_timeout_ms),
-        };
-        let rules =
-            RuleEngine::load(&g.rules_dir, g.threads, limits, services).map_err(|source| {
-                GatewayError::Rules {
-                    dir: g.rules_dir.display().to_string(),
-                    source,
-                }
-            })?;
-        let rules = Arc::new(rules);
+        let rules = Arc::new(load_rules(config)?);
 
-        let conf = ServerConf {
-            threads: g.threads,
-            // After SIGTERM the listeners close at once; connections already
-            // accepted get `drain_secs` to finish before the runtimes stop.
-            grace_period_seconds: Some(g.drain_secs),
-            graceful_shutdown_timeout_seconds: Some(1),
-            upgrade_sock: format!("/tmp/seckill-gateway-{}.sock", g.listen.port()),
-            pid_file: format!("/tmp/seckill-gateway-{}.pid", g.listen.port()),
-            ..ServerConf::default()
-        };
-        let opt = Opt {
-            upgrade,
-            ..Opt::default()
-        };
-        let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+        let mut server = Server::new_with_opt_and_conf(
+            Some(Opt {
+                upgrade,
+                ..Opt::default()
+            }),
+            server_conf(g),
+        );
         server.bootstrap();
 
         let request_limits = RequestLimits {
@@ -98,12 +78,14 @@ impl Gateway {
             max_body_bytes: g.max_body_bytes,
         };
         let proxy = EdgeProxy::new(routes, pools.clone(), jwt, rules.clone(), request_limits);
-        let mut proxy_service = pingora::proxy::http_proxy_service_with_name(
-            &server.configuration,
-            proxy,
-            "edge proxy",
+        // Pingora's proxy behind the header gate: slow, idle and half-open
+        // clients are timed out and counted before the proxy sees them.
+        let proxy = pingora::proxy::http_proxy(&server.configuration, proxy);
+        let mut proxy_service = Service::new(
+            "edge proxy".to_string(),
+            HeaderGate::new(proxy, GateLimits::from_config(g)),
         );
-        proxy_service.add_tcp(&g.listen.to_string());
+        proxy_service.add_listener(header_gate::listener(&g.listen.to_string()));
         server.add_service(proxy_service);
 
         let mut admin = Service::new(
@@ -115,16 +97,7 @@ impl Gateway {
 
         server.add_service(background_service("rule watcher", RuleWatcher::new(rules)));
         server.add_service(background_service("drain watch", DrainWatch));
-        for service in health_services {
-            match service {
-                HealthService::RoundRobin(s) => {
-                    server.add_service(s);
-                }
-                HealthService::ConsistentHash(s) => {
-                    server.add_service(s);
-                }
-            }
-        }
+        add_health_checks(&mut server, health_services);
         Ok(Gateway { server })
     }
 
@@ -135,5 +108,54 @@ impl Gateway {
             None => RunArgs::default(),
         };
         self.server.run(args);
+    }
+}
+
+/// The rules folder compiled with the configured limits; a gateway does not
+/// start on rules that do not load.
+fn load_rules(config: &Config) -> Result<RuleEngine, GatewayError> {
+    let g = &config.gateway;
+    let services = Arc::new(HostServices::new(config));
+    let limits = Limits {
+        instruction_budget: g.lua_instruction_budget,
+        memory_bytes: g.lua_memory_bytes,
+        call_timeout: std::time::Duration::from_millis(g.lua_call_timeout_ms),
+    };
+    RuleEngine::load(&g.rules_dir, g.threads, limits, services).map_err(|source| {
+        GatewayError::Rules {
+            dir: g.rules_dir.display().to_string(),
+            source,
+        }
+    })
+}
+
+fn server_conf(g: &GatewayConfig) -> ServerConf {
+    ServerConf {
+        threads: g.threads,
+        // One single-threaded runtime per proxy thread: a request stays
+        // on the thread that accepted it, so each thread's Lua VM is
+        // only ever touched by that thread (see `rules`), with no lock
+        // contention and no task migration between cores.
+        work_stealing: false,
+        // After SIGTERM the listeners close at once; connections already
+        // accepted get `drain_secs` to finish before the runtimes stop.
+        grace_period_seconds: Some(g.drain_secs),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: format!("/tmp/seckill-gateway-{}.sock", g.listen.port()),
+        pid_file: format!("/tmp/seckill-gateway-{}.pid", g.listen.port()),
+        ..ServerConf::default()
+    }
+}
+
+fn add_health_checks(server: &mut Server, health_services: Vec<HealthService>) {
+    for service in health_services {
+        match service {
+            HealthService::RoundRobin(s) => {
+                server.add_service(s);
+            }
+            HealthService::ConsistentHash(s) => {
+                server.add_service(s);
+            }
+        }
     }
 }

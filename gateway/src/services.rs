@@ -5,11 +5,15 @@
 //! Redis and RabbitMQ connect lazily, on the proxy's own runtime, the first
 //! time a rule needs them: their connection drivers must live on a runtime
 //! that outlives the request, and a gateway whose broker is briefly down at
-//! start must still come up and proxy everything else.
+//! start must still come up and proxy everything else. A connect attempt
+//! never outlasts the rule call that needs it: callers bound it by what the
+//! call has left (see [`crate::handoff`]), so a black-holed address costs a
+//! 503, never a cut call.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use seckill_contracts::amqp_topology;
 use seckill_contracts::config::Config;
 use seckill_contracts::keys::KeySchema;
 use seckill_contracts::message::OrderMessage;
@@ -27,8 +31,9 @@ const DICT_CAPACITY: u64 = 1_000_000;
 const BUCKET_CAPACITY: u64 = 1_000_000;
 /// A bucket unused this long is forgotten (and starts full again).
 const BUCKET_IDLE: Duration = Duration::from_secs(600);
-/// A connect attempt that takes longer fails the request instead of hanging it.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A Redis connect attempt that takes longer fails the request instead of
+/// hanging it (within a rule call, the call's own deadline may cut it sooner).
+const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Everything the host API needs, shared by all VMs and versions.
 pub struct HostServices {
@@ -58,18 +63,44 @@ impl HostServices {
         }
     }
 
+    /// The wall-clock limit of one rule call (`gateway.lua_call_timeout_ms`).
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.gateway.lua_call_timeout_ms)
+    }
+
+    /// Time kept at the end of a rule call for giving a reservation back
+    /// (`gateway.rollback_reserve_ms`).
+    pub fn rollback_reserve(&self) -> Duration {
+        Duration::from_millis(self.config.gateway.rollback_reserve_ms)
+    }
+
+    /// How long a seckill buyer should wait before retrying when a failed
+    /// hand-off could not give the unit back: the sweeper releases such a
+    /// reservation after its timeout, on its next round.
+    pub fn stranded_reservation_secs(&self) -> u64 {
+        let worker = &self.config.worker;
+        worker
+            .reservation_timeout_secs
+            .saturating_add(worker.sweep_interval_secs)
+    }
+
     /// A Redis handle (cheap clone of the shared multiplexed connection).
     /// The first successful connect also starts following the sale events
     /// channel, on the same long-lived runtime.
     pub async fn redis(&self) -> Result<RedisConn, String> {
+        self.redis_within(REDIS_CONNECT_TIMEOUT).await
+    }
+
+    /// [`redis`](Self::redis), connecting for at most `limit`.
+    pub async fn redis_within(&self, limit: Duration) -> Result<RedisConn, String> {
+        let limit = limit.min(REDIS_CONNECT_TIMEOUT);
         let conn = self
             .redis
             .get_or_try_init(|| async {
-                let conn =
-                    tokio::time::timeout(CONNECT_TIMEOUT, RedisConn::connect(&self.config.redis))
-                        .await
-                        .map_err(|_| "redis connect timed out".to_string())?
-                        .map_err(|e| format!("redis connect: {e}"))?;
+                let conn = tokio::time::timeout(limit, RedisConn::connect(&self.config.redis))
+                    .await
+                    .map_err(|_| "redis connect timed out".to_string())?
+                    .map_err(|e| format!("redis connect: {e}"))?;
                 tokio::spawn(self.sales.clone().follow(self.config.redis.clone()));
                 Ok::<_, String>(conn)
             })
@@ -77,19 +108,33 @@ impl HostServices {
         Ok(conn.clone())
     }
 
-    /// Publishes an order message and waits for the broker's confirm.
+    /// The order publisher's link, for `/healthz` and the
+    /// `gateway_broker_connected` gauge: `not_connected` until a first
+    /// connect succeeds (it happens lazily, when a seckill first needs the
+    /// broker), then `connected` or `reconnecting`. A broker problem does not make the gateway unhealthy:
+    /// it still proxies everything else, and every gateway shares the broker.
+    pub fn broker_state(&self) -> &'static str {
+        let state = match self.publisher.get() {
+            None => "not_connected",
+            Some(p) if p.is_connected() => "connected",
+            Some(_) => "reconnecting",
+        };
+        metrics::BROKER_CONNECTED.set(i64::from(state == "connected"));
+        state
+    }
+
+    /// Publishes an order message and waits for the broker's confirm. The
+    /// first call connects; callers bound the whole call (connect included)
+    /// with their own deadline, and a connect cut by it is simply tried
+    /// again by the next publish.
     pub async fn publish(&self, msg: &OrderMessage) -> Result<(), String> {
-        let close_delay_ms = self.config.worker.order_timeout_secs.saturating_mul(1_000);
+        let close_delay_ms = amqp_topology::close_delay_ms(&self.config.worker);
         let publisher = self
             .publisher
             .get_or_try_init(|| async {
-                tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    OrderPublisher::connect(&self.config.amqp, close_delay_ms),
-                )
-                .await
-                .map_err(|_| "broker connect timed out".to_string())?
-                .map_err(|e| format!("broker connect: {e}"))
+                OrderPublisher::connect(&self.config.amqp, close_delay_ms)
+                    .await
+                    .map_err(|e| format!("broker connect: {e}"))
             })
             .await?;
         let started = Instant::now();

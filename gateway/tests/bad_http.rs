@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use seckill_contracts::testkit::TestEnv;
-use support::{write_rules, GatewayProc, Upstream};
+use support::{one_upstream_config, GatewayProc, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
@@ -21,17 +21,21 @@ fn status_of(response: &str) -> Option<u16> {
     response.split_whitespace().nth(1)?.parse().ok()
 }
 
-#[tokio::test]
-async fn smuggling_and_oversize_are_refused_before_any_upstream() {
+/// A gateway in front of one upstream, refusing headers over 8 KiB and
+/// bodies over 1 KiB; its log goes to `gateway.log` in the returned folder.
+async fn refusing_gateway() -> (TestEnv, tempfile::TempDir, Upstream, GatewayProc) {
     let env = TestEnv::new().await;
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("lua");
-    write_rules(&dir, "return { access = function(req) end }", &[]);
-    let upstream = Upstream::start("a").await;
-    let mut config = GatewayProc::config(&env, &[upstream.addr], &dir);
+    let (upstream, mut config) = one_upstream_config(&env, tmp.path()).await;
     config.gateway.max_header_bytes = 8 * 1024;
     config.gateway.max_body_bytes = 1024;
-    let gw = GatewayProc::start(config).await;
+    let gw = GatewayProc::start_logged(config, &tmp.path().join("gateway.log")).await;
+    (env, tmp, upstream, gw)
+}
+
+#[tokio::test]
+async fn smuggling_and_oversize_are_refused_before_any_upstream() {
+    let (_env, _tmp, upstream, gw) = refusing_gateway().await;
     let host = gw.addr;
 
     let cl_te = format!(
@@ -75,4 +79,43 @@ async fn smuggling_and_oversize_are_refused_before_any_upstream() {
     // And the edge still serves.
     let ok = reqwest::get(gw.url("/api/v1/sales")).await.unwrap();
     assert_eq!(ok.status(), 200);
+}
+
+/// A refused request gets one answer and one log line: 1,000 oversized
+/// requests, each read back whole from its own connection, and the
+/// gateway's log searched for their request ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_refusal_is_answered_and_logged_once() {
+    let (_env, tmp, upstream, gw) = refusing_gateway().await;
+    let log = tmp.path().join("gateway.log");
+    let request = format!(
+        "POST /api/v1/auth/login HTTP/1.1\r\nHost: {}\r\nContent-Length: 5000\r\n\r\n",
+        gw.addr
+    );
+    let mut ids = Vec::new();
+    for _ in 0..1_000 {
+        let response = raw(gw.addr, request.as_bytes()).await;
+        assert_eq!(status_of(&response), Some(413), "{response}");
+        assert_eq!(
+            response.matches("HTTP/1.1 ").count(),
+            1,
+            "one answer per request: {response}"
+        );
+        let id = response
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .expect("every answer carries its request id")
+            .trim()
+            .to_string();
+        ids.push(id);
+    }
+    assert_eq!(upstream.hits(), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    for id in &ids {
+        let lines = text.lines().filter(|l| l.contains(id.as_str())).count();
+        assert_eq!(lines, 1, "request {id} logged {lines} times");
+    }
+    let pingora_errors = text.lines().filter(|l| l.contains("Fail to")).count();
+    assert_eq!(pingora_errors, 0, "no second, error-path line per refusal");
 }

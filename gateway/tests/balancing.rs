@@ -166,3 +166,36 @@ async fn consistent_hashing_pins_a_user_to_a_backend() {
     }
     assert!(used.len() >= 2, "30 users all hashed to one backend");
 }
+
+/// Anonymous requests (public routes) hash on the client's address, so
+/// clients spread over the pool instead of all landing on the backend of
+/// "user 0", and each client still keeps one backend.
+#[tokio::test]
+async fn consistent_hashing_spreads_anonymous_clients() {
+    let env = TestEnv::new().await;
+    let rules = tempfile::tempdir().unwrap();
+    let rules_dir = rules.path().join("lua");
+    write_rules(&rules_dir, PASS_THROUGH, &[]);
+    let ups = [Upstream::start("a").await, Upstream::start("b").await];
+    let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let mut config = GatewayProc::config(&env, &addrs, &rules_dir);
+    config.gateway.pools.get_mut("api").unwrap().selection = Selection::ConsistentHashUser;
+    let gw = GatewayProc::start(config).await;
+    let mut used = HashSet::new();
+    // Every 127.x.y.z is this machine: 40 clients, 40 source addresses.
+    for n in 2..42u8 {
+        let client = reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from([127, 0, 1, n]))
+            .build()
+            .unwrap();
+        let mut names = HashSet::new();
+        for _ in 0..3 {
+            let r = client.get(gw.url("/api/v1/sales")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            names.insert(r.text().await.unwrap());
+        }
+        assert_eq!(names.len(), 1, "client 127.0.1.{n} moved: {names:?}");
+        used.extend(names);
+    }
+    assert_eq!(used.len(), 2, "40 anonymous clients all on one backend");
+}

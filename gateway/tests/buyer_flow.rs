@@ -230,6 +230,17 @@ async fn thundering_herd_sells_exactly_the_stock() {
         );
     }
     eprintln!("herd outcomes: {by_status:?}");
+    // Each proxy thread kept to its own Lua VM through the whole herd.
+    let metrics = stack.gateway.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "gateway_lua_vm_foreign_polls_total 0"),
+        "a rule call was polled off its VM's thread: {:?}",
+        metrics
+            .lines()
+            .find(|l| l.starts_with("gateway_lua_vm_foreign_polls_total"))
+    );
     assert_eq!(
         admitted_users.len() as i64,
         STOCK,
@@ -437,6 +448,8 @@ async fn broker_down_answers_503_and_restores_stock_and_reservations_exactly() {
     assert_eq!(before.stock, Some(40));
     assert_eq!(before.queued, 10);
 
+    assert_eq!(broker_health(&stack).await, ("connected".into(), 1));
+
     // The broker dies mid-sale.
     link.cut();
     for user in 11..=40u64 {
@@ -460,6 +473,9 @@ async fn broker_down_answers_503_and_restores_stock_and_reservations_exactly() {
     // their marker is gone, so the retry is not a "duplicate".
     let (s, _, b) = stack.seckill(11, &paths[&11], sale_id).await;
     assert_eq!(s, 503, "still down: {b}");
+    // The gateway itself stays healthy (it still proxies everything else)
+    // and says what its broker link is doing.
+    assert_eq!(broker_health(&stack).await, ("reconnecting".into(), 0));
 
     // Ops see every publish's wait and outcome: 10 confirmed, 31 failed.
     let counts = publish_counts(&stack.gateway.metrics().await);
@@ -471,6 +487,84 @@ async fn broker_down_answers_503_and_restores_stock_and_reservations_exactly() {
         .sum();
     assert_eq!(failed, 31, "{counts:?}");
     stack.cleanup().await;
+}
+
+/// A broker behind a dead route (SYNs answered by nobody) must cost the
+/// buyer a 503 with the unit given back, never a cut rule call: the
+/// publish, its first connect included, only gets what the call has left
+/// minus the rollback reserve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn black_holed_broker_answers_503_and_gives_the_unit_back() {
+    let env_probe = seckill_contracts::testkit::TestEnv::new().await;
+    let link = CuttableLink::start(&env_probe.config.amqp.url).await;
+    env_probe.cleanup().await;
+    link.black_hole(true);
+    let stack = Stack::start(StackOptions {
+        gateway_amqp_url: Some(link.url.clone()),
+        ..opts()
+    })
+    .await;
+    let sale_id = stack.create_sale(5, 1, 600).await;
+    let path = stack.issue_path(sale_id, 1).await;
+    until_open(&stack, sale_id, 9_999).await;
+    let before = stack.snapshot(sale_id).await;
+
+    // The gateway's first publish connects into the black hole.
+    let started = std::time::Instant::now();
+    let (s, h, b) = stack.seckill(1, &path, sale_id).await;
+    let took = started.elapsed();
+    assert_eq!(s, 503, "{b}");
+    assert_eq!(h.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    let detail = b["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("nothing was reserved"), "{b}");
+    let limit = Duration::from_millis(stack.config.gateway.lua_call_timeout_ms);
+    assert!(
+        took < limit,
+        "answered in {took:?}, within the call's {limit:?}"
+    );
+    assert_eq!(
+        stack.snapshot(sale_id).await,
+        before,
+        "unit and buyer given back"
+    );
+
+    // A retry is admitted again (not "already queued"), and once the route
+    // to the broker is back, it goes through.
+    link.black_hole(false);
+    let mut last = (0, Value::Null);
+    for _ in 0..60 {
+        let (s, _, b) = stack.seckill(1, &path, sale_id).await;
+        assert_ne!(s, 409, "a retry must not be refused as a duplicate: {b}");
+        last = (s, b);
+        if s == 202 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(last.0, 202, "{}", last.1);
+    let after = stack.snapshot(sale_id).await;
+    assert_eq!(after.stock, before.stock.map(|s| s - 1));
+    assert_eq!(after.queued, 1);
+    stack.cleanup().await;
+}
+
+/// The broker state `/healthz` reports and the `gateway_broker_connected` gauge.
+async fn broker_health(stack: &Stack) -> (String, i64) {
+    let r = stack.http.get(stack.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    let gauge = stack
+        .gateway
+        .metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_broker_connected "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("gateway_broker_connected in /metrics");
+    (
+        body["broker"].as_str().unwrap_or_default().to_string(),
+        gauge,
+    )
 }
 
 /// `gateway_publish_confirm_seconds_count` by outcome, from `/metrics`.

@@ -6,6 +6,16 @@
 //! optional), other `*.lua` files as modules for `require`, and the Redis
 //! scripts in `redis/`. Loading compiles it into one VM per proxy thread.
 //!
+//! Who touches a VM: the proxy runs one single-threaded runtime per thread
+//! (`work_stealing: false` in [`crate::server`]), so a request never moves
+//! between threads and each thread only ever uses its own VM. On that VM
+//! the calls of many requests run as coroutines, one at a time: a call
+//! that waits for I/O is suspended and another runs meanwhile. Everything a
+//! call may spend (instructions, wall-clock time) is the call's own
+//! ([`sandbox`]), never shared with the calls it interleaves with. (Were a
+//! VM ever reached from two threads, mlua's lock would still run one call
+//! at a time on it.)
+//!
 //! ```text
 //! reload (file change | SIGHUP | POST /admin/rules/reload)
 //!   → read folder → hash → compile + validate in a fresh VM → selftest
@@ -16,19 +26,25 @@
 
 mod host;
 mod sandbox;
+#[cfg(test)]
+mod seckill_rule_tests;
 pub mod shortcuts;
 mod watch;
 
 use std::collections::BTreeMap;
+use std::future::{poll_fn, Future};
 use std::path::{Path, PathBuf};
+use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::thread::ThreadId;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use mlua::{Function, Lua, LuaSerdeExt, Table, Value};
 use seckill_contracts::claims::AccessClaims;
+use seckill_contracts::scripts::SHARED_NAMES;
 use sha2::{Digest, Sha256};
 
 pub use sandbox::Limits;
@@ -90,7 +106,25 @@ struct RuleVm {
     lua: Lua,
     access: Function,
     log: Option<Function>,
-    budget: sandbox::Budget,
+    /// The thread that first ran a call on this VM: its owner.
+    home: OnceLock<ThreadId>,
+}
+
+impl RuleVm {
+    /// Runs `call`, counting every poll made from a thread other than the
+    /// VM's owner ([`metrics::LUA_VM_FOREIGN_POLLS`]), so a regression of
+    /// the one-VM-per-thread model shows up in the metrics and the tests.
+    async fn on_home_thread<F: Future>(&self, call: F) -> F::Output {
+        let mut call = pin!(call);
+        poll_fn(|cx| {
+            let me = std::thread::current().id();
+            if *self.home.get_or_init(|| me) != me {
+                metrics::LUA_VM_FOREIGN_POLLS.inc();
+            }
+            call.as_mut().poll(cx)
+        })
+        .await
+    }
 }
 
 /// One loaded version of the rules.
@@ -142,6 +176,12 @@ fn read_sources(dir: &Path) -> Result<Sources, RuleError> {
     }
     let scripts_dir = dir.join("redis");
     let scripts = ScriptSet::read_dir(&scripts_dir).map_err(read_err(&scripts_dir))?;
+    if let Some(name) = SHARED_NAMES.iter().find(|n| scripts.contains_key(**n)) {
+        return Err(RuleError::Invalid(format!(
+            "redis/{name}.lua: `{name}` is compiled into the gateway and the workers \
+             (lua/shared/{name}.lua) and cannot be replaced by a rule set"
+        )));
+    }
     let mut hasher = Sha256::new();
     for (kind, map) in [("rule", &modules), ("redis", &scripts)] {
         for (name, text) in map {
@@ -169,14 +209,21 @@ fn build_vm(
     limits: Limits,
 ) -> Result<(RuleVm, Table), RuleError> {
     let entry = sources.modules.get(ENTRY).ok_or(RuleError::NoEntry)?;
-    let (lua, budget) = sandbox::new_vm(modules, limits)?;
-    host::install(&lua, services, scripts, shortcuts)?;
+    let lua = sandbox::new_vm(modules, limits)?;
+    host::install(
+        &lua,
+        host::Host {
+            services,
+            scripts,
+            shortcuts,
+        },
+    )?;
     let chunk = lua
         .load(entry.as_str())
         .set_name(format!("@{ENTRY}.lua"))
         .set_mode(mlua::chunk::ChunkMode::Text)
         .into_function()?;
-    let phases: Value = sandbox::call_sync(&lua, &chunk, (), limits, &budget)?;
+    let phases: Value = sandbox::call_sync(&lua, &chunk, (), limits)?;
     let Value::Table(phases) = phases else {
         return Err(RuleError::Invalid(format!(
             "{ENTRY}.lua must return a table of phase functions, got {}",
@@ -214,7 +261,7 @@ fn build_vm(
             lua,
             access,
             log,
-            budget,
+            home: OnceLock::new(),
         },
         phases,
     ))
@@ -242,7 +289,7 @@ fn compile(
         limits,
     )?;
     if let Value::Function(selftest) = phases.get::<Value>("selftest")? {
-        let ok: Value = sandbox::call_sync(&probe.lua, &selftest, (), limits, &probe.budget)
+        let ok: Value = sandbox::call_sync(&probe.lua, &selftest, (), limits)
             .map_err(|e| RuleError::Invalid(format!("selftest failed: {e}")))?;
         if ok == Value::Boolean(false) {
             return Err(RuleError::Invalid("selftest returned false".into()));
@@ -287,10 +334,11 @@ impl RuleSet {
     pub async fn access(&self, req: &RequestInfo) -> Result<Decision, RuleError> {
         let vm = self.vm();
         let table = request_table(&vm.lua, req)?;
-        let result: Value =
-            sandbox::call_async(&vm.lua, &vm.access, table, self.limits, &vm.budget)
-                .await
-                .inspect_err(|e| count_error("access", e))?;
+        let call = sandbox::call_async(&vm.lua, &vm.access, table, self.limits);
+        let result: Value = vm
+            .on_home_thread(call)
+            .await
+            .inspect_err(|e| count_error("access", e))?;
         decision(result).inspect_err(|_| {
             metrics::LUA_ERRORS
                 .with_label_values(&["access", "bad_return"])
@@ -307,7 +355,8 @@ impl RuleSet {
             let res = vm.lua.create_table()?;
             res.set("status", status)?;
             res.set("duration_ms", duration_ms)?;
-            sandbox::call_async::<()>(&vm.lua, log, (table, res), self.limits, &vm.budget).await
+            let call = sandbox::call_async::<()>(&vm.lua, log, (table, res), self.limits);
+            vm.on_home_thread(call).await
         };
         if let Err(e) = run.await {
             count_error("log", &e);
@@ -479,6 +528,8 @@ impl RuleEngine {
         services: Arc<HostServices>,
     ) -> Result<RuleEngine, RuleError> {
         let set = compile(dir, 1, vms, &services, limits)?;
+        // Shown as 0 from the start, so a scrape tells "never" from "unknown".
+        LazyLock::force(&metrics::LUA_VM_FOREIGN_POLLS);
         let status = RuleStatus {
             version: set.version,
             hash: set.hash.clone(),
@@ -497,6 +548,11 @@ impl RuleEngine {
             status: Mutex::new(status),
             reload_lock: Mutex::new(()),
         })
+    }
+
+    /// The process-wide services every rule set's host API uses.
+    pub fn services(&self) -> &Arc<HostServices> {
+        &self.services
     }
 
     /// The rules folder.
@@ -574,5 +630,40 @@ impl RuleEngine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use seckill_contracts::config::Config;
+
+    fn load(files: &[(&str, &str)]) -> Result<RuleEngine, RuleError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("redis")).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let limits = Limits {
+            instruction_budget: 100_000,
+            memory_bytes: 8 * 1024 * 1024,
+            call_timeout: std::time::Duration::from_secs(1),
+        };
+        let services = Arc::new(HostServices::new(&Config::default()));
+        RuleEngine::load(dir.path(), 1, limits, services)
+    }
+
+    #[test]
+    fn a_rule_set_cannot_replace_a_compiled_in_script() {
+        let main = ("main.lua", "return { access = function(req) end }");
+        assert!(load(&[main, ("redis/admit.lua", "return 1")]).is_ok());
+        let err = load(&[main, ("redis/release.lua", "return 1")])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("compiled into the gateway and the workers"),
+            "{err}"
+        );
     }
 }

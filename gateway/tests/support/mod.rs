@@ -153,6 +153,16 @@ pub fn write_rules(dir: &Path, main: &str, extra: &[(&str, &str)]) {
     }
 }
 
+/// The config of a gateway in front of one upstream (named "a") with rules
+/// that let every request through, written under `dir`.
+pub async fn one_upstream_config(env: &TestEnv, dir: &Path) -> (Upstream, Config) {
+    let rules = dir.join("lua");
+    write_rules(&rules, "return { access = function(req) end }", &[]);
+    let upstream = Upstream::start("a").await;
+    let config = GatewayProc::config(env, &[upstream.addr], &rules);
+    (upstream, config)
+}
+
 /// A gateway binary started for one test, from a config file it writes.
 pub struct GatewayProc {
     pub addr: SocketAddr,
@@ -191,6 +201,17 @@ impl GatewayProc {
 
     /// Starts the gateway binary on `config` and waits until it is healthy.
     pub async fn start(config: Config) -> GatewayProc {
+        Self::launch(config, None).await
+    }
+
+    /// [`GatewayProc::start`] with the gateway's stderr (its log) written to
+    /// `log`, for tests that count what the gateway logged. A shell `exec`s
+    /// the binary, so [`Process::pid`] is still the gateway's own pid.
+    pub async fn start_logged(config: Config, log: &Path) -> GatewayProc {
+        Self::launch(config, Some(log)).await
+    }
+
+    async fn launch(config: Config, log: Option<&Path>) -> GatewayProc {
         let path = config
             .gateway
             .rules_dir
@@ -198,11 +219,23 @@ impl GatewayProc {
             .unwrap()
             .join(format!("gateway-{}.toml", config.gateway.listen.port()));
         std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
-        let process = Process::spawn(
-            env!("CARGO_BIN_EXE_seckill-gateway"),
-            &["--config", path.to_str().unwrap()],
-            &[("RUST_LOG".into(), "warn,rules=info".into())],
-        );
+        let bin = env!("CARGO_BIN_EXE_seckill-gateway");
+        let config_arg = path.to_str().unwrap();
+        let env = [("RUST_LOG".into(), "warn,rules=info".into())];
+        let process = match log {
+            None => Process::spawn(bin, &["--config", config_arg], &env),
+            Some(log) => Process::spawn(
+                "sh",
+                &[
+                    "-c",
+                    r#"exec "$0" --config "$1" 2>"$2""#,
+                    bin,
+                    config_arg,
+                    log.to_str().unwrap(),
+                ],
+                &env,
+            ),
+        };
         let addr = config.gateway.listen;
         assert!(
             wait_ok(&format!("http://{addr}/healthz"), Duration::from_secs(30)).await,

@@ -288,11 +288,14 @@ fn rand_u128() -> u128 {
         .as_nanos())
 }
 
-/// A TCP link to the broker that the test can cut, as if the broker died:
-/// every open connection is dropped and new ones are refused.
+/// A TCP link to the broker that the test can cut, as if the broker died
+/// (every open connection dropped, new ones refused), or turn into a black
+/// hole, as a broker behind a dead route looks: connections are accepted
+/// and what they send is swallowed, but nothing ever answers.
 pub struct CuttableLink {
     pub url: String,
     tasks: Arc<Mutex<Vec<AbortHandle>>>,
+    black_hole: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CuttableLink {
@@ -308,13 +311,19 @@ impl CuttableLink {
             uri.vhost.replace('/', "%2f")
         );
         let tasks: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let inner = tasks.clone();
+        let black_hole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (inner, hole) = (tasks.clone(), black_hole.clone());
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(&upstream).await else {
-                    continue;
-                };
+                let hole = hole.clone();
+                let upstream = upstream.clone();
                 let pipe = tokio::spawn(async move {
+                    if hole.load(std::sync::atomic::Ordering::SeqCst) {
+                        return swallow(client, &hole).await;
+                    }
+                    let Ok(server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     let _ = tokio::join!(
@@ -326,13 +335,38 @@ impl CuttableLink {
             }
         });
         tasks.lock().unwrap().push(accept.abort_handle());
-        CuttableLink { url, tasks }
+        CuttableLink {
+            url,
+            tasks,
+            black_hole,
+        }
     }
 
     /// The broker is gone: connections dropped, the port closed.
     pub fn cut(&self) {
         for t in self.tasks.lock().unwrap().drain(..) {
             t.abort();
+        }
+    }
+
+    /// From now on new connections are accepted and never answered
+    /// (connections already forwarded keep working); `false` closes the
+    /// swallowed ones, so their clients retry and get through.
+    pub fn black_hole(&self, on: bool) {
+        self.black_hole
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Reads and drops whatever a client sends, until it gives up or the
+/// black hole is switched off.
+async fn swallow(mut client: TcpStream, hole: &std::sync::atomic::AtomicBool) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 4096];
+    while hole.load(std::sync::atomic::Ordering::SeqCst) {
+        let read = tokio::time::timeout(Duration::from_millis(100), client.read(&mut sink));
+        if matches!(read.await, Ok(Ok(0) | Err(_))) {
+            return;
         }
     }
 }
