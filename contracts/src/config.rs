@@ -379,6 +379,13 @@ impl Default for GatewayConfig {
                     public: true,
                 },
                 RouteConfig {
+                    name: "jwks".into(),
+                    method: "GET".into(),
+                    path: "/.well-known/jwks.json".into(),
+                    pool: Some("api".into()),
+                    public: true,
+                },
+                RouteConfig {
                     name: "api".into(),
                     method: "*".into(),
                     path: "/api/v1/{*rest}".into(),

@@ -207,6 +207,8 @@ type TokenHash = [u8; 32];
 /// building a new verifier (which also starts a fresh cache).
 pub struct JwtVerifier {
     keys: HashMap<String, ParsedPublicKey>,
+    /// The same keys as an RFC 7517 key set, in configuration order.
+    jwks: serde_json::Value,
     issuer: String,
     audience: String,
     leeway_secs: u64,
@@ -295,6 +297,7 @@ impl JwtVerifier {
             return Err(JwtSetupError::EmptySetting("jwt.audience"));
         }
         let mut map = HashMap::with_capacity(keys.len());
+        let mut jwks = Vec::with_capacity(keys.len());
         for (kid, path, pem) in keys {
             if kid.is_empty() {
                 return Err(JwtSetupError::EmptyKid { path });
@@ -305,11 +308,14 @@ impl JwtVerifier {
                     path,
                 });
             }
-            let key = parse_public_key(&pem).map_err(|reason| JwtSetupError::Key {
+            let key_error = |reason| JwtSetupError::Key {
                 kid: kid.to_string(),
-                path,
+                path: path.clone(),
                 reason,
-            })?;
+            };
+            let rsa = read_public_key(&pem).map_err(key_error)?;
+            let key = parse_for_verification(&rsa).map_err(key_error)?;
+            jwks.push(jwk(kid, &rsa));
             map.insert(kid.to_string(), key);
         }
 
@@ -323,6 +329,7 @@ impl JwtVerifier {
 
         Ok(JwtVerifier {
             keys: map,
+            jwks: serde_json::json!({ "keys": jwks }),
             issuer: issuer.to_string(),
             audience: audience.to_string(),
             leeway_secs,
@@ -332,6 +339,13 @@ impl JwtVerifier {
             #[cfg(test)]
             clock_offset_secs: std::sync::atomic::AtomicI64::new(0),
         })
+    }
+
+    /// The verification keys as a JSON Web Key Set (RFC 7517): what the api
+    /// serves at `/.well-known/jwks.json` so others can verify its tokens
+    /// from the public halves alone.
+    pub fn jwks(&self) -> &serde_json::Value {
+        &self.jwks
     }
 
     /// Verifies a raw token (without `Bearer `). `Ok` gives the claims, in an
@@ -486,9 +500,9 @@ fn check_header(encoded: &str) -> Result<String, JwtRejection> {
     }
 }
 
-/// Parses one RSA public key PEM, SPKI or PKCS#1, and checks its size.
+/// Reads one RSA public key PEM, SPKI or PKCS#1, and checks its size.
 /// Private keys are refused: the gateway must never hold one.
-fn parse_public_key(pem: &[u8]) -> Result<ParsedPublicKey, String> {
+fn read_public_key(pem: &[u8]) -> Result<RsaPublicKey, String> {
     let text = std::str::from_utf8(pem).map_err(|_| "not a UTF-8 PEM file".to_string())?;
     let block = |label: &str| -> Option<&str> {
         let begin = format!("-----BEGIN {label}-----");
@@ -515,6 +529,11 @@ fn parse_public_key(pem: &[u8]) -> Result<ParsedPublicKey, String> {
             "RSA key is {bits} bits; at least {MIN_RSA_BITS} required"
         ));
     }
+    Ok(key)
+}
+
+/// The key in the form the verifier uses on every request.
+fn parse_for_verification(key: &RsaPublicKey) -> Result<ParsedPublicKey, String> {
     // Parsed once here: verifying with a key parsed per call (as
     // `jsonwebtoken::decode` does) redoes the RSA setup every time, which
     // was a visible share of a sale's first second in the bench profile.
@@ -523,6 +542,19 @@ fn parse_public_key(pem: &[u8]) -> Result<ParsedPublicKey, String> {
         .map_err(|e| format!("cannot re-encode the RSA key: {e}"))?;
     ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der.as_bytes())
         .map_err(|e| format!("RSA key rejected: {e}"))
+}
+
+/// One RSA verification key as a JWK: modulus and exponent, big-endian,
+/// base64url without padding (RFC 7518 §6.3.1).
+fn jwk(kid: &str, key: &RsaPublicKey) -> serde_json::Value {
+    serde_json::json!({
+        "kty": "RSA",
+        "use": "sig",
+        "alg": "RS256",
+        "kid": kid,
+        "n": B64.encode(key.n().to_bytes_be()),
+        "e": B64.encode(key.e().to_bytes_be()),
+    })
 }
 
 fn unix_now() -> u64 {
@@ -626,6 +658,43 @@ mod tests {
 
     fn rsa_count(v: &JwtVerifier) -> u64 {
         v.rsa_verifications.load(Ordering::Relaxed)
+    }
+
+    /// The published key set verifies the tokens its private halves sign,
+    /// checked by an independent implementation (jsonwebtoken from n and e).
+    #[test]
+    fn jwks_publishes_each_key_so_others_can_verify() {
+        let v = verifier_with(&[keys(), next_key()], 5);
+        let set = v.jwks()["keys"].as_array().unwrap().clone();
+        let kids: Vec<_> = set.iter().map(|k| k["kid"].as_str().unwrap()).collect();
+        assert_eq!(kids, ["test-1", "test-2"]);
+        for (jwk, key) in set.iter().zip([keys(), next_key()]) {
+            assert_eq!(jwk["kty"], "RSA");
+            assert_eq!(jwk["alg"], "RS256");
+            assert_eq!(jwk["use"], "sig");
+            assert!(jwk.get("d").is_none(), "no private part");
+            let token = key.mint(&claims(7, 60));
+            let decoding = jsonwebtoken::DecodingKey::from_rsa_components(
+                jwk["n"].as_str().unwrap(),
+                jwk["e"].as_str().unwrap(),
+            )
+            .unwrap();
+            let mut validation = jsonwebtoken::Validation::new(Algorithm::RS256);
+            validation.set_issuer(&[ISS]);
+            validation.set_audience(&[AUD]);
+            jsonwebtoken::decode::<serde_json::Value>(&token, &decoding, &validation)
+                .expect("a token of this key verifies with its JWK");
+            let other = if key.kid == "test-1" {
+                next_key()
+            } else {
+                keys()
+            };
+            let foreign = other.mint(&claims(7, 60));
+            assert!(
+                jsonwebtoken::decode::<serde_json::Value>(&foreign, &decoding, &validation)
+                    .is_err()
+            );
+        }
     }
 
     #[test]

@@ -45,6 +45,20 @@ async fn the_whole_buyer_journey_through_the_gateway() {
     let sale_id = stack.create_sale(5, 1, 600).await;
     let http = &stack.http;
 
+    // The api's public keys, through the gateway, without a token.
+    let jwks: Value = http
+        .get(stack.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        jwks["keys"][0]["kid"],
+        stack.config.jwt.signing_kid.as_str()
+    );
+
     let creds =
         json!({"username": format!("buyer_{}", &stack.env.id[..8]), "password": "correct horse"});
     let resp = http

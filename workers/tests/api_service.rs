@@ -1081,3 +1081,59 @@ async fn a_failed_lock_set_still_answers_and_releases_no_lock_it_never_set() {
         .expect("ACL DELUSER");
     api.stop().await;
 }
+
+/// The published key set verifies the tokens the api signs at login,
+/// checked from `n` and `e` alone by an independent implementation, and
+/// carries no private part.
+#[tokio::test]
+async fn jwks_publishes_the_keys_that_verify_login_tokens() {
+    let api = Api::start().await;
+    let r = api
+        .http
+        .get(api.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["cache-control"], "public, max-age=60");
+    let set: Value = r.json().await.unwrap();
+    let keys = set["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    let jwk = &keys[0];
+    assert_eq!(jwk["kid"], test_keys().kid.as_str());
+    assert_eq!(jwk["kty"], "RSA");
+    assert!(jwk.get("d").is_none() && jwk.get("p").is_none(), "{jwk}");
+
+    let credentials = json!({"username": "jwks_buyer", "password": "correct horse battery"});
+    let r = api
+        .http
+        .post(api.url("/api/v1/auth/register"))
+        .json(&credentials)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let login: Value = api
+        .http
+        .post(api.url("/api/v1/auth/login"))
+        .json(&credentials)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["access_token"].as_str().unwrap();
+    let key = jsonwebtoken::DecodingKey::from_rsa_components(
+        jwk["n"].as_str().unwrap(),
+        jwk["e"].as_str().unwrap(),
+    )
+    .unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_issuer(&[api.config.jwt.issuer.as_str()]);
+    validation.set_audience(&[api.config.jwt.audience.as_str()]);
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    assert_eq!(header.kid.as_deref(), jwk["kid"].as_str());
+    jsonwebtoken::decode::<Value>(token, &key, &validation).expect("verifies with the JWK");
+    api.stop().await;
+}

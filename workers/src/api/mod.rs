@@ -14,6 +14,7 @@
 //! | [`results`] | `GET /api/v1/sales/{id}/result` |
 //! | [`idempotency`] | `GET /api/v1/idempotency-key` |
 //! | [`orders`] | `GET /api/v1/orders`, `GET /api/v1/orders/{id}`, `POST /api/v1/orders/{id}/pay`, `POST /api/v1/orders/{id}/cancel` |
+//! | [`jwks`] | `GET /.well-known/jwks.json` (the public keys, public) |
 //! | [`admin`] | `POST /admin/sales` (admin bearer token) |
 //!
 //! plus `/healthz` and `/metrics` from [`crate::probes`]. [`identity`]
@@ -28,6 +29,7 @@ pub mod cpu_work;
 pub mod hidden_path;
 pub mod idempotency;
 pub mod identity;
+pub mod jwks;
 pub mod metrics;
 pub mod orders;
 pub mod problem;
@@ -207,6 +209,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(hidden_path::router())
         .merge(results::router())
         .merge(idempotency::router())
+        .merge(jwks::router())
         .merge(orders::router())
         .merge(admin::router())
         .merge(probes::router())

@@ -1,0 +1,38 @@
+//! `GET /.well-known/jwks.json`: the public halves of the keys this api's
+//! tokens are verified with, as a JSON Web Key Set (RFC 7517).
+//!
+//! The key set is the verifier's own ([`JwtVerifier::jwks`]), built once
+//! from `jwt.public_keys` at start-up, so what is published is exactly what
+//! this instance accepts. Anything that verifies tokens (a gateway, another
+//! service) can take its keys from here instead of a copied PEM file.
+//! Public: the keys are not secrets.
+//!
+//! [`JwtVerifier::jwks`]: seckill_contracts::jwt::JwtVerifier::jwks
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use super::problem::Problem;
+use super::ApiState;
+
+/// How long a client may keep the key set before asking again: short, so
+/// a newly added key is seen within a minute.
+const CACHE_CONTROL: &str = "public, max-age=60";
+
+pub fn router() -> Router<ApiState> {
+    Router::new().route("/.well-known/jwks.json", get(jwks))
+}
+
+async fn jwks(State(state): State<ApiState>) -> Result<Response, Problem> {
+    let verifier = state
+        .verifier()
+        .ok_or_else(|| Problem::unavailable("the public keys are not loaded on this instance"))?;
+    Ok((
+        [(header::CACHE_CONTROL, CACHE_CONTROL)],
+        Json(verifier.jwks().clone()),
+    )
+        .into_response())
+}
