@@ -46,14 +46,7 @@ async fn the_whole_buyer_journey_through_the_gateway() {
     let http = &stack.http;
 
     // The api's public keys, through the gateway, without a token.
-    let jwks: Value = http
-        .get(stack.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks = stack.get_json("/.well-known/jwks.json").await;
     assert_eq!(
         jwks["keys"][0]["kid"],
         stack.config.jwt.signing_kid.as_str()
@@ -82,14 +75,7 @@ async fn the_whole_buyer_journey_through_the_gateway() {
     assert_eq!(login["token_type"], "Bearer");
     let token = login["access_token"].as_str().unwrap().to_string();
 
-    let sales: Value = http
-        .get(stack.url("/api/v1/sales"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sales = stack.get_json("/api/v1/sales").await;
     assert!(
         sales.as_array().unwrap().iter().any(|s| s["id"] == sale_id),
         "{sales}"

@@ -1106,20 +1106,12 @@ async fn jwks_publishes_the_keys_that_verify_login_tokens() {
 
     let credentials = json!({"username": "jwks_buyer", "password": "correct horse battery"});
     let r = api
-        .http
-        .post(api.url("/api/v1/auth/register"))
-        .json(&credentials)
-        .send()
-        .await
-        .unwrap();
+        .post_json("/api/v1/auth/register", credentials.clone())
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let login: Value = api
-        .http
-        .post(api.url("/api/v1/auth/login"))
-        .json(&credentials)
-        .send()
+        .post_json("/api/v1/auth/login", credentials)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

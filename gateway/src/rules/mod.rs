@@ -37,7 +37,6 @@ use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
-use std::thread::ThreadId;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -106,8 +105,8 @@ struct RuleVm {
     lua: Lua,
     access: Function,
     log: Option<Function>,
-    /// The thread that first ran a call on this VM: its owner.
-    home: OnceLock<ThreadId>,
+    /// The thread (its [`VM_SLOT`]) that first ran a call on this VM: its owner.
+    home: OnceLock<usize>,
 }
 
 impl RuleVm {
@@ -117,7 +116,7 @@ impl RuleVm {
     async fn on_home_thread<F: Future>(&self, call: F) -> F::Output {
         let mut call = pin!(call);
         poll_fn(|cx| {
-            let me = std::thread::current().id();
+            let me = VM_SLOT.with(|slot| *slot);
             if *self.home.get_or_init(|| me) != me {
                 metrics::LUA_VM_FOREIGN_POLLS.inc();
             }
@@ -138,7 +137,8 @@ pub struct RuleSet {
 }
 
 thread_local! {
-    /// Which VM this thread uses; assigned round-robin on first use.
+    /// Which VM this thread uses, and the thread's identity for
+    /// [`RuleVm::on_home_thread`]; unique per thread, assigned on first use.
     static VM_SLOT: usize = {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         NEXT.fetch_add(1, Ordering::Relaxed)

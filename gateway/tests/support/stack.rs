@@ -148,6 +148,12 @@ impl Stack {
         self.gateway.url(path)
     }
 
+    /// `GET path` through the gateway without a token, as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let resp = self.http.get(self.url(path)).send().await.unwrap();
+        resp.json().await.unwrap()
+    }
+
     /// A valid token for `user` (minted once per user: RSA signing is slow).
     pub fn token(&self, user: u64) -> String {
         let mut tokens = self.tokens.lock().unwrap();
