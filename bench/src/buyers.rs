@@ -11,7 +11,7 @@ use anyhow::Context;
 use rand::RngCore;
 use seckill_contracts::config::Config;
 use seckill_contracts::keys::KeySchema;
-use seckill_workers::tokens::TokenSigner;
+use seckill_workers::keyring;
 
 /// Tokens younger than this are reused (they live `jwt.ttl_secs`).
 const TOKEN_REUSE_SECS: u64 = 3600;
@@ -38,7 +38,8 @@ pub fn tokens(config: &Config, dir: &Path, n: u64) -> anyhow::Result<Vec<String>
             }
         }
     }
-    let signer = TokenSigner::from_config(&config.jwt).context("loading the signing key")?;
+    let now = chrono::Utc::now().timestamp().max(0) as u64;
+    let signer = keyring::current_signer(&config.jwt, now).context("loading the signing key")?;
     let threads = std::thread::available_parallelism().map_or(2, |p| p.get()) as u64;
     let per = n.div_ceil(threads);
     let chunks: Vec<anyhow::Result<Vec<String>>> = std::thread::scope(|s| {

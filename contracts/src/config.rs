@@ -178,7 +178,16 @@ pub struct JwtConfig {
     /// PEM private key; only the api process reads it.
     pub private_key_path: PathBuf,
     /// Every key that may verify a token; several at once during rotation.
+    /// May be empty when keys come from a keyring (api) or a JWKS (gateway).
     pub public_keys: Vec<PublicKeyConfig>,
+    /// The api's keyring folder (`seckillctl keys rotate` adds keys there);
+    /// its keys verify and its current key signs, besides the ones above.
+    pub keyring_dir: Option<PathBuf>,
+    /// How often an api instance rereads the keyring.
+    pub keyring_reload_secs: u64,
+    /// A rotated key is published this long before it signs, so every api
+    /// and gateway knows it before a token carries it.
+    pub publish_ahead_secs: u64,
 }
 
 impl Default for JwtConfig {
@@ -194,6 +203,9 @@ impl Default for JwtConfig {
                 kid: "dev-1".into(),
                 path: "var/keys/dev-1.public.pem".into(),
             }],
+            keyring_dir: None,
+            keyring_reload_secs: 5,
+            publish_ahead_secs: 15,
         }
     }
 }
@@ -318,8 +330,65 @@ pub struct GatewayConfig {
     /// nginx's `client_header_buffer_size`.
     pub header_buffer_bytes: usize,
 
+    /// Refreshing the verification keys from the api's JWKS.
+    pub jwks: JwksConfig,
+
     pub pools: BTreeMap<String, PoolConfig>,
     pub routes: Vec<RouteConfig>,
+}
+
+/// Where and how often a gateway refreshes its keys from a JWKS.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwksConfig {
+    /// JWKS addresses tried in order until one answers; empty turns the
+    /// refresh off (only `jwt.public_keys` verify).
+    pub urls: Vec<String>,
+    /// Background refresh period.
+    pub refresh_secs: u64,
+    /// At most one fetch per this period, whatever triggers it: a flood of
+    /// tokens with made-up kids costs the api one request a second.
+    pub min_fetch_interval_ms: u64,
+    /// One fetch attempt's limit (connect and body).
+    pub fetch_timeout_ms: u64,
+    /// With no `jwt.public_keys`, how long a starting gateway keeps trying
+    /// to get a first key set before it gives up.
+    pub startup_wait_ms: u64,
+}
+
+impl JwksConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, url) in self.urls.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    format!("gateway.jwks.urls[{i}]"),
+                    "must be an http:// or https:// address",
+                ));
+            }
+        }
+        for (key, value) in [
+            ("refresh_secs", self.refresh_secs),
+            ("min_fetch_interval_ms", self.min_fetch_interval_ms),
+            ("fetch_timeout_ms", self.fetch_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(format!("gateway.jwks.{key}"), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for JwksConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            refresh_secs: 30,
+            min_fetch_interval_ms: 1_000,
+            fetch_timeout_ms: 2_000,
+            startup_wait_ms: 30_000,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -348,6 +417,7 @@ impl Default for GatewayConfig {
             client_header_timeout_ms: 60_000,
             keepalive_timeout_ms: 75_000,
             header_buffer_bytes: 1024,
+            jwks: JwksConfig::default(),
             pools: BTreeMap::from([("api".to_string(), api)]),
             routes: vec![
                 RouteConfig {
@@ -567,8 +637,12 @@ impl Config {
         if self.jwt.leeway_secs > 5 {
             return Err(invalid("jwt.leeway_secs", "must be at most 5"));
         }
-        if self.jwt.public_keys.is_empty() {
-            return Err(invalid("jwt.public_keys", "at least one key is required"));
+        let keys_elsewhere = self.jwt.keyring_dir.is_some() || !self.gateway.jwks.urls.is_empty();
+        if self.jwt.public_keys.is_empty() && !keys_elsewhere {
+            return Err(invalid(
+                "jwt.public_keys",
+                "at least one key is required unless jwt.keyring_dir or gateway.jwks.urls is set",
+            ));
         }
         for (i, key) in self.jwt.public_keys.iter().enumerate() {
             if key.kid.is_empty() || !key.kid.chars().all(is_kid_char) {
@@ -578,17 +652,23 @@ impl Config {
                 ));
             }
         }
-        if !self
-            .jwt
-            .public_keys
-            .iter()
-            .any(|k| k.kid == self.jwt.signing_kid)
+        if self.jwt.keyring_dir.is_none()
+            && !self.jwt.public_keys.is_empty()
+            && !self
+                .jwt
+                .public_keys
+                .iter()
+                .any(|k| k.kid == self.jwt.signing_kid)
         {
             return Err(invalid(
                 "jwt.signing_kid",
                 "must name one of jwt.public_keys so issued tokens verify",
             ));
         }
+        if self.jwt.keyring_reload_secs == 0 {
+            return Err(invalid("jwt.keyring_reload_secs", "must be at least 1"));
+        }
+        self.gateway.jwks.validate()?;
         let g = &self.gateway;
         if g.threads == 0 {
             return Err(invalid("gateway.threads", "must be at least 1"));
@@ -758,6 +838,23 @@ mod tests {
         let err = load_str("", &[("WORKER__BATCH_SIZE", "-3")]).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("SECKILL__WORKER__BATCH_SIZE"), "{msg}");
+    }
+
+    #[test]
+    fn keys_may_come_only_from_a_keyring_or_a_jwks() {
+        let none = "[jwt]\npublic_keys = []\n";
+        let err = load_str(none, &[]).unwrap_err();
+        assert!(err.to_string().contains("jwt.public_keys"), "{err}");
+        let jwks = "[jwt]\npublic_keys = []\n[gateway.jwks]\nurls = [\"http://api/jwks\"]\n";
+        assert!(load_str(jwks, &[]).is_ok());
+        let keyring = "[jwt]\npublic_keys = []\nkeyring_dir = \"var/keys\"\n";
+        assert!(load_str(keyring, &[]).is_ok());
+        let bad_url = "[gateway.jwks]\nurls = [\"ftp://api/jwks\"]\n";
+        let err = load_str(bad_url, &[]).unwrap_err();
+        assert!(err.to_string().contains("gateway.jwks.urls[0]"), "{err}");
+        let zero = "[gateway.jwks]\nmin_fetch_interval_ms = 0\n";
+        let err = load_str(zero, &[]).unwrap_err();
+        assert!(err.to_string().contains("min_fetch_interval_ms"), "{err}");
     }
 
     #[test]

@@ -17,8 +17,9 @@
 //! 3. **Header**: decoded by hand, before the library sees it, so that
 //!    `alg` must be exactly `RS256` (`none`, `HS256` with the public key as
 //!    the secret, `RS512`, … are `WrongAlgorithm`) and `kid` must name one of
-//!    the keys loaded at start-up. The kid is only ever a map key: it never
-//!    reaches the filesystem.
+//!    the keys in force (configured files, or a JWKS refresh: see
+//!    [`JwtVerifier::replace_keys`]). The kid is only ever a map key: it
+//!    never reaches the filesystem.
 //! 4. **Signature and claims**: the RSASSA-PKCS1-v1_5 SHA-256 signature is
 //!    verified over `header.payload` with that key (aws-lc-rs, the library
 //!    `jsonwebtoken` itself uses, but with the key parsed once at start-up
@@ -40,6 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::claims::AccessClaims;
 use crate::config::JwtConfig;
+use arc_swap::ArcSwap;
 use aws_lc_rs::signature::{ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
 use base64::Engine;
 use rsa::pkcs1::{DecodeRsaPublicKey, EncodeRsaPublicKey};
@@ -200,15 +202,15 @@ impl std::error::Error for JwtRejection {}
 /// credentials that a heap dump could replay.
 type TokenHash = [u8; 32];
 
-/// Verifies access tokens against the public keys loaded at start-up.
+/// Verifies access tokens against a set of public keys.
 ///
-/// Immutable after construction apart from its cache, `Send + Sync`, and
-/// meant to be shared in an `Arc` by every proxy worker. Rotating keys means
-/// building a new verifier (which also starts a fresh cache).
+/// `Send + Sync`, meant to be shared in an `Arc` by every proxy worker. The
+/// key set can be replaced while requests run ([`JwtVerifier::replace_keys`]:
+/// a JWKS refresh, a keyring reload); a request sees either the old set or
+/// the new one, never a mix. Only a cache miss reads the set, so the swap
+/// costs the hot path nothing.
 pub struct JwtVerifier {
-    keys: HashMap<String, ParsedPublicKey>,
-    /// The same keys as an RFC 7517 key set, in configuration order.
-    jwks: serde_json::Value,
+    keys: ArcSwap<KeySet>,
     issuer: String,
     audience: String,
     leeway_secs: u64,
@@ -224,10 +226,8 @@ pub struct JwtVerifier {
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut kids: Vec<&str> = self.keys.keys().map(String::as_str).collect();
-        kids.sort_unstable();
         f.debug_struct("JwtVerifier")
-            .field("kids", &kids)
+            .field("kids", &self.kids())
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("leeway_secs", &self.leeway_secs)
@@ -235,27 +235,161 @@ impl std::fmt::Debug for JwtVerifier {
     }
 }
 
+/// One verification key on its way into a verifier: its kid, where it came
+/// from (named in errors) and the checked RSA public key.
+#[derive(Clone)]
+pub struct VerifyKey {
+    kid: String,
+    source: String,
+    rsa: RsaPublicKey,
+}
+
+impl std::fmt::Debug for VerifyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyKey")
+            .field("kid", &self.kid)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VerifyKey {
+    /// A PEM public key (SPKI `BEGIN PUBLIC KEY` or PKCS#1 `BEGIN RSA PUBLIC
+    /// KEY`); private keys and keys under [`MIN_RSA_BITS`] are refused.
+    pub fn from_pem(kid: &str, source: &str, pem: &[u8]) -> Result<VerifyKey, JwtSetupError> {
+        let rsa = read_public_key(pem).map_err(|reason| key_error(kid, source, reason))?;
+        Self::from_rsa(kid, source, rsa)
+    }
+
+    /// A key given by its modulus and exponent (big-endian), as a JWK carries it.
+    pub fn from_components(
+        kid: &str,
+        source: &str,
+        n: &[u8],
+        e: &[u8],
+    ) -> Result<VerifyKey, JwtSetupError> {
+        let rsa = RsaPublicKey::new(
+            rsa::BigUint::from_bytes_be(n),
+            rsa::BigUint::from_bytes_be(e),
+        )
+        .map_err(|e| key_error(kid, source, format!("not a usable RSA key: {e}")))?;
+        Self::from_rsa(kid, source, rsa)
+    }
+
+    fn from_rsa(kid: &str, source: &str, rsa: RsaPublicKey) -> Result<VerifyKey, JwtSetupError> {
+        if kid.is_empty() {
+            return Err(JwtSetupError::EmptyKid {
+                path: source.to_string(),
+            });
+        }
+        check_size(&rsa).map_err(|reason| key_error(kid, source, reason))?;
+        Ok(VerifyKey {
+            kid: kid.to_string(),
+            source: source.to_string(),
+            rsa,
+        })
+    }
+
+    /// The key id tokens name this key by.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// Whether `other` is the same RSA key (whatever its kid or source).
+    pub fn same_key(&self, other: &VerifyKey) -> bool {
+        self.rsa == other.rsa
+    }
+
+    /// This key as an RFC 7517 JWK (see [`crate::jwks`] for the set).
+    pub fn to_jwk(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kty": "RSA",
+            "use": "sig",
+            "alg": "RS256",
+            "kid": self.kid,
+            "n": B64.encode(self.rsa.n().to_bytes_be()),
+            "e": B64.encode(self.rsa.e().to_bytes_be()),
+        })
+    }
+}
+
+fn key_error(kid: &str, source: &str, reason: String) -> JwtSetupError {
+    JwtSetupError::Key {
+        kid: kid.to_string(),
+        path: source.to_string(),
+        reason,
+    }
+}
+
+/// What a [`JwtVerifier::replace_keys`] changed, for the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyChange {
+    /// Kids that verify now and did not before.
+    pub added: Vec<String>,
+    /// Kids that no longer verify (or whose key changed under the same kid).
+    pub removed: Vec<String>,
+}
+
+impl KeyChange {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// The keys in force: parsed once for verification, and as given (for the
+/// JWKS and for change detection).
+struct KeySet {
+    keys: HashMap<String, (VerifyKey, ParsedPublicKey)>,
+    /// In the order given.
+    order: Vec<String>,
+}
+
+impl KeySet {
+    fn build(keys: Vec<VerifyKey>) -> Result<KeySet, JwtSetupError> {
+        if keys.is_empty() {
+            return Err(JwtSetupError::NoKeys);
+        }
+        let mut map = HashMap::with_capacity(keys.len());
+        let mut order = Vec::with_capacity(keys.len());
+        for key in keys {
+            if map.contains_key(&key.kid) {
+                return Err(JwtSetupError::DuplicateKid {
+                    kid: key.kid,
+                    path: key.source,
+                });
+            }
+            let parsed = parse_for_verification(&key.rsa)
+                .map_err(|reason| key_error(&key.kid, &key.source, reason))?;
+            order.push(key.kid.clone());
+            map.insert(key.kid.clone(), (key, parsed));
+        }
+        Ok(KeySet { keys: map, order })
+    }
+
+    /// Kids of `self` missing from `new` or bound to another key there.
+    fn lost_in(&self, new: &KeySet) -> Vec<String> {
+        self.order
+            .iter()
+            .filter(|kid| match (self.keys.get(*kid), new.keys.get(*kid)) {
+                (Some((old, _)), Some((now, _))) => !old.same_key(now),
+                _ => true,
+            })
+            .cloned()
+            .collect()
+    }
+}
+
 impl JwtVerifier {
     /// Reads every PEM in `config.public_keys` (SPKI `BEGIN PUBLIC KEY` and
     /// PKCS#1 `BEGIN RSA PUBLIC KEY` both accepted); errors name the kid and
-    /// path. All keys are read now, once: requests never touch the
-    /// filesystem. `cache_entries` bounds the verified-token cache (0
-    /// disables it).
+    /// path. `cache_entries` bounds the verified-token cache (0 disables it).
     pub fn from_config(
         config: &JwtConfig,
         cache_entries: u64,
     ) -> Result<JwtVerifier, JwtSetupError> {
-        let mut keys = Vec::with_capacity(config.public_keys.len());
-        for key in &config.public_keys {
-            let path = key.path.display().to_string();
-            let pem = std::fs::read(&key.path).map_err(|source| JwtSetupError::Read {
-                kid: key.kid.clone(),
-                path: path.clone(),
-                source,
-            })?;
-            keys.push((key.kid.as_str(), path, pem));
-        }
-        Self::build(
+        let keys = configured_keys(config)?;
+        Self::with_keys(
             keys,
             &config.issuer,
             &config.audience,
@@ -275,50 +409,36 @@ impl JwtVerifier {
     ) -> Result<JwtVerifier, JwtSetupError> {
         let keys = keys
             .iter()
-            .map(|(kid, pem)| (kid.as_str(), "(in memory)".to_string(), pem.clone()))
-            .collect();
-        Self::build(keys, issuer, audience, leeway_secs, cache_entries)
+            .map(|(kid, pem)| VerifyKey::from_pem(kid, "(in memory)", pem))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::with_keys(keys, issuer, audience, leeway_secs, cache_entries)
     }
 
-    fn build(
-        keys: Vec<(&str, String, Vec<u8>)>,
+    /// A verifier over already-checked keys.
+    pub fn with_keys(
+        keys: Vec<VerifyKey>,
         issuer: &str,
         audience: &str,
         leeway_secs: u64,
         cache_entries: u64,
     ) -> Result<JwtVerifier, JwtSetupError> {
-        if keys.is_empty() {
-            return Err(JwtSetupError::NoKeys);
-        }
+        let keys = KeySet::build(keys)?;
+        Self::assemble(keys, issuer, audience, leeway_secs, cache_entries)
+    }
+
+    fn assemble(
+        keys: KeySet,
+        issuer: &str,
+        audience: &str,
+        leeway_secs: u64,
+        cache_entries: u64,
+    ) -> Result<JwtVerifier, JwtSetupError> {
         if issuer.is_empty() {
             return Err(JwtSetupError::EmptySetting("jwt.issuer"));
         }
         if audience.is_empty() {
             return Err(JwtSetupError::EmptySetting("jwt.audience"));
         }
-        let mut map = HashMap::with_capacity(keys.len());
-        let mut jwks = Vec::with_capacity(keys.len());
-        for (kid, path, pem) in keys {
-            if kid.is_empty() {
-                return Err(JwtSetupError::EmptyKid { path });
-            }
-            if map.contains_key(kid) {
-                return Err(JwtSetupError::DuplicateKid {
-                    kid: kid.to_string(),
-                    path,
-                });
-            }
-            let key_error = |reason| JwtSetupError::Key {
-                kid: kid.to_string(),
-                path: path.clone(),
-                reason,
-            };
-            let rsa = read_public_key(&pem).map_err(key_error)?;
-            let key = parse_for_verification(&rsa).map_err(key_error)?;
-            jwks.push(jwk(kid, &rsa));
-            map.insert(kid.to_string(), key);
-        }
-
         let leeway_secs = leeway_secs.min(MAX_LEEWAY_SECS);
         let cache = (cache_entries > 0).then(|| {
             moka::sync::Cache::builder()
@@ -328,8 +448,7 @@ impl JwtVerifier {
         });
 
         Ok(JwtVerifier {
-            keys: map,
-            jwks: serde_json::json!({ "keys": jwks }),
+            keys: ArcSwap::from_pointee(keys),
             issuer: issuer.to_string(),
             audience: audience.to_string(),
             leeway_secs,
@@ -341,11 +460,68 @@ impl JwtVerifier {
         })
     }
 
-    /// The verification keys as a JSON Web Key Set (RFC 7517): what the api
-    /// serves at `/.well-known/jwks.json` so others can verify its tokens
-    /// from the public halves alone.
-    pub fn jwks(&self) -> &serde_json::Value {
-        &self.jwks
+    /// A verifier with no key yet, for a gateway whose keys all come from
+    /// a JWKS: every token is `UnknownKey` until [`JwtVerifier::replace_keys`]
+    /// installs a set.
+    pub fn awaiting_keys(
+        issuer: &str,
+        audience: &str,
+        leeway_secs: u64,
+        cache_entries: u64,
+    ) -> Result<JwtVerifier, JwtSetupError> {
+        let none = KeySet {
+            keys: HashMap::new(),
+            order: Vec::new(),
+        };
+        Self::assemble(none, issuer, audience, leeway_secs, cache_entries)
+    }
+
+    /// Replaces the whole key set. A bad set (empty, a duplicate kid) is
+    /// refused and the current one stays. When a kid leaves (or its key
+    /// changes) every cached token is forgotten, so no token of a withdrawn
+    /// key is accepted from the cache; keys only added keep the cache.
+    pub fn replace_keys(&self, keys: Vec<VerifyKey>) -> Result<KeyChange, JwtSetupError> {
+        let new = KeySet::build(keys)?;
+        let old = self.keys.load();
+        let change = KeyChange {
+            added: new.lost_in(&old),
+            removed: old.lost_in(&new),
+        };
+        if change.is_empty() {
+            return Ok(change);
+        }
+        self.keys.store(Arc::new(new));
+        if !change.removed.is_empty() {
+            if let Some(cache) = &self.cache {
+                cache.invalidate_all();
+            }
+        }
+        Ok(change)
+    }
+
+    /// The kids that verify now, sorted.
+    pub fn kids(&self) -> Vec<String> {
+        let mut kids = self.keys.load().order.clone();
+        kids.sort_unstable();
+        kids
+    }
+
+    /// Whether `kid` names a key of the current set.
+    pub fn knows_kid(&self, kid: &str) -> bool {
+        self.keys.load().keys.contains_key(kid)
+    }
+
+    /// The verification keys as a JSON Web Key Set (RFC 7517), in the order
+    /// given: what the api serves at `/.well-known/jwks.json` so others can
+    /// verify its tokens from the public halves alone.
+    pub fn jwks(&self) -> serde_json::Value {
+        let set = self.keys.load();
+        crate::jwks::document(
+            set.order
+                .iter()
+                .filter_map(|kid| set.keys.get(kid))
+                .map(|(key, _)| key),
+        )
     }
 
     /// Verifies a raw token (without `Bearer `). `Ok` gives the claims, in an
@@ -418,7 +594,8 @@ impl JwtVerifier {
             return Err(JwtRejection::Malformed);
         };
         let kid = check_header(header)?;
-        let key = self.keys.get(&kid).ok_or(JwtRejection::UnknownKey)?;
+        let set = self.keys.load();
+        let (_, key) = set.keys.get(&kid).ok_or(JwtRejection::UnknownKey)?;
 
         #[cfg(test)]
         self.rsa_verifications
@@ -523,13 +700,36 @@ fn read_public_key(pem: &[u8]) -> Result<RsaPublicKey, String> {
     } else {
         return Err("no BEGIN PUBLIC KEY or BEGIN RSA PUBLIC KEY block".to_string());
     };
+    Ok(key)
+}
+
+/// Short keys are forgeable and mean a misconfiguration.
+fn check_size(key: &RsaPublicKey) -> Result<(), String> {
     let bits = key.size() * 8;
     if bits < MIN_RSA_BITS {
         return Err(format!(
             "RSA key is {bits} bits; at least {MIN_RSA_BITS} required"
         ));
     }
-    Ok(key)
+    Ok(())
+}
+
+/// The keys named in `jwt.public_keys`, read from their files now, once:
+/// requests never touch the filesystem.
+pub fn configured_keys(config: &JwtConfig) -> Result<Vec<VerifyKey>, JwtSetupError> {
+    config
+        .public_keys
+        .iter()
+        .map(|key| {
+            let path = key.path.display().to_string();
+            let pem = std::fs::read(&key.path).map_err(|source| JwtSetupError::Read {
+                kid: key.kid.clone(),
+                path: path.clone(),
+                source,
+            })?;
+            VerifyKey::from_pem(&key.kid, &path, &pem)
+        })
+        .collect()
 }
 
 /// The key in the form the verifier uses on every request.
@@ -542,19 +742,6 @@ fn parse_for_verification(key: &RsaPublicKey) -> Result<ParsedPublicKey, String>
         .map_err(|e| format!("cannot re-encode the RSA key: {e}"))?;
     ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der.as_bytes())
         .map_err(|e| format!("RSA key rejected: {e}"))
-}
-
-/// One RSA verification key as a JWK: modulus and exponent, big-endian,
-/// base64url without padding (RFC 7518 §6.3.1).
-fn jwk(kid: &str, key: &RsaPublicKey) -> serde_json::Value {
-    serde_json::json!({
-        "kty": "RSA",
-        "use": "sig",
-        "alg": "RS256",
-        "kid": kid,
-        "n": B64.encode(key.n().to_bytes_be()),
-        "e": B64.encode(key.e().to_bytes_be()),
-    })
 }
 
 fn unix_now() -> u64 {
@@ -1197,6 +1384,66 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    fn verify_key(k: &TestKeys) -> VerifyKey {
+        VerifyKey::from_pem(&k.kid, "test", k.public_pem.as_bytes()).unwrap()
+    }
+
+    /// A rotation reaches a running verifier: the new kid verifies once the
+    /// set is replaced, with no new verifier and no restart.
+    #[test]
+    fn a_replaced_key_set_verifies_the_new_kid() {
+        let v = verifier();
+        let fresh = next_key().mint(&claims(5, 60));
+        assert_eq!(v.verify(&fresh).unwrap_err(), JwtRejection::UnknownKey);
+        let change = v
+            .replace_keys(vec![verify_key(keys()), verify_key(next_key())])
+            .unwrap();
+        assert_eq!(change.added, ["test-2"]);
+        assert!(change.removed.is_empty());
+        assert_eq!(v.verify(&fresh).unwrap().user_id(), Some(5));
+        assert!(v.knows_kid("test-2"));
+        assert_eq!(v.kids(), ["test-1", "test-2"]);
+        let unchanged = v
+            .replace_keys(vec![verify_key(keys()), verify_key(next_key())])
+            .unwrap();
+        assert!(unchanged.is_empty());
+    }
+
+    /// Withdrawing a key must stop its tokens at once, even the ones the
+    /// cache already holds.
+    #[test]
+    fn a_withdrawn_key_stops_its_cached_tokens() {
+        let v = verifier_with(&[keys(), next_key()], 5);
+        let old = keys().mint(&claims(1, 60));
+        let new = next_key().mint(&claims(2, 60));
+        v.verify(&old).unwrap();
+        v.verify(&new).unwrap();
+        let change = v.replace_keys(vec![verify_key(next_key())]).unwrap();
+        assert_eq!(change.removed, ["test-1"]);
+        assert_eq!(v.verify(&old).unwrap_err(), JwtRejection::UnknownKey);
+        assert!(v.verify(&new).is_ok());
+        // Another key under a known kid is a withdrawal too.
+        let swapped =
+            VerifyKey::from_pem("test-2", "test", impostor().public_pem.as_bytes()).unwrap();
+        let change = v.replace_keys(vec![swapped]).unwrap();
+        assert_eq!(
+            (change.added, change.removed),
+            (vec!["test-2".to_string()], vec!["test-2".to_string()])
+        );
+        assert_eq!(v.verify(&new).unwrap_err(), JwtRejection::BadSignature);
+    }
+
+    #[test]
+    fn a_bad_replacement_keeps_the_current_keys() {
+        let v = verifier();
+        assert!(matches!(v.replace_keys(vec![]), Err(JwtSetupError::NoKeys)));
+        assert!(matches!(
+            v.replace_keys(vec![verify_key(keys()), verify_key(keys())]),
+            Err(JwtSetupError::DuplicateKid { .. })
+        ));
+        assert!(v.verify(&keys().mint(&claims(3, 60))).is_ok());
     }
 
     #[test]

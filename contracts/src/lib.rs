@@ -15,6 +15,8 @@ pub mod config;
 #[cfg(feature = "db")]
 pub mod db;
 #[cfg(feature = "jwt")]
+pub mod jwks;
+#[cfg(feature = "jwt")]
 pub mod jwt;
 pub mod keys;
 pub mod message;

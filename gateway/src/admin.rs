@@ -1,5 +1,5 @@
 //! The admin listener (default 127.0.0.1:9090): metrics, upstream health,
-//! rule status and reload. Every route needs the
+//! rule status and reload, verification key status. Every route needs the
 //! admin bearer token, compared in constant time, so a scraper or an
 //! operator's curl carries `Authorization: Bearer <token>`.
 
@@ -12,6 +12,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
+use crate::key_refresh::KeyRefresher;
 use crate::metrics;
 use crate::pools::Pool;
 use crate::problem::problem_body;
@@ -22,6 +23,7 @@ pub struct AdminApp {
     token: String,
     pools: BTreeMap<String, Arc<Pool>>,
     rules: Arc<RuleEngine>,
+    keys: Arc<KeyRefresher>,
 }
 
 impl AdminApp {
@@ -29,11 +31,13 @@ impl AdminApp {
         token: String,
         pools: BTreeMap<String, Arc<Pool>>,
         rules: Arc<RuleEngine>,
+        keys: Arc<KeyRefresher>,
     ) -> AdminApp {
         AdminApp {
             token,
             pools,
             rules,
+            keys,
         }
     }
 
@@ -130,6 +134,7 @@ impl ServeHttp for AdminApp {
             }
             ("GET", "/admin/upstreams") => json_ok(&self.upstreams()),
             ("GET", "/admin/rules") => json_ok(&json!(self.rules.status())),
+            ("GET", "/admin/keys") => json_ok(&json!(self.keys.status())),
             ("POST", "/admin/rules/reload") => {
                 let engine = self.rules.clone();
                 let result = tokio::task::spawn_blocking(move || engine.reload("admin")).await;

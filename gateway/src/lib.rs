@@ -11,6 +11,7 @@ pub mod admin;
 pub mod drain;
 pub mod handoff;
 pub mod header_gate;
+pub mod key_refresh;
 pub mod limiter;
 pub mod metrics;
 pub mod pools;

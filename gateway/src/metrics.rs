@@ -59,6 +59,25 @@ pub static BROKER_CONNECTED: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// JWKS fetches by what triggered them and how they ended.
+pub static JWKS_FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "gateway_jwks_fetches_total",
+        "Fetches of the api's key set, by trigger (startup, interval, unknown_kid) and outcome",
+        &["trigger", "outcome"]
+    )
+    .expect("metric registers once")
+});
+
+/// Keys that verify tokens right now.
+pub static JWT_KEYS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "gateway_jwt_keys",
+        "Verification keys in force (configured plus fetched)"
+    )
+    .expect("metric registers once")
+});
+
 /// Rule reload attempts by result (ok / refused).
 pub static RULE_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(

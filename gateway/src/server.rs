@@ -20,7 +20,7 @@ use pingora::services::background::background_service;
 use crate::admin::AdminApp;
 use crate::drain::DrainWatch;
 use crate::header_gate::{self, GateLimits, HeaderGate};
-use crate::jwt::{JwtSetupError, JwtVerifier};
+use crate::key_refresh::{self, KeyRefreshService, KeySetupError};
 use crate::pools::{self, HealthService, PoolError};
 use crate::proxy::{EdgeProxy, RequestLimits};
 use crate::routes::{RouteError, RouteTable};
@@ -37,7 +37,7 @@ pub enum GatewayError {
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error(transparent)]
-    Jwt(#[from] JwtSetupError),
+    Keys(#[from] KeySetupError),
     #[error("rules in {dir}: {source}")]
     Rules { dir: String, source: RuleError },
     #[error("pingora: {0}")]
@@ -61,7 +61,7 @@ impl Gateway {
         )?;
         let routes = RouteTable::new(&g.routes)?;
         let (pools, health_services) = pools::build_all(&g.pools)?;
-        let jwt = Arc::new(JwtVerifier::from_config(&config.jwt, g.jwt_cache_entries)?);
+        let keys = key_refresh::build(config)?;
         let rules = Arc::new(load_rules(config)?);
 
         let mut server = Server::new_with_opt_and_conf(
@@ -77,7 +77,13 @@ impl Gateway {
             max_header_bytes: g.max_header_bytes,
             max_body_bytes: g.max_body_bytes,
         };
-        let proxy = EdgeProxy::new(routes, pools.clone(), jwt, rules.clone(), request_limits);
+        let proxy = EdgeProxy::new(
+            routes,
+            pools.clone(),
+            keys.clone(),
+            rules.clone(),
+            request_limits,
+        );
         // Pingora's proxy behind the header gate: slow, idle and half-open
         // clients are timed out and counted before the proxy sees them.
         let proxy = pingora::proxy::http_proxy(&server.configuration, proxy);
@@ -90,13 +96,14 @@ impl Gateway {
 
         let mut admin = Service::new(
             "admin".to_string(),
-            AdminApp::new(admin_token, pools, rules.clone()),
+            AdminApp::new(admin_token, pools, rules.clone(), keys.clone()),
         );
         admin.add_tcp(&g.admin_listen.to_string());
         server.add_service(admin);
 
         server.add_service(background_service("rule watcher", RuleWatcher::new(rules)));
         server.add_service(background_service("drain watch", DrainWatch));
+        server.add_service(background_service("key refresh", KeyRefreshService(keys)));
         add_health_checks(&mut server, health_services);
         Ok(Gateway { server })
     }

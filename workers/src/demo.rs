@@ -37,6 +37,7 @@ use serde_json::{json, Value};
 use sqlx::MySqlPool;
 
 use crate::audit::{self, AuditReport};
+use crate::keyring;
 use crate::sales::{self, NewSale};
 use crate::statuses::ResultStatus;
 use crate::tokens::TokenSigner;
@@ -100,6 +101,8 @@ pub enum DemoError {
     Sale(#[from] sales::SaleError),
     #[error("signing buyer tokens: {0}")]
     Tokens(#[from] crate::tokens::TokenError),
+    #[error(transparent)]
+    Keys(#[from] crate::keyring::KeyringError),
     #[error("gateway at {url}: {source}")]
     Gateway { url: String, source: reqwest::Error },
     #[error("buyer {user}: {step} answered {status}: {body}")]
@@ -208,7 +211,7 @@ pub async fn run(
         }),
     };
     let started = Instant::now();
-    let signer = TokenSigner::from_config(&config.jwt)?;
+    let signer = keyring::current_signer(&config.jwt, Utc::now().timestamp().max(0) as u64)?;
     let buyers = run.prepare(&signer, redis).await?;
     let prepare_ms = millis(started.elapsed());
     let stock_at_start = sales::redis_stock(redis, &run.keys, sale.id)

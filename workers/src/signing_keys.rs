@@ -22,6 +22,8 @@ pub enum KeyGenError {
     Rsa(String),
     #[error("kid `{0}` may only use letters, digits, '-', '_', '.'")]
     BadKid(String),
+    #[error("{0} already exists; a key is never overwritten by a rotation")]
+    Exists(PathBuf),
 }
 
 /// Paths written (or found already present).
@@ -38,13 +40,7 @@ pub struct GeneratedKeys {
 /// RSA, PKCS#8 / SPKI) and `<dir>/admin-token` unless they exist; `force`
 /// replaces them.
 pub fn generate(dir: &Path, kid: &str, force: bool) -> Result<GeneratedKeys, KeyGenError> {
-    if kid.is_empty()
-        || !kid
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        return Err(KeyGenError::BadKid(kid.to_string()));
-    }
+    check_kid(kid)?;
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| KeyGenError::Io { path, source }
@@ -56,18 +52,7 @@ pub fn generate(dir: &Path, kid: &str, force: bool) -> Result<GeneratedKeys, Key
     let mut created = false;
 
     if force || !private_key.exists() || !public_key.exists() {
-        let mut rng = rsa::rand_core::OsRng;
-        let key =
-            RsaPrivateKey::new(&mut rng, 2048).map_err(|e| KeyGenError::Rsa(e.to_string()))?;
-        let private_pem = key
-            .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| KeyGenError::Rsa(e.to_string()))?;
-        let public_pem = key
-            .to_public_key()
-            .to_public_key_pem(LineEnding::LF)
-            .map_err(|e| KeyGenError::Rsa(e.to_string()))?;
-        write_secret(&private_key, private_pem.as_bytes()).map_err(io(&private_key))?;
-        fs::write(&public_key, public_pem.as_bytes()).map_err(io(&public_key))?;
+        write_pair(&private_key, &public_key)?;
         created = true;
     }
     if force || !admin_token.exists() {
@@ -83,6 +68,53 @@ pub fn generate(dir: &Path, kid: &str, force: bool) -> Result<GeneratedKeys, Key
         admin_token,
         created,
     })
+}
+
+/// Creates a new pair `<dir>/<kid>.private.pem` and `<dir>/<kid>.public.pem`
+/// for a key rotation; an existing pair of that kid is never overwritten.
+pub fn generate_pair(dir: &Path, kid: &str) -> Result<(PathBuf, PathBuf), KeyGenError> {
+    check_kid(kid)?;
+    let private_key = dir.join(format!("{kid}.private.pem"));
+    let public_key = dir.join(format!("{kid}.public.pem"));
+    if private_key.exists() || public_key.exists() {
+        return Err(KeyGenError::Exists(private_key));
+    }
+    fs::create_dir_all(dir).map_err(|source| KeyGenError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    write_pair(&private_key, &public_key)?;
+    Ok((private_key, public_key))
+}
+
+/// A fresh 2048-bit RSA pair, PKCS#8 private (owner-only) and SPKI public.
+fn write_pair(private_key: &Path, public_key: &Path) -> Result<(), KeyGenError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| KeyGenError::Io { path, source }
+    };
+    let mut rng = rsa::rand_core::OsRng;
+    let key = RsaPrivateKey::new(&mut rng, 2048).map_err(|e| KeyGenError::Rsa(e.to_string()))?;
+    let private_pem = key
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| KeyGenError::Rsa(e.to_string()))?;
+    let public_pem = key
+        .to_public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|e| KeyGenError::Rsa(e.to_string()))?;
+    write_secret(private_key, private_pem.as_bytes()).map_err(io(private_key))?;
+    fs::write(public_key, public_pem.as_bytes()).map_err(io(public_key))
+}
+
+fn check_kid(kid: &str) -> Result<(), KeyGenError> {
+    if kid.is_empty()
+        || !kid
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(KeyGenError::BadKid(kid.to_string()));
+    }
+    Ok(())
 }
 
 /// Writes a file readable by its owner only.

@@ -46,13 +46,31 @@ impl TokenSigner {
         })?;
         let key =
             EncodingKey::from_rsa_pem(&pem).map_err(|source| TokenError::Key { path, source })?;
-        Ok(TokenSigner {
+        Ok(Self::with_key(config, &config.signing_kid, key))
+    }
+
+    /// A signer for the PEM private key of `kid` (a keyring key).
+    pub fn from_pem(config: &JwtConfig, kid: &str, pem: &[u8]) -> Result<TokenSigner, TokenError> {
+        let key = EncodingKey::from_rsa_pem(pem).map_err(|source| TokenError::Key {
+            path: format!("{kid}.private.pem"),
+            source,
+        })?;
+        Ok(Self::with_key(config, kid, key))
+    }
+
+    fn with_key(config: &JwtConfig, kid: &str, key: EncodingKey) -> TokenSigner {
+        TokenSigner {
             key,
-            kid: config.signing_kid.clone(),
+            kid: kid.to_string(),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             ttl_secs: config.ttl_secs,
-        })
+        }
+    }
+
+    /// The kid issued tokens carry.
+    pub fn kid(&self) -> &str {
+        &self.kid
     }
 
     /// Token lifetime in seconds (`expires_in` of a login answer).

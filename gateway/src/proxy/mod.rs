@@ -38,7 +38,7 @@ use pingora::{Error, ErrorType, Result};
 use seckill_contracts::claims::AccessClaims;
 
 use crate::drain;
-use crate::jwt::JwtVerifier;
+use crate::key_refresh::KeyRefresher;
 use crate::metrics;
 use crate::pools::{Pool, Pools};
 use crate::problem::LocalResponse;
@@ -59,7 +59,7 @@ pub struct RequestLimits {
 pub struct EdgeProxy {
     routes: RouteTable,
     pools: Pools,
-    jwt: Arc<JwtVerifier>,
+    keys: Arc<KeyRefresher>,
     rules: Arc<RuleEngine>,
     limits: RequestLimits,
 }
@@ -88,14 +88,14 @@ impl EdgeProxy {
     pub fn new(
         routes: RouteTable,
         pools: Pools,
-        jwt: Arc<JwtVerifier>,
+        keys: Arc<KeyRefresher>,
         rules: Arc<RuleEngine>,
         limits: RequestLimits,
     ) -> EdgeProxy {
         EdgeProxy {
             routes,
             pools,
-            jwt,
+            keys,
             rules,
             limits,
         }
@@ -122,7 +122,7 @@ impl EdgeProxy {
         if let Some(a) = steps::route(&self.routes, &self.pools, session.req_header(), ctx) {
             return answer(a);
         }
-        match steps::authenticate(&self.jwt, session.req_header(), ctx.public) {
+        match steps::authenticate(&self.keys, session.req_header(), ctx.public).await {
             Ok(claims) => ctx.claims = claims,
             Err(a) => return answer(a),
         }

@@ -24,7 +24,8 @@ use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use seckill_contracts::claims::AccessClaims;
 
-use crate::jwt::JwtVerifier;
+use crate::jwt::JwtRejection;
+use crate::key_refresh::KeyRefresher;
 use crate::metrics;
 use crate::problem::LocalResponse;
 use crate::routes::RouteTable;
@@ -166,8 +167,11 @@ pub(super) fn route(
 }
 
 /// The JWT check of a non-public route: the verified claims, or the 401.
-pub(super) fn authenticate(
-    jwt: &JwtVerifier,
+/// A token naming a kid we lack waits for one key refresh (rate-limited,
+/// see `key_refresh`) and is checked again, so a freshly rotated key is
+/// accepted on its first request.
+pub(super) async fn authenticate(
+    keys: &KeyRefresher,
     req: &RequestHeader,
     public: bool,
 ) -> Result<Option<Arc<AccessClaims>>, Answer> {
@@ -178,7 +182,13 @@ pub(super) fn authenticate(
         .headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match jwt.verify_header(auth) {
+    let jwt = keys.verifier();
+    let mut verdict = jwt.verify_header(auth);
+    if verdict == Err(JwtRejection::UnknownKey) && keys.enabled() {
+        keys.on_unknown_kid().await;
+        verdict = jwt.verify_header(auth);
+    }
+    match verdict {
         Ok(claims) => Ok(Some(claims)),
         Err(rejection) => {
             metrics::JWT_FAILURES

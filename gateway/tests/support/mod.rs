@@ -265,8 +265,13 @@ impl GatewayProc {
 
     /// `GET /admin/rules`.
     pub async fn rules_status(&self) -> serde_json::Value {
+        self.admin_json("/admin/rules").await
+    }
+
+    /// `GET` an admin route with the admin token, as JSON.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
         reqwest::Client::new()
-            .get(self.admin_url("/admin/rules"))
+            .get(self.admin_url(path))
             .bearer_auth(&self.admin_token)
             .send()
             .await

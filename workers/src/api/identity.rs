@@ -12,17 +12,9 @@
 use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
-use seckill_contracts::config::Config;
-use seckill_contracts::jwt::{JwtSetupError, JwtVerifier};
 
 use super::problem::Problem;
 use super::ApiState;
-
-/// Builds the api's verifier: the gateway's own ([`JwtVerifier`], shared
-/// through `seckill-contracts`), so the two checks cannot drift apart.
-pub fn verifier(config: &Config) -> Result<JwtVerifier, JwtSetupError> {
-    JwtVerifier::from_config(&config.jwt, config.api.jwt_cache_entries)
-}
 
 /// The verified caller of an authenticated route. Extracting it is the
 /// route's authentication: a handler taking `Identity` can only run for a

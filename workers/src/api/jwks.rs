@@ -1,9 +1,10 @@
 //! `GET /.well-known/jwks.json`: the public halves of the keys this api's
 //! tokens are verified with, as a JSON Web Key Set (RFC 7517).
 //!
-//! The key set is the verifier's own ([`JwtVerifier::jwks`]), built once
-//! from `jwt.public_keys` at start-up, so what is published is exactly what
-//! this instance accepts. Anything that verifies tokens (a gateway, another
+//! The key set is the verifier's own ([`JwtVerifier::jwks`]): the
+//! configured `jwt.public_keys` plus the keyring's keys in force, reread in
+//! the background (`api::keys`), so what is published is exactly what this
+//! instance accepts, a rotated key included before it signs. Anything that verifies tokens (a gateway, another
 //! service) can take its keys from here instead of a copied PEM file.
 //! Public: the keys are not secrets.
 //!

@@ -30,6 +30,7 @@ pub mod hidden_path;
 pub mod idempotency;
 pub mod identity;
 pub mod jwks;
+pub mod keys;
 pub mod metrics;
 pub mod orders;
 pub mod problem;
@@ -51,6 +52,7 @@ use crate::connections::{self, ConnectError};
 use crate::probes;
 use crate::tokens::TokenSigner;
 use cpu_work::CpuWork;
+use keys::ApiKeys;
 use sales_cache::SingleFlight;
 use seckill_contracts::jwt::JwtVerifier;
 
@@ -72,8 +74,7 @@ struct Inner {
     redis: RedisConn,
     keys: KeySchema,
     config: ApiConfig,
-    signer: Option<TokenSigner>,
-    verifier: Option<JwtVerifier>,
+    keys_in_force: Arc<ApiKeys>,
     admin_digest: Option<[u8; 32]>,
     dummy_hash: String,
     flights: SingleFlight,
@@ -102,16 +103,8 @@ impl ApiState {
     pub async fn connect(config: &Config) -> Result<ApiState, ApiSetupError> {
         let db = connections::mysql(&config.database).await?;
         let redis = connections::redis(config).await?;
-        let signer = TokenSigner::from_config(&config.jwt)
-            .inspect_err(
-                |e| tracing::error!(error = %e, "login disabled: cannot load the signing key"),
-            )
-            .ok();
-        let verifier = identity::verifier(config)
-            .inspect_err(|e| {
-                tracing::error!(error = %e, "authenticated routes disabled: cannot load public keys")
-            })
-            .ok();
+        let api_keys = Arc::new(ApiKeys::load(config));
+        keys::spawn_reload(Arc::downgrade(&api_keys), config.jwt.clone());
         let admin_digest = read_secret(
             "api.admin_token",
             config.api.admin_token.as_deref(),
@@ -130,20 +123,20 @@ impl ApiState {
         .await
         .map_err(|e| ApiSetupError::DummyHash(e.to_string()))?
         .map_err(|e| ApiSetupError::DummyHash(e.to_string()))?;
-        Ok(ApiState {
+        let state = ApiState {
             inner: Arc::new(Inner {
                 db,
                 redis,
                 keys: KeySchema::new(config.redis.key_prefix.clone()),
                 config: config.api.clone(),
-                signer,
-                verifier,
+                keys_in_force: api_keys,
                 admin_digest,
                 dummy_hash,
                 flights: SingleFlight::default(),
                 cpu: CpuWork::new(config.api.cpu_jobs),
             }),
-        })
+        };
+        Ok(state)
     }
 
     /// The MySQL pool.
@@ -166,14 +159,20 @@ impl ApiState {
         &self.inner.config
     }
 
-    /// The token signer, when the private key loaded.
-    pub fn signer(&self) -> Option<&TokenSigner> {
-        self.inner.signer.as_ref()
+    /// The current token signer, when a private key loaded.
+    pub fn signer(&self) -> Option<Arc<TokenSigner>> {
+        self.inner.keys_in_force.signer()
     }
 
     /// The token verifier, when the public keys loaded.
     pub fn verifier(&self) -> Option<&JwtVerifier> {
-        self.inner.verifier.as_ref()
+        self.inner.keys_in_force.verifier()
+    }
+
+    /// The keys in force, for tests that rotate without waiting for the
+    /// background reload.
+    pub fn keys_in_force(&self) -> &ApiKeys {
+        &self.inner.keys_in_force
     }
 
     fn admin_digest(&self) -> Option<&[u8; 32]> {

@@ -14,10 +14,9 @@ use seckill_contracts::keys::KeySchema;
 use seckill_contracts::redis_client::RedisConn;
 use seckill_contracts::telemetry;
 use seckill_workers::sales::{self, NewSale};
-use seckill_workers::tokens::TokenSigner;
 use seckill_workers::worker::dlq;
-use seckill_workers::{audit, connections, demo, reconcile, signing_keys};
-use serde_json::json;
+use seckill_workers::{audit, connections, demo, keyring, reconcile, signing_keys};
+use serde_json::{json, Value};
 
 #[derive(Parser)]
 #[command(version, about = "Flash-sale operations CLI")]
@@ -32,7 +31,7 @@ struct Args {
 enum Command {
     /// Create the database if needed and apply pending migrations.
     Migrate,
-    /// Development key material.
+    /// Key material: the dev pair, and rotating the api's signing key.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
@@ -95,6 +94,16 @@ enum KeysCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Add a signing key to the keyring (`jwt.keyring_dir`): published at
+    /// once, signing after `jwt.publish_ahead_secs`; keys no live token
+    /// can carry any more are deleted. Prints JSON.
+    Rotate {
+        /// The new key's id (default `k<unix seconds>`).
+        #[arg(long)]
+        kid: Option<String>,
+    },
+    /// Which keys sign and verify now. Prints JSON.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -206,9 +215,18 @@ async fn main() -> anyhow::Result<()> {
                 })
             );
         }
+        Command::Keys {
+            command: KeysCommand::Rotate { kid },
+        } => {
+            let rotation = keyring::rotate(&config.jwt, kid.as_deref(), unix_now())?;
+            println!("{}", serde_json::to_string(&rotation)?);
+        }
+        Command::Keys {
+            command: KeysCommand::Status,
+        } => println!("{}", keys_status(&config.jwt)?),
         Command::Dlq { command } => dlq_command(&config, command).await?,
         Command::Token { user_id, count } => {
-            let signer = TokenSigner::from_config(&config.jwt)?;
+            let signer = keyring::current_signer(&config.jwt, unix_now())?;
             let tokens = (user_id..user_id.saturating_add(count))
                 .map(|uid| signer.issue(uid, &format!("user{uid}")));
             print_lines(tokens)?;
@@ -331,4 +349,31 @@ async fn sale_command(config: &Config, command: SaleCommand) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+fn unix_now() -> u64 {
+    Utc::now().timestamp().max(0) as u64
+}
+
+/// `keys status`: the keyring's view now, plus the keys the config names.
+fn keys_status(config: &seckill_contracts::config::JwtConfig) -> anyhow::Result<Value> {
+    let now = unix_now();
+    let configured: Vec<&str> = config.public_keys.iter().map(|k| k.kid.as_str()).collect();
+    let Some(dir) = &config.keyring_dir else {
+        return Ok(json!({"keyring": null, "configured": configured, "signs": config.signing_kid}));
+    };
+    let manifest = keyring::Manifest::read(dir)?;
+    let lifetime = config.ttl_secs.saturating_add(config.leeway_secs);
+    let in_force = manifest.in_force(now, lifetime);
+    let signs = in_force
+        .signer
+        .map_or(config.signing_kid.as_str(), |e| e.kid.as_str());
+    Ok(json!({
+        "keyring": dir,
+        "configured": configured,
+        "signs": signs,
+        "verifying": in_force.verifying,
+        "retired": in_force.retired,
+        "now": now,
+    }))
 }
