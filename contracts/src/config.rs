@@ -332,9 +332,39 @@ pub struct GatewayConfig {
 
     /// Refreshing the verification keys from the api's JWKS.
     pub jwks: JwksConfig,
+    /// Rules from versioned bundles in Redis instead of `rules_dir` alone.
+    pub bundles: BundlesConfig,
 
     pub pools: BTreeMap<String, PoolConfig>,
     pub routes: Vec<RouteConfig>,
+}
+
+/// Rules bundles pushed with `seckillctl rules push` (see `rules_bundle`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BundlesConfig {
+    /// Follow the fleet's bundles; off, the gateway runs `rules_dir` only.
+    pub enabled: bool,
+    /// How often the gateway looks for a staged or switched bundle and
+    /// reports its state.
+    pub poll_ms: u64,
+    /// This gateway's name in `seckillctl rules status`; empty means
+    /// `<hostname>:<listen port>`.
+    pub id: String,
+    /// How long a starting gateway keeps trying to read the active bundle
+    /// before it starts on `rules_dir` (and switches once Redis answers).
+    pub startup_wait_ms: u64,
+}
+
+impl Default for BundlesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            poll_ms: 500,
+            id: String::new(),
+            startup_wait_ms: 10_000,
+        }
+    }
 }
 
 /// Where and how often a gateway refreshes its keys from a JWKS.
@@ -418,6 +448,7 @@ impl Default for GatewayConfig {
             keepalive_timeout_ms: 75_000,
             header_buffer_bytes: 1024,
             jwks: JwksConfig::default(),
+            bundles: BundlesConfig::default(),
             pools: BTreeMap::from([("api".to_string(), api)]),
             routes: vec![
                 RouteConfig {
@@ -669,6 +700,9 @@ impl Config {
             return Err(invalid("jwt.keyring_reload_secs", "must be at least 1"));
         }
         self.gateway.jwks.validate()?;
+        if self.gateway.bundles.poll_ms == 0 {
+            return Err(invalid("gateway.bundles.poll_ms", "must be at least 1"));
+        }
         let g = &self.gateway;
         if g.threads == 0 {
             return Err(invalid("gateway.threads", "must be at least 1"));

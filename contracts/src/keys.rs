@@ -24,6 +24,12 @@
 //! <prefix>:idem:<u>:<key>        string a pay idempotency key and its first answer
 //! <prefix>:lock:<name>           string a named lock's owner token
 //! <prefix>:worker:attempts:<id>  int    failed attempts of one order message
+//! <prefix>:{rules}:bundle:<v>    string one rules bundle (JSON), by version
+//! <prefix>:{rules}:seq           int    last bundle version handed out
+//! <prefix>:{rules}:staged        int    the version gateways are asked to prepare
+//! <prefix>:{rules}:active        int    the version every gateway runs
+//! <prefix>:{rules}:history       list   versions active before, newest first
+//! <prefix>:{rules}:gateways      hash   gateway id -> its last report (JSON)
 //! ```
 
 use std::fmt;
@@ -32,6 +38,33 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySchema {
     prefix: String,
+}
+
+/// The keys of the rules bundles (see `rules_bundle`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RulesKeys {
+    base: String,
+}
+
+impl RulesKeys {
+    pub fn bundle(&self, version: u64) -> String {
+        format!("{}:bundle:{version}", self.base)
+    }
+    pub fn seq(&self) -> String {
+        format!("{}:seq", self.base)
+    }
+    pub fn staged(&self) -> String {
+        format!("{}:staged", self.base)
+    }
+    pub fn active(&self) -> String {
+        format!("{}:active", self.base)
+    }
+    pub fn history(&self) -> String {
+        format!("{}:history", self.base)
+    }
+    pub fn gateways(&self) -> String {
+        format!("{}:gateways", self.base)
+    }
 }
 
 /// The keys of one sale. All share the sale's hash tag.
@@ -49,6 +82,14 @@ impl KeySchema {
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The keys of the rules bundles; one hash tag, so a push's writes are
+    /// one slot on Redis Cluster too.
+    pub fn rules(&self) -> RulesKeys {
+        RulesKeys {
+            base: format!("{}:{{rules}}", self.prefix),
+        }
     }
 
     /// The keys of sale `sale_id`.
@@ -148,6 +189,22 @@ pub fn hash_tag(key: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_rules_key_shares_one_hash_tag() {
+        let r = KeySchema::new("seckill").rules();
+        for key in [
+            r.bundle(3),
+            r.seq(),
+            r.staged(),
+            r.active(),
+            r.history(),
+            r.gateways(),
+        ] {
+            assert!(key.starts_with("seckill:"), "{key}");
+            assert_eq!(hash_tag(&key), Some("rules"), "{key}");
+        }
+    }
 
     #[test]
     fn every_key_of_a_sale_shares_one_hash_tag() {

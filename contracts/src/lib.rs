@@ -23,6 +23,8 @@ pub mod message;
 #[cfg(feature = "redis")]
 pub mod redis_client;
 pub mod reservation;
+#[cfg(feature = "rules")]
+pub mod rules_bundle;
 pub mod sale_events;
 pub mod scripts;
 pub mod telemetry;

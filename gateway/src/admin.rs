@@ -24,6 +24,8 @@ pub struct AdminApp {
     pools: BTreeMap<String, Arc<Pool>>,
     rules: Arc<RuleEngine>,
     keys: Arc<KeyRefresher>,
+    /// Rules come from bundles: a local reload is refused.
+    bundles: bool,
 }
 
 impl AdminApp {
@@ -32,12 +34,14 @@ impl AdminApp {
         pools: BTreeMap<String, Arc<Pool>>,
         rules: Arc<RuleEngine>,
         keys: Arc<KeyRefresher>,
+        bundles: bool,
     ) -> AdminApp {
         AdminApp {
             token,
             pools,
             rules,
             keys,
+            bundles,
         }
     }
 
@@ -135,6 +139,10 @@ impl ServeHttp for AdminApp {
             ("GET", "/admin/upstreams") => json_ok(&self.upstreams()),
             ("GET", "/admin/rules") => json_ok(&json!(self.rules.status())),
             ("GET", "/admin/keys") => json_ok(&json!(self.keys.status())),
+            ("POST", "/admin/rules/reload") if self.bundles => problem(
+                StatusCode::CONFLICT,
+                "this gateway follows the fleet's rules bundles; change rules with `seckillctl rules push`",
+            ),
             ("POST", "/admin/rules/reload") => {
                 let engine = self.rules.clone();
                 let result = tokio::task::spawn_blocking(move || engine.reload("admin")).await;

@@ -24,6 +24,7 @@ use crate::key_refresh::{self, KeyRefreshService, KeySetupError};
 use crate::pools::{self, HealthService, PoolError};
 use crate::proxy::{EdgeProxy, RequestLimits};
 use crate::routes::{RouteError, RouteTable};
+use crate::rules::bundles::{self, BundleFollower};
 use crate::rules::{Limits, RuleEngine, RuleError, RuleWatcher};
 use crate::services::HostServices;
 
@@ -62,7 +63,8 @@ impl Gateway {
         let routes = RouteTable::new(&g.routes)?;
         let (pools, health_services) = pools::build_all(&g.pools)?;
         let keys = key_refresh::build(config)?;
-        let rules = Arc::new(load_rules(config)?);
+        let (rules, running_bundle) = load_rules(config)?;
+        let rules = Arc::new(rules);
 
         let mut server = Server::new_with_opt_and_conf(
             Some(Opt {
@@ -96,12 +98,25 @@ impl Gateway {
 
         let mut admin = Service::new(
             "admin".to_string(),
-            AdminApp::new(admin_token, pools, rules.clone(), keys.clone()),
+            AdminApp::new(
+                admin_token,
+                pools,
+                rules.clone(),
+                keys.clone(),
+                g.bundles.enabled,
+            ),
         );
         admin.add_tcp(&g.admin_listen.to_string());
         server.add_service(admin);
 
-        server.add_service(background_service("rule watcher", RuleWatcher::new(rules)));
+        if g.bundles.enabled {
+            // The fleet's bundles are the source; a local edit would split
+            // this gateway from the others.
+            let follower = BundleFollower::new(rules.clone(), config, running_bundle);
+            server.add_service(background_service("rules bundles", follower));
+        } else {
+            server.add_service(background_service("rule watcher", RuleWatcher::new(rules)));
+        }
         server.add_service(background_service("drain watch", DrainWatch));
         server.add_service(background_service("key refresh", KeyRefreshService(keys)));
         add_health_checks(&mut server, health_services);
@@ -118,22 +133,61 @@ impl Gateway {
     }
 }
 
-/// The rules folder compiled with the configured limits; a gateway does not
-/// start on rules that do not load.
-fn load_rules(config: &Config) -> Result<RuleEngine, GatewayError> {
+/// The rules compiled with the configured limits: the fleet's active bundle
+/// when bundles are on and one exists (its version is returned), else the
+/// rules folder. A gateway does not start on rules that do not load.
+fn load_rules(config: &Config) -> Result<(RuleEngine, Option<u64>), GatewayError> {
     let g = &config.gateway;
     let services = Arc::new(HostServices::new(config));
-    let limits = Limits {
+    let limits = limits(g);
+    let rules_error = |source| GatewayError::Rules {
+        dir: g.rules_dir.display().to_string(),
+        source,
+    };
+    let active = if g.bundles.enabled {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| GatewayError::Pingora(format!("bundle start-up runtime: {e}")))?
+            .block_on(bundles::load_active(config))
+    } else {
+        None
+    };
+    match active {
+        Some(bundle) => {
+            let version = bundle.version;
+            let engine = RuleEngine::from_files(
+                &g.rules_dir,
+                bundle.files,
+                version,
+                g.threads,
+                limits,
+                services,
+            )
+            .map_err(rules_error)?;
+            Ok((engine, Some(version)))
+        }
+        None => Ok((
+            RuleEngine::load(&g.rules_dir, g.threads, limits, services).map_err(rules_error)?,
+            None,
+        )),
+    }
+}
+
+/// Compiles and selftests `dir` with this config's limits, as a reload
+/// would; the rules' hash, or why they are refused.
+pub fn check_rules(config: &Config, dir: &std::path::Path) -> Result<String, RuleError> {
+    let services = Arc::new(HostServices::new(config));
+    let engine = RuleEngine::load(dir, 1, limits(&config.gateway), services)?;
+    Ok(engine.status().hash)
+}
+
+fn limits(g: &GatewayConfig) -> Limits {
+    Limits {
         instruction_budget: g.lua_instruction_budget,
         memory_bytes: g.lua_memory_bytes,
         call_timeout: std::time::Duration::from_millis(g.lua_call_timeout_ms),
-    };
-    RuleEngine::load(&g.rules_dir, g.threads, limits, services).map_err(|source| {
-        GatewayError::Rules {
-            dir: g.rules_dir.display().to_string(),
-            source,
-        }
-    })
+    }
 }
 
 fn server_conf(g: &GatewayConfig) -> ServerConf {

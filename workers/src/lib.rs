@@ -11,6 +11,7 @@ pub mod lock;
 pub mod orders;
 pub mod probes;
 pub mod reconcile;
+pub mod rules_rollout;
 pub mod sales;
 pub mod shutdown;
 pub mod signing_keys;

@@ -24,6 +24,7 @@
 //!   → access(req) on this thread's VM → Continue | Respond
 //! ```
 
+pub mod bundles;
 mod host;
 mod sandbox;
 #[cfg(test)]
@@ -43,8 +44,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use mlua::{Function, Lua, LuaSerdeExt, Table, Value};
 use seckill_contracts::claims::AccessClaims;
+use seckill_contracts::rules_bundle::RuleFiles;
 use seckill_contracts::scripts::SHARED_NAMES;
-use sha2::{Digest, Sha256};
 
 pub use sandbox::Limits;
 pub use watch::RuleWatcher;
@@ -145,59 +146,44 @@ thread_local! {
     };
 }
 
-/// Files of a rule set, read from disk.
+/// Files of a rule set, checked: module names are valid and no compiled-in
+/// script is replaced. From a folder or from a bundle, the same checks and
+/// the same hash.
 struct Sources {
     modules: BTreeMap<String, String>,
     scripts: BTreeMap<String, String>,
     hash: String,
 }
 
-fn read_sources(dir: &Path) -> Result<Sources, RuleError> {
-    let read_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| RuleError::Read { path, source }
-    };
-    let mut modules = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).map_err(read_err(dir))? {
-        let path = entry.map_err(read_err(dir))?.path();
-        if !path.is_file() || path.extension().and_then(|e| e.to_str()) != Some("lua") {
-            continue;
-        }
-        let stem = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_string();
-        if !sandbox::is_module_name(&stem) {
-            return Err(RuleError::BadName(path.display().to_string()));
-        }
-        let text = std::fs::read_to_string(&path).map_err(read_err(&path))?;
-        modules.insert(stem, text);
+impl Sources {
+    fn read_dir(dir: &Path) -> Result<Sources, RuleError> {
+        let files = RuleFiles::read_dir(dir).map_err(|source| RuleError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Sources::check(files)
     }
-    let scripts_dir = dir.join("redis");
-    let scripts = ScriptSet::read_dir(&scripts_dir).map_err(read_err(&scripts_dir))?;
-    if let Some(name) = SHARED_NAMES.iter().find(|n| scripts.contains_key(**n)) {
-        return Err(RuleError::Invalid(format!(
-            "redis/{name}.lua: `{name}` is compiled into the gateway and the workers \
-             (lua/shared/{name}.lua) and cannot be replaced by a rule set"
-        )));
-    }
-    let mut hasher = Sha256::new();
-    for (kind, map) in [("rule", &modules), ("redis", &scripts)] {
-        for (name, text) in map {
-            hasher.update(kind.as_bytes());
-            hasher.update([0]);
-            hasher.update(name.as_bytes());
-            hasher.update([0]);
-            hasher.update(text.as_bytes());
-            hasher.update([0]);
+
+    fn check(files: RuleFiles) -> Result<Sources, RuleError> {
+        if let Some(bad) = files.modules.keys().find(|m| !sandbox::is_module_name(m)) {
+            return Err(RuleError::BadName(format!("{bad}.lua")));
         }
+        if let Some(name) = SHARED_NAMES
+            .iter()
+            .find(|n| files.scripts.contains_key(**n))
+        {
+            return Err(RuleError::Invalid(format!(
+                "redis/{name}.lua: `{name}` is compiled into the gateway and the workers \
+                 (lua/shared/{name}.lua) and cannot be replaced by a rule set"
+            )));
+        }
+        let hash = files.hash();
+        Ok(Sources {
+            modules: files.modules,
+            scripts: files.scripts,
+            hash,
+        })
     }
-    Ok(Sources {
-        modules,
-        scripts,
-        hash: hex::encode(hasher.finalize()),
-    })
 }
 
 fn build_vm(
@@ -269,13 +255,12 @@ fn build_vm(
 
 /// Compiles and validates a rule set; `vms` copies for the proxy threads.
 fn compile(
-    dir: &Path,
+    sources: Sources,
     version: u64,
     vms: usize,
     services: &Arc<HostServices>,
     limits: Limits,
 ) -> Result<RuleSet, RuleError> {
-    let sources = read_sources(dir)?;
     let modules = Arc::new(sources.modules.clone());
     let scripts = Arc::new(ScriptSet::new(&sources.scripts));
     let shortcuts = Arc::new(shortcuts::Shortcuts::default());
@@ -527,7 +512,30 @@ impl RuleEngine {
         limits: Limits,
         services: Arc<HostServices>,
     ) -> Result<RuleEngine, RuleError> {
-        let set = compile(dir, 1, vms, &services, limits)?;
+        let set = compile(Sources::read_dir(dir)?, 1, vms, &services, limits)?;
+        Ok(Self::with_set(dir, set, vms, limits, services))
+    }
+
+    /// Starts on a bundle's files (version `version`) instead of the folder.
+    pub fn from_files(
+        dir: &Path,
+        files: RuleFiles,
+        version: u64,
+        vms: usize,
+        limits: Limits,
+        services: Arc<HostServices>,
+    ) -> Result<RuleEngine, RuleError> {
+        let set = compile(Sources::check(files)?, version, vms, &services, limits)?;
+        Ok(Self::with_set(dir, set, vms, limits, services))
+    }
+
+    fn with_set(
+        dir: &Path,
+        set: RuleSet,
+        vms: usize,
+        limits: Limits,
+        services: Arc<HostServices>,
+    ) -> RuleEngine {
         // Shown as 0 from the start, so a scrape tells "never" from "unknown".
         LazyLock::force(&metrics::LUA_VM_FOREIGN_POLLS);
         let status = RuleStatus {
@@ -539,7 +547,7 @@ impl RuleEngine {
             reloads: 0,
         };
         tracing::info!(version = set.version, hash = %set.hash, dir = %dir.display(), "rules loaded");
-        Ok(RuleEngine {
+        RuleEngine {
             dir: dir.to_path_buf(),
             vms,
             limits,
@@ -547,7 +555,56 @@ impl RuleEngine {
             current: ArcSwap::from_pointee(set),
             status: Mutex::new(status),
             reload_lock: Mutex::new(()),
-        })
+        }
+    }
+
+    /// Compiles and selftests `files` as version `version` without
+    /// switching to it: the stage step of a bundle push.
+    pub fn prepare(&self, files: RuleFiles, version: u64) -> Result<RuleSet, RuleError> {
+        compile(
+            Sources::check(files)?,
+            version,
+            self.vms,
+            &self.services,
+            self.limits,
+        )
+    }
+
+    /// Switches to a prepared set (the switch step of a bundle push).
+    pub fn install(&self, set: RuleSet, trigger: &str) -> Reloaded {
+        let _guard = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.swap_in(set, trigger)
+    }
+
+    /// Records a refused version (bundle or folder) as the last error.
+    pub fn record_refusal(&self, trigger: &str, error: &RuleError) {
+        metrics::RULE_RELOADS
+            .with_label_values(&[trigger, "refused"])
+            .inc();
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.last_error = Some(error.to_string());
+        status.last_error_at = Some(Utc::now());
+        tracing::error!(trigger, error = %error, "rules refused; the current rules keep serving");
+    }
+
+    fn swap_in(&self, set: RuleSet, trigger: &str) -> Reloaded {
+        let out = Reloaded {
+            version: set.version,
+            hash: set.hash.clone(),
+            changed: true,
+        };
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.version = set.version;
+        status.hash = set.hash.clone();
+        status.loaded_at = set.loaded_at;
+        status.last_error = None;
+        status.reloads += 1;
+        self.current.store(Arc::new(set));
+        metrics::RULE_RELOADS
+            .with_label_values(&[trigger, "ok"])
+            .inc();
+        tracing::info!(version = out.version, hash = %out.hash, trigger, "rules switched");
+        out
     }
 
     /// The process-wide services every rule set's host API uses.
@@ -570,56 +627,31 @@ impl RuleEngine {
     pub fn reload(&self, trigger: &str) -> Result<Reloaded, RuleError> {
         let _guard = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.current();
-        let result = match read_sources(&self.dir) {
-            Ok(s) if s.hash == current.hash => Ok(None),
-            Ok(_) => compile(
-                &self.dir,
-                current.version + 1,
-                self.vms,
-                &self.services,
-                self.limits,
-            )
-            .map(Some),
-            Err(e) => Err(e),
-        };
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let result = Sources::read_dir(&self.dir).and_then(|sources| {
+            if sources.hash == current.hash {
+                return Ok(None);
+            }
+            let next = current.version + 1;
+            compile(sources, next, self.vms, &self.services, self.limits).map(Some)
+        });
         match result {
             Ok(None) => {
                 metrics::RULE_RELOADS
                     .with_label_values(&[trigger, "unchanged"])
                     .inc();
-                status.last_error = None;
+                self.status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .last_error = None;
                 Ok(Reloaded {
                     version: current.version,
                     hash: current.hash.clone(),
                     changed: false,
                 })
             }
-            Ok(Some(set)) => {
-                let out = Reloaded {
-                    version: set.version,
-                    hash: set.hash.clone(),
-                    changed: true,
-                };
-                status.version = set.version;
-                status.hash = set.hash.clone();
-                status.loaded_at = set.loaded_at;
-                status.last_error = None;
-                status.reloads += 1;
-                self.current.store(Arc::new(set));
-                metrics::RULE_RELOADS
-                    .with_label_values(&[trigger, "ok"])
-                    .inc();
-                tracing::info!(version = out.version, hash = %out.hash, trigger, "rules reloaded");
-                Ok(out)
-            }
+            Ok(Some(set)) => Ok(self.swap_in(set, trigger)),
             Err(e) => {
-                metrics::RULE_RELOADS
-                    .with_label_values(&[trigger, "refused"])
-                    .inc();
-                status.last_error = Some(e.to_string());
-                status.last_error_at = Some(Utc::now());
-                tracing::error!(trigger, error = %e, version = current.version, "rule reload refused; previous rules keep serving");
+                self.record_refusal(trigger, &e);
                 Err(e)
             }
         }

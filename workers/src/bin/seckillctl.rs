@@ -15,7 +15,7 @@ use seckill_contracts::redis_client::RedisConn;
 use seckill_contracts::telemetry;
 use seckill_workers::sales::{self, NewSale};
 use seckill_workers::worker::dlq;
-use seckill_workers::{audit, connections, demo, keyring, reconcile, signing_keys};
+use seckill_workers::{audit, connections, demo, keyring, reconcile, rules_rollout, signing_keys};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -75,10 +75,39 @@ enum Command {
     /// then the summary and the audit. Exits 1 when the audit fails or an
     /// admitted buyer never got a result.
     Demo(DemoArgs),
+    /// Roll rules bundles out to every gateway (gateway.bundles.enabled).
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// Create and inspect sales.
     Sale {
         #[command(subcommand)]
         command: SaleCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Validate DIR, store it as the next bundle, stage it on every live
+    /// gateway and switch only when all accepted. Prints JSON; exit 1 with
+    /// each gateway's errors when refused.
+    Push {
+        dir: PathBuf,
+        /// The gateway binary that validates the folder (default: next to
+        /// seckillctl, else on PATH).
+        #[arg(long)]
+        gateway_bin: Option<PathBuf>,
+        /// Wait this long for the gateways at each step.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        timeout: Duration,
+    },
+    /// Every gateway's version, hash, loaded_at and last error. Prints JSON.
+    Status,
+    /// Return every gateway to the bundle active before this one.
+    Rollback {
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        timeout: Duration,
     },
 }
 
@@ -250,8 +279,57 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo(demo_args) => demo_command(&config, demo_args).await?,
         Command::Sale { command } => sale_command(&config, command).await?,
+        Command::Rules { command } => rules_command(&config, &args.config, command).await?,
     }
     Ok(())
+}
+
+async fn rules_command(
+    config: &Config,
+    config_args: &ConfigArgs,
+    command: RulesCommand,
+) -> anyhow::Result<()> {
+    let mut redis = connections::redis(config).await?;
+    let keys = KeySchema::new(config.redis.key_prefix.clone());
+    let outcome = match command {
+        RulesCommand::Status => {
+            println!("{}", rules_rollout::status(&mut redis, &keys).await?);
+            return Ok(());
+        }
+        RulesCommand::Push {
+            dir,
+            gateway_bin,
+            timeout,
+        } => {
+            let opts = rules_rollout::RolloutOptions {
+                gateway_bin: gateway_bin.unwrap_or_else(default_gateway_bin),
+                config_path: config_args.config.clone(),
+                timeout,
+            };
+            rules_rollout::push(&mut redis, &keys, &dir, &opts).await
+        }
+        RulesCommand::Rollback { timeout } => {
+            rules_rollout::rollback(&mut redis, &keys, timeout).await
+        }
+    };
+    match outcome {
+        Ok(rollout) => println!("{}", serde_json::to_string(&rollout)?),
+        Err(rules_rollout::RolloutError::Refused { version, refusals }) => {
+            println!("{}", json!({"refused": version, "refusals": refusals}));
+            std::process::exit(1);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// `seckill-gateway` next to this binary, else whatever PATH finds.
+fn default_gateway_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name("seckill-gateway"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("seckill-gateway"))
 }
 
 async fn stores(config: &Config) -> anyhow::Result<(sqlx::MySqlPool, RedisConn)> {
