@@ -278,6 +278,51 @@ async fn thundering_herd_sells_exactly_the_stock() {
     }
 }
 
+/// After a sell-out the gateway's local sold-out state must not depend on
+/// which requests arrive: once its mark has aged out, a bad path is told
+/// "sold out" (the sale's public state) and renews the mark, so a stream of
+/// bad paths does not reach Redis on every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_paths_after_a_sell_out_renew_the_local_sold_out_mark() {
+    let stack = Stack::start(opts()).await;
+    let sale_id = stack.create_sale(1, 1, 600).await;
+    let (alice, bob) = (31u64, 32u64);
+    let path = stack.issue_path(sale_id, alice).await;
+    until_open(&stack, sale_id, bob).await;
+    let (s, _, b) = stack.seckill(alice, &path, sale_id).await;
+    assert_eq!(s, 202, "{b}");
+    // Let the mark and the stored answer from the sell-out age out.
+    let aged = stack.config.gateway.sold_out_mark_ttl_ms + 600;
+    tokio::time::sleep(Duration::from_millis(aged)).await;
+
+    let bad = "f".repeat(32);
+    let shortcuts = || async { shortcut_count(&stack).await };
+    let (s, _, b) = stack.seckill(bob, &bad, sale_id).await;
+    assert_eq!(s, 410, "a bad path after the sell-out: {b}");
+    let before = shortcuts().await;
+    for _ in 0..20 {
+        let (s, _, _) = stack.seckill(bob, &bad, sale_id).await;
+        assert_eq!(s, 410);
+    }
+    assert_eq!(
+        shortcuts().await - before,
+        20,
+        "answered by the gateway, not Redis"
+    );
+    let snap = stack.snapshot(sale_id).await;
+    assert_eq!(snap.stock, Some(0));
+    assert_eq!(snap.buyers, [alice.to_string()], "nothing else moved");
+    stack.cleanup().await;
+}
+
+async fn shortcut_count(stack: &Stack) -> u64 {
+    let text = stack.gateway.metrics().await;
+    text.lines()
+        .filter(|l| l.starts_with("gateway_rule_shortcuts_total{") && l.contains("seckill"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_error_row_is_a_clear_4xx_that_changes_nothing() {
     let stack = Stack::start(opts()).await;

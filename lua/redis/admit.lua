@@ -11,10 +11,14 @@
 --   not_ready    the sale's keys are missing (Redis restarted, flushed, or
 --                never warmed): fail closed, never sell blind
 --   not_started  {starts_at_ms}          ended
+--   sold_out     the stock counter is 0: before anything about the buyer,
+--                because the sale's state is public (GET /sales) and every
+--                request after a sell-out, whatever its path, must let the
+--                gateway set its local sold-out mark; it also writes nothing
+--                (no limiter count) for the crowd that keeps clicking
 --   bad_path     the path is missing, expired or not this user's
 --   limited      {retry_after_ms}        this user tried too often
 --   duplicate    the user is already queued or bought (stock untouched)
---   sold_out     the stock counter is 0
 --   admitted     {admitted_ms, stock_left}: stock decremented, the buyer
 --                marked, the reservation "<request_id>:<admitted_ms>" kept
 --                until a worker settles it or it is released
@@ -34,6 +38,9 @@ if now < starts then
 end
 if now >= ends then
   return {'ended'}
+end
+if tonumber(stock) <= 0 then
+  return {'sold_out'}
 end
 
 local expected = redis.call('GET', KEYS[5])
@@ -56,9 +63,6 @@ redis.call('PEXPIRE', KEYS[6], span)
 local user = ARGV[1]
 if redis.call('SISMEMBER', KEYS[3], user) == 1 then
   return {'duplicate'}
-end
-if tonumber(stock) <= 0 then
-  return {'sold_out'}
 end
 local left = redis.call('DECR', KEYS[2])
 redis.call('SADD', KEYS[3], user)
