@@ -38,8 +38,8 @@ pub fn tokens(config: &Config, dir: &Path, n: u64) -> anyhow::Result<Vec<String>
             }
         }
     }
-    let now = chrono::Utc::now().timestamp().max(0) as u64;
-    let signer = keyring::current_signer(&config.jwt, now).context("loading the signing key")?;
+    let signer = keyring::current_signer(&config.jwt, seckill_contracts::clock::unix_secs())
+        .context("loading the signing key")?;
     let threads = std::thread::available_parallelism().map_or(2, |p| p.get()) as u64;
     let per = n.div_ceil(threads);
     let chunks: Vec<anyhow::Result<Vec<String>>> = std::thread::scope(|s| {

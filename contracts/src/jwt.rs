@@ -37,9 +37,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::claims::AccessClaims;
+use crate::clock::unix_secs;
 use crate::config::JwtConfig;
 use arc_swap::ArcSwap;
 use aws_lc_rs::signature::{ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
@@ -642,7 +643,7 @@ impl JwtVerifier {
     }
 
     fn now(&self) -> u64 {
-        unix_now().saturating_add_signed(self.clock_offset())
+        unix_secs().saturating_add_signed(self.clock_offset())
     }
 
     #[cfg(test)]
@@ -744,12 +745,6 @@ fn parse_for_verification(key: &RsaPublicKey) -> Result<ParsedPublicKey, String>
         .map_err(|e| format!("RSA key rejected: {e}"))
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Expires each cached token at its own `exp` plus the leeway, so the cache
 /// never answers for a token longer than a fresh verification would.
 struct UntilTokenExpiry {
@@ -764,7 +759,7 @@ impl moka::Expiry<TokenHash, Arc<AccessClaims>> for UntilTokenExpiry {
         _created_at: Instant,
     ) -> Option<Duration> {
         let until = claims.exp.saturating_add(self.leeway_secs);
-        Some(Duration::from_secs(until.saturating_sub(unix_now())))
+        Some(Duration::from_secs(until.saturating_sub(unix_secs())))
     }
 }
 
@@ -816,7 +811,7 @@ mod tests {
     }
 
     fn now() -> u64 {
-        unix_now()
+        unix_secs()
     }
 
     fn b64(bytes: &[u8]) -> String {

@@ -11,6 +11,7 @@
 pub mod amqp_topology;
 pub mod claims;
 pub mod cli;
+pub mod clock;
 pub mod config;
 #[cfg(feature = "db")]
 pub mod db;

@@ -24,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub use crate::clock::unix_ms;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -126,13 +127,6 @@ impl GatewayReport {
     pub fn is_live(&self, now_ms: u64) -> bool {
         now_ms.saturating_sub(self.seen_at_ms) <= LIVE_WITHIN_MS
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

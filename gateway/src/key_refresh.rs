@@ -21,7 +21,7 @@
 //! keeps serving, and `/admin/keys` and the metrics say since when.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -30,6 +30,7 @@ use serde::Serialize;
 
 use crate::jwt::{configured_keys, JwtVerifier, VerifyKey};
 use crate::metrics;
+use seckill_contracts::clock::unix_secs;
 use seckill_contracts::config::{Config, JwksConfig};
 use seckill_contracts::jwks;
 
@@ -290,7 +291,7 @@ impl KeyRefresher {
         metrics::JWKS_FETCHES
             .with_label_values(&[trigger.label(), outcome])
             .inc();
-        let now = unix_now();
+        let now = unix_secs();
         let kids = self.verifier.kids();
         metrics::JWT_KEYS.set(kids.len() as i64);
         if let Err(e) = result {
@@ -329,12 +330,6 @@ impl BackgroundService for KeyRefreshService {
             let _ = self.0.fetch_gated(Trigger::Interval).await;
         }
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

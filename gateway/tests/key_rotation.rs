@@ -21,7 +21,7 @@ use base64::Engine;
 use seckill_contracts::config::Config;
 use seckill_contracts::testkit::{free_addr, wait_ok, Process, TestEnv, TestKeys};
 use serde_json::{json, Value};
-use support::stack::{copy_repo_rules, sibling_binary};
+use support::stack::{copy_repo_rules, seckillctl, sibling_binary};
 use support::{keys, GatewayProc};
 
 struct Fleet {
@@ -139,33 +139,31 @@ impl Fleet {
     }
 
     async fn ctl(&self, args: &[&str]) -> Value {
-        let mut full = vec!["--config", self.api_config.to_str().unwrap()];
-        full.extend_from_slice(args);
-        let out = tokio::process::Command::new(sibling_binary("seckillctl"))
-            .args(&full)
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let (ok, out) = seckillctl(&self.api_config, args).await;
+        assert!(ok, "{out}");
+        out
     }
 
     async fn status_with(&self, gateway: usize, path: &str, token: &str) -> u16 {
-        self.http
-            .get(self.gateways[gateway].url(path))
-            .bearer_auth(token)
-            .send()
+        self.status_of(reqwest::Method::GET, gateway, path, token)
             .await
-            .map_or(0, |r| r.status().as_u16())
     }
 
     async fn post_status(&self, gateway: usize, path: &str, token: &str) -> u16 {
+        self.status_of(reqwest::Method::POST, gateway, path, token)
+            .await
+    }
+
+    /// The status of one request with `token` (0 when it got no answer).
+    async fn status_of(
+        &self,
+        method: reqwest::Method,
+        gateway: usize,
+        path: &str,
+        token: &str,
+    ) -> u16 {
         self.http
-            .post(self.gateways[gateway].url(path))
+            .request(method, self.gateways[gateway].url(path))
             .bearer_auth(token)
             .send()
             .await

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use seckill_contracts::config::{Config, RouteConfig};
 use seckill_contracts::testkit::TestEnv;
 use serde_json::Value;
-use support::stack::sibling_binary;
+use support::stack::seckillctl;
 use support::{write_rules, GatewayProc};
 
 /// A rule set answering `/probe` with its version.
@@ -125,22 +125,9 @@ impl Load {
 
 /// `seckillctl --config <gw0> rules ...` → (exit ok, JSON).
 async fn ctl(config: &Path, args: &[&str]) -> (bool, Value) {
-    let mut full = vec!["--config", config.to_str().unwrap(), "rules"];
+    let mut full = vec!["rules"];
     full.extend_from_slice(args);
-    let out = tokio::process::Command::new(sibling_binary("seckillctl"))
-        .args(&full)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        Value::String(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    });
-    (out.status.success(), json)
+    seckillctl(config, &full).await
 }
 
 async fn versions(http: &reqwest::Client, gateways: &Mutex<Vec<Arc<GatewayProc>>>) -> Vec<u64> {

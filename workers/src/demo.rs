@@ -211,7 +211,7 @@ pub async fn run(
         }),
     };
     let started = Instant::now();
-    let signer = keyring::current_signer(&config.jwt, Utc::now().timestamp().max(0) as u64)?;
+    let signer = keyring::current_signer(&config.jwt, seckill_contracts::clock::unix_secs())?;
     let buyers = run.prepare(&signer, redis).await?;
     let prepare_ms = millis(started.elapsed());
     let stock_at_start = sales::redis_stock(redis, &run.keys, sale.id)

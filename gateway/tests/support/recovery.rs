@@ -3,6 +3,7 @@
 //! out, and the end-of-sale checks of SPEC invariants 1 to 4.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,20 +117,7 @@ impl SweepingWorker {
 
     /// Runs `seckillctl <args>` with this worker's config → (success, JSON).
     pub async fn ctl(&self, args: &[&str]) -> (bool, Value) {
-        let out = tokio::process::Command::new(sibling_binary("seckillctl"))
-            .args(["--config", &self.config_arg])
-            .args(args)
-            .output()
-            .await
-            .unwrap();
-        let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-            Value::String(format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        });
-        (out.status.success(), report)
+        super::stack::seckillctl(Path::new(&self.config_arg), args).await
     }
 }
 

@@ -36,6 +36,27 @@ pub fn sibling_binary(name: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// Runs `seckillctl --config <config> <args>` → (success, stdout as JSON,
+/// or stdout and stderr as a JSON string when it printed no JSON).
+pub async fn seckillctl(config: &Path, args: &[&str]) -> (bool, Value) {
+    let out = tokio::process::Command::new(sibling_binary("seckillctl"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        Value::String(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    });
+    (out.status.success(), report)
+}
+
 /// Copies the repository's rules (`lua/` and `lua/redis/`) into `dest`.
 pub fn copy_repo_rules(dest: &Path) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lua");

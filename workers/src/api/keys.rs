@@ -12,6 +12,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use seckill_contracts::clock::unix_secs;
 use seckill_contracts::config::{Config, JwtConfig};
 use seckill_contracts::jwt::JwtVerifier;
 
@@ -29,7 +30,7 @@ impl ApiKeys {
     /// no signer means login answers 503, no verifier means authenticated
     /// routes answer 503 (never accept).
     pub fn load(config: &Config) -> ApiKeys {
-        let loaded = keyring::load(&config.jwt, unix_now())
+        let loaded = keyring::load(&config.jwt, unix_secs())
             .inspect_err(|e| tracing::error!(error = %e, "cannot load the keyring"))
             .ok();
         let (signer, verifying) = match loaded {
@@ -102,13 +103,9 @@ pub fn spawn_reload(keys: Weak<ApiKeys>, config: JwtConfig) {
         loop {
             tick.tick().await;
             let Some(holder) = keys.upgrade() else { return };
-            if let Err(e) = holder.reload(&config, unix_now()) {
+            if let Err(e) = holder.reload(&config, unix_secs()) {
                 tracing::warn!(error = %e, "keyring reload failed; the current keys stay");
             }
         }
     });
-}
-
-fn unix_now() -> u64 {
-    chrono::Utc::now().timestamp().max(0) as u64
 }

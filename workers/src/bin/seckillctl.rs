@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use seckill_contracts::cli::ConfigArgs;
+use seckill_contracts::clock::unix_secs;
 use seckill_contracts::config::Config;
 use seckill_contracts::keys::KeySchema;
 use seckill_contracts::redis_client::RedisConn;
@@ -247,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys {
             command: KeysCommand::Rotate { kid },
         } => {
-            let rotation = keyring::rotate(&config.jwt, kid.as_deref(), unix_now())?;
+            let rotation = keyring::rotate(&config.jwt, kid.as_deref(), unix_secs())?;
             println!("{}", serde_json::to_string(&rotation)?);
         }
         Command::Keys {
@@ -255,7 +256,7 @@ async fn main() -> anyhow::Result<()> {
         } => println!("{}", keys_status(&config.jwt)?),
         Command::Dlq { command } => dlq_command(&config, command).await?,
         Command::Token { user_id, count } => {
-            let signer = keyring::current_signer(&config.jwt, unix_now())?;
+            let signer = keyring::current_signer(&config.jwt, unix_secs())?;
             let tokens = (user_id..user_id.saturating_add(count))
                 .map(|uid| signer.issue(uid, &format!("user{uid}")));
             print_lines(tokens)?;
@@ -429,13 +430,9 @@ async fn sale_command(config: &Config, command: SaleCommand) -> anyhow::Result<(
     Ok(())
 }
 
-fn unix_now() -> u64 {
-    Utc::now().timestamp().max(0) as u64
-}
-
 /// `keys status`: the keyring's view now, plus the keys the config names.
 fn keys_status(config: &seckill_contracts::config::JwtConfig) -> anyhow::Result<Value> {
-    let now = unix_now();
+    let now = unix_secs();
     let configured: Vec<&str> = config.public_keys.iter().map(|k| k.kid.as_str()).collect();
     let Some(dir) = &config.keyring_dir else {
         return Ok(json!({"keyring": null, "configured": configured, "signs": config.signing_kid}));
