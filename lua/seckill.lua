@@ -95,8 +95,11 @@ local function admitted(req, sale_id, reply)
 end
 
 function M.access(req)
-  local sale_id = tonumber(req.params.sale_id)
-  if not sale_id or sale_id < 1 or sale_id > 9007199254740991 or sale_id % 1 ~= 0 then
+  -- Decimal digits only, as the api reads sale ids: tonumber alone would
+  -- also take "0x7" or "7e0" for sale 7.
+  local raw_id = req.params.sale_id
+  local sale_id = raw_id:match("^[1-9][0-9]*$") and tonumber(raw_id)
+  if not sale_id or sale_id > 9007199254740991 then
     return seckill.reject(404, "no such sale")
   end
   local path = req.params.path
@@ -151,7 +154,8 @@ function M.access(req)
   elseif outcome == "bad_path" then
     return seckill.reject(403, "the sale path is invalid or has expired")
   elseif outcome == "not_started" then
-    return seckill.reject(409, "the sale has not started yet")
+    -- This gateway's copy of the sale thought otherwise: it is stale.
+    return seckill.reject(409, "the sale has not started yet", { ["retry-after"] = "1" })
   elseif outcome == "ended" then
     return ended(req)
   elseif outcome == "not_ready" then

@@ -487,6 +487,27 @@ impl Default for GatewayConfig {
                     public: true,
                 },
                 RouteConfig {
+                    name: "openapi".into(),
+                    method: "GET".into(),
+                    path: "/api/v1/openapi.json".into(),
+                    pool: Some("api".into()),
+                    public: true,
+                },
+                RouteConfig {
+                    name: "docs".into(),
+                    method: "GET".into(),
+                    path: "/api/docs".into(),
+                    pool: Some("api".into()),
+                    public: true,
+                },
+                RouteConfig {
+                    name: "docs_assets".into(),
+                    method: "GET".into(),
+                    path: "/api/docs/{*asset}".into(),
+                    pool: Some("api".into()),
+                    public: true,
+                },
+                RouteConfig {
                     name: "api".into(),
                     method: "*".into(),
                     path: "/api/v1/{*rest}".into(),

@@ -7,6 +7,7 @@
 //! `testkit` feature it also gives integration tests an isolated database,
 //! key prefix and queue names ([`testkit`]).
 
+pub mod admission_answers;
 #[cfg(feature = "amqp")]
 pub mod amqp_topology;
 pub mod claims;

@@ -70,13 +70,16 @@ pub enum OrderError {
 }
 
 /// An order as its buyer sees it (the JSON of the orders routes).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Order {
+    #[schema(format = Uuid)]
     pub id: String,
     pub sale_id: u64,
     pub goods_id: u64,
+    /// What the buyer pays, in cents.
     pub amount_cents: i64,
     pub status: OrderStatus,
+    /// Why a closed order closed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub close_reason: Option<CloseReason>,
     pub created_at: DateTime<Utc>,

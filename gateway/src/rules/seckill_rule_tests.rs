@@ -26,17 +26,21 @@ const LIMITS: Limits = Limits {
 const HOST: &str = r#"
 seckill = {
   sale = function(id)
-    return { id = id, ready = true, starts_at_ms = 0, ends_at_ms = 2^52,
-             stock_total = 10, sold_out = false }
+    if SALE == false then return nil end
+    return SALE or { id = id, ready = true, starts_at_ms = 0, ends_at_ms = 2^52,
+                     stock_total = 10, sold_out = false }
   end,
   now_ms = function() return 1000 end,
-  bucket = function() return true end,
+  bucket = function() return BUCKET ~= false end,
   sale_keys = function()
     return { info = "i", stock = "s", buyers = "b", reservations = "r",
              released = "x", path = "p", limit = "l", result = "o" }
   end,
   redis = function(name)
-    if name == "admit" then return { "admitted", 1000, STOCK_LEFT } end
+    if name == "admit" then
+      if ADMIT == "error" then error("redis is down") end
+      return ADMIT or { "admitted", 1000, STOCK_LEFT }
+    end
     if name == "release" then
       if RELEASE == "error" then error("redis is down") end
       return RELEASE
@@ -67,20 +71,30 @@ struct Answer {
 
 /// Runs `access` of the repository's seckill rule for one admitted buyer.
 fn admit_with(enqueue: &str, publish_ok: bool, release: &str, stock_left: i64) -> Answer {
+    run_rule(
+        &format!(
+            "ENQUEUE = '{enqueue}'\nPUBLISH_OK = {publish_ok}\nRELEASE = {release}\n\
+             STOCK_LEFT = {stock_left}"
+        ),
+        "7",
+        &"a".repeat(32),
+    )
+}
+
+/// Runs `access` of the repository's seckill rule with the host scripted
+/// by `scenario` (Lua setting the globals HOST reads) for one request.
+fn run_rule(scenario: &str, sale_id: &str, path: &str) -> Answer {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../lua");
     let source = std::fs::read_to_string(dir.join("seckill.lua")).unwrap();
     let modules = Arc::new(BTreeMap::from([("seckill".to_string(), source)]));
     let lua: Lua = new_vm(modules, LIMITS).unwrap();
-    let setup = format!(
-        "{HOST}\nENQUEUE = '{enqueue}'\nPUBLISH_OK = {publish_ok}\nRELEASE = {release}\n\
-         STOCK_LEFT = {stock_left}\nreturn require('seckill').access"
-    );
+    let setup = format!("{HOST}\n{scenario}\nreturn require('seckill').access");
     let chunk = lua.load(setup).into_function().unwrap();
     let access: Function = call_sync(&lua, &chunk, (), LIMITS).unwrap();
     let req = lua.create_table().unwrap();
     let params = lua.create_table().unwrap();
-    params.set("sale_id", "7").unwrap();
-    params.set("path", "a".repeat(32)).unwrap();
+    params.set("sale_id", sale_id).unwrap();
+    params.set("path", path).unwrap();
     req.set("params", params).unwrap();
     req.set("user_id", 42).unwrap();
     req.set("request_id", "rid-1").unwrap();
@@ -95,6 +109,97 @@ fn admit_with(enqueue: &str, publish_ok: bool, release: &str, stock_left: i64) -
             .unwrap_or_default(),
         retry_after: headers.get("retry-after").unwrap(),
     }
+}
+
+/// How to make the shipped rule give each outcome of
+/// `seckill_contracts::admission_answers`: (outcome, scenario, sale id, path).
+const SCENARIOS: &[(&str, &str, &str, &str)] = &[
+    ("bad_sale_id", "", "0x7", HEX32),
+    ("malformed_path", "", "7", "not-hex"),
+    ("unknown_sale", "SALE = false", "7", HEX32),
+    (
+        "not_started",
+        "SALE = { id = 7, ready = true, starts_at_ms = 4000, ends_at_ms = 9000, sold_out = false }",
+        "7",
+        HEX32,
+    ),
+    (
+        "ended",
+        "SALE = { id = 7, ready = true, starts_at_ms = 0, ends_at_ms = 500, sold_out = false }",
+        "7",
+        HEX32,
+    ),
+    (
+        "sold_out",
+        "SALE = { id = 7, ready = true, starts_at_ms = 0, ends_at_ms = 2^52, sold_out = true }",
+        "7",
+        HEX32,
+    ),
+    // The store re-checks the window and the stock: same answers.
+    ("not_started", "ADMIT = { 'not_started' }", "7", HEX32),
+    ("ended", "ADMIT = { 'ended' }", "7", HEX32),
+    ("sold_out", "ADMIT = { 'sold_out' }", "7", HEX32),
+    ("gateway_limited", "BUCKET = false", "7", HEX32),
+    ("store_unavailable", "ADMIT = 'error'", "7", HEX32),
+    ("not_ready", "ADMIT = { 'not_ready' }", "7", HEX32),
+    ("bad_path", "ADMIT = { 'bad_path' }", "7", HEX32),
+    ("duplicate", "ADMIT = { 'duplicate' }", "7", HEX32),
+    ("limited", "ADMIT = { 'limited', 1500 }", "7", HEX32),
+    ("queued", "ENQUEUE = 'queued'; STOCK_LEFT = 3", "7", HEX32),
+    (
+        "released",
+        "ENQUEUE = 'released'; STOCK_LEFT = 3",
+        "7",
+        HEX32,
+    ),
+    (
+        "not_held",
+        "ENQUEUE = 'not_held'; STOCK_LEFT = 3",
+        "7",
+        HEX32,
+    ),
+    (
+        "release_failed",
+        "ENQUEUE = 'release_failed'; STOCK_LEFT = 3",
+        "7",
+        HEX32,
+    ),
+];
+
+const HEX32: &str = "0123456789abcdef0123456789abcdef";
+
+/// The OpenAPI document describes this route from `ANSWERS`: the shipped
+/// rule must answer exactly what the table says, outcome by outcome, and
+/// the table must not list an outcome the rule never gives.
+#[test]
+fn the_rule_answers_exactly_what_the_documented_table_says() {
+    use seckill_contracts::admission_answers::{answer_for, ANSWERS};
+    for (outcome, scenario, sale_id, path) in SCENARIOS {
+        let documented =
+            answer_for(outcome).unwrap_or_else(|| panic!("{outcome} is not in ANSWERS"));
+        let got = run_rule(scenario, sale_id, path);
+        assert_eq!(got.status, documented.status, "{outcome}");
+        let retry = got
+            .retry_after
+            .as_deref()
+            .map(|r| r.parse::<u64>().expect("Retry-After is whole seconds"));
+        assert_eq!(
+            retry.is_some(),
+            documented.retry_after,
+            "{outcome}: Retry-After"
+        );
+        let detail = documented.detail_for(7, retry.unwrap_or(0));
+        assert_eq!(got.detail, detail, "{outcome}");
+    }
+    let mut scripted: Vec<_> = SCENARIOS.iter().map(|s| s.0).collect();
+    let mut documented: Vec<_> = ANSWERS.iter().map(|a| a.outcome).collect();
+    scripted.sort_unstable();
+    scripted.dedup();
+    documented.sort_unstable();
+    assert_eq!(
+        scripted, documented,
+        "every documented outcome is exercised"
+    );
 }
 
 #[test]

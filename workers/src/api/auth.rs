@@ -14,11 +14,13 @@ use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, Salt
 use argon2::{Argon2, PasswordVerifier};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::problem::{ApiJson, Problem};
+use super::problem::{ApiJson, Problem, ProblemBody};
 use super::ApiState;
 
 /// Username rule: 3 to 32 of `[A-Za-z0-9_]`. Narrow on purpose: names show
@@ -51,35 +53,60 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
 }
 
 /// Credentials of both routes.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
+    /// 3 to 32 of letters, digits and `_`.
+    #[schema(
+        min_length = 3,
+        max_length = 32,
+        pattern = "^[A-Za-z0-9_]+$",
+        example = "alice_01"
+    )]
     pub username: String,
+    /// 8 to 128 characters.
+    #[schema(min_length = 8, max_length = 128, example = "correct horse battery")]
     pub password: String,
 }
 
-/// `201` body of registration.
-#[derive(Debug, Serialize)]
+/// The new account.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Registered {
     pub user_id: u64,
 }
 
-/// `200` body of login.
-#[derive(Debug, Serialize)]
+/// An access token and who it is for.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LoggedIn {
+    /// An RS256 JWT for `Authorization: Bearer`.
     pub access_token: String,
+    /// Always `Bearer`.
+    #[schema(value_type = String, example = "Bearer")]
     pub token_type: &'static str,
+    /// Seconds until the token expires.
     pub expires_in: u64,
     pub user_id: u64,
 }
 
 /// `/api/v1/auth/*`.
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/api/v1/auth/register", post(register))
-        .route("/api/v1/auth/login", post(login))
+pub fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(login))
 }
 
+/// Create an account.
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/register",
+    tag = "auth",
+    operation_id = "register",
+    request_body = Credentials,
+    responses(
+        (status = 201, description = "The account exists", body = Registered),
+        (status = 409, description = "The username is taken", body = ProblemBody),
+    ),
+)]
 async fn register(
     State(state): State<ApiState>,
     ApiJson(creds): ApiJson<Credentials>,
@@ -119,6 +146,18 @@ async fn register(
     }
 }
 
+/// Exchange a username and password for an access token.
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/login",
+    tag = "auth",
+    operation_id = "login",
+    request_body = Credentials,
+    responses(
+        (status = 200, description = "A token for the other routes", body = LoggedIn),
+        (status = 401, description = "Unknown username or wrong password (the same answer for both)", body = ProblemBody),
+    ),
+)]
 async fn login(
     State(state): State<ApiState>,
     ApiJson(creds): ApiJson<Credentials>,

@@ -17,13 +17,13 @@ use std::io::Cursor;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use image::{ImageFormat, Rgb, RgbImage};
 use rand::Rng;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::identity::Identity;
-use super::problem::{parse_sale_id, Problem};
+use super::problem::{parse_sale_id, Problem, ProblemBody, SaleIdParam};
 use super::{sales_cache, ApiState};
 
 /// A formula and its answer.
@@ -173,10 +173,26 @@ pub fn render_png<R: Rng>(rng: &mut R, text: &str) -> Result<Vec<u8>, image::Ima
 }
 
 /// `/api/v1/sales/{id}/captcha`.
-pub fn router() -> Router<ApiState> {
-    Router::new().route("/api/v1/sales/{id}/captcha", get(captcha))
+pub fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new().routes(routes!(captcha))
 }
 
+/// A new arithmetic captcha for this buyer and sale
+///
+/// Its answer is kept server-side (300 s) for `issue_path`; a new captcha
+/// replaces the previous one.
+#[utoipa::path(
+    get,
+    path = "/api/v1/sales/{id}/captcha",
+    tag = "sales",
+    operation_id = "get_captcha",
+    params(SaleIdParam),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A PNG of an arithmetic formula", content_type = "image/png", body = Vec<u8>),
+        (status = 404, description = "No such sale", body = ProblemBody),
+    ),
+)]
 async fn captcha(
     State(state): State<ApiState>,
     who: Identity,

@@ -13,13 +13,15 @@
 //! characters, with a TTL of `api.path_ttl_secs`.
 
 use axum::extract::{Path, State};
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::identity::Identity;
-use super::problem::{parse_sale_id, ApiJson, Problem};
+use super::problem::{parse_sale_id, ApiJson, Problem, ProblemBody, SaleIdParam};
 use super::sales_cache::{self, SaleStatus};
 use super::ApiState;
 
@@ -46,17 +48,22 @@ impl Answer {
     }
 }
 
-/// Request body.
-#[derive(Debug, Deserialize)]
+/// The captcha's answer, traded for the hidden path.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PathRequest {
+    /// The captcha's result, as a number or its decimal text.
+    #[schema(value_type = i64, example = 13)]
     pub captcha_answer: Answer,
 }
 
-/// `200` body.
-#[derive(Debug, Serialize)]
+/// The buyer's hidden path for one sale.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct IssuedPath {
+    /// The hidden path for `POST /api/v1/seckill/{path}/{sale_id}`.
+    #[schema(pattern = "^[0-9a-f]{32}$")]
     pub path: String,
+    /// Seconds the path stays valid.
     pub expires_in: u64,
 }
 
@@ -68,10 +75,28 @@ pub fn new_path() -> String {
 }
 
 /// `/api/v1/sales/{id}/path`.
-pub fn router() -> Router<ApiState> {
-    Router::new().route("/api/v1/sales/{id}/path", post(issue))
+pub fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new().routes(routes!(issue))
 }
 
+/// Trade the captcha's answer for the hidden path
+///
+/// Only for an active sale; the captcha is spent whatever the answer.
+#[utoipa::path(
+    post,
+    path = "/api/v1/sales/{id}/path",
+    tag = "sales",
+    operation_id = "issue_path",
+    params(SaleIdParam),
+    request_body = PathRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The hidden path", body = IssuedPath),
+        (status = 400, description = "Wrong answer, or no captcha pending (expired or already used)", body = ProblemBody),
+        (status = 404, description = "No such sale", body = ProblemBody),
+        (status = 409, description = "The sale is not active", body = ProblemBody),
+    ),
+)]
 async fn issue(
     State(state): State<ApiState>,
     who: Identity,

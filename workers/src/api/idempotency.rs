@@ -8,10 +8,12 @@
 //! route consumes it.
 
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use rand::RngCore;
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::identity::Identity;
 use super::problem::Problem;
@@ -20,18 +22,30 @@ use super::ApiState;
 /// The value an unused key holds.
 pub const ISSUED: &str = "issued";
 
-/// `200` body.
-#[derive(Debug, Serialize)]
+/// A pay request's idempotency key.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct IssuedKey {
+    /// For the `Idempotency-Key` header of one pay request.
+    #[schema(pattern = "^[0-9a-f]{32}$")]
     pub key: String,
+    /// Seconds the key can be used.
     pub expires_in: u64,
 }
 
 /// `/api/v1/idempotency-key`.
-pub fn router() -> Router<ApiState> {
-    Router::new().route("/api/v1/idempotency-key", get(issue))
+pub fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new().routes(routes!(issue))
 }
 
+/// A fresh key that makes one pay request safe to retry.
+#[utoipa::path(
+    get,
+    path = "/api/v1/idempotency-key",
+    tag = "orders",
+    operation_id = "get_idempotency_key",
+    security(("bearer" = [])),
+    responses((status = 200, description = "A new key", body = IssuedKey)),
+)]
 async fn issue(State(state): State<ApiState>, who: Identity) -> Result<Json<IssuedKey>, Problem> {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);

@@ -13,8 +13,9 @@
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::problem::Problem;
 use super::ApiState;
@@ -23,10 +24,18 @@ use super::ApiState;
 /// a newly added key is seen within a minute.
 const CACHE_CONTROL: &str = "public, max-age=60";
 
-pub fn router() -> Router<ApiState> {
-    Router::new().route("/.well-known/jwks.json", get(jwks))
+pub fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new().routes(routes!(jwks))
 }
 
+/// The public keys access tokens are verified with (RFC 7517).
+#[utoipa::path(
+    get,
+    path = "/.well-known/jwks.json",
+    tag = "keys",
+    operation_id = "get_jwks",
+    responses((status = 200, description = "The key set: RS256 keys by `kid`", body = Object)),
+)]
 async fn jwks(State(state): State<ApiState>) -> Result<Response, Problem> {
     let verifier = state
         .verifier()

@@ -15,6 +15,7 @@
 //! | [`idempotency`] | `GET /api/v1/idempotency-key` |
 //! | [`orders`] | `GET /api/v1/orders`, `GET /api/v1/orders/{id}`, `POST /api/v1/orders/{id}/pay`, `POST /api/v1/orders/{id}/cancel` |
 //! | [`jwks`] | `GET /.well-known/jwks.json` (the public keys, public) |
+//! | [`openapi`] | `GET /api/v1/openapi.json`, `GET /api/docs` (the document, rendered) |
 //! | [`admin`] | `POST /admin/sales` (admin bearer token) |
 //!
 //! plus `/healthz` and `/metrics` from [`crate::probes`]. [`identity`]
@@ -32,6 +33,7 @@ pub mod identity;
 pub mod jwks;
 pub mod keys;
 pub mod metrics;
+pub mod openapi;
 pub mod orders;
 pub mod problem;
 pub mod results;
@@ -47,6 +49,7 @@ use seckill_contracts::keys::KeySchema;
 use seckill_contracts::redis_client::RedisConn;
 use sqlx::MySqlPool;
 use tokio::net::TcpListener;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::connections::{self, ConnectError};
 use crate::probes;
@@ -199,9 +202,11 @@ impl ApiState {
     }
 }
 
-/// The whole router, with metrics, request ids and problem+json fallbacks.
-pub fn router(state: ApiState) -> Router {
-    Router::new()
+/// Every public route, each registered with its OpenAPI description
+/// (`utoipa_axum::routes!`): the document lists exactly these. Routes that
+/// are not part of the public API (admin, probes) are added in [`router`].
+pub fn public_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::with_openapi(openapi::skeleton())
         .merge(auth::router())
         .merge(sales_cache::router())
         .merge(captcha::router())
@@ -210,6 +215,13 @@ pub fn router(state: ApiState) -> Router {
         .merge(idempotency::router())
         .merge(jwks::router())
         .merge(orders::router())
+        .merge(openapi::router())
+}
+
+/// The whole router, with metrics, request ids and problem+json fallbacks.
+pub fn router(state: ApiState) -> Router {
+    let (public, _) = public_routes().split_for_parts();
+    public
         .merge(admin::router())
         .merge(probes::router())
         .fallback(problem::route_not_found)
@@ -231,4 +243,40 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    /// The document lists the routes of [`super::public_routes`] by
+    /// construction, but a route added with axum's `.route(..)` would be
+    /// served and not documented. Only the non-public routers (admin,
+    /// probes) may do that, and never under the public prefixes.
+    #[test]
+    fn every_public_route_is_registered_with_its_description() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = vec![dir.join("probes.rs")];
+        for entry in std::fs::read_dir(dir.join("api")).unwrap() {
+            files.push(entry.unwrap().path());
+        }
+        for file in files {
+            let source = std::fs::read_to_string(&file).unwrap();
+            let name = file.file_name().unwrap().to_string_lossy().into_owned();
+            for (i, line) in source.lines().enumerate() {
+                if line.trim_start().starts_with("//") {
+                    continue;
+                }
+                let Some(at) = line.find(".route(\"") else {
+                    continue;
+                };
+                let rest = &line[at..];
+                let public = rest.contains("\"/api/") || rest.contains("\"/.well-known/");
+                let allowed = name == "admin.rs" || name == "probes.rs";
+                assert!(
+                    allowed && !public,
+                    "{name}:{}: `.route(` outside utoipa_axum::routes!: {line}",
+                    i + 1
+                );
+            }
+        }
+    }
 }

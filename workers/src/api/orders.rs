@@ -26,12 +26,14 @@ use axum::body::{to_bytes, Body};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use seckill_contracts::redis_client::RedisConn;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::identity::Identity;
-use super::problem::{Problem, PROBLEM_CONTENT_TYPE};
+use super::problem::{Problem, ProblemBody, PROBLEM_CONTENT_TYPE};
 use super::ApiState;
 use crate::orders::{self, CancelOutcome, Order, PayOutcome};
 
@@ -48,12 +50,32 @@ const REPLAY_TTL_SECS: u64 = 24 * 3600;
 const MAX_STORED_BODY: usize = 16 * 1024;
 
 /// `/api/v1/orders` and its sub-routes.
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/api/v1/orders", get(list))
-        .route("/api/v1/orders/{id}", get(show))
-        .route("/api/v1/orders/{id}/pay", post(pay))
-        .route("/api/v1/orders/{id}/cancel", post(cancel))
+pub fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(show))
+        .routes(routes!(pay))
+        .routes(routes!(cancel))
+}
+
+/// The `{id}` of the order routes, as the document describes it.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct OrderIdParam {
+    /// The order's id (a UUID); anyone else's order is a 404.
+    #[param(format = Uuid)]
+    id: String,
+}
+
+/// The pay request's key header, as the document describes it.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct IdempotencyKeyParam {
+    /// A key from `GET /api/v1/idempotency-key`, used for this order only.
+    #[param(rename = "Idempotency-Key", pattern = "^[0-9a-fA-F]{32}$")]
+    idempotency_key: String,
 }
 
 fn not_found() -> Problem {
@@ -67,6 +89,15 @@ fn closed_conflict() -> Problem {
 /// The problem type of every "the order is paid" conflict (pay, cancel).
 const ORDER_PAID: &str = "/problems/order-paid";
 
+/// The caller's orders, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/orders",
+    tag = "orders",
+    operation_id = "list_orders",
+    security(("bearer" = [])),
+    responses((status = 200, description = "The caller's own orders", body = Vec<Order>)),
+)]
 async fn list(State(state): State<ApiState>, who: Identity) -> Result<Json<Vec<Order>>, Problem> {
     orders::list_for_user(state.db(), who.user_id)
         .await
@@ -74,6 +105,19 @@ async fn list(State(state): State<ApiState>, who: Identity) -> Result<Json<Vec<O
         .map_err(Problem::internal)
 }
 
+/// One of the caller's orders.
+#[utoipa::path(
+    get,
+    path = "/api/v1/orders/{id}",
+    tag = "orders",
+    operation_id = "get_order",
+    params(OrderIdParam),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The order", body = Order),
+        (status = 404, description = "No such order of the caller's", body = ProblemBody),
+    ),
+)]
 async fn show(
     State(state): State<ApiState>,
     who: Identity,
@@ -86,6 +130,22 @@ async fn show(
         .ok_or_else(not_found)
 }
 
+/// Cancel an unpaid order
+///
+/// Its unit goes back on sale. Cancelling a closed order answers it as it is.
+#[utoipa::path(
+    post,
+    path = "/api/v1/orders/{id}/cancel",
+    tag = "orders",
+    operation_id = "cancel_order",
+    params(OrderIdParam),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The order, closed", body = Order),
+        (status = 404, description = "No such order of the caller's", body = ProblemBody),
+        (status = 409, description = "The order is paid", body = ProblemBody),
+    ),
+)]
 async fn cancel(
     State(state): State<ApiState>,
     who: Identity,
@@ -110,6 +170,25 @@ fn valid_key(key: &str) -> bool {
     key.len() == 32 && key.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// Pay an unpaid order
+///
+/// A retry with the same key answers what the first request answered
+/// (marked `Idempotent-Replayed: true`).
+#[utoipa::path(
+    post,
+    path = "/api/v1/orders/{id}/pay",
+    tag = "orders",
+    operation_id = "pay_order",
+    params(OrderIdParam, IdempotencyKeyParam),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The order, paid", body = Order),
+        (status = 400, description = "The Idempotency-Key header is missing, or the key is unknown or expired", body = ProblemBody),
+        (status = 404, description = "No such order of the caller's", body = ProblemBody),
+        (status = 409, description = "The order is closed or already paid, or a request with this key is still running", body = ProblemBody),
+        (status = 422, description = "This key was used for another order", body = ProblemBody),
+    ),
+)]
 async fn pay(
     State(state): State<ApiState>,
     who: Identity,

@@ -33,12 +33,23 @@ pub struct Problem {
     headers: Vec<(HeaderName, HeaderValue)>,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// An error answer, `application/problem+json` (RFC 9457).
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Problem)]
+pub struct ProblemBody<'a> {
+    /// Names the kind of problem (e.g. `/problems/sold-out`); stable, for
+    /// clients to match on.
     #[serde(rename = "type")]
+    #[schema(rename = "type", example = "/problems/not-found")]
     kind: &'a str,
+    /// The status's reason phrase.
+    #[schema(example = "Not Found")]
     title: &'a str,
+    /// The HTTP status, repeated.
+    #[schema(example = 404)]
     status: u16,
+    /// What happened and what to do, in words a buyer can read.
+    #[schema(example = "no such sale")]
     detail: &'a str,
 }
 
@@ -125,7 +136,7 @@ impl Problem {
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = Body {
+        let body = ProblemBody {
             kind: self.kind,
             title: &self.title,
             status: self.status.as_u16(),
@@ -200,6 +211,17 @@ pub async fn method_not_allowed() -> Problem {
         "/problems/method-not-allowed",
         "this route does not accept that method",
     )
+}
+
+/// The `{id}` of the sale routes, as the OpenAPI document describes it;
+/// the handlers take it as text and parse it with [`parse_sale_id`].
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct SaleIdParam {
+    /// The sale's id.
+    #[param(minimum = 1)]
+    id: u64,
 }
 
 /// Parses a sale id path segment. Anything but a positive decimal that fits

@@ -18,21 +18,27 @@
 //! verified token.
 
 use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::identity::Identity;
-use super::problem::{parse_sale_id, Problem};
+use super::problem::{parse_sale_id, Problem, ProblemBody, SaleIdParam};
 use super::ApiState;
 use crate::statuses::ResultStatus;
 use crate::worker::results::ResultRecord;
 
-/// The poll answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// What became of the buyer's attempt at a sale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct PollResult {
+    /// `success` (an order exists: `order_id`), `queued` (still on its
+    /// way), `failed` (it will not be an order) or `none` (no attempt).
     pub status: ResultStatus,
+    /// The order, with `success`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = Uuid)]
     pub order_id: Option<String>,
 }
 
@@ -53,8 +59,8 @@ impl PollResult {
 }
 
 /// `/api/v1/sales/{id}/result`.
-pub fn router() -> Router<ApiState> {
-    Router::new().route("/api/v1/sales/{id}/result", get(poll))
+pub fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new().routes(routes!(poll))
 }
 
 /// Looks the result up in the order described in the module docs.
@@ -111,6 +117,19 @@ pub async fn lookup(state: &ApiState, sale_id: u64, user_id: u64) -> Result<Poll
     }))
 }
 
+/// What became of this buyer's attempt at this sale.
+#[utoipa::path(
+    get,
+    path = "/api/v1/sales/{id}/result",
+    tag = "sales",
+    operation_id = "get_result",
+    params(SaleIdParam),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The attempt's state", body = PollResult),
+        (status = 404, description = "The sale id is not a positive integer", body = ProblemBody),
+    ),
+)]
 async fn poll(
     State(state): State<ApiState>,
     who: Identity,

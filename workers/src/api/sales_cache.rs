@@ -31,16 +31,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use chrono::{DateTime, SecondsFormat, Utc};
 use rand::Rng;
 use redis::aio::ConnectionLike;
 use seckill_contracts::keys::KeySchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::problem::{parse_sale_id, Problem};
+use super::problem::{parse_sale_id, Problem, ProblemBody, SaleIdParam};
 use super::{metrics, ApiState};
 use crate::lock;
 
@@ -71,7 +73,7 @@ pub struct CachedSale {
 }
 
 /// Where a sale stands for a buyer right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SaleStatus {
     Upcoming,
@@ -112,26 +114,35 @@ impl SaleStatus {
 }
 
 /// A sale as buyers see it (SPEC §3).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = Sale)]
 pub struct SaleView {
+    #[schema(minimum = 1)]
     pub id: u64,
     pub goods_id: u64,
     pub title: String,
+    /// The goods' usual price, in cents.
     pub price_cents: i64,
+    /// The price in this sale, in cents.
     pub sale_price_cents: i64,
     pub stock_total: u32,
+    /// Units not yet reserved by a buyer.
     pub stock_left: u64,
+    #[schema(format = DateTime, example = "2026-12-02T20:00:00Z")]
     pub starts_at: String,
+    #[schema(format = DateTime, example = "2026-12-02T20:10:00Z")]
     pub ends_at: String,
     pub status: SaleStatus,
 }
 
-/// `GET /sales/{id}`: the sale plus the server's clock, so a buyer's page
-/// can count down without trusting the device clock.
-#[derive(Debug, Serialize)]
+/// A sale plus the server's clock, so a buyer's page can count down
+/// without trusting the device clock.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct SaleDetail {
     #[serde(flatten)]
     pub sale: SaleView,
+    /// The server's clock when it answered: count down against this.
+    #[schema(format = DateTime)]
     pub server_time: String,
 }
 
@@ -383,12 +394,24 @@ pub async fn sale_view(state: &ApiState, id: u64) -> Result<Option<SaleView>, Pr
 }
 
 /// `/api/v1/sales` and `/api/v1/sales/{id}`.
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/api/v1/sales", get(list))
-        .route("/api/v1/sales/{id}", get(detail))
+pub fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(detail))
 }
 
+/// One sale, with the server's clock.
+#[utoipa::path(
+    get,
+    path = "/api/v1/sales/{id}",
+    tag = "sales",
+    operation_id = "get_sale",
+    params(SaleIdParam),
+    responses(
+        (status = 200, description = "The sale", body = SaleDetail),
+        (status = 404, description = "No such sale", body = ProblemBody),
+    ),
+)]
 async fn detail(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
@@ -403,8 +426,16 @@ async fn detail(
     }))
 }
 
-/// Upcoming, active and recently ended sales (one MySQL query), with live
-/// stock from one MGET.
+/// The sales: upcoming, active and recently ended
+///
+/// One MySQL query, with live stock from one MGET.
+#[utoipa::path(
+    get,
+    path = "/api/v1/sales",
+    tag = "sales",
+    operation_id = "list_sales",
+    responses((status = 200, description = "Upcoming, active and recently ended sales, soonest first", body = Vec<SaleView>)),
+)]
 async fn list(State(state): State<ApiState>) -> Result<Json<Vec<SaleView>>, Problem> {
     let cutoff = Utc::now() - chrono::Duration::days(1);
     let sales: Vec<CachedSale> = sqlx::query_as(

@@ -16,11 +16,19 @@ struct Args {
     /// Listen address; overrides `api.listen` so several instances share a file.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Print the OpenAPI 3.1 document of the public API and exit (what
+    /// `GET /api/v1/openapi.json` serves; needs no config or services).
+    #[arg(long)]
+    print_openapi: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.print_openapi {
+        println!("{}", api::openapi::document_json());
+        return Ok(());
+    }
     let config = args.config.load()?;
     telemetry::init_logging(&config.log);
     let addr = args.listen.unwrap_or(config.api.listen);
