@@ -58,6 +58,26 @@ impl RouteTable {
         self.routes.iter().find_map(|r| r.matches(method, path))
     }
 
+    /// The methods routes take for `path`, for the `Allow` header of a
+    /// 405 when none takes the request's method. Empty when no route has
+    /// this path (a 404).
+    pub fn allowed_methods(&self, path: &str) -> Vec<String> {
+        let mut methods: Vec<String> = Vec::new();
+        for route in &self.routes {
+            let Some(m) = &route.method else { continue };
+            if route.matches_path(path).is_none() {
+                continue;
+            }
+            let also_head = (m == "GET").then(|| "HEAD".to_string());
+            for m in std::iter::once(m.clone()).chain(also_head) {
+                if !methods.contains(&m) {
+                    methods.push(m);
+                }
+            }
+        }
+        methods
+    }
+
     pub fn routes(&self) -> &[Route] {
         &self.routes
     }
@@ -106,12 +126,26 @@ impl Route {
         })
     }
 
-    fn matches<'a>(&'a self, method: &str, path: &str) -> Option<Matched<'a>> {
-        if let Some(m) = &self.method {
-            if !m.eq_ignore_ascii_case(method) {
-                return None;
+    /// A GET route answers HEAD too (what every HTTP server does; the
+    /// backends do).
+    fn accepts(&self, method: &str) -> bool {
+        match &self.method {
+            None => true,
+            Some(m) => {
+                m.eq_ignore_ascii_case(method)
+                    || (m == "GET" && method.eq_ignore_ascii_case("HEAD"))
             }
         }
+    }
+
+    fn matches<'a>(&'a self, method: &str, path: &str) -> Option<Matched<'a>> {
+        if !self.accepts(method) {
+            return None;
+        }
+        self.matches_path(path)
+    }
+
+    fn matches_path<'a>(&'a self, path: &str) -> Option<Matched<'a>> {
         let path = path.strip_prefix('/')?;
         let mut parts = path.split('/');
         let mut params = Vec::new();
@@ -213,6 +247,19 @@ mod tests {
         assert!(t.find("GET", "/other").is_none());
         assert!(t.find("GET", "/api/v1/").is_none());
         assert!(t.find("POST", "/api/v1/seckill//42").unwrap().route.name == "rest");
+    }
+
+    #[test]
+    fn head_takes_get_routes_and_other_methods_learn_what_is_allowed() {
+        let t = table();
+        assert_eq!(t.find("HEAD", "/api/v1/sales").unwrap().route.name, "list");
+        let only = RouteTable::new(&[route("jwks", "GET", "/.well-known/jwks.json")]).unwrap();
+        assert!(only.find("TRACE", "/.well-known/jwks.json").is_none());
+        assert_eq!(
+            only.allowed_methods("/.well-known/jwks.json"),
+            ["GET", "HEAD"]
+        );
+        assert!(only.allowed_methods("/elsewhere").is_empty());
     }
 
     #[test]

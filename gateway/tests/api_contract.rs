@@ -99,7 +99,7 @@ async fn the_document_lists_exactly_the_routes_the_stack_serves() {
         let body = resp.text().await.unwrap();
         assert_ne!(status, 405, "{method} {template}: {body}");
         assert!(
-            !body.contains("no route for this method and path") && !body.contains("no such route"),
+            !body.contains("no route for this path") && !body.contains("no such route"),
             "{method} {template} is documented but not served: {status} {body}"
         );
         let documented = op["responses"]
@@ -167,16 +167,16 @@ async fn the_document_lists_exactly_the_routes_the_stack_serves() {
 }
 
 /// The venv with schemathesis and openapi-python-client, made once per
-/// test process by `scripts/lib/api_tools.sh`.
+/// test process by `scripts/lib/api_contract_tools.sh`.
 fn api_tools() -> &'static PathBuf {
     static TOOLS: OnceLock<PathBuf> = OnceLock::new();
     TOOLS.get_or_init(|| {
-        let root = repo_root();
         let out = Command::new("bash")
-            .current_dir(&root)
+            .current_dir(repo_root())
             .args([
                 "-c",
-                "source scripts/lib/api_tools.sh && ensure_api_tools >&2 && echo \"$SECKILL_API_TOOLS\"",
+                "source scripts/lib/api_contract_tools.sh && ensure_api_contract_tools \
+                 && echo \"$SECKILL_API_TOOLS\"",
             ])
             .output()
             .expect("bash");
@@ -185,50 +185,145 @@ fn api_tools() -> &'static PathBuf {
             "could not prepare the Python API tools:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        PathBuf::from(path)
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
     })
 }
 
-/// Runs a tool under `scripts/api-tools/` with the venv first on PATH;
-/// panics with its output unless it succeeds. Returns stdout.
-fn run_tool(tool: &str, args: &[&str], timeout: Duration) -> String {
+/// Runs `program` from the venv's `bin/` with the venv first on PATH, in
+/// `scripts/api-contract/`, killed after `timeout`. Returns (success, stdout
+/// and stderr).
+async fn run_tool(program: &str, args: &[String], timeout: Duration) -> (bool, String) {
     let venv = api_tools().clone();
-    let tool = repo_root().join("scripts/api-tools").join(tool);
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let handle = std::thread::spawn(move || {
-        let path = format!(
-            "{}:{}",
-            venv.join("bin").display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        Command::new(venv.join("bin/python"))
-            .arg(&tool)
-            .args(&args)
-            .env("PATH", path)
-            .env("VIRTUAL_ENV", &venv)
-            .output()
-            .expect("running the tool")
-    });
-    let started = std::time::Instant::now();
-    while !handle.is_finished() {
-        assert!(
-            started.elapsed() < timeout,
-            "tool ran longer than {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let out = handle.join().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{} failed:\n{stdout}\n{}",
-        tool_name(&out),
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let child = tokio::process::Command::new(venv.join("bin").join(program))
+        .args(args)
+        .current_dir(repo_root().join("scripts/api-contract"))
+        .env("PATH", path)
+        .env("VIRTUAL_ENV", &venv)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(timeout, child)
+        .await
+        .unwrap_or_else(|_| panic!("{program} ran longer than {timeout:?}"))
+        .expect("running the tool");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    stdout
+    (out.status.success(), text)
 }
 
-fn tool_name(out: &std::process::Output) -> String {
-    format!("tool (exit {:?})", out.status.code())
+/// Registers and logs in a fresh buyer through the gateway: their token.
+async fn fresh_buyer(stack: &Stack) -> String {
+    let creds = serde_json::json!({
+        "username": format!("fuzz_{}", &stack.env.id[..8]),
+        "password": "correct horse battery",
+    });
+    let resp = stack
+        .http
+        .post(stack.url("/api/v1/auth/register"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let resp = stack
+        .http
+        .post(stack.url("/api/v1/auth/login"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_string()
+}
+
+/// Two sales open a moment after creation, for 10 minutes.
+async fn open_sales(stack: &Stack) -> (u64, u64) {
+    let a = stack.create_sale(20, 1, 600).await;
+    let b = stack.create_sale(20, 1, 600).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn schemathesis_finds_nothing_against_the_running_stack() {
+    let stack = Stack::start(opts()).await;
+    open_sales(&stack).await;
+    let token = fresh_buyer(&stack).await;
+    let base = stack.url("");
+    let report = tempfile::tempdir().unwrap();
+    let args = [
+        "--config-file",
+        "schemathesis.toml",
+        "run",
+        &format!("{base}/api/v1/openapi.json"),
+        "--url",
+        &base,
+        "--header",
+        &format!("Authorization: Bearer {token}"),
+        "--seed",
+        "20261202",
+        "--report",
+        "junit",
+        "--report-dir",
+        report.path().to_str().unwrap(),
+        "--no-color",
+    ]
+    .map(String::from);
+    let (ok, output) = run_tool("schemathesis", &args, Duration::from_secs(600)).await;
+    assert!(ok, "schemathesis found problems:\n{output}");
+    let summary: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("generated") || l.contains("Tested:") || l.contains("Selected:"))
+        .collect();
+    eprintln!("schemathesis: {}", summary.join(" | "));
+    assert!(
+        summary.iter().any(|l| l.contains("Tested: 16")),
+        "every operation but the document itself is tested: {output}"
+    );
+    stack.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_generated_from_the_document_completes_the_buyer_journey() {
+    let stack = Stack::start(opts()).await;
+    let (pay_sale, cancel_sale) = open_sales(&stack).await;
+    let keys = stack.env.keys();
+    // The captcha key of sale SALE and user {user_id}, as the api names it.
+    let captcha_key = keys
+        .sale(424_242)
+        .captcha(0)
+        .replace("424242", "SALE")
+        .replace(":captcha:0", ":captcha:{user_id}");
+    let args = [
+        "journey.py".to_string(),
+        "--url".into(),
+        stack.url(""),
+        "--redis-url".into(),
+        stack.config.redis.url.clone(),
+        "--captcha-key".into(),
+        captcha_key,
+        "--sale-id".into(),
+        pay_sale.to_string(),
+        "--cancel-sale-id".into(),
+        cancel_sale.to_string(),
+    ];
+    let (ok, output) = run_tool("python", &args, Duration::from_secs(180)).await;
+    assert!(ok, "the generated client's journey failed:\n{output}");
+    let result: Value = serde_json::from_str(output.lines().next().unwrap_or("")).unwrap();
+    let paid = result["paid"].as_str().unwrap();
+    let (status,): (String,) = sqlx::query_as("SELECT status FROM orders WHERE id = ?")
+        .bind(paid)
+        .fetch_one(&stack.env.db().await)
+        .await
+        .unwrap();
+    assert_eq!(status, "paid");
+    stack.cleanup().await;
 }

@@ -141,10 +141,17 @@ pub(super) fn route(
     ctx: &mut RequestCtx,
 ) -> Option<Answer> {
     let Some(matched) = routes.find(req.method.as_str(), req.uri.path()) else {
-        return Some(Answer::new(LocalResponse::problem(
-            404,
-            "no route for this method and path",
-        )));
+        let allowed = routes.allowed_methods(req.uri.path());
+        if allowed.is_empty() {
+            return Some(Answer::new(LocalResponse::problem(
+                404,
+                "no route for this path",
+            )));
+        }
+        return Some(Answer::new(
+            LocalResponse::problem(405, "this route does not accept that method")
+                .with_header("allow", allowed.join(", ")),
+        ));
     };
     ctx.route = matched.route.name.clone();
     ctx.public = matched.route.public;

@@ -172,6 +172,12 @@ pub fn render_png<R: Rng>(rng: &mut R, text: &str) -> Result<Vec<u8>, image::Ima
     Ok(png)
 }
 
+/// A PNG image (in the document: binary, not a JSON array of bytes).
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct CaptchaPng(Vec<u8>);
+
 /// `/api/v1/sales/{id}/captcha`.
 pub fn router() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new().routes(routes!(captcha))
@@ -189,7 +195,7 @@ pub fn router() -> OpenApiRouter<ApiState> {
     params(SaleIdParam),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "A PNG of an arithmetic formula", content_type = "image/png", body = Vec<u8>),
+        (status = 200, description = "A PNG of an arithmetic formula", content_type = "image/png", body = CaptchaPng),
         (status = 404, description = "No such sale", body = ProblemBody),
     ),
 )]

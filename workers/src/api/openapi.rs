@@ -141,6 +141,10 @@ pub fn document() -> serde_json::Value {
     doc.paths
         .paths
         .insert(SECKILL_PATH.to_string(), seckill_path_item());
+    doc.components
+        .get_or_insert_with(Default::default)
+        .schemas
+        .insert("Queued".to_string(), RefOr::T(queued_schema()));
     problems_as_problem_json(&mut doc);
     add_shared_responses(&mut doc);
     // The document is plain data built from literals; it always serialises.
@@ -264,7 +268,9 @@ fn seckill_response(status: u16, answers: &[&AdmissionAnswer]) -> ApiResponse {
     response = if status == 202 {
         response.content(
             "application/json",
-            ContentBuilder::new().schema(Some(queued_schema())).build(),
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Queued")))
+                .build(),
         )
     } else {
         response.content(PROBLEM_CONTENT_TYPE, problem_content())
@@ -278,6 +284,9 @@ fn seckill_response(status: u16, answers: &[&AdmissionAnswer]) -> ApiResponse {
 /// The 202 body the rule writes.
 fn queued_schema() -> Schema {
     ObjectBuilder::new()
+        .description(Some(
+            "The attempt is queued: a unit is reserved and the order is on its way",
+        ))
         .property(
             "status",
             ObjectBuilder::new()
@@ -295,8 +304,8 @@ fn queued_schema() -> Schema {
         .into()
 }
 
-/// A sale id in the path: a positive integer (anything else is a 404).
-pub fn sale_id_parameter(name: &str) -> ParameterBuilder {
+/// A sale id in the path: 1 to 2^53 − 1 (anything else is a 404).
+fn sale_id_parameter(name: &str) -> ParameterBuilder {
     ParameterBuilder::new()
         .name(name)
         .parameter_in(ParameterIn::Path)
@@ -308,7 +317,8 @@ pub fn sale_id_parameter(name: &str) -> ParameterBuilder {
                 .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
                     utoipa::openapi::KnownFormat::Int64,
                 )))
-                .minimum(Some(1)),
+                .minimum(Some(1))
+                .maximum(Some(super::problem::MAX_SALE_ID)),
         ))
 }
 

@@ -220,18 +220,23 @@ pub async fn method_not_allowed() -> Problem {
 #[allow(dead_code)]
 pub struct SaleIdParam {
     /// The sale's id.
-    #[param(minimum = 1)]
+    #[param(minimum = 1, maximum = 9007199254740991.0)]
     id: u64,
 }
 
-/// Parses a sale id path segment. Anything but a positive decimal that fits
-/// in `u64` names no sale, so it is a 404, never a 500 or a panic.
+/// The largest sale id: 2^53 − 1, the largest integer a JSON number (and
+/// the gateway's Lua) carries exactly, so every client reads an id as
+/// itself. `lua/seckill.lua` refuses larger ones the same way.
+pub const MAX_SALE_ID: u64 = (1 << 53) - 1;
+
+/// Parses a sale id path segment. Anything but a decimal in
+/// 1..=[`MAX_SALE_ID`] names no sale, so it is a 404, never a 500 or a panic.
 pub fn parse_sale_id(raw: &str) -> Result<u64, Problem> {
     if raw.is_empty() || raw.len() > 20 || !raw.bytes().all(|b| b.is_ascii_digit()) {
         return Err(Problem::not_found("no such sale"));
     }
     match raw.parse::<u64>() {
-        Ok(id) if id > 0 => Ok(id),
+        Ok(id) if (1..=MAX_SALE_ID).contains(&id) => Ok(id),
         _ => Err(Problem::not_found("no such sale")),
     }
 }
@@ -243,7 +248,9 @@ mod tests {
     #[test]
     fn sale_ids_parse_strictly() {
         assert_eq!(parse_sale_id("42").unwrap(), 42);
+        assert_eq!(parse_sale_id("9007199254740991").unwrap(), MAX_SALE_ID);
         for bad in [
+            "9007199254740992",
             "",
             "0",
             "-1",
