@@ -189,10 +189,20 @@ fn api_tools() -> &'static PathBuf {
     })
 }
 
-/// Runs `program` from the venv's `bin/` with the venv first on PATH, in
-/// `scripts/api-contract/`, killed after `timeout`. Returns (success, stdout
-/// and stderr).
+/// A file of `scripts/api-contract/`.
+fn contract_file(name: &str) -> String {
+    repo_root()
+        .join("scripts/api-contract")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Runs `program` from the venv's `bin/` with the venv first on PATH, in a
+/// scratch folder (hypothesis leaves its state in the working directory),
+/// killed after `timeout`. Returns (success, stdout and stderr).
 async fn run_tool(program: &str, args: &[String], timeout: Duration) -> (bool, String) {
+    let scratch = tempfile::tempdir().unwrap();
     let venv = api_tools().clone();
     let path = format!(
         "{}:{}",
@@ -201,7 +211,7 @@ async fn run_tool(program: &str, args: &[String], timeout: Duration) -> (bool, S
     );
     let child = tokio::process::Command::new(venv.join("bin").join(program))
         .args(args)
-        .current_dir(repo_root().join("scripts/api-contract"))
+        .current_dir(scratch.path())
         .env("PATH", path)
         .env("VIRTUAL_ENV", &venv)
         .kill_on_drop(true)
@@ -261,7 +271,7 @@ async fn schemathesis_finds_nothing_against_the_running_stack() {
     let report = tempfile::tempdir().unwrap();
     let args = [
         "--config-file",
-        "schemathesis.toml",
+        &contract_file("schemathesis.toml"),
         "run",
         &format!("{base}/api/v1/openapi.json"),
         "--url",
@@ -303,7 +313,7 @@ async fn a_client_generated_from_the_document_completes_the_buyer_journey() {
         .replace("424242", "SALE")
         .replace(":captcha:0", ":captcha:{user_id}");
     let args = [
-        "journey.py".to_string(),
+        contract_file("journey.py"),
         "--url".into(),
         stack.url(""),
         "--redis-url".into(),
