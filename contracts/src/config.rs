@@ -274,6 +274,10 @@ pub struct RouteConfig {
     /// Public routes skip the JWT check.
     #[serde(default)]
     pub public: bool,
+    /// Answered from the files of `gateway.web_dir` (the request path names
+    /// the file, a folder its `index.html`), with no Lua and no upstream.
+    #[serde(default)]
+    pub files: bool,
 }
 
 /// The Pingora edge.
@@ -288,6 +292,9 @@ pub struct GatewayConfig {
     pub admin_token: Option<String>,
     /// Folder of rule files; `redis/` inside it holds the Redis scripts.
     pub rules_dir: PathBuf,
+    /// Folder of the static files `files` routes serve (`web/`: the API
+    /// reference, the storefront), read into memory at start-up.
+    pub web_dir: PathBuf,
     /// Worker threads of the proxy service; one Lua VM each.
     pub threads: usize,
     pub max_header_bytes: usize,
@@ -433,6 +440,7 @@ impl Default for GatewayConfig {
             admin_token_path: Some("var/keys/admin-token".into()),
             admin_token: None,
             rules_dir: "lua".into(),
+            web_dir: "web".into(),
             threads: 2,
             max_header_bytes: 16 * 1024,
             max_body_bytes: 64 * 1024,
@@ -457,6 +465,7 @@ impl Default for GatewayConfig {
                     path: "/api/v1/seckill/{path}/{sale_id}".into(),
                     pool: None,
                     public: false,
+                    files: false,
                 },
                 RouteConfig {
                     name: "auth".into(),
@@ -464,6 +473,7 @@ impl Default for GatewayConfig {
                     path: "/api/v1/auth/{action}".into(),
                     pool: Some("api".into()),
                     public: true,
+                    files: false,
                 },
                 RouteConfig {
                     name: "sales_list".into(),
@@ -471,6 +481,7 @@ impl Default for GatewayConfig {
                     path: "/api/v1/sales".into(),
                     pool: Some("api".into()),
                     public: true,
+                    files: false,
                 },
                 RouteConfig {
                     name: "sale_detail".into(),
@@ -478,6 +489,7 @@ impl Default for GatewayConfig {
                     path: "/api/v1/sales/{sale_id}".into(),
                     pool: Some("api".into()),
                     public: true,
+                    files: false,
                 },
                 RouteConfig {
                     name: "jwks".into(),
@@ -485,6 +497,7 @@ impl Default for GatewayConfig {
                     path: "/.well-known/jwks.json".into(),
                     pool: Some("api".into()),
                     public: true,
+                    files: false,
                 },
                 RouteConfig {
                     name: "openapi".into(),
@@ -492,20 +505,23 @@ impl Default for GatewayConfig {
                     path: "/api/v1/openapi.json".into(),
                     pool: Some("api".into()),
                     public: true,
+                    files: false,
                 },
                 RouteConfig {
                     name: "docs".into(),
                     method: "GET".into(),
                     path: "/api/docs".into(),
-                    pool: Some("api".into()),
+                    pool: None,
                     public: true,
+                    files: true,
                 },
                 RouteConfig {
                     name: "docs_assets".into(),
                     method: "GET".into(),
                     path: "/api/docs/{*asset}".into(),
-                    pool: Some("api".into()),
+                    pool: None,
                     public: true,
+                    files: true,
                 },
                 RouteConfig {
                     name: "api".into(),
@@ -513,6 +529,7 @@ impl Default for GatewayConfig {
                     path: "/api/v1/{*rest}".into(),
                     pool: Some("api".into()),
                     public: false,
+                    files: false,
                 },
             ],
         }
@@ -804,6 +821,12 @@ impl Config {
                 return Err(invalid(
                     format!("gateway.routes[{i}].path"),
                     "must start with '/'",
+                ));
+            }
+            if route.files && route.pool.is_some() {
+                return Err(invalid(
+                    format!("gateway.routes[{i}].files"),
+                    "a route serves files or goes to a pool, not both",
                 ));
             }
             if let Some(pool) = &route.pool {

@@ -25,6 +25,7 @@ pub mod sale_directory;
 pub mod server;
 pub mod services;
 pub mod shared_dict;
+pub mod web_files;
 
 /// RS256 verification lives in the shared crate (the api verifies too).
 pub use seckill_contracts::jwt;

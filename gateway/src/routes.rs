@@ -23,6 +23,8 @@ pub struct Route {
     pub method: Option<String>,
     pub pool: Option<String>,
     pub public: bool,
+    /// Answered from the web files (`RouteConfig::files`).
+    pub files: bool,
     segments: Vec<Segment>,
 }
 
@@ -122,6 +124,7 @@ impl Route {
             method,
             pool: config.pool.clone(),
             public: config.public,
+            files: config.files,
             segments,
         })
     }
@@ -203,6 +206,7 @@ mod tests {
             path: path.into(),
             pool: None,
             public: false,
+            files: false,
         }
     }
 

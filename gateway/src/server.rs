@@ -27,6 +27,7 @@ use crate::routes::{RouteError, RouteTable};
 use crate::rules::bundles::{self, BundleFollower};
 use crate::rules::{Limits, RuleEngine, RuleError, RuleWatcher};
 use crate::services::HostServices;
+use crate::web_files::{WebFiles, WebFilesError};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub enum GatewayError {
     Keys(#[from] KeySetupError),
     #[error("rules in {dir}: {source}")]
     Rules { dir: String, source: RuleError },
+    #[error(transparent)]
+    Web(#[from] WebFilesError),
     #[error("pingora: {0}")]
     Pingora(String),
 }
@@ -65,6 +68,7 @@ impl Gateway {
         let keys = key_refresh::build(config)?;
         let (rules, running_bundle) = load_rules(config)?;
         let rules = Arc::new(rules);
+        let web = Arc::new(WebFiles::load(&g.web_dir)?);
 
         let mut server = Server::new_with_opt_and_conf(
             Some(Opt {
@@ -84,6 +88,7 @@ impl Gateway {
             pools.clone(),
             keys.clone(),
             rules.clone(),
+            web,
             request_limits,
         );
         // Pingora's proxy behind the header gate: slow, idle and half-open

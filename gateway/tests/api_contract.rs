@@ -112,6 +112,16 @@ async fn the_document_lists_exactly_the_routes_the_stack_serves() {
         );
     }
 
+    // A documented path with an undocumented method: 405 with what is allowed.
+    let trace = stack
+        .http
+        .request(reqwest::Method::TRACE, stack.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(trace.status(), 405);
+    assert_eq!(trace.headers()["allow"], "GET, HEAD");
+
     // The gateway's table agrees: each documented operation matches a
     // route, public exactly when the document needs no token.
     let table = RouteTable::new(&stack.config.gateway.routes).unwrap();
@@ -142,7 +152,7 @@ async fn the_document_lists_exactly_the_routes_the_stack_serves() {
             "gateway route `{}` reaches no documented operation",
             route.name
         );
-        if route.pool.is_none() {
+        if route.pool.is_none() && !route.files {
             let documented = ops
                 .iter()
                 .any(|(m, t, _)| m == &route.method && t == &route.path);
@@ -150,19 +160,60 @@ async fn the_document_lists_exactly_the_routes_the_stack_serves() {
         }
     }
 
-    // The readable reference, through the gateway.
+    // The readable reference, served by the gateway from web/api/docs/
+    // (the api does not have it): gzip when asked, 304 when unchanged.
     let page = stack.http.get(stack.url("/api/docs")).send().await.unwrap();
     assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["cache-control"], "no-cache");
     let html = page.text().await.unwrap();
     assert!(html.contains("/api/v1/openapi.json") && html.contains("redoc.standalone.js"));
-    let script = stack
+    let script_url = stack.url("/api/docs/redoc.standalone.js");
+    let plain = stack.http.get(&script_url).send().await.unwrap();
+    assert_eq!(plain.status(), 200);
+    let etag = plain.headers()["etag"].to_str().unwrap().to_string();
+    let plain_len = plain.bytes().await.unwrap().len();
+    let zipped = stack
         .http
-        .get(stack.url("/api/docs/redoc.standalone.js"))
+        .get(&script_url)
+        .header("accept-encoding", "gzip")
         .send()
         .await
         .unwrap();
-    assert_eq!(script.status(), 200);
-    assert!(script.bytes().await.unwrap().len() > 100_000);
+    assert_eq!(zipped.headers()["content-encoding"], "gzip");
+    let zipped_len = zipped.bytes().await.unwrap().len();
+    assert!(
+        zipped_len * 3 < plain_len,
+        "{zipped_len} of {plain_len} bytes"
+    );
+    let unchanged = stack
+        .http
+        .get(&script_url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unchanged.status(), 304);
+    // HEAD answers the headers only: the next request on the connection
+    // still parses.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        let head = client.head(&script_url).send().await.unwrap();
+        assert_eq!(head.status(), 200);
+        assert!(head.bytes().await.unwrap().is_empty());
+        let page = client.get(stack.url("/api/docs")).send().await.unwrap();
+        assert!(page.text().await.unwrap().contains("<redoc"));
+    }
+    let api = stack.apis[0].0;
+    let direct = stack
+        .http
+        .get(format!("http://{api}/api/docs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(direct.status(), 404, "no upstream hop: the api has no docs");
     stack.cleanup().await;
 }
 

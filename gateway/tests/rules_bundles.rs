@@ -49,6 +49,7 @@ fn gateway_config(env: &TestEnv, rules: &Path, id: &str, budget: u64) -> Config 
         path: "/probe".into(),
         pool: None,
         public: true,
+        files: false,
     }];
     config.gateway.bundles.enabled = true;
     config.gateway.bundles.poll_ms = 100;

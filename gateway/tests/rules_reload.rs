@@ -45,6 +45,7 @@ fn local_route() -> RouteConfig {
         path: "/probe".into(),
         pool: None,
         public: false,
+        files: false,
     }
 }
 

@@ -50,6 +50,7 @@ async fn escapes_and_runaways_are_confined_to_their_request() {
         path: "/probe/{what}".into(),
         pool: None,
         public: true,
+        files: false,
     }];
     let gw = GatewayProc::start(config).await;
     let client = reqwest::Client::new();

@@ -3,7 +3,7 @@
 //! ```text
 //! request_filter        the ordered edge steps of [`steps`]: malformed
 //!                       requests refused, untrusted headers stripped,
-//!                       /healthz, route, JWT, rule shortcut, local body,
+//!                       /healthz, route, JWT, web file, rule shortcut, local body,
 //!                       Lua `access` → answer locally or go on to the pool
 //! upstream_peer         a healthy backend of the route's pool
 //! upstream_request      X-Forwarded-For appended, X-Request-Id, X-User-Id
@@ -44,6 +44,7 @@ use crate::pools::{Pool, Pools};
 use crate::problem::LocalResponse;
 use crate::routes::RouteTable;
 use crate::rules::{RequestInfo, RuleEngine, RuleSet};
+use crate::web_files::WebFiles;
 
 use failure::{failure_detail, failure_status};
 use steps::{Flow, UNTRUSTED_HEADERS};
@@ -61,6 +62,7 @@ pub struct EdgeProxy {
     pools: Pools,
     keys: Arc<KeyRefresher>,
     rules: Arc<RuleEngine>,
+    web: Arc<WebFiles>,
     limits: RequestLimits,
 }
 
@@ -73,6 +75,8 @@ pub struct RequestCtx {
     params: Vec<(String, String)>,
     /// The matched route needs no JWT.
     public: bool,
+    /// The matched route is answered from the web files.
+    files: bool,
     pool: Option<Arc<Pool>>,
     claims: Option<Arc<AccessClaims>>,
     /// The rule version this request started on; it finishes on it.
@@ -90,6 +94,7 @@ impl EdgeProxy {
         pools: Pools,
         keys: Arc<KeyRefresher>,
         rules: Arc<RuleEngine>,
+        web: Arc<WebFiles>,
         limits: RequestLimits,
     ) -> EdgeProxy {
         EdgeProxy {
@@ -97,6 +102,7 @@ impl EdgeProxy {
             pools,
             keys,
             rules,
+            web,
             limits,
         }
     }
@@ -125,6 +131,9 @@ impl EdgeProxy {
         match steps::authenticate(&self.keys, session.req_header(), ctx.public).await {
             Ok(claims) => ctx.claims = claims,
             Err(a) => return answer(a),
+        }
+        if ctx.files {
+            return answer(steps::web_file(&self.web, session.req_header()));
         }
         let rules = self.rules.current();
         if let Some(a) = steps::shortcut(&rules, ctx) {
@@ -163,6 +172,7 @@ impl ProxyHttp for EdgeProxy {
             route: "unmatched".into(),
             params: Vec::new(),
             public: false,
+            files: false,
             pool: None,
             claims: None,
             rules: None,

@@ -9,6 +9,7 @@
 //! health             GET/HEAD /healthz answered here
 //! route              404; a chunked body on a proxied route is 411
 //! authenticate       the JWT, unless the route is public (401)
+//! web_file           a `files` route: the file from memory (200, 304, 404)
 //! shortcut           an answer a rule stored, replayed without Lua
 //! local_body         a local route's JSON body (413, 400)
 //! rules              the Lua `access` phase: answer, or go on to the pool
@@ -30,6 +31,7 @@ use crate::metrics;
 use crate::problem::LocalResponse;
 use crate::routes::RouteTable;
 use crate::rules::{Decision, RequestInfo, RuleSet};
+use crate::web_files::WebFiles;
 
 use super::{RequestCtx, RequestLimits};
 
@@ -155,6 +157,7 @@ pub(super) fn route(
     };
     ctx.route = matched.route.name.clone();
     ctx.public = matched.route.public;
+    ctx.files = matched.route.files;
     ctx.pool = matched
         .route
         .pool
@@ -215,6 +218,16 @@ pub(super) async fn authenticate(
             ))
         }
     }
+}
+
+/// A `files` route's answer: the file the path names, from memory.
+pub(super) fn web_file(web: &WebFiles, req: &RequestHeader) -> Answer {
+    let header = |name| req.headers.get(name).and_then(|v| v.to_str().ok());
+    Answer::new(web.answer(
+        req.uri.path(),
+        header(http::header::IF_NONE_MATCH),
+        header(http::header::ACCEPT_ENCODING),
+    ))
 }
 
 /// An answer a rule of this version stored for this route and params.

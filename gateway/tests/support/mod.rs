@@ -191,6 +191,7 @@ impl GatewayProc {
         g.admin_token = Some("test-admin-token".into());
         g.admin_token_path = None;
         g.rules_dir = rules_dir.to_path_buf();
+        g.web_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
         g.drain_secs = 3;
         if let Some(pool) = g.pools.get_mut("api") {
             pool.backends = backends.iter().map(|b| b.to_string()).collect();

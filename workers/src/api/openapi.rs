@@ -17,8 +17,8 @@
 //! ```
 //!
 //! The page at `/api/docs` is Redoc, vendored with its licence under
-//! `web/api-docs/` and compiled in, so the docs need no CDN and no files
-//! next to the binary.
+//! `web/api/docs/` and served by the gateway from memory (a `files` route),
+//! so the docs need no CDN; it is described here like the seckill route.
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -61,23 +61,6 @@ pub mod tags {
 /// The seckill route's path (its parameters are named as the gateway's
 /// route table names them).
 pub const SECKILL_PATH: &str = "/api/v1/seckill/{path}/{sale_id}";
-
-const REDOC_JS: &[u8] = include_bytes!("../../../web/api-docs/redoc.standalone.js");
-
-/// The rendered reference: the vendored Redoc pointed at the document.
-const DOCS_PAGE: &str = r#"<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Flash-sale API reference</title>
-</head>
-<body>
-<redoc spec-url="/api/v1/openapi.json"></redoc>
-<script src="/api/docs/redoc.standalone.js"></script>
-</body>
-</html>
-"#;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -129,10 +112,7 @@ pub fn skeleton() -> Document {
 
 /// The document and the docs page, themselves public routes.
 pub fn router() -> OpenApiRouter<ApiState> {
-    OpenApiRouter::new()
-        .routes(routes!(openapi_document))
-        .routes(routes!(docs_page))
-        .routes(routes!(docs_script))
+    OpenApiRouter::new().routes(routes!(openapi_document))
 }
 
 /// The whole document: the handlers' paths plus what no handler owns.
@@ -141,6 +121,9 @@ pub fn document() -> serde_json::Value {
     doc.paths
         .paths
         .insert(SECKILL_PATH.to_string(), seckill_path_item());
+    for (path, item) in docs_path_items() {
+        doc.paths.paths.insert(path.to_string(), item);
+    }
     doc.components
         .get_or_insert_with(Default::default)
         .schemas
@@ -177,42 +160,44 @@ async fn openapi_document() -> Response {
         .into_response()
 }
 
-/// The document rendered for reading (Redoc).
-#[utoipa::path(
-    get,
-    path = "/api/docs",
-    tag = "docs",
-    operation_id = "get_docs",
-    responses((status = 200, description = "The API reference page", content_type = "text/html", body = String)),
-)]
-async fn docs_page() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        DOCS_PAGE,
-    )
-        .into_response()
-}
-
-/// The page's renderer (Redoc's standalone bundle, MIT, `web/api-docs/`).
-#[utoipa::path(
-    get,
-    path = "/api/docs/redoc.standalone.js",
-    tag = "docs",
-    operation_id = "get_docs_script",
-    responses((status = 200, description = "Redoc's standalone bundle", content_type = "text/javascript", body = String)),
-)]
-async fn docs_script() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
-            (header::CACHE_CONTROL, "public, max-age=86400"),
-        ],
-        REDOC_JS,
-    )
-        .into_response()
+/// The rendered reference, files the gateway serves from `web/api/docs/`
+/// (Redoc, vendored with its licence).
+fn docs_path_items() -> [(&'static str, PathItem); 2] {
+    let page = |path, id, summary, media_type| {
+        let op = OperationBuilder::new()
+            .tag(tags::DOCS)
+            .operation_id(Some(id))
+            .summary(Some(summary))
+            .response(
+                "200",
+                ResponseBuilder::new().description(summary).content(
+                    media_type,
+                    ContentBuilder::new()
+                        .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                        .build(),
+                ),
+            )
+            .response(
+                "304",
+                ResponseBuilder::new().description("Unchanged (If-None-Match)"),
+            )
+            .build();
+        (path, PathItem::new(HttpMethod::Get, op))
+    };
+    [
+        page(
+            "/api/docs",
+            "get_docs",
+            "The API reference page",
+            "text/html",
+        ),
+        page(
+            "/api/docs/redoc.standalone.js",
+            "get_docs_script",
+            "The page's renderer (Redoc's standalone bundle, MIT)",
+            "text/javascript",
+        ),
+    ]
 }
 
 /// `POST /api/v1/seckill/{path}/{sale_id}`: one response per status, each
