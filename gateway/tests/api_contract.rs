@@ -279,32 +279,6 @@ async fn run_tool(program: &str, args: &[String], timeout: Duration) -> (bool, S
     (out.status.success(), text)
 }
 
-/// Registers and logs in a fresh buyer through the gateway: their token.
-async fn fresh_buyer(stack: &Stack) -> String {
-    let creds = serde_json::json!({
-        "username": format!("fuzz_{}", &stack.env.id[..8]),
-        "password": "correct horse battery",
-    });
-    let resp = stack
-        .http
-        .post(stack.url("/api/v1/auth/register"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let resp = stack
-        .http
-        .post(stack.url("/api/v1/auth/login"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body: Value = resp.json().await.unwrap();
-    body["access_token"].as_str().unwrap().to_string()
-}
-
 /// Two sales open a moment after creation, for 10 minutes.
 async fn open_sales(stack: &Stack) -> (u64, u64) {
     let a = stack.create_sale(20, 1, 600).await;
@@ -317,7 +291,7 @@ async fn open_sales(stack: &Stack) -> (u64, u64) {
 async fn schemathesis_finds_nothing_against_the_running_stack() {
     let stack = Stack::start(opts()).await;
     open_sales(&stack).await;
-    let token = fresh_buyer(&stack).await;
+    let (_, token) = stack.sign_up(&format!("fuzz_{}", &stack.env.id[..8])).await;
     let base = stack.url("");
     let report = tempfile::tempdir().unwrap();
     let args = [

@@ -52,28 +52,9 @@ async fn the_whole_buyer_journey_through_the_gateway() {
         stack.config.jwt.signing_kid.as_str()
     );
 
-    let creds =
-        json!({"username": format!("buyer_{}", &stack.env.id[..8]), "password": "correct horse"});
-    let resp = http
-        .post(stack.url("/api/v1/auth/register"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let user_id = resp.json::<Value>().await.unwrap()["user_id"]
-        .as_u64()
-        .unwrap();
-    let resp = http
-        .post(stack.url("/api/v1/auth/login"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let login: Value = resp.json().await.unwrap();
-    assert_eq!(login["token_type"], "Bearer");
-    let token = login["access_token"].as_str().unwrap().to_string();
+    let (user_id, token) = stack
+        .sign_up(&format!("buyer_{}", &stack.env.id[..8]))
+        .await;
 
     let sales = stack.get_json("/api/v1/sales").await;
     assert!(

@@ -175,6 +175,35 @@ impl Stack {
         resp.json().await.unwrap()
     }
 
+    /// Registers `username` and logs in through the gateway, as a buyer
+    /// does: (user id, access token).
+    pub async fn sign_up(&self, username: &str) -> (u64, String) {
+        let creds = json!({"username": username, "password": "correct horse"});
+        let resp = self
+            .http
+            .post(self.url("/api/v1/auth/register"))
+            .json(&creds)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        let user_id = resp.json::<Value>().await.unwrap()["user_id"]
+            .as_u64()
+            .unwrap();
+        let resp = self
+            .http
+            .post(self.url("/api/v1/auth/login"))
+            .json(&creds)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let login: Value = resp.json().await.unwrap();
+        assert_eq!(login["token_type"], "Bearer");
+        assert_eq!(login["user_id"], user_id);
+        (user_id, login["access_token"].as_str().unwrap().to_string())
+    }
+
     /// A valid token for `user` (minted once per user: RSA signing is slow).
     pub fn token(&self, user: u64) -> String {
         let mut tokens = self.tokens.lock().unwrap();
