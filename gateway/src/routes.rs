@@ -35,6 +35,15 @@ pub struct Matched<'a> {
     pub params: Vec<(String, String)>,
 }
 
+/// The outcome of [`RouteTable::resolve`].
+#[derive(Debug)]
+pub enum Resolved<'a> {
+    Route(Matched<'a>),
+    /// The path is routed, for these methods only.
+    MethodNotAllowed(Vec<String>),
+    NotFound,
+}
+
 /// Why a pattern is unusable.
 #[derive(Debug, thiserror::Error)]
 #[error("route `{route}`: {reason}")]
@@ -58,6 +67,28 @@ impl RouteTable {
     /// The first route matching `method` and `path` (no query string).
     pub fn find(&self, method: &str, path: &str) -> Option<Matched<'_>> {
         self.routes.iter().find_map(|r| r.matches(method, path))
+    }
+
+    /// What the table answers for `method` and `path`: the route, or which
+    /// methods the path takes (a 405 with `Allow`), or nothing (a 404).
+    ///
+    /// A path that a method-bound route claims belongs to those methods: a
+    /// catch-all route (`method = "*"`) does not take other methods of it,
+    /// so an undeclared method on a public path is a 405, not whatever the
+    /// catch-all would answer (a 401 for a token it needs).
+    pub fn resolve(&self, method: &str, path: &str) -> Resolved<'_> {
+        let allowed = || self.allowed_methods(path);
+        match self.find(method, path) {
+            Some(m) if m.route.method.is_some() => Resolved::Route(m),
+            Some(m) => match allowed() {
+                methods if methods.is_empty() => Resolved::Route(m),
+                methods => Resolved::MethodNotAllowed(methods),
+            },
+            None => match allowed() {
+                methods if methods.is_empty() => Resolved::NotFound,
+                methods => Resolved::MethodNotAllowed(methods),
+            },
+        }
     }
 
     /// The methods routes take for `path`, for the `Allow` header of a
@@ -264,6 +295,26 @@ mod tests {
             ["GET", "HEAD"]
         );
         assert!(only.allowed_methods("/elsewhere").is_empty());
+    }
+
+    #[test]
+    fn a_catch_all_does_not_take_other_methods_of_a_claimed_path() {
+        let t = table();
+        let allowed = |r: Resolved| match r {
+            Resolved::MethodNotAllowed(m) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            allowed(t.resolve("TRACE", "/api/v1/sales")),
+            ["GET", "HEAD"]
+        );
+        assert!(
+            matches!(t.resolve("DELETE", "/api/v1/orders/9"), Resolved::Route(m) if m.route.name == "rest")
+        );
+        assert!(
+            matches!(t.resolve("GET", "/api/v1/sales"), Resolved::Route(m) if m.route.name == "list")
+        );
+        assert!(matches!(t.resolve("GET", "/elsewhere"), Resolved::NotFound));
     }
 
     #[test]

@@ -121,6 +121,15 @@ async fn the_document_lists_exactly_the_routes_the_stack_serves() {
         .unwrap();
     assert_eq!(trace.status(), 405);
     assert_eq!(trace.headers()["allow"], "GET, HEAD");
+    // Also where the authenticated catch-all would have taken it (a 401).
+    let delete = stack
+        .http
+        .delete(stack.url("/api/v1/sales"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 405);
+    assert_eq!(delete.headers()["allow"], "GET, HEAD");
 
     // The gateway's table agrees: each documented operation matches a
     // route, public exactly when the document needs no token.
@@ -251,8 +260,14 @@ fn contract_file(name: &str) -> String {
 
 /// Runs `program` from the venv's `bin/` with the venv first on PATH, in a
 /// scratch folder (hypothesis leaves its state in the working directory),
-/// killed after `timeout`. Returns (success, stdout and stderr).
-async fn run_tool(program: &str, args: &[String], timeout: Duration) -> (bool, String) {
+/// killed after `timeout`, with `env` added. Returns (success, stdout and
+/// stderr).
+async fn run_tool(
+    program: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (bool, String) {
     let scratch = tempfile::tempdir().unwrap();
     let venv = api_tools().clone();
     let path = format!(
@@ -265,6 +280,7 @@ async fn run_tool(program: &str, args: &[String], timeout: Duration) -> (bool, S
         .current_dir(scratch.path())
         .env("PATH", path)
         .env("VIRTUAL_ENV", &venv)
+        .envs(env.iter().copied())
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(timeout, child)
@@ -301,8 +317,6 @@ async fn schemathesis_finds_nothing_against_the_running_stack() {
         &format!("{base}/api/v1/openapi.json"),
         "--url",
         &base,
-        "--header",
-        &format!("Authorization: Bearer {token}"),
         "--seed",
         "20261202",
         "--report",
@@ -312,7 +326,8 @@ async fn schemathesis_finds_nothing_against_the_running_stack() {
         "--no-color",
     ]
     .map(String::from);
-    let (ok, output) = run_tool("schemathesis", &args, Duration::from_secs(600)).await;
+    let env = [("SECKILL_FUZZ_TOKEN", token.as_str())];
+    let (ok, output) = run_tool("schemathesis", &args, &env, Duration::from_secs(600)).await;
     assert!(ok, "schemathesis found problems:\n{output}");
     let summary: Vec<&str> = output
         .lines()
@@ -350,7 +365,7 @@ async fn a_client_generated_from_the_document_completes_the_buyer_journey() {
         "--cancel-sale-id".into(),
         cancel_sale.to_string(),
     ];
-    let (ok, output) = run_tool("python", &args, Duration::from_secs(180)).await;
+    let (ok, output) = run_tool("python", &args, &[], Duration::from_secs(180)).await;
     assert!(ok, "the generated client's journey failed:\n{output}");
     let result: Value = serde_json::from_str(output.lines().next().unwrap_or("")).unwrap();
     let paid = result["paid"].as_str().unwrap();

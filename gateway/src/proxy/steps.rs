@@ -29,7 +29,7 @@ use crate::jwt::JwtRejection;
 use crate::key_refresh::KeyRefresher;
 use crate::metrics;
 use crate::problem::LocalResponse;
-use crate::routes::RouteTable;
+use crate::routes::{Resolved, RouteTable};
 use crate::rules::{Decision, RequestInfo, RuleSet};
 use crate::web_files::WebFiles;
 
@@ -142,18 +142,20 @@ pub(super) fn route(
     req: &RequestHeader,
     ctx: &mut RequestCtx,
 ) -> Option<Answer> {
-    let Some(matched) = routes.find(req.method.as_str(), req.uri.path()) else {
-        let allowed = routes.allowed_methods(req.uri.path());
-        if allowed.is_empty() {
+    let matched = match routes.resolve(req.method.as_str(), req.uri.path()) {
+        Resolved::Route(m) => m,
+        Resolved::NotFound => {
             return Some(Answer::new(LocalResponse::problem(
                 404,
                 "no route for this path",
-            )));
+            )))
         }
-        return Some(Answer::new(
-            LocalResponse::problem(405, "this route does not accept that method")
-                .with_header("allow", allowed.join(", ")),
-        ));
+        Resolved::MethodNotAllowed(allowed) => {
+            return Some(Answer::new(
+                LocalResponse::problem(405, "this route does not accept that method")
+                    .with_header("allow", allowed.join(", ")),
+            ))
+        }
     };
     ctx.route = matched.route.name.clone();
     ctx.public = matched.route.public;
