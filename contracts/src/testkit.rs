@@ -217,10 +217,22 @@ impl TestEnv {
     }
 }
 
-/// A loopback address with a port that was free a moment ago.
+/// A loopback address with a port that was free a moment ago, and that
+/// this process has not handed out before: the kernel may give a port it
+/// just got back to the next `bind(0)`, and two stacks started at once in
+/// one test binary would then both be configured with it (one of their
+/// processes fails to bind, and both stacks talk to the other's).
 pub fn free_addr() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let addr = listener.local_addr().expect("local addr");
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.contains(&addr.port()) {
+            seen.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 /// Polls `url` until it answers 200 or `timeout` passes.
