@@ -269,7 +269,10 @@ async fn run_tool(
     timeout: Duration,
 ) -> (bool, String) {
     let scratch = tempfile::tempdir().unwrap();
-    let venv = api_tools().clone();
+    // Making the venv may take half a minute: off the async workers.
+    let venv = tokio::task::spawn_blocking(|| api_tools().clone())
+        .await
+        .unwrap();
     let path = format!(
         "{}:{}",
         venv.join("bin").display(),

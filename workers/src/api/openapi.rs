@@ -229,7 +229,7 @@ fn seckill_path_item() -> PathItem {
                         .pattern(Some("^[0-9a-f]{32}$")),
                 )),
         )
-        .parameter(sale_id_parameter("sale_id"))
+        .parameter(sale_id_parameter())
         .security(SecurityRequirement::new(BEARER, Vec::<String>::new()));
     for (status, answers) in by_status {
         op = op.response(status.to_string(), seckill_response(status, &answers));
@@ -289,22 +289,14 @@ fn queued_schema() -> Schema {
         .into()
 }
 
-/// A sale id in the path: 1 to 2^53 − 1 (anything else is a 404).
-fn sale_id_parameter(name: &str) -> ParameterBuilder {
-    ParameterBuilder::new()
-        .name(name)
-        .parameter_in(ParameterIn::Path)
-        .required(Required::True)
-        .description(Some("The sale's id"))
-        .schema(Some(
-            ObjectBuilder::new()
-                .schema_type(Type::Integer)
-                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
-                    utoipa::openapi::KnownFormat::Int64,
-                )))
-                .minimum(Some(1))
-                .maximum(Some(super::problem::MAX_SALE_ID)),
-        ))
+/// The seckill route's `{sale_id}`: the sale routes' `{id}` (one
+/// description, one bound) under the name the gateway's route uses.
+fn sale_id_parameter() -> utoipa::openapi::path::Parameter {
+    use utoipa::IntoParams;
+    let mut params = super::problem::SaleIdParam::into_params(|| Some(ParameterIn::Path));
+    let mut param = params.remove(0);
+    param.name = "sale_id".to_string();
+    param
 }
 
 fn problem_content() -> utoipa::openapi::content::Content {
@@ -455,101 +447,93 @@ struct Link {
     request_body: Option<&'static str>,
 }
 
+const fn link(
+    (from, status): (&'static str, &'static str),
+    name: &'static str,
+    target: &'static str,
+    parameters: &'static [(&'static str, &'static str)],
+) -> Link {
+    Link {
+        from,
+        status,
+        name,
+        target,
+        parameters,
+        request_body: None,
+    }
+}
+
 /// The buyer's journey as links (OpenAPI 3.1 §4.8.20).
 const LINKS: &[Link] = &[
     Link {
-        from: "register",
-        status: "201",
-        name: "Login",
-        target: "login",
-        parameters: &[],
         request_body: Some(
             r#"{"username": "$request.body#/username", "password": "$request.body#/password"}"#,
         ),
+        ..link(("register", "201"), "Login", "login", &[])
     },
-    Link {
-        from: "list_sales",
-        status: "200",
-        name: "GetSale",
-        target: "get_sale",
-        parameters: &[("id", "$response.body#/0/id")],
-        request_body: None,
-    },
-    Link {
-        from: "get_sale",
-        status: "200",
-        name: "GetCaptcha",
-        target: "get_captcha",
-        parameters: &[("id", "$response.body#/id")],
-        request_body: None,
-    },
-    Link {
-        from: "get_captcha",
-        status: "200",
-        name: "IssuePath",
-        target: "issue_path",
-        parameters: &[("id", "$request.path.id")],
-        request_body: None,
-    },
-    Link {
-        from: "issue_path",
-        status: "200",
-        name: "Seckill",
-        target: "seckill",
-        parameters: &[
+    link(
+        ("list_sales", "200"),
+        "GetSale",
+        "get_sale",
+        &[("id", "$response.body#/0/id")],
+    ),
+    link(
+        ("get_sale", "200"),
+        "GetCaptcha",
+        "get_captcha",
+        &[("id", "$response.body#/id")],
+    ),
+    link(
+        ("get_captcha", "200"),
+        "IssuePath",
+        "issue_path",
+        &[("id", "$request.path.id")],
+    ),
+    link(
+        ("issue_path", "200"),
+        "Seckill",
+        "seckill",
+        &[
             ("path", "$response.body#/path"),
             ("sale_id", "$request.path.id"),
         ],
-        request_body: None,
-    },
-    Link {
-        from: "seckill",
-        status: "202",
-        name: "GetResult",
-        target: "get_result",
-        parameters: &[("id", "$request.path.sale_id")],
-        request_body: None,
-    },
-    Link {
-        from: "get_result",
-        status: "200",
-        name: "GetOrder",
-        target: "get_order",
-        parameters: &[("id", "$response.body#/order_id")],
-        request_body: None,
-    },
-    Link {
-        from: "get_order",
-        status: "200",
-        name: "PayOrder",
-        target: "pay_order",
-        parameters: &[("id", "$response.body#/id")],
-        request_body: None,
-    },
-    Link {
-        from: "get_order",
-        status: "200",
-        name: "CancelOrder",
-        target: "cancel_order",
-        parameters: &[("id", "$response.body#/id")],
-        request_body: None,
-    },
-    Link {
-        from: "list_orders",
-        status: "200",
-        name: "GetOrder",
-        target: "get_order",
-        parameters: &[("id", "$response.body#/0/id")],
-        request_body: None,
-    },
-    Link {
-        from: "get_idempotency_key",
-        status: "200",
-        name: "PayOrder",
-        target: "pay_order",
-        parameters: &[("header.Idempotency-Key", "$response.body#/key")],
-        request_body: None,
-    },
+    ),
+    link(
+        ("seckill", "202"),
+        "GetResult",
+        "get_result",
+        &[("id", "$request.path.sale_id")],
+    ),
+    link(
+        ("get_result", "200"),
+        "GetOrder",
+        "get_order",
+        &[("id", "$response.body#/order_id")],
+    ),
+    link(
+        ("get_order", "200"),
+        "PayOrder",
+        "pay_order",
+        &[("id", "$response.body#/id")],
+    ),
+    link(
+        ("get_order", "200"),
+        "CancelOrder",
+        "cancel_order",
+        &[("id", "$response.body#/id")],
+    ),
+    link(
+        ("list_orders", "200"),
+        "GetOrder",
+        "get_order",
+        &[("id", "$response.body#/0/id")],
+    ),
+    link(
+        ("get_idempotency_key", "200"),
+        "PayOrder",
+        "pay_order",
+        &[("header.Idempotency-Key", "$response.body#/key")],
+    ),
 ];
 
 /// Writes [`LINKS`] into the serialised document. Done on the JSON, not on
@@ -649,6 +633,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_sale_id_parameter_carries_the_api_s_bound() {
+        let doc = document();
+        let mut seen = 0;
+        for (id, op) in operations(&doc) {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                if p["name"] == "id" && p["schema"]["type"] == "integer" || p["name"] == "sale_id" {
+                    let max = p["schema"]["maximum"].as_f64();
+                    assert_eq!(max, Some(super::super::problem::MAX_SALE_ID as f64), "{id}");
+                    assert_eq!(p["schema"]["minimum"].as_f64(), Some(1.0), "{id}");
+                    seen += 1;
+                }
+            }
+        }
+        assert_eq!(
+            seen, 5,
+            "get_sale, get_captcha, issue_path, get_result, seckill"
+        );
     }
 
     #[test]
