@@ -37,16 +37,26 @@ local function retry_after_secs(ms)
   return tostring(math.max(1, math.ceil(ms / 1000)))
 end
 
-local function sold_out(req, sale_id)
-  local answer = seckill.reject(410, "sold out")
-  seckill.shortcut(req.route, "sale_id", req.params.sale_id, answer, M.sold_out_shortcut_ms)
+-- Every answer is counted by outcome (gateway_admission_decisions_total and
+-- the /ops dashboard), under the names of the documented answers table.
+local function decided(outcome, sale_id, answer)
+  seckill.decision(outcome, sale_id)
   return answer
 end
 
-local function ended(req)
+-- A stored answer carries its outcome, so its replays are counted too.
+local function sold_out(req, sale_id)
+  local answer = seckill.reject(410, "sold out")
+  seckill.shortcut(req.route, "sale_id", req.params.sale_id, answer, M.sold_out_shortcut_ms,
+    "sold_out", sale_id)
+  return decided("sold_out", sale_id, answer)
+end
+
+local function ended(req, sale_id)
   local answer = seckill.reject(409, "the sale has ended")
-  seckill.shortcut(req.route, "sale_id", req.params.sale_id, answer, M.ended_shortcut_ms)
-  return answer
+  seckill.shortcut(req.route, "sale_id", req.params.sale_id, answer, M.ended_shortcut_ms,
+    "ended", sale_id)
+  return decided("ended", sale_id, answer)
 end
 
 -- After a failed publish the gateway has already tried to give the unit
@@ -60,18 +70,21 @@ local function not_enqueued(req, sale_id, stock_left, outcome, err, retry_after)
       seckill.shortcut_clear(req.route, "sale_id", req.params.sale_id)
       pcall(seckill.sale_event, sale_id, "reopened")
     end
-    return seckill.reject(503, "the order could not be queued; nothing was reserved, please retry",
-      { ["retry-after"] = "1" })
+    return decided("released", sale_id, seckill.reject(503,
+      "the order could not be queued; nothing was reserved, please retry",
+      { ["retry-after"] = "1" }))
   elseif outcome == "not_held" then
-    return seckill.reject(503, "the order could not be confirmed as queued, and it may have been "
+    return decided("not_held", sale_id, seckill.reject(503,
+      "the order could not be confirmed as queued, and it may have been "
       .. "placed after all: check GET /api/v1/sales/" .. sale_id .. "/result before retrying",
-      { ["retry-after"] = "1" })
+      { ["retry-after"] = "1" }))
   end
   -- release_failed: the unit is still held for this request.
-  return seckill.reject(503, "the order could not be queued and your reservation could not be "
+  return decided("release_failed", sale_id, seckill.reject(503,
+    "the order could not be queued and your reservation could not be "
     .. "given back yet; it is released automatically within " .. retry_after .. " s, and a retry "
     .. "before then is refused as already queued",
-    { ["retry-after"] = tostring(retry_after) })
+    { ["retry-after"] = tostring(retry_after) }))
 end
 
 local function admitted(req, sale_id, reply)
@@ -89,7 +102,7 @@ local function admitted(req, sale_id, reply)
   })
   -- "claimed": the publish failed but a worker already took the message.
   if outcome == "queued" or outcome == "claimed" then
-    return seckill.respond(202, { status = "queued", request_id = rid })
+    return decided("queued", sale_id, seckill.respond(202, { status = "queued", request_id = rid }))
   end
   return not_enqueued(req, sale_id, stock_left, outcome, err, retry_after)
 end
@@ -100,25 +113,26 @@ function M.access(req)
   local raw_id = req.params.sale_id
   local sale_id = raw_id:match("^[1-9][0-9]*$") and tonumber(raw_id)
   if not sale_id or sale_id > 9007199254740991 then
-    return seckill.reject(404, "no such sale")
+    return decided("bad_sale_id", nil, seckill.reject(404, "no such sale"))
   end
   local path = req.params.path
   if #path ~= 32 or not path:match("^[0-9a-f]+$") then
-    return seckill.reject(403, "the sale path is invalid or has expired")
+    return decided("malformed_path", sale_id,
+      seckill.reject(403, "the sale path is invalid or has expired"))
   end
 
   local sale = seckill.sale(sale_id)
   if not sale then
-    return seckill.reject(404, "no such sale")
+    return decided("unknown_sale", nil, seckill.reject(404, "no such sale"))
   end
   if sale.ready then
     local now = seckill.now_ms()
     if now < sale.starts_at_ms then
-      return seckill.reject(409, "the sale has not started yet",
-        { ["retry-after"] = retry_after_secs(sale.starts_at_ms - now) })
+      return decided("not_started", sale_id, seckill.reject(409, "the sale has not started yet",
+        { ["retry-after"] = retry_after_secs(sale.starts_at_ms - now) }))
     end
     if now >= sale.ends_at_ms then
-      return ended(req)
+      return ended(req, sale_id)
     end
     if sale.sold_out then
       return sold_out(req, sale_id)
@@ -127,8 +141,8 @@ function M.access(req)
   -- A sale that is not ready goes on to the script, which refuses it.
 
   if not seckill.bucket("seckill:" .. sale_id, M.bucket_rate, M.bucket_burst) then
-    return seckill.reject(429, "too many requests for this sale, please retry",
-      { ["retry-after"] = "1" })
+    return decided("gateway_limited", sale_id, seckill.reject(429,
+      "too many requests for this sale, please retry", { ["retry-after"] = "1" }))
   end
 
   local keys = seckill.sale_keys(sale_id, req.user_id)
@@ -137,7 +151,8 @@ function M.access(req)
     req.user_id, path, req.request_id, M.user_limit, M.user_window_ms)
   if not ok then
     seckill.log("error", "admission script failed:", tostring(reply))
-    return seckill.reject(503, "the sale is unavailable, please retry", { ["retry-after"] = "1" })
+    return decided("store_unavailable", sale_id,
+      seckill.reject(503, "the sale is unavailable, please retry", { ["retry-after"] = "1" }))
   end
 
   local outcome = reply[1]
@@ -147,21 +162,23 @@ function M.access(req)
     pcall(seckill.sale_event, sale_id, "sold_out")
     return sold_out(req, sale_id)
   elseif outcome == "duplicate" then
-    return seckill.reject(409, "you already bought or are queued for this sale")
+    return decided("duplicate", sale_id,
+      seckill.reject(409, "you already bought or are queued for this sale"))
   elseif outcome == "limited" then
-    return seckill.reject(429, "too many attempts, slow down",
-      { ["retry-after"] = retry_after_secs(reply[2]) })
+    return decided("limited", sale_id, seckill.reject(429, "too many attempts, slow down",
+      { ["retry-after"] = retry_after_secs(reply[2]) }))
   elseif outcome == "bad_path" then
-    return seckill.reject(403, "the sale path is invalid or has expired")
+    return decided("bad_path", sale_id,
+      seckill.reject(403, "the sale path is invalid or has expired"))
   elseif outcome == "not_started" then
     -- This gateway's copy of the sale thought otherwise: it is stale.
-    return seckill.reject(409, "the sale has not started yet", { ["retry-after"] = "1" })
+    return decided("not_started", sale_id,
+      seckill.reject(409, "the sale has not started yet", { ["retry-after"] = "1" }))
   elseif outcome == "ended" then
-    return ended(req)
+    return ended(req, sale_id)
   elseif outcome == "not_ready" then
-    seckill.counter("seckill_not_ready")
-    return seckill.reject(503, "the sale is not ready, please retry shortly",
-      { ["retry-after"] = "2" })
+    return decided("not_ready", sale_id, seckill.reject(503,
+      "the sale is not ready, please retry shortly", { ["retry-after"] = "2" }))
   end
   error("admit.lua returned an unknown outcome: " .. tostring(outcome))
 end

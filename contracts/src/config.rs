@@ -280,6 +280,38 @@ pub struct RouteConfig {
     pub files: bool,
 }
 
+impl RouteConfig {
+    /// A route the Lua rules answer at the edge (JWT checked).
+    pub fn local(name: &str, method: &str, path: &str) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            method: method.into(),
+            path: path.into(),
+            pool: None,
+            public: false,
+            files: false,
+        }
+    }
+
+    /// A route proxied to the `api` pool.
+    pub fn proxied(name: &str, method: &str, path: &str, public: bool) -> RouteConfig {
+        RouteConfig {
+            pool: Some("api".into()),
+            public,
+            ..RouteConfig::local(name, method, path)
+        }
+    }
+
+    /// A public `GET` route answered from `gateway.web_dir`.
+    pub fn files(name: &str, path: &str) -> RouteConfig {
+        RouteConfig {
+            public: true,
+            files: true,
+            ..RouteConfig::local(name, "GET", path)
+        }
+    }
+}
+
 /// The Pingora edge.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -459,78 +491,22 @@ impl Default for GatewayConfig {
             bundles: BundlesConfig::default(),
             pools: BTreeMap::from([("api".to_string(), api)]),
             routes: vec![
-                RouteConfig {
-                    name: "seckill".into(),
-                    method: "POST".into(),
-                    path: "/api/v1/seckill/{path}/{sale_id}".into(),
-                    pool: None,
-                    public: false,
-                    files: false,
-                },
-                RouteConfig {
-                    name: "auth".into(),
-                    method: "POST".into(),
-                    path: "/api/v1/auth/{action}".into(),
-                    pool: Some("api".into()),
-                    public: true,
-                    files: false,
-                },
-                RouteConfig {
-                    name: "sales_list".into(),
-                    method: "GET".into(),
-                    path: "/api/v1/sales".into(),
-                    pool: Some("api".into()),
-                    public: true,
-                    files: false,
-                },
-                RouteConfig {
-                    name: "sale_detail".into(),
-                    method: "GET".into(),
-                    path: "/api/v1/sales/{sale_id}".into(),
-                    pool: Some("api".into()),
-                    public: true,
-                    files: false,
-                },
-                RouteConfig {
-                    name: "jwks".into(),
-                    method: "GET".into(),
-                    path: "/.well-known/jwks.json".into(),
-                    pool: Some("api".into()),
-                    public: true,
-                    files: false,
-                },
-                RouteConfig {
-                    name: "openapi".into(),
-                    method: "GET".into(),
-                    path: "/api/v1/openapi.json".into(),
-                    pool: Some("api".into()),
-                    public: true,
-                    files: false,
-                },
-                RouteConfig {
-                    name: "docs".into(),
-                    method: "GET".into(),
-                    path: "/api/docs".into(),
-                    pool: None,
-                    public: true,
-                    files: true,
-                },
-                RouteConfig {
-                    name: "docs_assets".into(),
-                    method: "GET".into(),
-                    path: "/api/docs/{*asset}".into(),
-                    pool: None,
-                    public: true,
-                    files: true,
-                },
-                RouteConfig {
-                    name: "api".into(),
-                    method: "*".into(),
-                    path: "/api/v1/{*rest}".into(),
-                    pool: Some("api".into()),
-                    public: false,
-                    files: false,
-                },
+                RouteConfig::local("seckill", "POST", "/api/v1/seckill/{path}/{sale_id}"),
+                RouteConfig::proxied("auth", "POST", "/api/v1/auth/{action}", true),
+                RouteConfig::proxied("sales_list", "GET", "/api/v1/sales", true),
+                RouteConfig::proxied("sale_detail", "GET", "/api/v1/sales/{sale_id}", true),
+                RouteConfig::proxied("jwks", "GET", "/.well-known/jwks.json", true),
+                RouteConfig::proxied("openapi", "GET", "/api/v1/openapi.json", true),
+                RouteConfig::files("docs", "/api/docs"),
+                RouteConfig::files("docs_assets", "/api/docs/{*asset}"),
+                RouteConfig::files("storefront", "/"),
+                RouteConfig::files("storefront_assets", "/store/{*asset}"),
+                // The dashboard's data: the api checks the admin token, so
+                // the edge passes it on without a JWT check.
+                RouteConfig::proxied("ops_api", "*", "/ops/api/{*rest}", true),
+                RouteConfig::files("ops", "/ops"),
+                RouteConfig::files("ops_assets", "/ops/{*asset}"),
+                RouteConfig::proxied("api", "*", "/api/v1/{*rest}", false),
             ],
         }
     }

@@ -8,6 +8,7 @@
 //! [`server`] assembles the Pingora services from configuration.
 
 pub mod admin;
+pub mod decisions;
 pub mod drain;
 pub mod handoff;
 pub mod header_gate;

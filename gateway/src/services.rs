@@ -20,6 +20,7 @@ use seckill_contracts::message::OrderMessage;
 use seckill_contracts::redis_client::RedisConn;
 use tokio::sync::OnceCell;
 
+use crate::decisions::Decisions;
 use crate::limiter::TokenBuckets;
 use crate::metrics;
 use crate::publisher::{OrderPublisher, PublishError};
@@ -41,6 +42,7 @@ pub struct HostServices {
     pub dict: SharedDict,
     pub buckets: TokenBuckets,
     pub sales: Arc<SaleDirectory>,
+    pub decisions: Decisions,
     config: Config,
     redis: OnceCell<RedisConn>,
     publisher: OnceCell<OrderPublisher>,
@@ -57,6 +59,7 @@ impl HostServices {
                 Duration::from_millis(config.gateway.sale_info_ttl_ms),
                 Duration::from_millis(config.gateway.sold_out_mark_ttl_ms),
             )),
+            decisions: Decisions::default(),
             config: config.clone(),
             redis: OnceCell::new(),
             publisher: OnceCell::new(),

@@ -135,6 +135,7 @@ pub struct RuleSet {
     limits: Limits,
     vms: Vec<RuleVm>,
     shortcuts: Arc<shortcuts::Shortcuts>,
+    services: Arc<HostServices>,
 }
 
 thread_local! {
@@ -299,6 +300,7 @@ fn compile(
         limits,
         vms: built,
         shortcuts,
+        services: services.clone(),
     })
 }
 
@@ -310,8 +312,13 @@ impl RuleSet {
 
     /// An answer a rule of this version stored for this request with
     /// `seckill.shortcut` (see [`shortcuts`]), to write without running Lua.
+    /// A replay counts the decision the answer was stored with.
     pub fn shortcut(&self, route: &str, params: &[(String, String)]) -> Option<Arc<LocalResponse>> {
-        self.shortcuts.find(route, params)
+        let stored = self.shortcuts.find(route, params)?;
+        if let Some(c) = &stored.counted {
+            self.services.decisions.record(&c.outcome, c.sale_id);
+        }
+        Some(stored.response)
     }
 
     /// Runs the access phase. An error is the rule's fault: the caller

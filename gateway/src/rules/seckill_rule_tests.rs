@@ -50,7 +50,14 @@ seckill = {
   publish = function() return PUBLISH_OK, "broker is down" end,
   enqueue = function() return ENQUEUE, "broker is down", 70 end,
   sale_event = function() end,
-  shortcut = function() end,
+  shortcut = function(route, param, value, answer, ttl, outcome, sale_id)
+    STORED = { outcome = outcome, sale_id = sale_id }
+  end,
+  decision = function(outcome, sale_id)
+    DECISIONS = (DECISIONS or 0) + 1
+    DECIDED = outcome
+    DECIDED_SALE = sale_id
+  end,
   shortcut_clear = function() CLEARED = true end,
   counter = function() end,
   log = function() end,
@@ -67,6 +74,13 @@ struct Answer {
     status: u16,
     detail: String,
     retry_after: Option<String>,
+    /// What the rule counted with `seckill.decision`: how many calls, the
+    /// last outcome and sale id.
+    decisions: u32,
+    decided: Option<String>,
+    decided_sale: Option<u64>,
+    /// The outcome a stored shortcut answer carries.
+    stored_outcome: Option<String>,
 }
 
 /// Runs `access` of the repository's seckill rule for one admitted buyer.
@@ -108,6 +122,18 @@ fn run_rule(scenario: &str, sale_id: &str, path: &str) -> Answer {
             .unwrap()
             .unwrap_or_default(),
         retry_after: headers.get("retry-after").unwrap(),
+        decisions: lua
+            .globals()
+            .get::<Option<u32>>("DECISIONS")
+            .unwrap()
+            .unwrap_or(0),
+        decided: lua.globals().get("DECIDED").unwrap(),
+        decided_sale: lua.globals().get("DECIDED_SALE").unwrap(),
+        stored_outcome: lua
+            .globals()
+            .get::<Option<Table>>("STORED")
+            .unwrap()
+            .and_then(|t| t.get("outcome").unwrap()),
     }
 }
 
@@ -190,6 +216,14 @@ fn the_rule_answers_exactly_what_the_documented_table_says() {
         );
         let detail = documented.detail_for(7, retry.unwrap_or(0));
         assert_eq!(got.detail, detail, "{outcome}");
+        // Counted once, under its own name, for the sale when it is one.
+        assert_eq!(got.decisions, 1, "{outcome}: decisions counted");
+        assert_eq!(got.decided.as_deref(), Some(*outcome), "{outcome}");
+        let named_sale = !matches!(*outcome, "bad_sale_id" | "unknown_sale");
+        assert_eq!(got.decided_sale, named_sale.then_some(7), "{outcome}: sale");
+        if let Some(stored) = &got.stored_outcome {
+            assert_eq!(stored, outcome, "a stored answer replays its own outcome");
+        }
     }
     let mut scripted: Vec<_> = SCENARIOS.iter().map(|s| s.0).collect();
     let mut documented: Vec<_> = ANSWERS.iter().map(|a| a.outcome).collect();

@@ -22,9 +22,25 @@ use crate::problem::LocalResponse;
 pub const MAX_TTL: Duration = Duration::from_secs(60);
 const CAPACITY: u64 = 100_000;
 
+/// The admission decision a stored answer stands for: each replay counts
+/// it (see [`crate::decisions`]), so the crowd a shortcut answers is not
+/// missing from the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counted {
+    pub outcome: String,
+    pub sale_id: Option<u64>,
+}
+
+/// A stored answer.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub response: Arc<LocalResponse>,
+    pub counted: Option<Arc<Counted>>,
+}
+
 #[derive(Clone)]
 struct Entry {
-    response: Arc<LocalResponse>,
+    stored: Stored,
     ttl: Duration,
 }
 
@@ -72,7 +88,8 @@ impl Default for Shortcuts {
 
 impl Shortcuts {
     /// Stores `response` for requests of `route` whose path parameter
-    /// `param` is `value`, for `ttl` (at most [`MAX_TTL`]).
+    /// `param` is `value`, for `ttl` (at most [`MAX_TTL`]); each replay
+    /// counts `counted` when given.
     pub fn set(
         &self,
         route: &str,
@@ -80,12 +97,16 @@ impl Shortcuts {
         value: &str,
         response: LocalResponse,
         ttl: Duration,
+        counted: Option<Counted>,
     ) {
         self.used.store(true, Ordering::Relaxed);
         self.entries.insert(
             (route.to_string(), param.to_string(), value.to_string()),
             Entry {
-                response: Arc::new(response),
+                stored: Stored {
+                    response: Arc::new(response),
+                    counted: counted.map(Arc::new),
+                },
                 ttl: ttl.min(MAX_TTL),
             },
         );
@@ -98,14 +119,14 @@ impl Shortcuts {
     }
 
     /// The stored answer for this request, if any.
-    pub fn find(&self, route: &str, params: &[(String, String)]) -> Option<Arc<LocalResponse>> {
+    pub fn find(&self, route: &str, params: &[(String, String)]) -> Option<Stored> {
         if !self.used.load(Ordering::Relaxed) {
             return None;
         }
         params.iter().find_map(|(name, value)| {
             self.entries
                 .get(&(route.to_string(), name.clone(), value.clone()))
-                .map(|e| e.response)
+                .map(|e| e.stored)
         })
     }
 }
@@ -127,11 +148,14 @@ mod tests {
             "42",
             LocalResponse::problem(410, "sold out"),
             Duration::from_millis(80),
+            Some(Counted {
+                outcome: "sold_out".into(),
+                sale_id: Some(42),
+            }),
         );
-        assert_eq!(
-            s.find("seckill", &params("42")).map(|r| r.status),
-            Some(410)
-        );
+        let found = s.find("seckill", &params("42")).unwrap();
+        assert_eq!(found.response.status, 410);
+        assert_eq!(found.counted.unwrap().sale_id, Some(42));
         assert!(s.find("seckill", &params("43")).is_none());
         assert!(s.find("other", &params("42")).is_none());
         std::thread::sleep(Duration::from_millis(150));
@@ -147,6 +171,7 @@ mod tests {
             "1",
             LocalResponse::problem(410, "x"),
             Duration::from_secs(3600),
+            None,
         );
         assert!(s.find("r", &[("p".into(), "1".into())]).is_some());
         s.clear("r", "p", "1");

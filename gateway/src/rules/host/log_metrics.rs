@@ -1,12 +1,24 @@
-//! `seckill.log`, `print` and `seckill.counter`: what a rule tells the
-//! operators, through the gateway's `tracing` (target `rules`) and its
-//! Prometheus registry.
+//! `seckill.log`, `print`, `seckill.counter` and `seckill.decision`: what a
+//! rule tells the operators, through the gateway's `tracing` (target
+//! `rules`), its Prometheus registry and its admission tallies
+//! ([`crate::decisions`]).
+
+use std::sync::Arc;
 
 use mlua::{Lua, MultiValue, Table, Value, Variadic};
 
 use crate::metrics;
+use crate::services::HostServices;
 
-pub(super) fn install(lua: &Lua, api: &Table) -> mlua::Result<()> {
+pub(super) fn install(lua: &Lua, api: &Table, services: &Arc<HostServices>) -> mlua::Result<()> {
+    let host = services.clone();
+    api.set(
+        "decision",
+        lua.create_function(move |_, (outcome, sale_id): (String, Option<u64>)| {
+            host.decisions.record(&outcome, sale_id);
+            Ok(())
+        })?,
+    )?;
     api.set(
         "counter",
         lua.create_function(|_, (name, delta): (String, Option<u64>)| {

@@ -51,7 +51,7 @@ pub fn install(lua: &Lua, host: Host) -> mlua::Result<()> {
     sale::install(lua, &api, &host.services)?;
     enqueue::install(lua, &api, &host.services)?;
     dict::install(lua, &api, &host.services)?;
-    log_metrics::install(lua, &api)?;
+    log_metrics::install(lua, &api, &host.services)?;
     builtins::install(lua, &api)?;
     lua.globals().set("seckill", api)?;
     Ok(())

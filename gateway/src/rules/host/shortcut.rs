@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mlua::{Lua, Table, Value};
 
-use crate::rules::shortcuts::Shortcuts;
+use crate::rules::shortcuts::{Counted, Shortcuts};
 use crate::rules::{decision, Decision};
 
 pub(super) fn install(lua: &Lua, api: &Table, shortcuts: &Arc<Shortcuts>) -> mlua::Result<()> {
@@ -15,17 +15,32 @@ pub(super) fn install(lua: &Lua, api: &Table, shortcuts: &Arc<Shortcuts>) -> mlu
     api.set(
         "shortcut",
         lua.create_function(
-            move |_, (route, param, value, response, ttl_ms): (String, String, String, Value, u64)| {
+            move |_,
+                  (route, param, value, response, ttl_ms, outcome, sale_id): (
+                String,
+                String,
+                String,
+                Value,
+                u64,
+                Option<String>,
+                Option<u64>,
+            )| {
                 let resp = match decision(response) {
                     Ok(Decision::Respond(r)) => r,
-                    Ok(Decision::Continue) => {
-                        return Err(mlua::Error::runtime(
-                            "shortcut: the answer must be seckill.respond(...) or seckill.reject(...)",
-                        ))
-                    }
+                    Ok(Decision::Continue) => return Err(mlua::Error::runtime(
+                        "shortcut: the answer must be seckill.respond(...) or seckill.reject(...)",
+                    )),
                     Err(e) => return Err(mlua::Error::runtime(format!("shortcut: {e}"))),
                 };
-                table.set(&route, &param, &value, resp, Duration::from_millis(ttl_ms));
+                let counted = outcome.map(|outcome| Counted { outcome, sale_id });
+                table.set(
+                    &route,
+                    &param,
+                    &value,
+                    resp,
+                    Duration::from_millis(ttl_ms),
+                    counted,
+                );
                 Ok(())
             },
         )?,
