@@ -170,6 +170,38 @@ pub fn answer_for(outcome: &str) -> Option<&'static AdmissionAnswer> {
     ANSWERS.iter().find(|a| a.outcome == outcome)
 }
 
+/// The outcome of an admitted buyer.
+pub const ADMITTED: &str = "queued";
+
+/// The reasons refusals are shown under on the `/ops` dashboard (and its
+/// Grafana twin), in display order.
+pub const REFUSAL_REASONS: &[&str] = &[
+    "sold_out",
+    "limited",
+    "duplicate",
+    "bad_path",
+    "not_ready",
+    "could_not_enqueue",
+    "not_open",
+    "other",
+];
+
+/// The reason a refusal with `outcome` is shown under; `None` for the
+/// admitted outcome. Outcomes the table does not know are `other`.
+pub fn refusal_reason(outcome: &str) -> Option<&'static str> {
+    Some(match outcome {
+        ADMITTED => return None,
+        "sold_out" => "sold_out",
+        "limited" | "gateway_limited" => "limited",
+        "duplicate" => "duplicate",
+        "bad_path" | "malformed_path" => "bad_path",
+        "not_ready" | "store_unavailable" => "not_ready",
+        "released" | "not_held" | "release_failed" => "could_not_enqueue",
+        "not_started" | "ended" => "not_open",
+        _ => "other",
+    })
+}
+
 impl AdmissionAnswer {
     /// The detail as sent for `sale_id` with `retry_after` seconds.
     pub fn detail_for(&self, sale_id: u64, retry_after: u64) -> String {
@@ -182,6 +214,18 @@ impl AdmissionAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_refusal_has_a_shown_reason_and_only_queued_is_admitted() {
+        for a in ANSWERS {
+            let reason = refusal_reason(a.outcome);
+            assert_eq!(reason.is_none(), a.status == 202, "{}", a.outcome);
+            if let Some(r) = reason {
+                assert!(REFUSAL_REASONS.contains(&r), "{}", a.outcome);
+            }
+        }
+        assert_eq!(refusal_reason("made_up"), Some("other"));
+    }
 
     #[test]
     fn outcomes_are_unique_and_statuses_are_http() {

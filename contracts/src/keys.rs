@@ -92,6 +92,11 @@ impl KeySchema {
         }
     }
 
+    /// The fleet's reports (see `fleet`): one hash, one slot.
+    pub fn fleet_members(&self) -> String {
+        format!("{}:{{fleet}}:members", self.prefix)
+    }
+
     /// The keys of sale `sale_id`.
     pub fn sale(&self, sale_id: u64) -> SaleKeys {
         SaleKeys {

@@ -16,6 +16,8 @@ pub mod clock;
 pub mod config;
 #[cfg(feature = "db")]
 pub mod db;
+#[cfg(feature = "fleet")]
+pub mod fleet;
 #[cfg(feature = "jwt")]
 pub mod jwks;
 #[cfg(feature = "jwt")]

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod decisions;
 pub mod drain;
+pub mod fleet_report;
 pub mod handoff;
 pub mod header_gate;
 pub mod key_refresh;

@@ -77,14 +77,24 @@ impl RouteTable {
     /// so an undeclared method on a public path is a 405, not whatever the
     /// catch-all would answer (a 401 for a token it needs).
     pub fn resolve(&self, method: &str, path: &str) -> Resolved<'_> {
-        let allowed = || self.allowed_methods(path);
         match self.find(method, path) {
             Some(m) if m.route.method.is_some() => Resolved::Route(m),
-            Some(m) => match allowed() {
-                methods if methods.is_empty() => Resolved::Route(m),
-                methods => Resolved::MethodNotAllowed(methods),
-            },
-            None => match allowed() {
+            // A catch-all after method-bound routes of this path (`/api/v1/
+            // {*rest}` after `GET /api/v1/sales`) does not take the methods
+            // they leave out; one listed before them (`* /ops/api/{*rest}`
+            // before `GET /ops/{*asset}`) takes its whole prefix.
+            Some(m) => {
+                let before = self
+                    .routes
+                    .iter()
+                    .position(|r| std::ptr::eq(r, m.route))
+                    .unwrap_or(0);
+                match self.allowed_methods_among(&self.routes[..before], path) {
+                    methods if methods.is_empty() => Resolved::Route(m),
+                    methods => Resolved::MethodNotAllowed(methods),
+                }
+            }
+            None => match self.allowed_methods(path) {
                 methods if methods.is_empty() => Resolved::NotFound,
                 methods => Resolved::MethodNotAllowed(methods),
             },
@@ -95,8 +105,12 @@ impl RouteTable {
     /// 405 when none takes the request's method. Empty when no route has
     /// this path (a 404).
     pub fn allowed_methods(&self, path: &str) -> Vec<String> {
+        self.allowed_methods_among(&self.routes, path)
+    }
+
+    fn allowed_methods_among(&self, routes: &[Route], path: &str) -> Vec<String> {
         let mut methods: Vec<String> = Vec::new();
-        for route in &self.routes {
+        for route in routes {
             let Some(m) = &route.method else { continue };
             if route.matches_path(path).is_none() {
                 continue;
@@ -315,6 +329,28 @@ mod tests {
             matches!(t.resolve("GET", "/api/v1/sales"), Resolved::Route(m) if m.route.name == "list")
         );
         assert!(matches!(t.resolve("GET", "/elsewhere"), Resolved::NotFound));
+    }
+
+    #[test]
+    fn a_catch_all_listed_first_takes_its_whole_prefix() {
+        let t = RouteTable::new(&[
+            route("ops_api", "*", "/ops/api/{*rest}"),
+            route("ops_assets", "GET", "/ops/{*asset}"),
+        ])
+        .unwrap();
+        for method in ["GET", "POST"] {
+            assert!(
+                matches!(t.resolve(method, "/ops/api/rules/reload"), Resolved::Route(m) if m.route.name == "ops_api"),
+                "{method}"
+            );
+        }
+        assert!(
+            matches!(t.resolve("GET", "/ops/ops.js"), Resolved::Route(m) if m.route.name == "ops_assets")
+        );
+        assert!(matches!(
+            t.resolve("POST", "/ops/ops.js"),
+            Resolved::MethodNotAllowed(_)
+        ));
     }
 
     #[test]

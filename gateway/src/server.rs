@@ -19,6 +19,7 @@ use pingora::services::background::background_service;
 
 use crate::admin::AdminApp;
 use crate::drain::DrainWatch;
+use crate::fleet_report::FleetReporter;
 use crate::header_gate::{self, GateLimits, HeaderGate};
 use crate::key_refresh::{self, KeyRefreshService, KeySetupError};
 use crate::pools::{self, HealthService, PoolError};
@@ -105,7 +106,7 @@ impl Gateway {
             "admin".to_string(),
             AdminApp::new(
                 admin_token,
-                pools,
+                pools.clone(),
                 rules.clone(),
                 keys.clone(),
                 g.bundles.enabled,
@@ -120,8 +121,15 @@ impl Gateway {
             let follower = BundleFollower::new(rules.clone(), config, running_bundle);
             server.add_service(background_service("rules bundles", follower));
         } else {
-            server.add_service(background_service("rule watcher", RuleWatcher::new(rules)));
+            server.add_service(background_service(
+                "rule watcher",
+                RuleWatcher::new(rules.clone()),
+            ));
         }
+        server.add_service(background_service(
+            "fleet report",
+            FleetReporter::new(config, rules.clone(), pools),
+        ));
         server.add_service(background_service("drain watch", DrainWatch));
         server.add_service(background_service("key refresh", KeyRefreshService(keys)));
         add_health_checks(&mut server, health_services);

@@ -6,6 +6,7 @@ pub mod api;
 pub mod audit;
 pub mod connections;
 pub mod demo;
+pub mod fleet_report;
 pub mod keyring;
 pub mod lock;
 pub mod orders;

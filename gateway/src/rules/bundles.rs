@@ -284,17 +284,9 @@ impl BackgroundService for BundleFollower {
 }
 
 /// `gateway.bundles.id`, or `<hostname>:<listen port>`.
-fn gateway_id(config: &BundlesConfig, port: u16) -> String {
+pub(crate) fn gateway_id(config: &BundlesConfig, port: u16) -> String {
     if !config.id.is_empty() {
         return config.id.clone();
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    let host = if host.is_empty() {
-        "gateway".into()
-    } else {
-        host
-    };
-    format!("{host}:{port}")
+    seckill_contracts::fleet::host_id(port)
 }

@@ -103,8 +103,11 @@ impl Stack {
         let api_addrs = [free_addr(), free_addr()];
         let mut config = GatewayProc::config(&env, &api_addrs, &rules);
         config.jwt.private_key_path = private;
+        // One admin token for the deployment: the ops routes of the api
+        // pass it on to the gateways' admin listeners.
         config.api.admin_token = Some(ADMIN_TOKEN.into());
         config.api.admin_token_path = None;
+        config.gateway.admin_token = Some(ADMIN_TOKEN.into());
         config.worker.listen = free_addr();
         // Sales in these tests start a moment after creation.
         config.gateway.sale_info_ttl_ms = 500;

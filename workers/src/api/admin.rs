@@ -48,20 +48,26 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn check_admin(state: &ApiState, headers: &HeaderMap) -> Result<(), Problem> {
-    let Some(expected) = state.admin_digest() else {
-        return Err(Problem::unavailable(
-            "admin routes are disabled: no admin token is configured",
-        ));
-    };
-    let given = headers
+/// The bearer token of the request, if it sent one.
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let (scheme, rest) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        });
-    match given {
+        })
+}
+
+/// Passes when the request carries the admin token (every admin and ops
+/// route calls this first, before looking at the body).
+pub(super) fn check_admin(state: &ApiState, headers: &HeaderMap) -> Result<(), Problem> {
+    let Some(expected) = state.admin_digest() else {
+        return Err(Problem::unavailable(
+            "admin routes are disabled: no admin token is configured",
+        ));
+    };
+    match bearer(headers) {
         Some(token) if same(&digest(token), expected) => Ok(()),
         _ => Err(Problem::unauthorized(
             "a valid admin bearer token is required",

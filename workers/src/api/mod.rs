@@ -17,6 +17,7 @@
 //! | [`jwks`] | `GET /.well-known/jwks.json` (the public keys, public) |
 //! | [`openapi`] | `GET /api/v1/openapi.json`, `GET /api/docs` (the document, rendered) |
 //! | [`admin`] | `POST /admin/sales` (admin bearer token) |
+//! | [`ops`] | `/ops/api/...`: the live dashboard's data and actions (admin bearer token) |
 //!
 //! plus `/healthz` and `/metrics` from [`crate::probes`]. [`identity`]
 //! re-verifies the bearer token on every authenticated route and
@@ -34,6 +35,7 @@ pub mod jwks;
 pub mod keys;
 pub mod metrics;
 pub mod openapi;
+pub mod ops;
 pub mod orders;
 pub mod problem;
 pub mod results;
@@ -82,6 +84,10 @@ struct Inner {
     dummy_hash: String,
     flights: SingleFlight,
     cpu: CpuWork,
+    /// The whole config: the ops routes audit and replay with it.
+    full_config: Config,
+    /// The ops routes' broker connection, opened on first use.
+    ops_broker: tokio::sync::Mutex<Option<Arc<lapin::Connection>>>,
 }
 
 /// Everything a request handler needs, cheap to clone (one `Arc`).
@@ -137,6 +143,8 @@ impl ApiState {
                 dummy_hash,
                 flights: SingleFlight::default(),
                 cpu: CpuWork::new(config.api.cpu_jobs),
+                full_config: config.clone(),
+                ops_broker: tokio::sync::Mutex::new(None),
             }),
         };
         Ok(state)
@@ -197,6 +205,34 @@ impl ApiState {
 
     /// MySQL reads the sale cache loader of this instance performed: lets
     /// tests prove a stampede or a cached miss did not reach MySQL.
+    /// The whole config (the ops routes need the broker's and the
+    /// worker's settings).
+    pub fn full_config(&self) -> &Config {
+        &self.inner.full_config
+    }
+
+    /// The ops routes' broker connection, connected on first use and
+    /// again after [`drop_ops_broker`](Self::drop_ops_broker).
+    async fn ops_broker(&self) -> Result<Arc<lapin::Connection>, lapin::Error> {
+        let mut slot = self.inner.ops_broker.lock().await;
+        if let Some(conn) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(conn.clone());
+        }
+        let conn = Arc::new(
+            lapin::Connection::connect(
+                &self.inner.full_config.amqp.url,
+                lapin::ConnectionProperties::default(),
+            )
+            .await?,
+        );
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn drop_ops_broker(&self) {
+        self.inner.ops_broker.lock().await.take();
+    }
+
     pub fn sale_db_loads(&self) -> u64 {
         self.inner.flights.db_loads()
     }
@@ -223,6 +259,7 @@ pub fn router(state: ApiState) -> Router {
     let (public, _) = public_routes().split_for_parts();
     public
         .merge(admin::router())
+        .merge(ops::router())
         .merge(probes::router())
         .fallback(problem::route_not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
@@ -238,6 +275,14 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        crate::fleet_report::spawn_api(
+            state.redis(),
+            state.keys().clone(),
+            state.db().clone(),
+            addr.port(),
+        );
+    }
     let app = router(state);
     tracing::info!(addr = ?listener.local_addr().ok(), "api listening");
     axum::serve(listener, app)

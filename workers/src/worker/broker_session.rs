@@ -113,6 +113,23 @@ pub(crate) async fn open_consumer(
         .await
 }
 
+/// Counts a live order consumer for as long as it is held (the worker's
+/// fleet report says "broker: down" when none is).
+pub(crate) struct LiveConsumer(());
+
+impl LiveConsumer {
+    pub(crate) fn start() -> LiveConsumer {
+        super::metrics::METRICS.consumers_live.inc();
+        LiveConsumer(())
+    }
+}
+
+impl Drop for LiveConsumer {
+    fn drop(&mut self) {
+        super::metrics::METRICS.consumers_live.dec();
+    }
+}
+
 /// The consumer's next delivery, or `Ok(None)` once `stop` turns true (a
 /// stop wins over a delivery that arrived at the same moment, which then
 /// stays unacked and is redelivered). A failed stream or a consumer the

@@ -104,6 +104,7 @@ async fn session(
         .await?;
     let mut consumer =
         broker_session::open_consumer(ctx, &channel, &amqp.queue, worker.prefetch).await?;
+    let _live = broker_session::LiveConsumer::start();
     tracing::info!(queue = %amqp.queue, prefetch = worker.prefetch, batch = worker.batch_size, "consuming orders");
 
     let result: anyhow::Result<()> = loop {

@@ -8,12 +8,14 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram, register_int_counter, register_int_counter_vec, Histogram, IntCounter,
-    IntCounterVec,
+    register_histogram, register_int_counter, register_int_counter_vec, register_int_gauge,
+    Histogram, IntCounter, IntCounterVec, IntGauge,
 };
 
 /// All worker series.
 pub struct WorkerMetrics {
+    /// Order consumers of this process with a live broker session.
+    pub consumers_live: IntGauge,
     /// Every delivery taken from the order queue, valid or not.
     pub consumed: IntCounter,
     /// Orders inserted by a committed transaction.
@@ -32,6 +34,9 @@ pub struct WorkerMetrics {
     pub batch_size: Histogram,
     /// Wall time of one batch transaction, BEGIN to COMMIT.
     pub commit_seconds: Histogram,
+    /// Admission (the Redis script's clock) to the committed order: what
+    /// a buyer waits for before the result says success.
+    pub end_to_end_seconds: Histogram,
     /// Unpaid orders closed on timeout, by path (`delayed` message or
     /// `sweeper` safety net).
     pub orders_closed: IntCounterVec,
@@ -48,6 +53,11 @@ pub struct WorkerMetrics {
 
 /// The process-wide instance.
 pub static METRICS: LazyLock<WorkerMetrics> = LazyLock::new(|| WorkerMetrics {
+    consumers_live: register_int_gauge!(
+        "seckill_worker_consumers_live",
+        "Order consumers of this process with a live broker session"
+    )
+    .expect("register metric"),
     consumed: register_int_counter!(
         "seckill_worker_messages_consumed_total",
         "Deliveries taken from the order queue"
@@ -91,6 +101,12 @@ pub static METRICS: LazyLock<WorkerMetrics> = LazyLock::new(|| WorkerMetrics {
         "seckill_worker_commit_seconds",
         "Duration of one batch transaction, BEGIN to COMMIT",
         vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+    )
+    .expect("register metric"),
+    end_to_end_seconds: register_histogram!(
+        "seckill_worker_end_to_end_seconds",
+        "Admission at the gateway to the committed order",
+        vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
     )
     .expect("register metric"),
     orders_closed: register_int_counter_vec!(

@@ -78,6 +78,14 @@ pub async fn run(
     let db = connections::mysql(&config.database).await?;
     let redis = connections::redis(&config).await?;
     let ctx = Arc::new(WorkerContext::new(config, db.clone(), redis));
+    if let Ok(addr) = listener.local_addr() {
+        crate::fleet_report::spawn_worker(
+            ctx.redis.clone(),
+            ctx.keys.clone(),
+            db.clone(),
+            addr.port(),
+        );
+    }
 
     tracing::info!(addr = ?listener.local_addr().ok(), "worker probes listening");
     let mut probe_stop = stop_rx.clone();

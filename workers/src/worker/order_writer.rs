@@ -222,6 +222,13 @@ pub async fn write_batch(
     METRICS
         .orders_committed
         .inc_by(plan.new_orders.len() as u64);
+    let now_ms = seckill_contracts::clock::unix_ms() as i64;
+    for order in &plan.new_orders {
+        let waited_ms = now_ms.saturating_sub(order.message.admitted_at_ms).max(0);
+        METRICS
+            .end_to_end_seconds
+            .observe(waited_ms as f64 / 1000.0);
+    }
     for (_, reason) in &plan.new_failures {
         METRICS.failed.with_label_values(&[reason.as_str()]).inc();
     }
