@@ -12,19 +12,17 @@
 //! - a client generated from the document by openapi-python-client does
 //!   the buyer's whole journey.
 //!
-//! The Python tools live in a venv made by `scripts/lib/api_tools.sh`
+//! The Python tools live in a venv made by `scripts/lib/api_contract_tools.sh`
 //! (scripts/test makes it first; this test makes it when missing).
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use seckill_gateway::routes::RouteTable;
 use serde_json::Value;
-use support::stack::{repo_root, Stack, StackOptions};
+use support::python_tools::{contract_file, run_tool};
+use support::stack::{Stack, StackOptions};
 
 fn opts() -> StackOptions {
     StackOptions {
@@ -235,78 +233,6 @@ async fn the_document_lists_exactly_the_routes_the_stack_serves() {
         .unwrap();
     assert_eq!(direct.status(), 404, "no upstream hop: the api has no docs");
     stack.cleanup().await;
-}
-
-/// The venv with schemathesis and openapi-python-client, made once per
-/// test process by `scripts/lib/api_contract_tools.sh`.
-fn api_tools() -> &'static PathBuf {
-    static TOOLS: OnceLock<PathBuf> = OnceLock::new();
-    TOOLS.get_or_init(|| {
-        let out = Command::new("bash")
-            .current_dir(repo_root())
-            .args([
-                "-c",
-                "source scripts/lib/api_contract_tools.sh && ensure_api_contract_tools \
-                 && echo \"$SECKILL_API_TOOLS\"",
-            ])
-            .output()
-            .expect("bash");
-        assert!(
-            out.status.success(),
-            "could not prepare the Python API tools:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
-}
-
-/// A file of `scripts/api-contract/`.
-fn contract_file(name: &str) -> String {
-    repo_root()
-        .join("scripts/api-contract")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// Runs `program` from the venv's `bin/` with the venv first on PATH, in a
-/// scratch folder (hypothesis leaves its state in the working directory),
-/// killed after `timeout`, with `env` added. Returns (success, stdout and
-/// stderr).
-async fn run_tool(
-    program: &str,
-    args: &[String],
-    env: &[(&str, &str)],
-    timeout: Duration,
-) -> (bool, String) {
-    let scratch = tempfile::tempdir().unwrap();
-    // Making the venv may take half a minute: off the async workers.
-    let venv = tokio::task::spawn_blocking(|| api_tools().clone())
-        .await
-        .unwrap();
-    let path = format!(
-        "{}:{}",
-        venv.join("bin").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let child = tokio::process::Command::new(venv.join("bin").join(program))
-        .args(args)
-        .current_dir(scratch.path())
-        .env("PATH", path)
-        .env("VIRTUAL_ENV", &venv)
-        .envs(env.iter().copied())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(timeout, child)
-        .await
-        .unwrap_or_else(|_| panic!("{program} ran longer than {timeout:?}"))
-        .expect("running the tool");
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 /// Two sales open a moment after creation, for 10 minutes.

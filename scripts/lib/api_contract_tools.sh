@@ -1,8 +1,10 @@
 # shellcheck shell=bash
 #
-# The Python tools the API contract tests run against the stack
-# (gateway/tests/api_contract.rs): schemathesis and openapi-python-client,
-# pinned in scripts/api-contract/requirements.txt, in their own venv.
+# The Python tools the end-to-end tests run against the stack:
+# schemathesis and openapi-python-client (gateway/tests/api_contract.rs)
+# and Playwright (gateway/tests/browser.rs, with the chromium of
+# scripts/lib/browser_tools.sh), pinned in
+# scripts/api-contract/requirements.txt, in their own venv.
 #
 #   ensure_api_contract_tools   makes or refreshes the venv and exports
 #                               SECKILL_API_TOOLS (its path)
@@ -24,7 +26,7 @@ ensure_api_contract_tools() {
     local venv=${SECKILL_API_TOOLS:-${CARGO_TARGET_DIR:-$_api_tools_root/target}/api-tools}
     local want stamp="$venv/.requirements.sha256"
     want=$(sha256sum "$requirements" | cut -d' ' -f1)
-    if [[ -x $venv/bin/schemathesis && -f $stamp && $(cat "$stamp") == "$want" ]]; then
+    if [[ -x $venv/bin/schemathesis && -x $venv/bin/playwright && -f $stamp && $(cat "$stamp") == "$want" ]]; then
         export SECKILL_API_TOOLS=$venv
         return 0
     fi
