@@ -133,6 +133,56 @@ async fn a_buyer_buys_in_the_browser_and_a_late_one_is_told_sold_out() {
     stack.cleanup().await;
 }
 
+/// Bytes on the wire for `path` with gzip accepted (the gateway's
+/// content-length of what it sent).
+async fn wire_bytes(http: &reqwest::Client, url: &str) -> (u64, String) {
+    let resp = http
+        .get(url)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{url}");
+    let zipped = resp.headers().get("content-encoding").is_some();
+    let len = resp.content_length().unwrap_or(0);
+    let body = resp.bytes().await.unwrap();
+    let text = if zipped {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut out)
+            .unwrap();
+        out
+    } else {
+        String::from_utf8_lossy(&body).into_owned()
+    };
+    (len, text)
+}
+
+/// The storefront's first load: the page, every file it links, and the
+/// sales list its script asks for, under 100 KB compressed.
+#[tokio::test]
+async fn the_storefront_first_load_is_under_100_kb_compressed() {
+    let stack = Stack::start(StackOptions {
+        worker: false,
+        gateway_amqp_url: None,
+    })
+    .await;
+    stack.create_sale(10, 60, 3600).await;
+    let http = reqwest::Client::builder().no_gzip().build().unwrap();
+    let (mut total, page) = wire_bytes(&http, &stack.url("/")).await;
+    let linked: Vec<&str> = page
+        .split(['"', '\''])
+        .filter(|s| s.starts_with("/store/"))
+        .collect();
+    assert!(linked.len() >= 3, "{linked:?}");
+    for asset in &linked {
+        total += wire_bytes(&http, &stack.url(asset)).await.0;
+    }
+    total += wire_bytes(&http, &stack.url("/api/v1/sales")).await.0;
+    println!("storefront first load: {total} bytes compressed ({linked:?} + /api/v1/sales)");
+    assert!(total < 100 * 1024, "{total} bytes");
+    stack.cleanup().await;
+}
+
 #[tokio::test]
 async fn the_dashboard_follows_a_demo_and_shows_a_refused_rule() {
     const STOCK: u32 = 20;

@@ -134,11 +134,15 @@ async fn issue(
     let sale = sales_cache::sale_view(&state, sale_id)
         .await?
         .ok_or_else(|| Problem::not_found("no such sale"))?;
-    if sale.status != SaleStatus::Active {
-        return Err(Problem::conflict(
-            "/problems/sale-not-active",
-            format!("the sale is {}", sale.status.as_str()),
-        ));
+    // In the buyer's words, as the seckill route says them.
+    let refusal = match sale.status {
+        SaleStatus::Active => None,
+        SaleStatus::Upcoming => Some("the sale has not started yet"),
+        SaleStatus::SoldOut => Some("sold out"),
+        SaleStatus::Ended => Some("the sale has ended"),
+    };
+    if let Some(detail) = refusal {
+        return Err(Problem::conflict("/problems/sale-not-active", detail));
     }
     let path = new_path();
     let ttl = state.config().path_ttl_secs.max(1);
