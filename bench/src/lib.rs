@@ -5,10 +5,12 @@
 //!
 //! Flow: [`stack`] starts the release binaries → [`buyers`] mints tokens and
 //! pre-issues hidden paths → [`scenarios`] drive [`wrk`] while [`sampler`]
-//! scrapes the gateway's metrics every second → `seckill_workers::audit`
+//! scrapes the gateway's metrics every second (and, with `--dashboards`,
+//! [`dashboards`] poll the `/ops` figures) → `seckill_workers::audit`
 //! checks the invariants → [`report`] writes `report.md` and the PNGs.
 
 pub mod buyers;
+pub mod dashboards;
 pub mod report;
 pub mod sampler;
 pub mod scenarios;

@@ -27,7 +27,7 @@ use crate::report::{self, Report};
 use crate::sampler::{self, Sample, StatusCounts};
 use crate::stack::BenchStack;
 use crate::wrk::{WrkResult, WrkRun};
-use crate::{buyers, stack};
+use crate::{buyers, dashboards, stack};
 
 /// `seckill-bench` flags (sizes and durations of the suite).
 #[derive(Debug, Clone, Parser)]
@@ -63,6 +63,9 @@ pub struct Options {
     pub drain_orders: u32,
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// `/ops` dashboards open during hot-sale (each polls every second).
+    #[arg(long, default_value_t = 0)]
+    pub dashboards: usize,
 }
 
 /// One line of the report table.
@@ -466,6 +469,15 @@ async fn hot_sale(ctx: &mut Ctx, name: &str, reload: bool) -> anyhow::Result<(Ro
             }
         })
     });
+    let dashboards = (ctx.opts.dashboards > 0).then(|| {
+        dashboards::spawn(
+            ctx.http.clone(),
+            ctx.stack.gateway_url(&format!("/ops/api/sales/{sale}")),
+            ctx.stack.admin_token.clone(),
+            ctx.opts.dashboards,
+            tx.subscribe(),
+        )
+    });
     let run = ctx.wrk(
         ctx.stack.gateway_url("/"),
         "seckill.lua",
@@ -505,6 +517,11 @@ async fn hot_sale(ctx: &mut Ctx, name: &str, reload: bool) -> anyhow::Result<(Ro
             p50 * 1e3,
             p99 * 1e3
         ));
+    }
+    if let Some(d) = dashboards {
+        if let Ok(stats) = d.await {
+            row.notes.push(stats.note());
+        }
     }
     if row.admitted != Some(u64::from(stock)) {
         row.notes.push(format!(
