@@ -318,6 +318,11 @@ impl RouteConfig {
 pub struct GatewayConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// How other processes reach the admin listener (the api, when the
+    /// `/ops` dashboard reloads the rules on every gateway), e.g.
+    /// `http://10.0.0.5:9090`. Empty: `http://<admin_listen>`, a wildcard
+    /// bind advertised under the host's name.
+    pub admin_url: String,
     /// Bearer token for the admin listener, read from this file...
     pub admin_token_path: Option<PathBuf>,
     /// ...or given directly (normally via `SECKILL__GATEWAY__ADMIN_TOKEN`).
@@ -469,6 +474,7 @@ impl Default for GatewayConfig {
         Self {
             listen: ([127, 0, 0, 1], 8080).into(),
             admin_listen: ([127, 0, 0, 1], 9090).into(),
+            admin_url: String::new(),
             admin_token_path: Some("var/keys/admin-token".into()),
             admin_token: None,
             rules_dir: "lua".into(),

@@ -185,18 +185,22 @@ impl Histogram {
     }
 }
 
-/// `<hostname>:<port>`: how a process is named when its config names it
-/// not (unique per host and listener).
+/// `<hostname>:<port>`: how a process is named when its config does not
+/// name it (unique per host and listener).
 pub fn host_id(port: u16) -> String {
+    format!("{}:{port}", host_name())
+}
+
+/// This host's name (`localhost` when it has none).
+pub fn host_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
-    let host = if host.is_empty() {
+    if host.is_empty() {
         "localhost".into()
     } else {
         host
-    };
-    format!("{host}:{port}")
+    }
 }
 
 /// A member as read back: its report and whether it is live.

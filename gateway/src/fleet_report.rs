@@ -38,7 +38,11 @@ impl FleetReporter {
         let g = &config.gateway;
         FleetReporter {
             id: gateway_id(&g.bundles, g.listen.port()),
-            admin_url: admin_url(g.admin_listen),
+            admin_url: if g.admin_url.is_empty() {
+                admin_url(g.admin_listen, &fleet::host_name())
+            } else {
+                g.admin_url.trim_end_matches('/').to_string()
+            },
             started_at_ms: unix_ms(),
             rules,
             pools,
@@ -72,12 +76,11 @@ impl FleetReporter {
     }
 }
 
-/// The admin listener as another host reaches it: a wildcard bind is
-/// reported as loopback (a single-host deployment).
-fn admin_url(addr: std::net::SocketAddr) -> String {
+/// The admin listener as another process reaches it when
+/// `gateway.admin_url` does not say: a wildcard bind under `host`.
+fn admin_url(addr: std::net::SocketAddr, host: &str) -> String {
     let host = match addr.ip() {
-        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
-        ip if ip.is_unspecified() => "[::1]".to_string(),
+        ip if ip.is_unspecified() => host.to_string(),
         std::net::IpAddr::V6(ip) => format!("[{ip}]"),
         ip => ip.to_string(),
     };
@@ -111,15 +114,11 @@ mod tests {
     use super::admin_url;
 
     #[test]
-    fn wildcard_binds_are_reported_as_loopback() {
-        assert_eq!(
-            admin_url("0.0.0.0:9090".parse().unwrap()),
-            "http://127.0.0.1:9090"
-        );
-        assert_eq!(
-            admin_url("10.0.0.5:9090".parse().unwrap()),
-            "http://10.0.0.5:9090"
-        );
-        assert_eq!(admin_url("[::]:9090".parse().unwrap()), "http://[::1]:9090");
+    fn wildcard_binds_are_advertised_under_the_host_name() {
+        let url = |a: &str| admin_url(a.parse().unwrap(), "edge-1");
+        assert_eq!(url("0.0.0.0:9090"), "http://edge-1:9090");
+        assert_eq!(url("[::]:9090"), "http://edge-1:9090");
+        assert_eq!(url("10.0.0.5:9090"), "http://10.0.0.5:9090");
+        assert_eq!(url("[fd00::5]:9090"), "http://[fd00::5]:9090");
     }
 }

@@ -251,9 +251,15 @@ fn violations(
 
 /// Messages ready in `queue`; a queue never declared holds none.
 pub async fn queue_depth(broker: &Connection, queue: &str) -> Result<u32, lapin::Error> {
-    // A passive declare of a missing queue closes its channel: use a fresh one.
+    Ok(queue_figures(broker, queue).await?.0)
+}
+
+/// Messages ready in `queue` and its consumers; a queue not declared yet
+/// has neither. A passive declare of a missing queue closes its channel,
+/// so each call uses a fresh one.
+pub async fn queue_figures(broker: &Connection, queue: &str) -> Result<(u32, u32), lapin::Error> {
     let ch = broker.create_channel().await?;
-    let n = match ch
+    let figures = match ch
         .queue_declare(
             queue.into(),
             QueueDeclareOptions {
@@ -264,13 +270,13 @@ pub async fn queue_depth(broker: &Connection, queue: &str) -> Result<u32, lapin:
         )
         .await
     {
-        Ok(q) => q.message_count(),
+        Ok(q) => (q.message_count(), q.consumer_count()),
         // NOT_FOUND is a channel-level (soft) error.
-        Err(e) if e.is_amqp_soft_error() => 0,
+        Err(e) if e.is_amqp_soft_error() => (0, 0),
         Err(e) => return Err(e),
     };
     let _ = ch.close(200, "".into()).await;
-    Ok(n)
+    Ok(figures)
 }
 
 #[cfg(test)]

@@ -19,35 +19,40 @@ const PING_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Starts the api's report on a task of its own (it stops with the process).
 pub fn spawn_api(redis: RedisConn, keys: KeySchema, db: MySqlPool, port: u16) {
-    let id = fleet::host_id(port);
-    let started = unix_ms();
-    tokio::spawn(fleet::report_forever(redis, keys, move || {
-        let (db, id) = (db.clone(), id.clone());
-        async move {
-            let mut r = MemberReport::new(Role::Api, id, started);
-            r.health.insert("mysql".into(), mysql_answers(&db).await);
-            r
-        }
-    }));
+    spawn(Role::Api, redis, keys, db, port, |_| {});
 }
 
 /// Starts the worker's report.
 pub fn spawn_worker(redis: RedisConn, keys: KeySchema, db: MySqlPool, port: u16) {
+    spawn(Role::Worker, redis, keys, db, port, |r| {
+        r.health
+            .insert("broker".into(), METRICS.consumers_live.get() > 0);
+        r.counters
+            .insert("orders_committed".into(), METRICS.orders_committed.get());
+        r.latency.insert(
+            "end_to_end".into(),
+            Histogram::of(&METRICS.end_to_end_seconds),
+        );
+    });
+}
+
+/// Reports `role` with its MySQL health, plus what `add` puts in.
+fn spawn(
+    role: Role,
+    redis: RedisConn,
+    keys: KeySchema,
+    db: MySqlPool,
+    port: u16,
+    add: fn(&mut MemberReport),
+) {
     let id = fleet::host_id(port);
     let started = unix_ms();
     tokio::spawn(fleet::report_forever(redis, keys, move || {
         let (db, id) = (db.clone(), id.clone());
         async move {
-            let mut r = MemberReport::new(Role::Worker, id, started);
+            let mut r = MemberReport::new(role, id, started);
             r.health.insert("mysql".into(), mysql_answers(&db).await);
-            r.health
-                .insert("broker".into(), METRICS.consumers_live.get() > 0);
-            r.counters
-                .insert("orders_committed".into(), METRICS.orders_committed.get());
-            r.latency.insert(
-                "end_to_end".into(),
-                Histogram::of(&METRICS.end_to_end_seconds),
-            );
+            add(&mut r);
             r
         }
     }));

@@ -29,8 +29,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use seckill_contracts::admission_answers::{refusal_reason, ADMITTED, REFUSAL_REASONS};
 use seckill_contracts::fleet::{self, Histogram, Member, Role};
 use serde::Serialize;
@@ -246,8 +244,8 @@ async fn queue_figures(state: &ApiState) -> Option<QueueFigures> {
     let read = async {
         let broker = state.ops_broker().await?;
         let amqp = &state.full_config().amqp;
-        let (orders, consumers) = depth(&broker, &amqp.queue).await?;
-        let (dead_letter, _) = depth(&broker, &amqp.dead_letter_queue).await?;
+        let (orders, consumers) = audit::queue_figures(&broker, &amqp.queue).await?;
+        let (dead_letter, _) = audit::queue_figures(&broker, &amqp.dead_letter_queue).await?;
         Ok::<_, lapin::Error>(QueueFigures {
             orders,
             dead_letter,
@@ -263,29 +261,6 @@ async fn queue_figures(state: &ApiState) -> Option<QueueFigures> {
         }
         Err(_) => None,
     }
-}
-
-/// Messages ready and consumers of `queue` (a passive declare on a channel
-/// of its own: a missing queue closes the channel it was asked on).
-async fn depth(broker: &lapin::Connection, queue: &str) -> Result<(u32, u32), lapin::Error> {
-    let ch = broker.create_channel().await?;
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    let figures = match q {
-        Ok(q) => (q.message_count(), q.consumer_count()),
-        Err(e) if e.is_amqp_soft_error() => (0, 0),
-        Err(e) => return Err(e),
-    };
-    let _ = ch.close(200, "".into()).await;
-    Ok(figures)
 }
 
 async fn run_audit(
