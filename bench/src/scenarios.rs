@@ -37,7 +37,7 @@ use crate::{buyers, dashboards, stack};
 )]
 pub struct Options {
     /// Scenarios to run (default: all). Ceilings always run.
-    #[arg(value_parser = ["hot-sale", "sold-out", "browse", "reload", "drain"])]
+    #[arg(value_parser = ["hot-sale", "sold-out", "browse", "reload", "drain", "dashboard"])]
     pub scenarios: Vec<String>,
     #[arg(long, default_value = "bench/bench.toml")]
     pub config: PathBuf,
@@ -119,7 +119,7 @@ pub async fn run_suite(opts: Options) -> anyhow::Result<bool> {
     let stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
     let out = opts.results.join(&stamp);
     std::fs::create_dir_all(&out)?;
-    let all = ["hot-sale", "sold-out", "browse", "reload", "drain"];
+    let all = ["hot-sale", "sold-out", "browse", "reload", "drain", "dashboard"];
     let chosen: Vec<String> = if opts.scenarios.is_empty() {
         all.iter().map(|s| s.to_string()).collect()
     } else {
@@ -179,6 +179,7 @@ pub async fn run_suite(opts: Options) -> anyhow::Result<bool> {
             "browse" => browse(&mut ctx).await?,
             "reload" => hot_sale(&mut ctx, "reload", true).await?.0,
             "drain" => drain(&mut ctx).await?,
+            "dashboard" => dashboard(&mut ctx, hot_sale_id).await?,
             other => anyhow::bail!("unknown scenario {other}"),
         };
         progress(&summary(&row));
@@ -600,6 +601,41 @@ async fn browse(ctx: &mut Ctx) -> anyhow::Result<Row> {
     row.samples = samples;
     row.statuses = statuses;
     row.ceiling = Some("ceiling: nginx return 200".into());
+    Ok(row)
+}
+
+/// What one `/ops` poll costs: one connection polling the sale's figures
+/// back to back on the otherwise idle stack (after the load scenarios, on
+/// the hot sale's thousands of orders when it ran), so its latency is the
+/// endpoint's own work: MySQL, Redis, RabbitMQ and the fleet reports.
+async fn dashboard(ctx: &mut Ctx, sale: Option<u64>) -> anyhow::Result<Row> {
+    let sale = match sale {
+        Some(s) => s,
+        None => ctx.create_sale(10, Duration::ZERO).await?,
+    };
+    let script: &'static std::path::Path =
+        Box::leak(ctx.wrk_dir.join("ops.lua").into_boxed_path());
+    let run = WrkRun {
+        url: ctx.stack.gateway_url(&format!("/ops/api/sales/{sale}")),
+        script,
+        env: vec![("TOKEN".into(), ctx.stack.admin_token.clone())],
+        threads: 1,
+        connections: 1,
+        duration: Duration::from_secs(ctx.opts.duration.min(10)),
+    };
+    let (w, samples, statuses) = ctx.measured(run, Some("ops_api")).await?;
+    let mut row = Row::new("dashboard");
+    row.notes.push(format!(
+        "one connection, back to back, GET /ops/api/sales/{sale} with the admin token"
+    ));
+    // 0: the request wrk's stop cut off mid-flight (no answer was sent).
+    if statuses.keys().any(|code| *code != 200 && *code != 0) {
+        row.notes.push(format!("non-200 answers: {statuses:?}"));
+        row.audit_ok = Some(false);
+    }
+    row.wrk = Some(w);
+    row.samples = samples;
+    row.statuses = statuses;
     Ok(row)
 }
 

@@ -137,16 +137,22 @@ async fn sale_figures(
 ) -> Result<Json<SaleFigures>, Problem> {
     check_admin(&state, &headers)?;
     let id = parse_sale_id(&raw)?;
-    let sale = sales_cache::sale_view(&state, id)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("no sale with id {id}")))?;
-    let orders = order_counts(&state, id).await?;
-    let failed_results = failed_results(&state, id).await?;
-    let members = fleet::members(&mut state.redis(), state.keys())
-        .await
-        .map_err(Problem::internal)?;
-    let queue = queue_figures(&state).await;
-    Ok(Json(figures(sale, orders, failed_results, queue, &members)))
+    // Independent reads of four stores: the answer waits for the slowest,
+    // not for their sum.
+    let members = async {
+        fleet::members(&mut state.redis(), state.keys())
+            .await
+            .map_err(Problem::internal)
+    };
+    let (sale, orders, failed_results, members, queue) = tokio::join!(
+        sales_cache::sale_view(&state, id),
+        order_counts(&state, id),
+        failed_results(&state, id),
+        members,
+        queue_figures(&state),
+    );
+    let sale = sale?.ok_or_else(|| Problem::not_found(format!("no sale with id {id}")))?;
+    Ok(Json(figures(sale, orders?, failed_results?, queue, &members?)))
 }
 
 /// Puts the read parts together (pure, so its sums are unit-tested).
@@ -244,8 +250,11 @@ async fn queue_figures(state: &ApiState) -> Option<QueueFigures> {
     let read = async {
         let broker = state.ops_broker().await?;
         let amqp = &state.full_config().amqp;
-        let (orders, consumers) = audit::queue_figures(&broker, &amqp.queue).await?;
-        let (dead_letter, _) = audit::queue_figures(&broker, &amqp.dead_letter_queue).await?;
+        let (main, dead) = tokio::join!(
+            audit::queue_figures(&broker, &amqp.queue),
+            audit::queue_figures(&broker, &amqp.dead_letter_queue),
+        );
+        let ((orders, consumers), (dead_letter, _)) = (main?, dead?);
         Ok::<_, lapin::Error>(QueueFigures {
             orders,
             dead_letter,
