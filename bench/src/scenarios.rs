@@ -119,7 +119,14 @@ pub async fn run_suite(opts: Options) -> anyhow::Result<bool> {
     let stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
     let out = opts.results.join(&stamp);
     std::fs::create_dir_all(&out)?;
-    let all = ["hot-sale", "sold-out", "browse", "reload", "drain", "dashboard"];
+    let all = [
+        "hot-sale",
+        "sold-out",
+        "browse",
+        "reload",
+        "drain",
+        "dashboard",
+    ];
     let chosen: Vec<String> = if opts.scenarios.is_empty() {
         all.iter().map(|s| s.to_string()).collect()
     } else {
@@ -613,8 +620,7 @@ async fn dashboard(ctx: &mut Ctx, sale: Option<u64>) -> anyhow::Result<Row> {
         Some(s) => s,
         None => ctx.create_sale(10, Duration::ZERO).await?,
     };
-    let script: &'static std::path::Path =
-        Box::leak(ctx.wrk_dir.join("ops.lua").into_boxed_path());
+    let script: &'static std::path::Path = Box::leak(ctx.wrk_dir.join("ops.lua").into_boxed_path());
     let run = WrkRun {
         url: ctx.stack.gateway_url(&format!("/ops/api/sales/{sale}")),
         script,

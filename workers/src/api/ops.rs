@@ -152,7 +152,13 @@ async fn sale_figures(
         queue_figures(&state),
     );
     let sale = sale?.ok_or_else(|| Problem::not_found(format!("no sale with id {id}")))?;
-    Ok(Json(figures(sale, orders?, failed_results?, queue, &members?)))
+    Ok(Json(figures(
+        sale,
+        orders?,
+        failed_results?,
+        queue,
+        &members?,
+    )))
 }
 
 /// Puts the read parts together (pure, so its sums are unit-tested).
