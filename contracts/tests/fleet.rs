@@ -23,7 +23,7 @@ async fn members_read_back_with_liveness_and_stale_ones_are_forgotten() {
     // Written directly with old stamps: one silent past LIVE_WITHIN, one
     // past FORGET_AFTER, and one entry a newer version might write.
     let mut raw = env.redis().await;
-    let mut write_old = |id: &str, ago: u64| {
+    let write_old = |id: &str, ago: u64| {
         let mut r = MemberReport::new(Role::Api, id, 1);
         r.seen_at_ms = unix_ms() - ago;
         (format!("api:{id}"), serde_json::to_string(&r).unwrap())
