@@ -178,6 +178,26 @@ impl BenchStack {
         Ok(())
     }
 
+    /// CPU time (user + system) the processes whose name starts with
+    /// `prefix` have used so far, from `/proc/<pid>/stat`.
+    pub fn cpu_time(&self, prefix: &str) -> Duration {
+        let ticks: u64 = self
+            .procs
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .filter_map(|(_, child)| {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).ok()?;
+                // Fields after the command name, which is in parentheses.
+                let rest = stat.rsplit_once(')')?.1;
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let utime: u64 = fields.get(11)?.parse().ok()?;
+                let stime: u64 = fields.get(12)?.parse().ok()?;
+                Some(utime + stime)
+            })
+            .sum();
+        Duration::from_secs_f64(ticks as f64 / clock_ticks_per_sec())
+    }
+
     pub fn gateway_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.config.gateway.listen)
     }
@@ -191,6 +211,17 @@ impl Drop for BenchStack {
     fn drop(&mut self) {
         terminate(std::mem::take(&mut self.procs));
     }
+}
+
+/// `getconf CLK_TCK`, the unit of `/proc/<pid>/stat` times (100 on Linux
+/// when it cannot be asked).
+fn clock_ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 fn terminate(procs: Vec<(String, Child)>) {
