@@ -11,6 +11,7 @@
 
 pub mod buyers;
 pub mod dashboards;
+pub mod peer;
 pub mod report;
 pub mod sampler;
 pub mod scenarios;

@@ -9,12 +9,15 @@
 //! | `browse` | GET a sale through the load balancer (cache hit) | nginx `return 200` |
 //! | `reload` | hot-sale load while rules reload every second | gateway local route |
 //! | `drain` | 10,000 queued orders into MySQL by the workers | — |
+//! | `dashboard` | one connection polling the `/ops` figures | — |
+//! | `openresty` | hot-sale and sold-out on the gateway and on the OpenResty peer, alternating rounds | nginx `return 410`, one worker |
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use chrono::Utc;
 use clap::Parser;
 use seckill_contracts::keys::KeySchema;
@@ -37,7 +40,7 @@ use crate::{buyers, dashboards, stack};
 )]
 pub struct Options {
     /// Scenarios to run (default: all). Ceilings always run.
-    #[arg(value_parser = ["hot-sale", "sold-out", "browse", "reload", "drain", "dashboard"])]
+    #[arg(value_parser = ["hot-sale", "sold-out", "browse", "reload", "drain", "dashboard", "openresty"])]
     pub scenarios: Vec<String>,
     #[arg(long, default_value = "bench/bench.toml")]
     pub config: PathBuf,
@@ -66,6 +69,9 @@ pub struct Options {
     /// `/ops` dashboards open during hot-sale (each polls every second).
     #[arg(long, default_value_t = 0)]
     pub dashboards: usize,
+    /// Alternating rounds of the openresty comparison.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 /// One line of the report table.
@@ -187,6 +193,15 @@ pub async fn run_suite(opts: Options) -> anyhow::Result<bool> {
             "reload" => hot_sale(&mut ctx, "reload", true).await?.0,
             "drain" => drain(&mut ctx).await?,
             "dashboard" => dashboard(&mut ctx, hot_sale_id).await?,
+            "openresty" => {
+                let mut compared = openresty(&mut ctx).await?;
+                let last = compared.pop().context("the comparison made no rows")?;
+                for row in compared {
+                    progress(&summary(&row));
+                    rows.push(row);
+                }
+                last
+            }
             other => anyhow::bail!("unknown scenario {other}"),
         };
         progress(&summary(&row));
@@ -659,6 +674,198 @@ async fn dashboard(ctx: &mut Ctx, sale: Option<u64>) -> anyhow::Result<Row> {
     row.samples = samples;
     row.statuses = statuses;
     Ok(row)
+}
+
+/// Who serves the load in the openresty comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Gateway,
+    Peer,
+}
+
+/// One target's run of one scenario.
+struct Measured {
+    wrk: WrkResult,
+    cpu_us_per_request: f64,
+}
+
+/// Gateway against the OpenResty peer (`bench/peers/openresty`): the same
+/// wrk script and buyers on a fresh sale each, hot-sale then sold-out,
+/// `--rounds` alternating rounds (who goes first swaps every round), CPU
+/// per request of each from `/proc`; plus nginx `return 410` with one
+/// worker, the floor of an nginx edge. Rows are the medians by req/s.
+async fn openresty(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
+    let peer = crate::peer::Peer::start(&ctx.stack.config_path, &ctx.out.join("openresty")).await?;
+    let mut runs: BTreeMap<(&str, &str), Vec<Measured>> = BTreeMap::new();
+    for round in 0..ctx.opts.rounds.max(1) {
+        let order = if round % 2 == 0 {
+            [Target::Gateway, Target::Peer]
+        } else {
+            [Target::Peer, Target::Gateway]
+        };
+        for target in order {
+            let (name, url) = match target {
+                Target::Gateway => ("gateway", ctx.stack.gateway_url("/")),
+                Target::Peer => ("openresty", format!("{}/", peer.url)),
+            };
+            progress(&format!("openresty comparison: round {} {name}", round + 1));
+            let peer = &peer;
+            let cpu = move |stack: &BenchStack| match target {
+                Target::Gateway => stack.cpu_time("gateway"),
+                Target::Peer => peer.cpu_time(),
+            };
+            let (hot, sold_out, sale) = sale_on(ctx, &url, &cpu).await?;
+            if target == Target::Gateway {
+                let mut audit_row = Row::new("gateway audit");
+                ctx.audit(sale, &mut audit_row).await?;
+                if audit_row.audit_ok != Some(true) {
+                    bail!(
+                        "the gateway's sale {sale} failed its audit: {:?}",
+                        audit_row.notes
+                    );
+                }
+            }
+            runs.entry(("hot-sale", name)).or_default().push(hot);
+            runs.entry(("sold-out", name)).or_default().push(sold_out);
+        }
+        runs.entry(("floor", "nginx return 410"))
+            .or_default()
+            .push(nginx_floor(ctx).await?);
+    }
+    drop(peer);
+    Ok(comparison_rows(&runs))
+}
+
+/// A fresh sale opened under `url`'s load: wrk hot-sale, then sold-out on
+/// the same sale; each with the target's CPU per request.
+async fn sale_on(
+    ctx: &mut Ctx,
+    url: &str,
+    cpu: &dyn Fn(&BenchStack) -> Duration,
+) -> anyhow::Result<(Measured, Measured, u64)> {
+    let sale = ctx
+        .create_sale(ctx.opts.stock, Duration::from_secs(2))
+        .await?;
+    let file = ctx.out.join(format!("buyers-{sale}.txt"));
+    buyers::issue_paths(&mut ctx.redis, &ctx.keys, sale, &ctx.tokens, &file).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let users = std::fs::canonicalize(&file)?.to_string_lossy().into_owned();
+    let one = || {
+        let run = ctx.wrk(
+            url.to_string(),
+            "seckill.lua",
+            vec![
+                ("BENCH_USERS".into(), users.clone()),
+                ("SALE_ID".into(), sale.to_string()),
+            ],
+        );
+        let stack = &ctx.stack;
+        async move {
+            let before = cpu(stack);
+            let w = tokio::task::spawn_blocking(move || run.run()).await??;
+            let used = cpu(stack).saturating_sub(before);
+            let per = used.as_secs_f64() * 1e6 / (w.requests.max(1) as f64);
+            anyhow::Ok(Measured {
+                wrk: w,
+                cpu_us_per_request: per,
+            })
+        }
+    };
+    let hot = one().await?;
+    let sold_out = one().await?;
+    Ok((hot, sold_out, sale))
+}
+
+/// nginx `return 410` with one worker, as the peer runs: what any nginx
+/// edge costs per request before it does anything.
+async fn nginx_floor(ctx: &Ctx) -> anyhow::Result<Measured> {
+    let dir = std::fs::canonicalize(&ctx.out)?.join("nginx-floor");
+    std::fs::create_dir_all(&dir)?;
+    let conf = std::fs::read_to_string("bench/gateway/nginx.conf")?
+        .replace("__VAR__", &dir.to_string_lossy())
+        .replace(
+            "listen 127.0.0.1:18090;",
+            &format!("listen 127.0.0.1:{};", crate::peer::FLOOR_PORT),
+        )
+        .replace("return 200 \"ok\\n\";", "return 410;");
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let mut nginx = std::process::Command::new("nginx")
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-p")
+        .arg(&dir)
+        .spawn()
+        .context("starting nginx")?;
+    let url = format!("http://127.0.0.1:{}/", crate::peer::FLOOR_PORT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reqwest::get(&url).await.is_err() {
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid_file = dir.join("nginx.pid");
+    let before = crate::peer::nginx_cpu_time(&pid_file);
+    let run = ctx.wrk(url, "report.lua", vec![]);
+    let result = tokio::task::spawn_blocking(move || run.run()).await?;
+    let used = crate::peer::nginx_cpu_time(&pid_file).saturating_sub(before);
+    let _ = std::process::Command::new("kill")
+        .arg("-QUIT")
+        .arg(nginx.id().to_string())
+        .status();
+    let _ = nginx.wait();
+    let w = result?;
+    let per = used.as_secs_f64() * 1e6 / (w.requests.max(1) as f64);
+    Ok(Measured {
+        wrk: w,
+        cpu_us_per_request: per,
+    })
+}
+
+/// The median run (by req/s) of each (scenario, target), with its CPU per
+/// request, and the gateway's ratios to the peer.
+fn comparison_rows(runs: &BTreeMap<(&str, &str), Vec<Measured>>) -> Vec<Row> {
+    let median = |v: &[Measured]| -> Option<(WrkResult, f64)> {
+        let mut by_rps: Vec<&Measured> = v.iter().collect();
+        by_rps.sort_by(|a, b| a.wrk.rps.total_cmp(&b.wrk.rps));
+        let mut cpu: Vec<f64> = v.iter().map(|m| m.cpu_us_per_request).collect();
+        cpu.sort_by(f64::total_cmp);
+        let mid = by_rps.get(by_rps.len() / 2)?;
+        Some((mid.wrk.clone(), cpu[cpu.len() / 2]))
+    };
+    let mut rows = Vec::new();
+    for ((scenario, target), measured) in runs {
+        let Some((w, cpu)) = median(measured) else {
+            continue;
+        };
+        let mut row = Row::new(&format!("{scenario}: {target}"));
+        row.rate = w.rps;
+        row.notes.push(format!(
+            "median of {} runs: {:.0} req/s, CPU {cpu:.1} µs per request (all runs: {})",
+            measured.len(),
+            w.rps,
+            measured
+                .iter()
+                .map(|m| format!("{:.0} req/s {:.1} µs", m.wrk.rps, m.cpu_us_per_request))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        if *target == "gateway" {
+            if let Some((p, pcpu)) = runs.get(&(*scenario, "openresty")).and_then(|m| median(m)) {
+                row.notes.push(format!(
+                    "gateway / openresty: req/s ×{:.2}, CPU per request ×{:.2}, p99 {:.2} / {:.2} ms",
+                    w.rps / p.rps.max(1.0),
+                    cpu / pcpu.max(0.001),
+                    w.p99_ms,
+                    p.p99_ms
+                ));
+            }
+        }
+        row.wrk = Some(w);
+        rows.push(row);
+    }
+    rows
 }
 
 /// Stops the workers, queues `drain_orders` admitted orders (as the

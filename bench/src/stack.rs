@@ -179,23 +179,13 @@ impl BenchStack {
     }
 
     /// CPU time (user + system) the processes whose name starts with
-    /// `prefix` have used so far, from `/proc/<pid>/stat`.
+    /// `prefix` have used so far.
     pub fn cpu_time(&self, prefix: &str) -> Duration {
-        let ticks: u64 = self
-            .procs
+        self.procs
             .iter()
             .filter(|(n, _)| n.starts_with(prefix))
-            .filter_map(|(_, child)| {
-                let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).ok()?;
-                // Fields after the command name, which is in parentheses.
-                let rest = stat.rsplit_once(')')?.1;
-                let fields: Vec<&str> = rest.split_whitespace().collect();
-                let utime: u64 = fields.get(11)?.parse().ok()?;
-                let stime: u64 = fields.get(12)?.parse().ok()?;
-                Some(utime + stime)
-            })
-            .sum();
-        Duration::from_secs_f64(ticks as f64 / clock_ticks_per_sec())
+            .map(|(_, child)| process_cpu_time(child.id()))
+            .sum()
     }
 
     pub fn gateway_url(&self, path: &str) -> String {
@@ -213,15 +203,35 @@ impl Drop for BenchStack {
     }
 }
 
+/// CPU time (user + system) process `pid` has used, from
+/// `/proc/<pid>/stat` (zero for a process that is gone).
+pub fn process_cpu_time(pid: u32) -> Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The fields after the command name, which is in parentheses.
+            let rest = stat.rsplit_once(')')?.1.to_string();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / clock_ticks_per_sec())
+}
+
 /// `getconf CLK_TCK`, the unit of `/proc/<pid>/stat` times (100 on Linux
 /// when it cannot be asked).
 fn clock_ticks_per_sec() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::LazyLock<f64> = std::sync::LazyLock::new(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    *TICKS
 }
 
 fn terminate(procs: Vec<(String, Child)>) {
