@@ -27,10 +27,11 @@ local sales = require "sales"
 local rs256 = require "rs256"
 local lrucache = require "resty.lrucache"
 local ffi = require "ffi"
+local base = require "resty.core.base"
 
 local ngx = ngx
 local ngx_var, ngx_header, ngx_now = ngx.var, ngx.header, ngx.now
-local byte, find, sub, format = string.byte, string.find, string.sub, string.format
+local byte, find, format = string.byte, string.find, string.format
 local floor, ceil, max = math.floor, math.ceil, math.max
 local tostring, tonumber, pcall = tostring, tonumber, pcall
 
@@ -66,14 +67,26 @@ local function json_string(s)
   end) .. '"'
 end
 
+-- An answer: status, body, content type and extra headers, with what
+-- send() needs precomputed (the length as a string, the headers as a flat
+-- array), so sending a constant answer converts and traverses nothing.
+local function answer(status, body, ctype, headers)
+  local list = {}
+  if headers then
+    for k, v in pairs(headers) do
+      list[#list + 1] = k
+      list[#list + 1] = v
+    end
+  end
+  return { status = status, body = body, ctype = ctype, headers = headers,
+           length = tostring(#body), list = list, n = #list }
+end
+
 local function problem(status, detail, headers)
-  return {
-    status = status,
-    body = '{"detail":' .. json_string(detail) .. ',"status":' .. status
+  return answer(status,
+    '{"detail":' .. json_string(detail) .. ',"status":' .. status
       .. ',"title":"' .. TITLES[status] .. '","type":"about:blank"}',
-    ctype = "application/problem+json",
-    headers = headers,
-  }
+    "application/problem+json", headers)
 end
 
 local A = {
@@ -125,9 +138,15 @@ end
 local POOL = 4096
 local pool = ffi.new("unsigned char[?]", POOL)
 local pool_at = POOL
-local HEX = {}
-for i = 0, 255 do
-  HEX[i] = format("%02x", i)
+
+-- Written into rid_buf and sent from there (send with no rid): most
+-- answers never need the id as a Lua string, and every string made per
+-- request costs an interning. The buffer is the worker's, so it is only
+-- valid until the request first yields: rid_string() copies it before.
+local rid_buf = ffi.new("unsigned char[32]")
+local DIGITS = {}
+for i = 0, 15 do
+  DIGITS[i] = byte("0123456789abcdef", i + 1)
 end
 
 local function request_id()
@@ -138,24 +157,44 @@ local function request_id()
   local p = pool + pool_at
   pool_at = pool_at + 10
   local ms = floor(ngx_now() * 1000)
-  return format("%012x", ms)
-    .. HEX[0x70 + p[0] % 16] .. HEX[p[1]]
-    .. HEX[0x80 + p[2] % 64] .. HEX[p[3]]
-    .. HEX[p[4]] .. HEX[p[5]] .. HEX[p[6]] .. HEX[p[7]] .. HEX[p[8]] .. HEX[p[9]]
+  for i = 11, 0, -1 do
+    rid_buf[i] = DIGITS[ms % 16]
+    ms = floor(ms / 16)
+  end
+  local b = rid_buf + 12
+  b[0], b[1] = DIGITS[7], DIGITS[p[0] % 16]
+  b[2], b[3] = DIGITS[floor(p[1] / 16)], DIGITS[p[1] % 16]
+  b[4], b[5] = DIGITS[8 + floor(p[2] % 64 / 16)], DIGITS[p[2] % 16]
+  for i = 3, 9 do
+    b[2 * i], b[2 * i + 1] = DIGITS[floor(p[i] / 16)], DIGITS[p[i] % 16]
+  end
+end
+
+local function rid_string()
+  return ffi.string(rid_buf, 32)
 end
 
 ----------------------------------------------------------------- writing --
 
+local RID_HEADER = "x-request-id"
+local header_err = ffi.new("char *[1]")
+
+-- `rid`: the request id as a string, or nil to send rid_buf.
 local function send(a, rid)
   ngx.status = a.status
   local h = ngx_header
   h["content-type"] = a.ctype
-  h["content-length"] = #a.body
-  h["x-request-id"] = rid
-  if a.headers then
-    for k, v in pairs(a.headers) do
-      h[k] = v
-    end
+  h["content-length"] = a.length
+  if rid then
+    h[RID_HEADER] = rid
+  else
+    -- What ngx.header[k] = v calls, given the bytes in place.
+    ffi.C.ngx_http_lua_ffi_set_resp_header(base.get_request(), RID_HEADER, #RID_HEADER,
+      false, rid_buf, 32, nil, 0, 1, header_err)
+  end
+  local list = a.list
+  for i = 1, a.n, 2 do
+    h[list[i]] = list[i + 1]
   end
   ngx.print(a.body)
 end
@@ -259,11 +298,8 @@ local function access(path, raw_id, user_id, rid)
     end
     -- (The gateway publishes the order here and answers 202 on the
     -- broker's confirm; this peer does not publish.)
-    return {
-      status = 202,
-      body = '{"request_id":"' .. rid .. '","status":"queued"}',
-      ctype = "application/json",
-    }
+    return answer(202, '{"request_id":"' .. rid .. '","status":"queued"}',
+      "application/json")
   elseif outcome == "sold_out" then
     pcall(sales.announce, raw_id, "sold_out")
     return sold_out(raw_id)
@@ -294,42 +330,111 @@ local function readable(v)
   return not find(v, "[^\t\32-\126]")
 end
 
-local HEALTH = {
-  status = 200, body = '{"broker":"none","status":"ok"}', ctype = "application/json",
-}
+-- An nginx variable as nginx holds it (pointer, length; nil when unset),
+-- through the same call ngx.var uses, without copying it into a Lua
+-- string: making a string per request (interning: hashing, walking its
+-- hash chain, then collecting it) was the largest cost left on the hot
+-- path, most of all for the ~600-byte Authorization.
+local AUTH_VAR = "http_authorization"
+local URI_VAR = "request_uri"
+local value_ptr = ffi.new("unsigned char *[1]")
+local value_len = ffi.new("size_t[1]")
+local err_ptr = ffi.new("char *[1]")
+local lowcase_buf = ffi.new("char[?]", 32)
+local function var_in_place(name)
+  local rc = ffi.C.ngx_http_lua_ffi_var_get(base.get_request(), name, #name, lowcase_buf, 0,
+    value_ptr, value_len, err_ptr)
+  if rc ~= 0 then
+    return nil -- NGX_DECLINED: no such header (the URI is always set)
+  end
+  return value_ptr[0], tonumber(value_len[0])
+end
+
+local HEALTH = answer(200, '{"broker":"none","status":"ok"}', "application/json")
+
+local ROUTE = "/api/v1/seckill/"
+local ROUTE_LEN = #ROUTE
+
+-- The bytes at `p` (at least #s of them) are s.
+local function is_at(p, s)
+  for i = 1, #s do
+    if p[i - 1] ~= byte(s, i) then
+      return false
+    end
+  end
+  return true
+end
 
 -- content_by_lua for every request.
 function M.handle()
-  local rid = request_id()
+  request_id()
 
-  local uri = ngx_var.request_uri
-  local q = find(uri, "?", 1, true)
-  local path_only = q and sub(uri, 1, q - 1) or uri
-  local method = ngx.req.get_method()
-  if path_only == "/healthz" and (method == "GET" or method == "HEAD") then
-    return send(HEALTH, rid)
+  -- The raw request target up to its first "?", in place.
+  local u, ulen = var_in_place(URI_VAR)
+  local len = ulen
+  for i = 0, ulen - 1 do
+    if u[i] == 63 then
+      len = i
+      break
+    end
   end
-  local path, raw_id = path_only:match("^/api/v1/seckill/([^/]+)/([^/]+)$")
-  if not path then
-    return send(A.no_route, rid)
+  local method = ngx.req.get_method()
+  if len == 8 and is_at(u, "/healthz") and (method == "GET" or method == "HEAD") then
+    return send(HEALTH)
+  end
+  -- "^/api/v1/seckill/([^/]+)/([^/]+)$" on bytes (string.match with a
+  -- pattern is not compiled: it runs in the interpreter's matcher): the
+  -- prefix, then exactly one more "/", with something on either side.
+  local slash
+  if len > ROUTE_LEN and is_at(u, ROUTE) then
+    for i = ROUTE_LEN, len - 1 do
+      if u[i] == 47 then
+        if slash then
+          slash = nil
+          break
+        end
+        slash = i
+      end
+    end
+  end
+  if not slash or slash == ROUTE_LEN or slash == len - 1 then
+    return send(A.no_route)
   end
   if method ~= "POST" then
-    return send(A.not_allowed, rid)
+    return send(A.not_allowed)
   end
 
-  local auth = ngx_var.http_authorization
-  if auth and not readable(auth) then
-    auth = nil
+  -- "Bearer <a token verified before>" skips the header scan and the
+  -- trimming patterns (jwt.cached_bearer says why the answer is the same),
+  -- and is read in place: no ~600-byte Lua string per request.
+  local claims
+  local p, n = var_in_place(AUTH_VAR)
+  if p then
+    claims = jwt.cached_bearer(p, n)
   end
-  local claims, why = jwt.verify_header(auth)
   if not claims then
-    return send(unauthorized_for(why, auth ~= nil), rid)
+    local auth = p and ffi.string(p, n)
+    if auth and not readable(auth) then
+      auth = nil
+    end
+    local why
+    claims, why = jwt.verify_header(auth)
+    if not claims then
+      return send(unauthorized_for(why, auth ~= nil))
+    end
   end
 
+  -- A short string, interned already once the sale has been asked for.
+  local raw_id = ffi.string(u + slash + 1, len - slash - 1)
   local stored = shortcuts:get(raw_id)
   if stored then
-    return send(stored, rid)
+    return send(stored)
   end
+
+  -- From here on the request may yield (body, Redis): the id and the sale
+  -- path become strings (the buffers are overwritten by other requests).
+  local rid = rid_string()
+  local path = ffi.string(u + ROUTE_LEN, slash - ROUTE_LEN)
 
   -- A local route's body is read and must be JSON when present (the rule
   -- does not use it). The parser's message differs from serde_json's.
@@ -350,7 +455,8 @@ end
 
 -- error_page 413 (nginx's client_max_body_size, set to max_body_bytes).
 function M.too_large()
-  send(A.too_large, request_id())
+  request_id()
+  send(A.too_large)
 end
 
 -------------------------------------------------------------------- init --

@@ -211,6 +211,31 @@ function M.verify(token)
   return claims, err
 end
 
+-- The hot path, on the header's bytes in place (`p`, `len`): a header
+-- exactly "Bearer " .. T for a T in the cache and not expired: its
+-- claims; nil for anything else (the caller then runs the full check,
+-- which also answers "expired"). The same answer as the full check,
+-- because a cached T was scanned whole before it was cached
+-- ([A-Za-z0-9_.-] only): the header is readable, has nothing to trim, its
+-- scheme is "Bearer" and its rest is T.
+local BEARER = { byte("Bearer ", 1, 7) }
+function M.cached_bearer(p, len)
+  local n = len - 7
+  if n <= 0 or n > MAX_TOKEN_BYTES then
+    return nil
+  end
+  for i = 1, 7 do
+    if p[i - 1] ~= BEARER[i] then
+      return nil
+    end
+  end
+  local hit = cache:get(rs256.sha256_at(p, 7, n))
+  if hit and hit.exp + leeway >= ngx_time() then
+    return hit
+  end
+  return nil
+end
+
 -- The Authorization header's value (or nil): claims, or nil, detail.
 function M.verify_header(value)
   if value == nil then

@@ -65,6 +65,13 @@ function M.sha256(s)
   return ffi.string(digest_buf, 32)
 end
 
+-- The same digest of the `n` bytes at `p + skip` (a pointer): the token
+-- of an Authorization header read in place.
+function M.sha256_at(p, skip, n)
+  C.SHA256(p + skip, n, digest_buf)
+  return ffi.string(digest_buf, 32)
+end
+
 -- Parses one PEM public key: SPKI ("BEGIN PUBLIC KEY") or PKCS#1 ("BEGIN
 -- RSA PUBLIC KEY"), as the gateway accepts. Private keys and keys outside
 -- 2048..8192 bits are refused, as the gateway refuses them at start-up.
