@@ -4,7 +4,7 @@
 //! measured the same way (wrk, and the CPU its processes use from `/proc`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -47,13 +47,7 @@ impl Peer {
             url: format!("http://127.0.0.1:{PEER_PORT}"),
         };
         // Any answer means nginx is up (the route answers 404 to a GET /).
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while reqwest::get(&peer.url).await.is_err() {
-            if std::time::Instant::now() > deadline {
-                bail!("the OpenResty peer never answered on {}", peer.url);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_answering(&peer.url).await?;
         Ok(peer)
     }
 
@@ -71,6 +65,58 @@ impl Drop for Peer {
             .arg(&self.var)
             .status();
     }
+}
+
+/// An nginx of the bench's own: `conf` rendered into `dir` (its pid file
+/// `dir/nginx.pid`), stopped (QUIT) on drop.
+pub struct Nginx {
+    child: Child,
+    pub pid_file: PathBuf,
+}
+
+impl Nginx {
+    /// Starts it and waits until `url` answers anything.
+    pub async fn start(dir: &Path, conf: &str, url: &str) -> anyhow::Result<Nginx> {
+        std::fs::create_dir_all(dir)?;
+        let dir = std::fs::canonicalize(dir)?;
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf.replace("__VAR__", &dir.to_string_lossy()))?;
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(&dir)
+            .spawn()
+            .context("starting nginx (is nginx-light installed?)")?;
+        let nginx = Nginx {
+            child,
+            pid_file: dir.join("nginx.pid"),
+        };
+        wait_answering(url).await?;
+        Ok(nginx)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-QUIT")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits up to 10 s until `url` answers with any status.
+async fn wait_answering(url: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reqwest::get(url).await.is_err() {
+        if std::time::Instant::now() > deadline {
+            bail!("nothing answered on {url}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// CPU time of the nginx whose master's pid is in `pid_file`, and of its

@@ -334,32 +334,16 @@ async fn ceiling_local(ctx: &Ctx) -> anyhow::Result<Row> {
 }
 
 async fn ceiling_nginx(ctx: &Ctx) -> anyhow::Result<Row> {
-    let dir = ctx.out.join("nginx");
-    std::fs::create_dir_all(&dir)?;
-    let conf = std::fs::read_to_string("bench/gateway/nginx.conf")?
-        .replace("__VAR__", &std::fs::canonicalize(&dir)?.to_string_lossy());
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf)?;
-    let mut nginx = std::process::Command::new("nginx")
-        .arg("-c")
-        .arg(std::fs::canonicalize(&conf_path)?)
-        .arg("-p")
-        .arg(std::fs::canonicalize(&dir)?)
-        .spawn()
-        .context("starting nginx (is nginx-light installed?)")?;
-    let up = stack::wait_ok("http://127.0.0.1:18090/", Duration::from_secs(10)).await;
-    let result = match up {
-        Ok(()) => {
-            let run = ctx.wrk("http://127.0.0.1:18090/".into(), "report.lua", vec![]);
+    let url = "http://127.0.0.1:18090/";
+    let conf = std::fs::read_to_string("bench/gateway/nginx.conf")?;
+    let nginx = crate::peer::Nginx::start(&ctx.out.join("nginx"), &conf, url).await;
+    let result = match nginx {
+        Ok(_running) => {
+            let run = ctx.wrk(url.into(), "report.lua", vec![]);
             tokio::task::spawn_blocking(move || run.run()).await?
         }
         Err(e) => Err(e),
     };
-    let _ = std::process::Command::new("kill")
-        .arg("-QUIT")
-        .arg(nginx.id().to_string())
-        .status();
-    let _ = nginx.wait();
     let w = result?;
     let mut row = Row::new("ceiling: nginx return 200");
     row.rate = w.rps;
@@ -779,42 +763,19 @@ async fn sale_on(
 /// nginx `return 410` with one worker, as the peer runs: what any nginx
 /// edge costs per request before it does anything.
 async fn nginx_floor(ctx: &Ctx) -> anyhow::Result<Measured> {
-    let dir = std::fs::canonicalize(&ctx.out)?.join("nginx-floor");
-    std::fs::create_dir_all(&dir)?;
     let conf = std::fs::read_to_string("bench/gateway/nginx.conf")?
-        .replace("__VAR__", &dir.to_string_lossy())
         .replace(
             "listen 127.0.0.1:18090;",
             &format!("listen 127.0.0.1:{};", crate::peer::FLOOR_PORT),
         )
         .replace("return 200 \"ok\\n\";", "return 410;");
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf)?;
-    let mut nginx = std::process::Command::new("nginx")
-        .arg("-c")
-        .arg(&conf_path)
-        .arg("-p")
-        .arg(&dir)
-        .spawn()
-        .context("starting nginx")?;
     let url = format!("http://127.0.0.1:{}/", crate::peer::FLOOR_PORT);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while reqwest::get(&url).await.is_err() {
-        if Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let pid_file = dir.join("nginx.pid");
-    let before = crate::peer::nginx_cpu_time(&pid_file);
+    let nginx = crate::peer::Nginx::start(&ctx.out.join("nginx-floor"), &conf, &url).await?;
+    let before = crate::peer::nginx_cpu_time(&nginx.pid_file);
     let run = ctx.wrk(url, "report.lua", vec![]);
     let result = tokio::task::spawn_blocking(move || run.run()).await?;
-    let used = crate::peer::nginx_cpu_time(&pid_file).saturating_sub(before);
-    let _ = std::process::Command::new("kill")
-        .arg("-QUIT")
-        .arg(nginx.id().to_string())
-        .status();
-    let _ = nginx.wait();
+    let used = crate::peer::nginx_cpu_time(&nginx.pid_file).saturating_sub(before);
+    drop(nginx);
     let w = result?;
     let per = used.as_secs_f64() * 1e6 / (w.requests.max(1) as f64);
     Ok(Measured {

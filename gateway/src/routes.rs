@@ -245,14 +245,7 @@ mod tests {
     use super::*;
 
     fn route(name: &str, method: &str, path: &str) -> RouteConfig {
-        RouteConfig {
-            name: name.into(),
-            method: method.into(),
-            path: path.into(),
-            pool: None,
-            public: false,
-            files: false,
-        }
+        RouteConfig::local(name, method, path)
     }
 
     fn table() -> RouteTable {
