@@ -10,7 +10,7 @@
 //! 1. **Size**: anything over [`MAX_TOKEN_BYTES`] is `Malformed` unread, so a
 //!    huge header cannot make us base64-decode or hash megabytes.
 //! 2. **Cache**: the SHA-256 of the token bytes is looked up in a bounded
-//!    cache of tokens that already passed. A buyer hammering the sale sends
+//!    cache of tokens that already passed ([`token_cache`]). A buyer hammering the sale sends
 //!    the same token again and again; a hit costs a hash instead of an RSA
 //!    verification. The hit's `exp` is re-checked against the clock, so a
 //!    token never outlives its expiry just because eviction is lazy.
@@ -37,7 +37,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use crate::claims::AccessClaims;
 use crate::clock::unix_secs;
@@ -50,6 +49,9 @@ use rsa::pkcs8::DecodePublicKey;
 use rsa::traits::PublicKeyParts;
 use rsa::RsaPublicKey;
 use sha2::{Digest, Sha256};
+
+pub mod token_cache;
+use token_cache::{TokenCache, TokenHash};
 
 /// Longest token accepted (8 KiB). Ours are a few hundred bytes; anything
 /// bigger is refused before it is decoded or hashed.
@@ -199,10 +201,6 @@ impl std::fmt::Display for JwtRejection {
 
 impl std::error::Error for JwtRejection {}
 
-/// Cache key: SHA-256 of the token, so the cache never holds bearer
-/// credentials that a heap dump could replay.
-type TokenHash = [u8; 32];
-
 /// Verifies access tokens against a set of public keys.
 ///
 /// `Send + Sync`, meant to be shared in an `Arc` by every proxy worker. The
@@ -215,7 +213,7 @@ pub struct JwtVerifier {
     issuer: String,
     audience: String,
     leeway_secs: u64,
-    cache: Option<moka::sync::Cache<TokenHash, Arc<AccessClaims>>>,
+    cache: Option<TokenCache>,
     /// RSA verifications performed, so tests can prove a cache hit skipped one.
     #[cfg(test)]
     rsa_verifications: std::sync::atomic::AtomicU64,
@@ -441,12 +439,7 @@ impl JwtVerifier {
             return Err(JwtSetupError::EmptySetting("jwt.audience"));
         }
         let leeway_secs = leeway_secs.min(MAX_LEEWAY_SECS);
-        let cache = (cache_entries > 0).then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(cache_entries)
-                .expire_after(UntilTokenExpiry { leeway_secs })
-                .build()
-        });
+        let cache = (cache_entries > 0).then(|| TokenCache::new(cache_entries));
 
         Ok(JwtVerifier {
             keys: ArcSwap::from_pointee(keys),
@@ -494,7 +487,7 @@ impl JwtVerifier {
         self.keys.store(Arc::new(new));
         if !change.removed.is_empty() {
             if let Some(cache) = &self.cache {
-                cache.invalidate_all();
+                cache.clear();
             }
         }
         Ok(change)
@@ -542,9 +535,9 @@ impl JwtVerifier {
         let hash: TokenHash = Sha256::digest(token.as_bytes()).into();
         if let Some(cache) = &self.cache {
             if let Some(claims) = cache.get(&hash) {
-                // Eviction is lazy: the entry may outlive `exp` by a little.
+                // Entries are not dropped at `exp`: the clock decides here.
                 if self.is_expired(&claims) {
-                    cache.invalidate(&hash);
+                    cache.remove(&hash);
                     return Err(JwtRejection::Expired);
                 }
                 return Ok(claims);
@@ -577,13 +570,10 @@ impl JwtVerifier {
         self.verify(token)
     }
 
-    /// Tokens currently cached (approximate: the cache settles writes
-    /// lazily). For the admin surface and tests.
+    /// Tokens currently cached (expired ones too, until replaced). For the
+    /// admin surface and tests.
     pub fn cache_len(&self) -> u64 {
-        self.cache.as_ref().map_or(0, |c| {
-            c.run_pending_tasks();
-            c.entry_count()
-        })
+        self.cache.as_ref().map_or(0, TokenCache::len)
     }
 
     /// The full check, on a cache miss.
@@ -743,24 +733,6 @@ fn parse_for_verification(key: &RsaPublicKey) -> Result<ParsedPublicKey, String>
         .map_err(|e| format!("cannot re-encode the RSA key: {e}"))?;
     ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der.as_bytes())
         .map_err(|e| format!("RSA key rejected: {e}"))
-}
-
-/// Expires each cached token at its own `exp` plus the leeway, so the cache
-/// never answers for a token longer than a fresh verification would.
-struct UntilTokenExpiry {
-    leeway_secs: u64,
-}
-
-impl moka::Expiry<TokenHash, Arc<AccessClaims>> for UntilTokenExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &TokenHash,
-        claims: &Arc<AccessClaims>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        let until = claims.exp.saturating_add(self.leeway_secs);
-        Some(Duration::from_secs(until.saturating_sub(unix_secs())))
-    }
 }
 
 // The tests mint tokens with the testkit's keys; `cargo test --workspace`
@@ -1202,7 +1174,7 @@ mod tests {
         assert!(v.verify(&token).is_ok());
         assert_eq!(v.cache_len(), 1);
         // Age the verifier's clock past exp + leeway; the cache entry is
-        // still there (its own expiry runs on the real clock).
+        // still there (entries are not dropped at exp: each hit checks).
         v.clock_offset_secs.store(60 + 6, Ordering::Relaxed);
         assert_eq!(v.verify(&token), Err(JwtRejection::Expired));
         assert_eq!(rsa_count(&v), 1, "rejected from the cache entry itself");
@@ -1211,18 +1183,6 @@ mod tests {
         assert!(v.verify(&token).is_ok());
         v.clock_offset_secs.store(60 + 4, Ordering::Relaxed);
         assert!(v.verify(&token).is_ok());
-    }
-
-    #[test]
-    fn cache_entry_expires_at_token_expiry() {
-        let expiry = UntilTokenExpiry { leeway_secs: 5 };
-        let c = Arc::new(claims(1, 100));
-        let ttl = moka::Expiry::expire_after_create(&expiry, &[0; 32], &c, Instant::now()).unwrap();
-        assert!((100..=105).contains(&ttl.as_secs()), "{ttl:?}");
-        let past = Arc::new(claims(1, -100));
-        let ttl =
-            moka::Expiry::expire_after_create(&expiry, &[0; 32], &past, Instant::now()).unwrap();
-        assert_eq!(ttl, Duration::ZERO);
     }
 
     #[test]

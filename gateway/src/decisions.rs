@@ -10,6 +10,9 @@
 //!                                                               ──▶ the api's /ops data
 //! ```
 //!
+//! A shortcut resolves its counters once, when the rule stores it
+//! ([`Decisions::resolve`]); each replay is then two atomic adds.
+//!
 //! The outcome names are those of
 //! [`seckill_contracts::admission_answers::ANSWERS`], the table the OpenAPI
 //! document is written from, so the metric, the dashboard and the document
@@ -19,7 +22,8 @@
 //! stays bounded whatever the rules say.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{LazyLock, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, RwLock};
 
 use prometheus::{register_int_counter_vec, IntCounter, IntCounterVec};
 use seckill_contracts::admission_answers::ANSWERS;
@@ -56,17 +60,46 @@ fn index_of(outcome: &str) -> usize {
         .unwrap_or(ANSWERS.len())
 }
 
+/// One sale's counts by outcome: atomics, so counting takes no lock.
 struct SaleTally {
-    counts: Vec<u64>,
-    /// [`Tallies::seq`] at the last decision: a counter, not a clock, so
-    /// "least recently decided" is exact.
-    touched: u64,
+    counts: Box<[AtomicU64]>,
+    /// [`Decisions::seq`] at the last decision the rules made: a counter,
+    /// not a clock, so "least recently decided" is exact.
+    touched: AtomicU64,
 }
 
-#[derive(Default)]
-struct Tallies {
-    sales: HashMap<u64, SaleTally>,
-    seq: u64,
+impl SaleTally {
+    fn new(seq: u64) -> SaleTally {
+        SaleTally {
+            counts: (0..=ANSWERS.len()).map(|_| AtomicU64::new(0)).collect(),
+            touched: AtomicU64::new(seq),
+        }
+    }
+}
+
+/// A decision resolved once to its counters: what a stored shortcut
+/// counts on each replay with two atomic adds (no name lookup, no lock),
+/// so the sold-out crowd it answers costs next to nothing to count.
+#[derive(Clone)]
+pub struct Resolved {
+    counter: IntCounter,
+    tally: Option<(Arc<SaleTally>, usize)>,
+}
+
+impl std::fmt::Debug for Resolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolved").finish_non_exhaustive()
+    }
+}
+
+impl Resolved {
+    /// Counts one more of this decision.
+    pub fn record(&self) {
+        self.counter.inc();
+        if let Some((tally, i)) = &self.tally {
+            tally.counts[*i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// This gateway's decision counts: a Prometheus counter per outcome (all
@@ -74,7 +107,8 @@ struct Tallies {
 pub struct Decisions {
     /// Resolved once, so a decision is an atomic add, not a label lookup.
     counters: Vec<IntCounter>,
-    tallies: Mutex<Tallies>,
+    sales: RwLock<HashMap<u64, Arc<SaleTally>>>,
+    seq: AtomicU64,
 }
 
 impl Default for Decisions {
@@ -83,7 +117,8 @@ impl Default for Decisions {
             counters: outcome_names()
                 .map(|name| DECISIONS_TOTAL.with_label_values(&[name]))
                 .collect(),
-            tallies: Mutex::default(),
+            sales: RwLock::default(),
+            seq: AtomicU64::new(0),
         }
     }
 }
@@ -92,37 +127,53 @@ impl Decisions {
     /// Counts one decision; `sale_id` is `None` when the request named no
     /// valid sale (it counts in the metric only).
     pub fn record(&self, outcome: &str, sale_id: Option<u64>) {
+        self.resolve(outcome, sale_id).record();
+    }
+
+    /// The counters of `outcome` for `sale_id`, to count with later (see
+    /// [`Resolved`]); marks the sale as recently decided.
+    pub fn resolve(&self, outcome: &str, sale_id: Option<u64>) -> Resolved {
         let i = index_of(outcome);
-        self.counters[i].inc();
-        let Some(sale_id) = sale_id else {
-            return;
-        };
-        let mut tallies = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
-        tallies.seq += 1;
-        let seq = tallies.seq;
-        let sales = &mut tallies.sales;
-        if !sales.contains_key(&sale_id) && sales.len() >= SALES_KEPT {
-            evict_oldest(sales);
+        Resolved {
+            counter: self.counters[i].clone(),
+            tally: sale_id.map(|id| (self.tally(id), i)),
         }
-        let tally = sales.entry(sale_id).or_insert_with(|| SaleTally {
-            counts: vec![0; ANSWERS.len() + 1],
-            touched: seq,
-        });
-        tally.counts[i] += 1;
-        tally.touched = seq;
+    }
+
+    fn tally(&self, sale_id: u64) -> Arc<SaleTally> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let found = self
+            .sales
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&sale_id)
+            .cloned();
+        if let Some(tally) = found {
+            tally.touched.store(seq, Ordering::Relaxed);
+            return tally;
+        }
+        let mut sales = self.sales.write().unwrap_or_else(|e| e.into_inner());
+        if !sales.contains_key(&sale_id) && sales.len() >= SALES_KEPT {
+            evict_oldest(&mut sales);
+        }
+        let tally = sales
+            .entry(sale_id)
+            .or_insert_with(|| Arc::new(SaleTally::new(seq)));
+        tally.touched.store(seq, Ordering::Relaxed);
+        tally.clone()
     }
 
     /// Every kept sale's non-zero counts by outcome name.
     pub fn by_sale(&self) -> BTreeMap<u64, BTreeMap<String, u64>> {
-        let tallies = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
-        tallies
-            .sales
+        let sales = self.sales.read().unwrap_or_else(|e| e.into_inner());
+        sales
             .iter()
             .map(|(id, tally)| {
                 let counts = outcome_names()
-                    .zip(&tally.counts)
-                    .filter(|(_, n)| **n > 0)
-                    .map(|(name, n)| (name.to_string(), *n))
+                    .zip(tally.counts.iter())
+                    .map(|(name, n)| (name, n.load(Ordering::Relaxed)))
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(name, n)| (name.to_string(), n))
                     .collect();
                 (*id, counts)
             })
@@ -130,13 +181,18 @@ impl Decisions {
     }
 }
 
-fn evict_oldest(sales: &mut HashMap<u64, SaleTally>) {
-    if let Some(oldest) = sales
-        .iter()
-        .min_by_key(|(_, t)| t.touched)
-        .map(|(id, _)| *id)
-    {
-        sales.remove(&oldest);
+/// Drops the least recently decided sale, preferring one no stored
+/// shortcut still counts into (its replays would count into nothing).
+fn evict_oldest(sales: &mut HashMap<u64, Arc<SaleTally>>) {
+    let oldest = |held: bool| {
+        sales
+            .iter()
+            .filter(|(_, t)| held || Arc::strong_count(t) == 1)
+            .min_by_key(|(_, t)| t.touched.load(Ordering::Relaxed))
+            .map(|(id, _)| *id)
+    };
+    if let Some(id) = oldest(false).or_else(|| oldest(true)) {
+        sales.remove(&id);
     }
 }
 
@@ -170,6 +226,25 @@ mod tests {
         assert_eq!(by_sale.len(), SALES_KEPT);
         assert!(!by_sale.contains_key(&0), "the oldest sale was dropped");
         assert!(by_sale.contains_key(&(SALES_KEPT as u64 + 9)));
+    }
+
+    #[test]
+    fn a_resolved_decision_counts_into_the_same_tally() {
+        let d = Decisions::default();
+        let replay = d.resolve("sold_out", Some(9));
+        replay.record();
+        replay.record();
+        d.record("sold_out", Some(9));
+        assert_eq!(d.by_sale()[&9]["sold_out"], 3);
+        for id in 100..(100 + SALES_KEPT as u64) {
+            d.record("queued", Some(id));
+        }
+        replay.record();
+        assert_eq!(
+            d.by_sale()[&9]["sold_out"],
+            4,
+            "a sale a stored shortcut counts into is evicted last"
+        );
     }
 
     #[test]

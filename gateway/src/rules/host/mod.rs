@@ -46,7 +46,7 @@ pub struct Host {
 pub fn install(lua: &Lua, host: Host) -> mlua::Result<()> {
     let api = lua.create_table()?;
     respond::install(lua, &api)?;
-    shortcut::install(lua, &api, &host.shortcuts)?;
+    shortcut::install(lua, &api, &host.shortcuts, &host.services)?;
     redis::install(lua, &api, &host)?;
     sale::install(lua, &api, &host.services)?;
     enqueue::install(lua, &api, &host.services)?;

@@ -7,11 +7,18 @@ use std::time::Duration;
 
 use mlua::{Lua, Table, Value};
 
-use crate::rules::shortcuts::{Counted, Shortcuts};
+use crate::rules::shortcuts::Shortcuts;
 use crate::rules::{decision, Decision};
+use crate::services::HostServices;
 
-pub(super) fn install(lua: &Lua, api: &Table, shortcuts: &Arc<Shortcuts>) -> mlua::Result<()> {
+pub(super) fn install(
+    lua: &Lua,
+    api: &Table,
+    shortcuts: &Arc<Shortcuts>,
+    services: &Arc<HostServices>,
+) -> mlua::Result<()> {
     let table = shortcuts.clone();
+    let host = services.clone();
     api.set(
         "shortcut",
         lua.create_function(
@@ -32,7 +39,7 @@ pub(super) fn install(lua: &Lua, api: &Table, shortcuts: &Arc<Shortcuts>) -> mlu
                     )),
                     Err(e) => return Err(mlua::Error::runtime(format!("shortcut: {e}"))),
                 };
-                let counted = outcome.map(|outcome| Counted { outcome, sale_id });
+                let counted = outcome.map(|outcome| host.decisions.resolve(&outcome, sale_id));
                 table.set(
                     &route,
                     &param,
