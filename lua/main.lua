@@ -8,13 +8,24 @@
 --   defined here: the gateway's own metrics already count responses by
 --   route and status, and a log phase costs a second rules call per request.
 -- selftest(): runs once, in a fresh VM, before a reload is accepted.
+-- routes: the route names the phases run for (optional: all routes).
 
 local handlers = {
   -- route name (deploy/seckill.toml [[gateway.routes]] name) -> module
   seckill = require("seckill"),
 }
 
+-- The routes these rules run for: a request of any other route runs no
+-- Lua at all (it goes straight to its pool). Leave `routes` out to run
+-- access (and log) for every route.
+local routes = {}
+for name in pairs(handlers) do
+  routes[#routes + 1] = name
+end
+
 return {
+  routes = routes,
+
   access = function(req)
     local handler = handlers[req.route]
     if handler then

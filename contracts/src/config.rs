@@ -278,6 +278,11 @@ pub struct RouteConfig {
     /// the file, a folder its `index.html`), with no Lua and no upstream.
     #[serde(default)]
     pub files: bool,
+    /// Edge micro-cache freshness of this route's pages, in ms (0: off).
+    /// Public `GET` routes to a pool only: their answers are the same for
+    /// every caller. See `gateway.micro_cache` for the rest of its rules.
+    #[serde(default)]
+    pub cache_ms: u64,
 }
 
 impl RouteConfig {
@@ -290,6 +295,15 @@ impl RouteConfig {
             pool: None,
             public: false,
             files: false,
+            cache_ms: 0,
+        }
+    }
+
+    /// The route with its pages micro-cached at the edge for `ms`.
+    pub fn cached(self, ms: u64) -> RouteConfig {
+        RouteConfig {
+            cache_ms: ms,
+            ..self
         }
     }
 
@@ -378,9 +392,40 @@ pub struct GatewayConfig {
     pub jwks: JwksConfig,
     /// Rules from versioned bundles in Redis instead of `rules_dir` alone.
     pub bundles: BundlesConfig,
+    /// The edge's cache of public pages (routes with `cache_ms`).
+    pub micro_cache: MicroCacheConfig,
 
     pub pools: BTreeMap<String, PoolConfig>,
     pub routes: Vec<RouteConfig>,
+}
+
+/// The edge micro-cache of public pages (`GET /api/v1/sales` and a sale's
+/// page, the most-hit pages before a sale opens): each route's freshness
+/// is its `cache_ms`; these bound the rest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MicroCacheConfig {
+    /// After its freshness a page is still served this long while one
+    /// request refreshes it (stale-while-revalidate); older, it is a miss.
+    pub stale_ms: u64,
+    /// Pages kept per gateway; past it, new keys go upstream uncached.
+    pub max_entries: usize,
+    /// Larger answers are passed through, not stored.
+    pub max_body_bytes: usize,
+    /// How long a request waits for another's fetch of the same page
+    /// before it goes upstream itself.
+    pub wait_ms: u64,
+}
+
+impl Default for MicroCacheConfig {
+    fn default() -> Self {
+        Self {
+            stale_ms: 5_000,
+            max_entries: 10_000,
+            max_body_bytes: 256 * 1024,
+            wait_ms: 2_000,
+        }
+    }
 }
 
 /// Rules bundles pushed with `seckillctl rules push` (see `rules_bundle`).
@@ -495,12 +540,14 @@ impl Default for GatewayConfig {
             header_buffer_bytes: 1024,
             jwks: JwksConfig::default(),
             bundles: BundlesConfig::default(),
+            micro_cache: MicroCacheConfig::default(),
             pools: BTreeMap::from([("api".to_string(), api)]),
             routes: vec![
                 RouteConfig::local("seckill", "POST", "/api/v1/seckill/{path}/{sale_id}"),
                 RouteConfig::proxied("auth", "POST", "/api/v1/auth/{action}", true),
-                RouteConfig::proxied("sales_list", "GET", "/api/v1/sales", true),
-                RouteConfig::proxied("sale_detail", "GET", "/api/v1/sales/{sale_id}", true),
+                RouteConfig::proxied("sales_list", "GET", "/api/v1/sales", true).cached(1_000),
+                RouteConfig::proxied("sale_detail", "GET", "/api/v1/sales/{sale_id}", true)
+                    .cached(1_000),
                 RouteConfig::proxied("jwks", "GET", "/.well-known/jwks.json", true),
                 RouteConfig::proxied("openapi", "GET", "/api/v1/openapi.json", true),
                 RouteConfig::files("docs", "/api/docs"),
@@ -809,6 +856,14 @@ impl Config {
                 return Err(invalid(
                     format!("gateway.routes[{i}].files"),
                     "a route serves files or goes to a pool, not both",
+                ));
+            }
+            if route.cache_ms > 0
+                && (!route.public || route.pool.is_none() || route.method != "GET")
+            {
+                return Err(invalid(
+                    format!("gateway.routes[{i}].cache_ms"),
+                    "only public GET routes to a pool may be cached: their pages are the same for every caller",
                 ));
             }
             if let Some(pool) = &route.pool {

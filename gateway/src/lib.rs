@@ -16,6 +16,7 @@ pub mod header_gate;
 pub mod key_refresh;
 pub mod limiter;
 pub mod metrics;
+pub mod micro_cache;
 pub mod pools;
 pub mod problem;
 pub mod proxy;

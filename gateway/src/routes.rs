@@ -25,6 +25,8 @@ pub struct Route {
     pub public: bool,
     /// Answered from the web files (`RouteConfig::files`).
     pub files: bool,
+    /// Micro-cache freshness of its pages (`RouteConfig::cache_ms`; 0: off).
+    pub cache_ms: u64,
     segments: Vec<Segment>,
 }
 
@@ -170,6 +172,7 @@ impl Route {
             pool: config.pool.clone(),
             public: config.public,
             files: config.files,
+            cache_ms: config.cache_ms,
             segments,
         })
     }

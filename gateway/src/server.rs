@@ -90,6 +90,7 @@ impl Gateway {
             keys.clone(),
             rules.clone(),
             web,
+            crate::micro_cache::MicroCache::new(g.micro_cache.clone()),
             request_limits,
         );
         // Pingora's proxy behind the header gate: slow, idle and half-open

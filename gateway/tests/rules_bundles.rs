@@ -44,12 +44,8 @@ fn gateway_config(env: &TestEnv, rules: &Path, id: &str, budget: u64) -> Config 
     let mut config = GatewayProc::config(env, &[], rules);
     config.gateway.pools.clear();
     config.gateway.routes = vec![RouteConfig {
-        name: "probe".into(),
-        method: "GET".into(),
-        path: "/probe".into(),
-        pool: None,
         public: true,
-        files: false,
+        ..RouteConfig::local("probe", "GET", "/probe")
     }];
     config.gateway.bundles.enabled = true;
     config.gateway.bundles.poll_ms = 100;

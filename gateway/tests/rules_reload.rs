@@ -39,14 +39,7 @@ fn broken(i: u32) -> String {
 }
 
 fn local_route() -> RouteConfig {
-    RouteConfig {
-        name: "probe".into(),
-        method: "GET".into(),
-        path: "/probe".into(),
-        pool: None,
-        public: false,
-        files: false,
-    }
+    RouteConfig::local("probe", "GET", "/probe")
 }
 
 async fn gateway(env: &TestEnv, dir: &std::path::Path) -> GatewayProc {

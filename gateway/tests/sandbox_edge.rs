@@ -45,12 +45,8 @@ async fn escapes_and_runaways_are_confined_to_their_request() {
     config.gateway.lua_instruction_budget = 2_000_000;
     config.gateway.lua_memory_bytes = 64 * 1024 * 1024;
     config.gateway.routes = vec![RouteConfig {
-        name: "probe".into(),
-        method: "GET".into(),
-        path: "/probe/{what}".into(),
-        pool: None,
         public: true,
-        files: false,
+        ..RouteConfig::local("probe", "GET", "/probe/{what}")
     }];
     let gw = GatewayProc::start(config).await;
     let client = reqwest::Client::new();

@@ -4,7 +4,8 @@
 //! request_filter        the ordered edge steps of [`steps`]: malformed
 //!                       requests refused, untrusted headers stripped,
 //!                       /healthz, route, JWT, web file, rule shortcut, local body,
-//!                       Lua `access` → answer locally or go on to the pool
+//!                       Lua `access` → answer locally or go on to the pool,
+//!                       unless the micro-cache has the page
 //! upstream_peer         a healthy backend of the route's pool
 //! upstream_request      X-Forwarded-For appended, X-Request-Id, X-User-Id
 //! request_body_filter   body bytes capped (413); proxied routes refuse
@@ -14,7 +15,8 @@
 //! fail_to_proxy         what is left after the retry: a problem+json naming
 //!                       the failure ([`failure`]: 502, 504, 503 no backend)
 //! response_filter       X-Request-Id on the way out; Connection: close
-//!                       while draining
+//!                       while draining; a cached route's fetch sees the
+//! response_body_filter  answer go by and stores it (`micro_cache`)
 //! logging               metrics, Lua `log` phase
 //! ```
 //!
@@ -40,6 +42,7 @@ use seckill_contracts::claims::AccessClaims;
 use crate::drain;
 use crate::key_refresh::KeyRefresher;
 use crate::metrics;
+use crate::micro_cache::{Fill, MicroCache};
 use crate::pools::{Pool, Pools};
 use crate::problem::LocalResponse;
 use crate::routes::RouteTable;
@@ -63,6 +66,7 @@ pub struct EdgeProxy {
     keys: Arc<KeyRefresher>,
     rules: Arc<RuleEngine>,
     web: Arc<WebFiles>,
+    cache: Arc<MicroCache>,
     limits: RequestLimits,
 }
 
@@ -77,6 +81,10 @@ pub struct RequestCtx {
     public: bool,
     /// The matched route is answered from the web files.
     files: bool,
+    /// The matched route's micro-cache freshness (0: not cached).
+    cache_ms: u64,
+    /// This request fetches its page for the micro-cache.
+    cache_fill: Option<Fill>,
     pool: Option<Arc<Pool>>,
     claims: Option<Arc<AccessClaims>>,
     /// The rule version this request started on; it finishes on it.
@@ -95,6 +103,7 @@ impl EdgeProxy {
         keys: Arc<KeyRefresher>,
         rules: Arc<RuleEngine>,
         web: Arc<WebFiles>,
+        cache: Arc<MicroCache>,
         limits: RequestLimits,
     ) -> EdgeProxy {
         EdgeProxy {
@@ -103,6 +112,7 @@ impl EdgeProxy {
             keys,
             rules,
             web,
+            cache,
             limits,
         }
     }
@@ -139,14 +149,24 @@ impl EdgeProxy {
         if let Some(a) = steps::shortcut(&rules, ctx) {
             return answer(a);
         }
-        let body = match steps::local_body(session, &self.limits, ctx).await? {
-            Ok(body) => body,
-            Err(a) => return answer(a),
+        let flow = if rules.handles(&ctx.route) {
+            let body = match steps::local_body(session, &self.limits, ctx).await? {
+                Ok(body) => body,
+                Err(a) => return answer(a),
+            };
+            let info = steps::request_info(session, ctx, body);
+            let flow = steps::rules(&rules, &info, ctx).await;
+            ctx.rules = Some(rules);
+            ctx.info = Some(info);
+            flow
+        } else {
+            steps::without_rules(ctx)
         };
-        let info = steps::request_info(session, ctx, body);
-        let flow = steps::rules(&rules, &info, ctx).await;
-        ctx.rules = Some(rules);
-        ctx.info = Some(info);
+        if let Flow::Proxy = flow {
+            if let Some(a) = steps::micro_cache(&self.cache, session.req_header(), ctx).await {
+                return answer(a);
+            }
+        }
         Ok(flow)
     }
 
@@ -173,6 +193,8 @@ impl ProxyHttp for EdgeProxy {
             params: Vec::new(),
             public: false,
             files: false,
+            cache_ms: 0,
+            cache_fill: None,
             pool: None,
             claims: None,
             rules: None,
@@ -277,11 +299,35 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if ctx.cache_ms > 0 {
+            if let Some(fill) = ctx.cache_fill.as_mut() {
+                fill.response(upstream_response);
+            }
+            let status = if ctx.cache_fill.is_some() {
+                "MISS"
+            } else {
+                "BYPASS"
+            };
+            upstream_response.insert_header("x-cache", status)?;
+        }
         if drain::is_draining() {
             upstream_response.insert_header("connection", "close")?;
             session.set_keepalive(None);
         }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if let Some(fill) = ctx.cache_fill.as_mut() {
+            fill.body(body.as_ref(), end_of_stream);
+        }
+        Ok(None)
     }
 
     fn fail_to_connect(
@@ -340,6 +386,9 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // A fetch that did not store its page ends here, so a waiter
+        // takes over at once rather than after its wait.
+        ctx.cache_fill = None;
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

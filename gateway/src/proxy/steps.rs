@@ -13,12 +13,16 @@
 //! shortcut           an answer a rule stored, replayed without Lua
 //! local_body         a local route's JSON body (413, 400)
 //! rules              the Lua `access` phase: answer, or go on to the pool
+//!                    (skipped for routes `main.lua` does not list)
+//! micro_cache        a cached route's page from the edge, or this request
+//!                    fetches it for the others
 //! ```
 //!
 //! Every step that needs no socket works on the request header alone, so
 //! its tests build a header and call it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use pingora::http::RequestHeader;
@@ -28,6 +32,7 @@ use seckill_contracts::claims::AccessClaims;
 use crate::jwt::JwtRejection;
 use crate::key_refresh::KeyRefresher;
 use crate::metrics;
+use crate::micro_cache::{Lookup, MicroCache, Page};
 use crate::problem::LocalResponse;
 use crate::routes::{Resolved, RouteTable};
 use crate::rules::{Decision, RequestInfo, RuleSet};
@@ -52,6 +57,11 @@ enum Reply {
     Own(LocalResponse),
     /// A rule shortcut, shared by every request it answers.
     Shared(Arc<LocalResponse>),
+    /// A micro-cached page; `stale` while another request refreshes it.
+    Cached {
+        page: Arc<Page>,
+        stale: bool,
+    },
 }
 
 impl Answer {
@@ -74,6 +84,7 @@ impl Answer {
         match &self.reply {
             Reply::Own(r) => r.status,
             Reply::Shared(r) => r.status,
+            Reply::Cached { .. } => 200,
         }
     }
 
@@ -85,6 +96,7 @@ impl Answer {
         match self.reply {
             Reply::Own(r) => r.write(session, request_id).await,
             Reply::Shared(r) => r.write_ref(session, request_id).await,
+            Reply::Cached { page, stale } => page.write(session, request_id, stale).await,
         }
     }
 }
@@ -160,6 +172,7 @@ pub(super) fn route(
     ctx.route = matched.route.name.clone();
     ctx.public = matched.route.public;
     ctx.files = matched.route.files;
+    ctx.cache_ms = matched.route.cache_ms;
     ctx.pool = matched
         .route
         .pool
@@ -313,6 +326,20 @@ pub(super) fn request_info(
     }
 }
 
+/// A route the rules declared no interest in: on to its pool, or, for a
+/// local route (which only rules can answer), the same 500 as rules that
+/// did not answer.
+pub(super) fn without_rules(ctx: &RequestCtx) -> Flow {
+    if ctx.pool.is_some() {
+        return Flow::Proxy;
+    }
+    tracing::error!(request_id = %ctx.request_id, route = %ctx.route, "local route: the rules do not handle it");
+    Flow::Answer(Answer::new(LocalResponse::problem(
+        500,
+        "the rules did not answer this request",
+    )))
+}
+
 /// The Lua `access` phase's decision as the request's flow.
 pub(super) async fn rules(rules: &RuleSet, info: &RequestInfo, ctx: &RequestCtx) -> Flow {
     match rules.access(info).await {
@@ -335,6 +362,41 @@ pub(super) async fn rules(rules: &RuleSet, info: &RequestInfo, ctx: &RequestCtx)
     }
 }
 
+/// A cached route's page (see [`crate::micro_cache`]): answered from the
+/// edge, or this request goes upstream as the page's one fetch. A request
+/// that finds another's fetch under way waits for it (at most
+/// `micro_cache.wait_ms`), then takes the page or goes upstream itself.
+pub(super) async fn micro_cache(
+    cache: &Arc<MicroCache>,
+    req: &RequestHeader,
+    ctx: &mut RequestCtx,
+) -> Option<Answer> {
+    if ctx.cache_ms == 0 || req.method != http::Method::GET {
+        return None;
+    }
+    let key = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let fresh = Duration::from_millis(ctx.cache_ms);
+    let mut lookup = cache.lookup(key, fresh);
+    if let Lookup::Wait(mut fetch) = lookup {
+        let _ = tokio::time::timeout(cache.wait_limit(), fetch.changed()).await;
+        lookup = match cache.lookup(key, fresh) {
+            Lookup::Wait(_) => Lookup::Bypass,
+            other => other,
+        };
+    }
+    match lookup {
+        Lookup::Hit { page, stale } => Some(Answer {
+            reply: Reply::Cached { page, stale },
+            close: false,
+        }),
+        Lookup::Fill(fill) => {
+            ctx.cache_fill = Some(fill);
+            None
+        }
+        Lookup::Bypass | Lookup::Wait(_) => None,
+    }
+}
+
 /// The client's IP from the socket (never from `X-Forwarded-For`).
 pub(super) fn client_ip(session: &Session) -> String {
     session
@@ -345,7 +407,12 @@ pub(super) fn client_ip(session: &Session) -> String {
 }
 
 fn header_bytes(req: &RequestHeader) -> usize {
-    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    // The request target as sent (path and query; an absolute-form
+    // target's scheme and authority too), measured without rendering it.
+    let target = req.uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + req.uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + req.uri.authority().map_or(0, |a| a.as_str().len());
+    let line = req.method.as_str().len() + target + 12;
     req.headers
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)

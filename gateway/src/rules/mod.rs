@@ -32,7 +32,7 @@ mod seckill_rule_tests;
 pub mod shortcuts;
 mod watch;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::future::{poll_fn, Future};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
@@ -135,7 +135,9 @@ pub struct RuleSet {
     limits: Limits,
     vms: Vec<RuleVm>,
     shortcuts: Arc<shortcuts::Shortcuts>,
-    services: Arc<HostServices>,
+    /// The routes `main.lua` declared (`routes = {...}`); `None`: all. A
+    /// request of any other route runs no Lua at all.
+    routes: Option<HashSet<String>>,
 }
 
 thread_local! {
@@ -237,9 +239,9 @@ fn build_vm(
         }
     };
     for (k, _) in phases.pairs::<String, Value>().flatten() {
-        if !matches!(k.as_str(), "access" | "log" | "selftest") {
+        if !matches!(k.as_str(), "access" | "log" | "selftest" | "routes") {
             return Err(RuleError::Invalid(format!(
-                "unknown phase `{k}` (known: access, log, selftest)"
+                "unknown phase `{k}` (known: access, log, selftest, routes)"
             )));
         }
     }
@@ -252,6 +254,33 @@ fn build_vm(
         },
         phases,
     ))
+}
+
+/// The `routes` list of `main.lua`: the route names its phases run for
+/// (`None`: every route).
+fn declared_routes(phases: &Table) -> Result<Option<HashSet<String>>, RuleError> {
+    match phases.get::<Value>("routes")? {
+        Value::Nil => Ok(None),
+        Value::Table(list) => {
+            let mut routes = HashSet::new();
+            for name in list.sequence_values::<Value>() {
+                match name? {
+                    Value::String(s) => routes.insert(s.to_str()?.to_string()),
+                    other => {
+                        return Err(RuleError::Invalid(format!(
+                            "`routes` must list route names, found a {}",
+                            other.type_name()
+                        )))
+                    }
+                };
+            }
+            Ok(Some(routes))
+        }
+        other => Err(RuleError::Invalid(format!(
+            "`routes` must be a list of route names, got {}",
+            other.type_name()
+        ))),
+    }
 }
 
 /// Compiles and validates a rule set; `vms` copies for the proxy threads.
@@ -274,6 +303,7 @@ fn compile(
         shortcuts.clone(),
         limits,
     )?;
+    let routes = declared_routes(&phases)?;
     if let Value::Function(selftest) = phases.get::<Value>("selftest")? {
         let ok: Value = sandbox::call_sync(&probe.lua, &selftest, (), limits)
             .map_err(|e| RuleError::Invalid(format!("selftest failed: {e}")))?;
@@ -300,7 +330,7 @@ fn compile(
         limits,
         vms: built,
         shortcuts,
-        services: services.clone(),
+        routes,
     })
 }
 
@@ -315,10 +345,15 @@ impl RuleSet {
     /// A replay counts the decision the answer was stored with.
     pub fn shortcut(&self, route: &str, params: &[(String, String)]) -> Option<Arc<LocalResponse>> {
         let stored = self.shortcuts.find(route, params)?;
-        if let Some(c) = &stored.counted {
-            self.services.decisions.record(&c.outcome, c.sale_id);
+        if let Some(counted) = &stored.counted {
+            counted.record();
         }
         Some(stored.response)
+    }
+
+    /// Whether this rule set's phases run for `route`.
+    pub fn handles(&self, route: &str) -> bool {
+        self.routes.as_ref().is_none_or(|r| r.contains(route))
     }
 
     /// Runs the access phase. An error is the rule's fault: the caller
@@ -704,5 +739,23 @@ mod tests {
             err.contains("compiled into the gateway and the workers"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn declared_routes_limit_where_the_rules_run() {
+        let all = load(&[("main.lua", "return { access = function(req) end }")]).unwrap();
+        assert!(all.current().handles("anything"), "no list: every route");
+        let some = load(&[(
+            "main.lua",
+            "return { routes = { 'seckill' }, access = function(req) end }",
+        )])
+        .unwrap();
+        assert!(some.current().handles("seckill"));
+        assert!(!some.current().handles("sale_detail"));
+        for bad in ["routes = 'seckill'", "routes = { 1 }"] {
+            let main = format!("return {{ {bad}, access = function(req) end }}");
+            let err = load(&[("main.lua", &main)]).err().expect("refused");
+            assert!(err.to_string().contains("`routes`"), "{bad}: {err}");
+        }
     }
 }
