@@ -7,11 +7,13 @@
 //! pre-issues hidden paths → [`scenarios`] drive [`wrk`] while [`sampler`]
 //! scrapes the gateway's metrics every second (and, with `--dashboards`,
 //! [`dashboards`] poll the `/ops` figures) → `seckill_workers::audit`
-//! checks the invariants → [`report`] writes `report.md` and the PNGs.
+//! checks the invariants → [`report`] writes `report.md` and the PNGs;
+//! with `--profile`, [`profile`] records the gateway with perf meanwhile.
 
 pub mod buyers;
 pub mod dashboards;
 pub mod peer;
+pub mod profile;
 pub mod report;
 pub mod sampler;
 pub mod scenarios;

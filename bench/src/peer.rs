@@ -13,6 +13,47 @@ use anyhow::{bail, Context};
 pub const PEER_PORT: u16 = 18181;
 /// nginx `return 410` with one worker: the floor of any nginx edge.
 pub const FLOOR_PORT: u16 = 18191;
+/// `pingora-floor` (bench/src/bin/pingora_floor.rs): the floor of any
+/// Pingora edge.
+pub const PINGORA_FLOOR_PORT: u16 = 18192;
+
+/// The bare Pingora app, started from the bench's release binaries;
+/// killed on drop.
+pub struct PingoraFloor {
+    child: Child,
+    pub url: String,
+}
+
+impl PingoraFloor {
+    pub async fn start(bin_dir: &Path, threads: usize) -> anyhow::Result<PingoraFloor> {
+        let listen = format!("127.0.0.1:{PINGORA_FLOOR_PORT}");
+        let child = Command::new(bin_dir.join("pingora-floor"))
+            .arg(&listen)
+            .arg(threads.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting pingora-floor")?;
+        let floor = PingoraFloor {
+            child,
+            url: format!("http://{listen}/"),
+        };
+        wait_answering(&floor.url).await?;
+        Ok(floor)
+    }
+
+    /// CPU time the process has used.
+    pub fn cpu_time(&self) -> Duration {
+        crate::stack::process_cpu_time(self.child.id())
+    }
+}
+
+impl Drop for PingoraFloor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// A running peer; stopped on drop.
 pub struct Peer {

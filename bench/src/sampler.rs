@@ -16,6 +16,11 @@ pub type StatusCounts = BTreeMap<u16, u64>;
 pub struct Sample {
     pub t_secs: f64,
     pub rps: f64,
+    /// The route's `gateway_request_duration_seconds` buckets at this
+    /// second (cumulative since the gateway started): the difference of
+    /// two samples is that interval's latency, as the gateway measured it.
+    #[serde(skip)]
+    pub latency: Buckets,
 }
 
 /// Cumulative histogram buckets: (upper bound in seconds, observations at
@@ -51,11 +56,31 @@ pub async fn scrape(
 /// The buckets of `gateway_publish_confirm_seconds{outcome="confirmed"}`:
 /// how long admitted requests waited for RabbitMQ's publisher confirm.
 pub fn confirm_buckets(text: &str) -> Buckets {
+    buckets(
+        text,
+        "gateway_publish_confirm_seconds",
+        "outcome=\"confirmed\"",
+    )
+}
+
+/// The buckets of `gateway_request_duration_seconds{route=...}`: the time
+/// from request header to response end, measured in the gateway.
+pub fn latency_buckets(text: &str, route: &str) -> Buckets {
+    buckets(
+        text,
+        "gateway_request_duration_seconds",
+        &format!("route=\"{route}\""),
+    )
+}
+
+/// The buckets of histogram `name` whose labels include `label`.
+fn buckets(text: &str, name: &str, label: &str) -> Buckets {
+    let prefix = format!("{name}_bucket{{");
     text.lines()
-        .filter_map(|line| line.strip_prefix("gateway_publish_confirm_seconds_bucket{"))
+        .filter_map(|line| line.strip_prefix(prefix.as_str()))
         .filter_map(|rest| {
             let (labels, value) = rest.split_once("} ")?;
-            if !labels.contains("outcome=\"confirmed\"") {
+            if !labels.split(',').any(|l| l == label) {
                 return None;
             }
             let le = labels.split(',').find_map(|kv| kv.strip_prefix("le="))?;
@@ -152,9 +177,14 @@ pub async fn sample_until(
             _ = tick.tick() => {}
             _ = stop.changed() => break,
         }
-        let Ok(counts) = scrape(&http, &url, &token, route.as_deref()).await else {
+        let Ok(text) = metrics_text(&http, &url, &token).await else {
             continue;
         };
+        let counts = parse(&text, route.as_deref());
+        let latency = route
+            .as_deref()
+            .map(|r| latency_buckets(&text, r))
+            .unwrap_or_default();
         let total: u64 = counts.values().sum();
         let now = Instant::now();
         if let Some((t0, c0)) = last {
@@ -163,6 +193,7 @@ pub async fn sample_until(
                 samples.push(Sample {
                     t_secs: now.duration_since(start).as_secs_f64(),
                     rps: total.saturating_sub(c0) as f64 / dt,
+                    latency,
                 });
             }
         }

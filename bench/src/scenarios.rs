@@ -6,11 +6,11 @@
 //! |---|---|---|
 //! | `hot-sale` | POST seckill, rotating buyers, until and past sell-out | gateway local route, no Lua |
 //! | `sold-out` | the same sale after sell-out (local mark) | gateway local route |
-//! | `browse` | GET a sale through the load balancer (cache hit) | nginx `return 200` |
+//! | `browse` | GET a sale page: the edge micro-cache's hits (one upstream fetch a second) | nginx `return 200` |
 //! | `reload` | hot-sale load while rules reload every second | gateway local route |
 //! | `drain` | 10,000 queued orders into MySQL by the workers | — |
 //! | `dashboard` | one connection polling the `/ops` figures | — |
-//! | `openresty` | hot-sale and sold-out on the gateway and on the OpenResty peer, alternating rounds | nginx `return 410`, one worker |
+//! | `openresty` | hot-sale and sold-out on the gateway and on the OpenResty peer, alternating rounds | nginx `return 410`, one worker; the gateway's `/healthz`; a bare Pingora app's 410 |
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -72,6 +72,10 @@ pub struct Options {
     /// Alternating rounds of the openresty comparison.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Record the gateway with perf during hot-sale and sold-out: a flame
+    /// graph per scenario next to the report (see `profile`).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// One line of the report table.
@@ -165,6 +169,9 @@ pub async fn run_suite(opts: Options) -> anyhow::Result<bool> {
         tokens: Arc::new(tokens),
     };
 
+    if ctx.opts.profile {
+        crate::profile::check_tools()?;
+    }
     let mut rows = Vec::new();
     progress("ceiling: gateway local route (no Lua)");
     rows.push(ceiling_local(&ctx).await?);
@@ -250,6 +257,23 @@ impl Ctx {
             connections: self.opts.connections,
             duration: Duration::from_secs(self.opts.duration),
         }
+    }
+
+    /// With `--profile`, perf attached to the gateway for one load's length.
+    fn profile(&self, scenario: &str) -> anyhow::Result<Option<crate::profile::Profile>> {
+        if !self.opts.profile {
+            return Ok(None);
+        }
+        let pid = self
+            .stack
+            .pid("gateway")
+            .context("no gateway process to profile")?;
+        let name: String = scenario
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let length = Duration::from_secs(self.opts.duration);
+        crate::profile::Profile::attach(pid, &name, &self.out, length).map(Some)
     }
 
     /// Runs `run` while sampling the gateway; returns wrk's result, the
@@ -501,15 +525,21 @@ async fn hot_sale(ctx: &mut Ctx, name: &str, reload: bool) -> anyhow::Result<(Ro
     // The api serves nothing of the sale itself: during the load its CPU is
     // its background (health checks, its fleet report) and any dashboards.
     let api_cpu_before = ctx.stack.cpu_time("api-");
-    let confirms_before =
-        sampler::confirm_buckets(&sampler::metrics_text(&ctx.http, &metrics, &token).await?);
+    let text_before = sampler::metrics_text(&ctx.http, &metrics, &token).await?;
+    let confirms_before = sampler::confirm_buckets(&text_before);
+    let latency_before = sampler::latency_buckets(&text_before, "seckill");
+    let profile = ctx.profile(name)?;
     let (w, samples, statuses) = ctx.measured(run, Some("seckill")).await?;
     let _ = tx.send(true);
     let sold_out_after = watcher.await.ok().flatten();
-    let confirms_after =
-        sampler::confirm_buckets(&sampler::metrics_text(&ctx.http, &metrics, &token).await?);
+    let text_after = sampler::metrics_text(&ctx.http, &metrics, &token).await?;
+    let confirms_after = sampler::confirm_buckets(&text_after);
+    let latency_after = sampler::latency_buckets(&text_after, "seckill");
 
     let mut row = Row::new(name);
+    if let Some(p) = profile {
+        row.notes.extend(p.finish()?);
+    }
     row.admitted = Some(*statuses.get(&202).unwrap_or(&0));
     match sold_out_after {
         Some(t) => row
@@ -527,6 +557,9 @@ async fn hot_sale(ctx: &mut Ctx, name: &str, reload: bool) -> anyhow::Result<(Ro
             p50 * 1e3,
             p99 * 1e3
         ));
+    }
+    if let Some(note) = first_second(&latency_before, &samples, &latency_after) {
+        row.notes.push(note);
     }
     let api_cpu = ctx.stack.cpu_time("api-").saturating_sub(api_cpu_before);
     row.notes.push(format!(
@@ -571,6 +604,34 @@ async fn hot_sale(ctx: &mut Ctx, name: &str, reload: bool) -> anyhow::Result<(Ro
     Ok((row, sale))
 }
 
+/// The sale's first second against the rest of the run, from the
+/// gateway's own latency histogram of the route (wrk reports the run as a
+/// whole): the opening burst, when the admitted requests wait for the
+/// broker, is where the tail comes from.
+fn first_second(
+    before: &sampler::Buckets,
+    samples: &[Sample],
+    after: &sampler::Buckets,
+) -> Option<String> {
+    let at_one = &samples.first()?.latency;
+    let q = |from: &sampler::Buckets, to: &sampler::Buckets, q: f64| {
+        sampler::bucket_quantile(from, to, q).map(|(bound, n)| (bound * 1e3, n))
+    };
+    let (Some((p50, n1)), Some((p99, _))) = (q(before, at_one, 0.5), q(before, at_one, 0.99))
+    else {
+        return None;
+    };
+    let mut note = format!(
+        "first second (gateway histogram, bucket bounds): {n1} requests, p50 ≤ {p50} ms, p99 ≤ {p99} ms"
+    );
+    if let (Some((r50, n2)), Some((r99, _))) = (q(at_one, after, 0.5), q(at_one, after, 0.99)) {
+        note.push_str(&format!(
+            "; the rest: {n2} requests, p50 ≤ {r50} ms, p99 ≤ {r99} ms"
+        ));
+    }
+    Some(note)
+}
+
 async fn sold_out(ctx: &mut Ctx, sale: u64) -> anyhow::Result<Row> {
     let file = ctx.out.join(format!("buyers-{sale}.txt"));
     let run = ctx.wrk(
@@ -584,8 +645,12 @@ async fn sold_out(ctx: &mut Ctx, sale: u64) -> anyhow::Result<Row> {
             ("SALE_ID".into(), sale.to_string()),
         ],
     );
+    let profile = ctx.profile("sold-out")?;
     let (w, samples, statuses) = ctx.measured(run, Some("seckill")).await?;
     let mut row = Row::new("sold-out");
+    if let Some(p) = profile {
+        row.notes.extend(p.finish()?);
+    }
     row.admitted = Some(*statuses.get(&202).unwrap_or(&0));
     if row.admitted != Some(0) {
         row.notes.push("admitted after sell-out".into());
@@ -605,7 +670,9 @@ async fn sold_out(ctx: &mut Ctx, sale: u64) -> anyhow::Result<Row> {
 
 async fn browse(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let sale = ctx.create_sale(10, Duration::ZERO).await?;
-    // Prime the cache once, as the first buyer would.
+    // Prime the caches once (the api's and the edge's), as the first buyer
+    // would; after that the edge answers and refreshes the page once a
+    // second.
     let url = ctx.stack.gateway_url(&format!("/api/v1/sales/{sale}"));
     ctx.http.get(&url).send().await?.error_for_status()?;
     let run = ctx.wrk(url, "report.lua", vec![]);
@@ -715,6 +782,12 @@ async fn openresty(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
         runs.entry(("floor", "nginx return 410"))
             .or_default()
             .push(nginx_floor(ctx).await?);
+        runs.entry(("floor", "gateway /healthz"))
+            .or_default()
+            .push(gateway_floor(ctx).await?);
+        runs.entry(("floor", "bare Pingora 410"))
+            .or_default()
+            .push(pingora_floor(ctx).await?);
     }
     drop(peer);
     Ok(comparison_rows(&runs))
@@ -781,6 +854,37 @@ async fn nginx_floor(ctx: &Ctx) -> anyhow::Result<Measured> {
     Ok(Measured {
         wrk: w,
         cpu_us_per_request: per,
+    })
+}
+
+/// The gateway's local `/healthz` (no token, no Lua, no Redis): what a
+/// request costs in Pingora and the gateway's frame before any admission
+/// work, the floor the admission is built on.
+async fn gateway_floor(ctx: &Ctx) -> anyhow::Result<Measured> {
+    let before = ctx.stack.cpu_time("gateway");
+    let run = ctx.wrk(ctx.stack.gateway_url("/healthz"), "report.lua", vec![]);
+    let w = tokio::task::spawn_blocking(move || run.run()).await??;
+    let used = ctx.stack.cpu_time("gateway").saturating_sub(before);
+    Ok(Measured {
+        cpu_us_per_request: used.as_secs_f64() * 1e6 / (w.requests.max(1) as f64),
+        wrk: w,
+    })
+}
+
+/// `pingora-floor`: a Pingora app that answers 410 and nothing else, with
+/// the gateway's threads. What is left between it and the gateway's
+/// `/healthz` is the gateway's own frame; between it and nginx, Pingora's.
+async fn pingora_floor(ctx: &Ctx) -> anyhow::Result<Measured> {
+    let floor =
+        crate::peer::PingoraFloor::start(&ctx.stack.bin_dir, ctx.stack.config.gateway.threads)
+            .await?;
+    let before = floor.cpu_time();
+    let run = ctx.wrk(floor.url.clone(), "report.lua", vec![]);
+    let w = tokio::task::spawn_blocking(move || run.run()).await??;
+    let used = floor.cpu_time().saturating_sub(before);
+    Ok(Measured {
+        cpu_us_per_request: used.as_secs_f64() * 1e6 / (w.requests.max(1) as f64),
+        wrk: w,
     })
 }
 

@@ -188,6 +188,14 @@ impl BenchStack {
             .sum()
     }
 
+    /// The pid of the first process whose name starts with `prefix`.
+    pub fn pid(&self, prefix: &str) -> Option<u32> {
+        self.procs
+            .iter()
+            .find(|(n, _)| n.starts_with(prefix))
+            .map(|(_, child)| child.id())
+    }
+
     pub fn gateway_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.config.gateway.listen)
     }
