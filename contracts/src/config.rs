@@ -120,7 +120,12 @@ impl Default for RedisConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpConfig {
+    /// The broker every component connects to first.
     pub url: String,
+    /// Other nodes of the same RabbitMQ cluster, tried in turn when the
+    /// current one cannot be reached (see `brokers`): a lost connection
+    /// reconnects to the next node that answers.
+    pub failover_urls: Vec<String>,
     /// Durable direct exchange the gateway publishes admitted orders to.
     pub exchange: String,
     /// Durable queue the order workers consume.
@@ -138,10 +143,20 @@ pub struct AmqpConfig {
     pub close_queue: String,
 }
 
+impl AmqpConfig {
+    /// Every broker to try, in order: `url`, then `failover_urls`.
+    pub fn broker_urls(&self) -> Vec<&str> {
+        std::iter::once(self.url.as_str())
+            .chain(self.failover_urls.iter().map(String::as_str))
+            .collect()
+    }
+}
+
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            failover_urls: Vec::new(),
             exchange: "seckill.orders".into(),
             queue: "seckill.orders".into(),
             dead_letter_exchange: "seckill.orders.dlx".into(),
@@ -888,6 +903,14 @@ impl Config {
         if self.amqp.delivery_limit == 0 {
             return Err(invalid("amqp.delivery_limit", "must be at least 1"));
         }
+        for (i, url) in self.amqp.failover_urls.iter().enumerate() {
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                return Err(invalid(
+                    format!("amqp.failover_urls[{i}]"),
+                    "must be an amqp:// or amqps:// address",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -1034,6 +1057,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("gateway.routes[0].pool"), "{err}");
+        let err = load_str("[amqp]\nfailover_urls = ['http://x']\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("amqp.failover_urls[0]"), "{err}");
+        let err = load_str(
+            "[[gateway.routes]]\nname='x'\nmethod='GET'\npath='/x'\ncache_ms=1000\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("gateway.routes[0].cache_ms"),
+            "{err}"
+        );
         let err = load_str("[redis]\nkey_prefix = 'a{b}'\n", &[]).unwrap_err();
         assert!(err.to_string().contains("redis.key_prefix"), "{err}");
     }

@@ -10,6 +10,8 @@
 pub mod admission_answers;
 #[cfg(feature = "amqp")]
 pub mod amqp_topology;
+#[cfg(feature = "amqp")]
+pub mod brokers;
 pub mod claims;
 pub mod cli;
 pub mod clock;

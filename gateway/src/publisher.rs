@@ -55,6 +55,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
 use seckill_contracts::amqp_topology;
+use seckill_contracts::brokers;
 use seckill_contracts::config::AmqpConfig;
 use seckill_contracts::OrderMessage;
 
@@ -363,7 +364,7 @@ impl Shared {
         let open = async {
             let properties = ConnectionProperties::default()
                 .with_connection_name("seckill-gateway order publisher".into());
-            let connection = Connection::connect(&self.config.url, properties)
+            let (connection, _) = brokers::connect(&self.config, properties)
                 .await
                 .map_err(connection_error)?;
             let mut channels = Vec::with_capacity(CHANNELS);

@@ -30,6 +30,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use redis::aio::ConnectionLike;
+use seckill_contracts::brokers;
 use seckill_contracts::config::Config;
 use seckill_contracts::keys::{KeySchema, SaleKeys};
 use serde::Serialize;
@@ -79,7 +80,7 @@ pub async fn run<C: ConnectionLike>(
     wait: Duration,
 ) -> Result<AuditReport, AuditError> {
     let deadline = tokio::time::Instant::now() + wait;
-    let broker = Connection::connect(&config.amqp.url, ConnectionProperties::default()).await?;
+    let (broker, _) = brokers::connect(&config.amqp, ConnectionProperties::default()).await?;
     let result = loop {
         let report = snapshot(config, db, redis, &broker, sale_id).await?;
         if report.quiet || tokio::time::Instant::now() >= deadline {

@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 
 use lapin::{Connection, ConnectionProperties};
 use redis::aio::ConnectionLike;
+use seckill_contracts::brokers;
 use seckill_contracts::config::Config;
 use seckill_contracts::keys::{KeySchema, SaleKeys};
 use seckill_contracts::reservation::{Reservation, RELEASED_TTL_SECS};
@@ -178,7 +179,7 @@ pub async fn reconcile<C: ConnectionLike>(
     // message is queued) or roll back within the confirm timeout.
     tokio::time::sleep(Duration::from_millis(config.amqp.confirm_timeout_ms)).await;
     let deadline = started + opts.max_wait;
-    let broker = Connection::connect(&config.amqp.url, ConnectionProperties::default()).await?;
+    let (broker, _) = brokers::connect(&config.amqp, ConnectionProperties::default()).await?;
     let drain = Drain {
         config,
         broker: &broker,

@@ -219,11 +219,12 @@ impl ApiState {
             return Ok(conn.clone());
         }
         let conn = Arc::new(
-            lapin::Connection::connect(
-                &self.inner.full_config.amqp.url,
+            seckill_contracts::brokers::connect(
+                &self.inner.full_config.amqp,
                 lapin::ConnectionProperties::default(),
             )
-            .await?,
+            .await?
+            .0,
         );
         *slot = Some(conn.clone());
         Ok(conn)

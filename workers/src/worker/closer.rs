@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, ConnectionProperties};
+use seckill_contracts::brokers;
 use seckill_contracts::config::AmqpConfig;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -117,7 +118,7 @@ async fn session(ctx: &Arc<WorkerContext>, stop: &mut watch::Receiver<bool>) -> 
     let amqp = &ctx.config.amqp;
     let props =
         ConnectionProperties::default().with_connection_name("seckill-worker closer".into());
-    let conn = Connection::connect(&amqp.url, props).await?;
+    let (conn, _) = brokers::connect(amqp, props).await?;
     let channel = conn.create_channel().await?;
     let mut deliveries =
         broker_session::open_consumer(ctx, &channel, &amqp.close_queue, CLOSE_PREFETCH).await?;

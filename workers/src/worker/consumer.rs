@@ -50,7 +50,8 @@ use anyhow::anyhow;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions, ConfirmSelectOptions};
-use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use lapin::{Channel, ConnectionProperties, Consumer};
+use seckill_contracts::brokers;
 use seckill_contracts::OrderMessage;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -94,7 +95,7 @@ async fn session(
     let worker = &ctx.config.worker;
     let props = ConnectionProperties::default()
         .with_connection_name(format!("seckill-worker consumer {index}").into());
-    let conn = Connection::connect(&amqp.url, props).await?;
+    let (conn, _) = brokers::connect(amqp, props).await?;
     let channel = conn.create_channel().await?;
     // Close messages go out on their own confirm-mode channel, so waiting
     // for their confirms never mixes with the consumer's acks.

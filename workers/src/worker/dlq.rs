@@ -15,6 +15,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, Conf
 use lapin::types::{AMQPValue, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use seckill_contracts::amqp_topology;
+use seckill_contracts::brokers;
 use seckill_contracts::config::Config;
 use serde::Serialize;
 
@@ -34,7 +35,7 @@ pub struct DlqEntry {
 
 async fn open(config: &Config) -> lapin::Result<(Connection, Channel)> {
     let props = ConnectionProperties::default().with_connection_name("seckill dlq".into());
-    let conn = Connection::connect(&config.amqp.url, props).await?;
+    let (conn, _) = brokers::connect(&config.amqp, props).await?;
     let channel = conn.create_channel().await?;
     amqp_topology::declare(
         &channel,
