@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lapin::{Connection, ConnectionProperties};
 
-use crate::config::AmqpConfig;
+use crate::config::{redacted_url as redacted, AmqpConfig};
 
 /// Index (in [`AmqpConfig::broker_urls`]) of the node the process last
 /// connected to.
@@ -48,30 +48,4 @@ pub async fn connect(
     Err(last_error.unwrap_or_else(|| {
         lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into()
     }))
-}
-
-/// A broker address for the logs, without its password.
-pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_stay_out_of_the_logs() {
-        assert_eq!(
-            redacted("amqp://guest:secret@10.0.0.5:5672/%2f"),
-            "amqp://guest:***@10.0.0.5:5672/%2f"
-        );
-        assert_eq!(redacted("amqp://10.0.0.5:5672"), "amqp://10.0.0.5:5672");
-    }
 }

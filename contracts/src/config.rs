@@ -105,6 +105,31 @@ pub struct RedisConfig {
     pub key_prefix: String,
 }
 
+impl RedisConfig {
+    /// The nodes to reach Redis through: `url` alone for a single node;
+    /// with `cluster`, `url` then `cluster_nodes` (the seeds).
+    pub fn nodes(&self) -> Vec<String> {
+        let mut nodes = vec![self.url.clone()];
+        if self.cluster {
+            nodes.extend(self.cluster_nodes.iter().cloned());
+        }
+        nodes
+    }
+}
+
+/// A service address (`scheme://user:password@host/...`) for the logs,
+/// without its password.
+pub fn redacted_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
@@ -1045,6 +1070,30 @@ mod tests {
             let err = load_str(&format!("[gateway]\n{toml}\n"), &[]).unwrap_err();
             assert!(err.to_string().contains(key), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn passwords_stay_out_of_the_logs() {
+        assert_eq!(
+            redacted_url("amqp://guest:secret@10.0.0.5:5672/%2f"),
+            "amqp://guest:***@10.0.0.5:5672/%2f"
+        );
+        assert_eq!(
+            redacted_url("redis://:secret@10.0.0.6:6379/"),
+            "redis://:***@10.0.0.6:6379/"
+        );
+        assert_eq!(redacted_url("amqp://10.0.0.5:5672"), "amqp://10.0.0.5:5672");
+    }
+
+    #[test]
+    fn redis_nodes_are_the_seeds_only_on_a_cluster() {
+        let mut r = RedisConfig {
+            cluster_nodes: vec!["redis://b/".into()],
+            ..RedisConfig::default()
+        };
+        assert_eq!(r.nodes(), vec![r.url.clone()]);
+        r.cluster = true;
+        assert_eq!(r.nodes(), vec![r.url.clone(), "redis://b/".to_string()]);
     }
 
     #[test]

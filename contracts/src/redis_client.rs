@@ -22,9 +22,7 @@ impl RedisConn {
     /// after Redis restarts, which the recovery path relies on.
     pub async fn connect(config: &RedisConfig) -> RedisResult<RedisConn> {
         if config.cluster {
-            let mut nodes = vec![config.url.clone()];
-            nodes.extend(config.cluster_nodes.iter().cloned());
-            let client = redis::cluster::ClusterClient::new(nodes)?;
+            let client = redis::cluster::ClusterClient::new(config.nodes())?;
             Ok(RedisConn::Cluster(client.get_async_connection().await?))
         } else {
             let client = redis::Client::open(config.url.as_str())?;

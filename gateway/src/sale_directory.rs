@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use redis::aio::ConnectionLike;
-use seckill_contracts::config::RedisConfig;
+use seckill_contracts::config::{redacted_url, RedisConfig};
 use seckill_contracts::keys::KeySchema;
 use seckill_contracts::sale_events::{self, SaleEvent, SaleEventKind};
 
@@ -180,10 +180,20 @@ impl SaleDirectory {
     /// needed Redis.
     pub async fn follow(self: Arc<Self>, config: RedisConfig) {
         let channel = self.keys.sale_events_channel();
-        loop {
-            match self.follow_once(&config, &channel).await {
-                Ok(()) => tracing::warn!("sale events subscription ended; resubscribing"),
-                Err(e) => tracing::warn!(error = %e, "sale events subscription failed; retrying"),
+        // PUBLISH reaches every node of a cluster, so any one node will do;
+        // each resubscription goes to the next one, so a dead node is left
+        // after one failure instead of being retried for as long as it is
+        // down (with a single node, the list is that node).
+        let nodes = config.nodes();
+        for node in nodes.iter().cycle() {
+            let shown = redacted_url(node);
+            match self.follow_once(node, &channel).await {
+                Ok(()) => {
+                    tracing::warn!(node = %shown, "sale events subscription ended; resubscribing")
+                }
+                Err(e) => {
+                    tracing::warn!(node = %shown, error = %e, "sale events subscription failed; retrying")
+                }
             }
             // Whatever was published meanwhile is lost: start from scratch.
             self.forget_all();
@@ -191,9 +201,8 @@ impl SaleDirectory {
         }
     }
 
-    async fn follow_once(&self, config: &RedisConfig, channel: &str) -> redis::RedisResult<()> {
-        // PUBLISH reaches every node of a cluster, so any one node will do.
-        let client = redis::Client::open(config.url.as_str())?;
+    async fn follow_once(&self, node: &str, channel: &str) -> redis::RedisResult<()> {
+        let client = redis::Client::open(node)?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(channel).await?;
         self.forget_all();

@@ -1,0 +1,51 @@
+//! The gateway's sale-event subscription moves off a dead node: with the
+//! first seed of a cluster config unreachable, the subscriber goes to the
+//! next node and sold-out notices published there reach the gateway. (A
+//! subscription pinned to its first seed stopped hearing sold-out and
+//! reopen notices for as long as that node was down.)
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use seckill_contracts::config::RedisConfig;
+use seckill_contracts::redis_client::RedisConn;
+use seckill_contracts::sale_events::{self, SaleEvent, SaleEventKind};
+use seckill_contracts::testkit::{free_addr, TestEnv};
+use seckill_gateway::sale_directory::SaleDirectory;
+
+#[tokio::test]
+async fn the_subscriber_leaves_a_dead_seed_for_the_next_node() {
+    let env = TestEnv::new().await;
+    let keys = env.keys();
+    let seeds = RedisConfig {
+        cluster: true,
+        url: format!("redis://{}/", free_addr()),
+        cluster_nodes: vec![env.config.redis.url.clone()],
+        ..env.config.redis.clone()
+    };
+    let directory = Arc::new(SaleDirectory::new(
+        keys.clone(),
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    ));
+    let follower = tokio::spawn(directory.clone().follow(seeds));
+
+    let mut publisher = RedisConn::connect(&env.config.redis).await.unwrap();
+    let event = SaleEvent {
+        sale_id: 42,
+        kind: SaleEventKind::SoldOut,
+    };
+    let started = Instant::now();
+    while !directory.is_sold_out(42) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the notice never arrived: the subscriber is stuck on the dead seed"
+        );
+        sale_events::publish(&mut publisher, &keys, event)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    follower.abort();
+    env.cleanup().await;
+}
