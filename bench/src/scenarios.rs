@@ -844,16 +844,19 @@ async fn nginx_floor(ctx: &Ctx) -> anyhow::Result<Measured> {
         .replace("return 200 \"ok\\n\";", "return 410;");
     let url = format!("http://127.0.0.1:{}/", crate::peer::FLOOR_PORT);
     let nginx = crate::peer::Nginx::start(&ctx.out.join("nginx-floor"), &conf, &url).await?;
-    let before = crate::peer::nginx_cpu_time(&nginx.pid_file);
+    floor(ctx, url, || crate::peer::nginx_cpu_time(&nginx.pid_file)).await
+}
+
+/// One wrk run of plain GETs of `url`, with the CPU per request that
+/// `cpu` (the target's CPU time so far) counts over it.
+async fn floor(ctx: &Ctx, url: String, cpu: impl Fn() -> Duration) -> anyhow::Result<Measured> {
+    let before = cpu();
     let run = ctx.wrk(url, "report.lua", vec![]);
-    let result = tokio::task::spawn_blocking(move || run.run()).await?;
-    let used = crate::peer::nginx_cpu_time(&nginx.pid_file).saturating_sub(before);
-    drop(nginx);
-    let w = result?;
-    let per = used.as_secs_f64() * 1e6 / (w.requests.max(1) as f64);
+    let w = tokio::task::spawn_blocking(move || run.run()).await??;
+    let used = cpu().saturating_sub(before);
     Ok(Measured {
+        cpu_us_per_request: used.as_secs_f64() * 1e6 / (w.requests.max(1) as f64),
         wrk: w,
-        cpu_us_per_request: per,
     })
 }
 
@@ -861,31 +864,20 @@ async fn nginx_floor(ctx: &Ctx) -> anyhow::Result<Measured> {
 /// request costs in Pingora and the gateway's frame before any admission
 /// work, the floor the admission is built on.
 async fn gateway_floor(ctx: &Ctx) -> anyhow::Result<Measured> {
-    let before = ctx.stack.cpu_time("gateway");
-    let run = ctx.wrk(ctx.stack.gateway_url("/healthz"), "report.lua", vec![]);
-    let w = tokio::task::spawn_blocking(move || run.run()).await??;
-    let used = ctx.stack.cpu_time("gateway").saturating_sub(before);
-    Ok(Measured {
-        cpu_us_per_request: used.as_secs_f64() * 1e6 / (w.requests.max(1) as f64),
-        wrk: w,
+    floor(ctx, ctx.stack.gateway_url("/healthz"), || {
+        ctx.stack.cpu_time("gateway")
     })
+    .await
 }
 
 /// `pingora-floor`: a Pingora app that answers 410 and nothing else, with
 /// the gateway's threads. What is left between it and the gateway's
 /// `/healthz` is the gateway's own frame; between it and nginx, Pingora's.
 async fn pingora_floor(ctx: &Ctx) -> anyhow::Result<Measured> {
-    let floor =
+    let pingora =
         crate::peer::PingoraFloor::start(&ctx.stack.bin_dir, ctx.stack.config.gateway.threads)
             .await?;
-    let before = floor.cpu_time();
-    let run = ctx.wrk(floor.url.clone(), "report.lua", vec![]);
-    let w = tokio::task::spawn_blocking(move || run.run()).await??;
-    let used = floor.cpu_time().saturating_sub(before);
-    Ok(Measured {
-        cpu_us_per_request: used.as_secs_f64() * 1e6 / (w.requests.max(1) as f64),
-        wrk: w,
-    })
+    floor(ctx, pingora.url.clone(), || pingora.cpu_time()).await
 }
 
 /// The median run (by req/s) of each (scenario, target), with its CPU per

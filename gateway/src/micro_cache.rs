@@ -125,27 +125,30 @@ impl MicroCache {
     pub fn lookup(self: &Arc<Self>, key: &str, fresh: Duration) -> Lookup {
         let stale_until = fresh + Duration::from_millis(self.config.stale_ms);
         let now = Instant::now();
-        let mut slots = self.slots();
-        if !slots.by_key.contains_key(key) && !self.make_room(&mut slots, now, stale_until) {
-            return Lookup::Bypass;
+        let mut guard = self.slots();
+        let slots = &mut *guard;
+        // Probed with the request's own key: a hit allocates nothing.
+        if !slots.by_key.contains_key(key) {
+            if !self.make_room(slots, now, stale_until) {
+                return Lookup::Bypass;
+            }
+            slots.by_key.insert(key.into(), Slot::default());
         }
-        let slot = slots.by_key.entry(key.into()).or_default();
-        let age = slot.page.as_ref().map(|p| now - p.stored_at);
-        let fetching = slot.fetching.is_some();
-        match (age, &slot.page) {
-            (Some(age), Some(page)) if age < fresh => Lookup::Hit {
-                page: page.clone(),
-                stale: false,
-            },
-            (Some(age), Some(page)) if age < stale_until && fetching => Lookup::Hit {
-                page: page.clone(),
-                stale: true,
-            },
-            _ if fetching => match &slot.fetching {
-                Some(rx) => Lookup::Wait(rx.clone()),
-                None => Lookup::Bypass,
-            },
-            _ => {
+        let Some(slot) = slots.by_key.get_mut(key) else {
+            return Lookup::Bypass;
+        };
+        if let Some(page) = &slot.page {
+            let age = now - page.stored_at;
+            if age < fresh || (age < stale_until && slot.fetching.is_some()) {
+                return Lookup::Hit {
+                    page: page.clone(),
+                    stale: age >= fresh,
+                };
+            }
+        }
+        match &slot.fetching {
+            Some(fetch) => Lookup::Wait(fetch.clone()),
+            None => {
                 let (done, rx) = watch::channel(());
                 slot.fetching = Some(rx);
                 Lookup::Fill(Fill {
@@ -154,7 +157,6 @@ impl MicroCache {
                     done: Some(done),
                     headers: None,
                     body: BytesMut::new(),
-                    refused: false,
                 })
             }
         }
@@ -194,13 +196,10 @@ impl MicroCache {
         }
     }
 
-    /// Pages held (fresh or not).
-    pub fn len(&self) -> usize {
-        self.slots().by_key.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Whether no page or fetch is held.
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.slots().by_key.is_empty()
     }
 }
 
@@ -211,17 +210,16 @@ pub struct Fill {
     cache: Arc<MicroCache>,
     key: Box<str>,
     done: Option<watch::Sender<()>>,
+    /// The page's headers once the answer proved storable; `None` also
+    /// means "pass the rest through".
     headers: Option<Vec<(HeaderName, HeaderValue)>>,
     body: BytesMut,
-    /// The answer turned out not to be storable: pass the rest through.
-    refused: bool,
 }
 
 impl Fill {
     /// The upstream answer's header: storable or not.
     pub fn response(&mut self, response: &ResponseHeader) {
         if response.status.as_u16() != 200 || !storable(&response.headers) {
-            self.refused = true;
             return;
         }
         let headers = response
@@ -235,12 +233,12 @@ impl Fill {
 
     /// A piece of the upstream body; the last one stores the page.
     pub fn body(&mut self, chunk: Option<&Bytes>, end_of_stream: bool) {
-        if self.refused || self.headers.is_none() {
+        if self.headers.is_none() {
             return;
         }
         if let Some(chunk) = chunk {
             if self.body.len() + chunk.len() > self.cache.config.max_body_bytes {
-                self.refused = true;
+                self.headers = None;
                 self.body = BytesMut::new();
                 return;
             }
@@ -324,23 +322,13 @@ impl Page {
         request_id: &str,
         stale: bool,
     ) -> pingora::Result<()> {
-        let body = self.body.render();
         let mut header = ResponseHeader::build(200, Some(self.headers.len() + 4))?;
         for (name, value) in &self.headers {
             header.append_header(name.clone(), value.clone())?;
         }
-        header.insert_header(header::CONTENT_LENGTH, body.len())?;
         header.insert_header(header::AGE, self.stored_at.elapsed().as_secs())?;
         header.insert_header("x-cache", if stale { "STALE" } else { "HIT" })?;
-        header.insert_header("x-request-id", request_id)?;
-        if crate::drain::is_draining() {
-            header.insert_header(header::CONNECTION, "close")?;
-            session.set_keepalive(None);
-        }
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
-        session.write_response_body(Some(body), true).await
+        crate::problem::write_whole(session, header, self.body.render(), request_id).await
     }
 
     /// The body this page answers with now.

@@ -66,18 +66,27 @@ impl LocalResponse {
         for (name, value) in &self.headers {
             header.append_header(name.clone(), value.as_str())?;
         }
-        header.insert_header("content-length", self.body.len().to_string())?;
-        header.insert_header("x-request-id", request_id)?;
-        if crate::drain::is_draining() {
-            header.insert_header("connection", "close")?;
-            session.set_keepalive(None);
-        }
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
-        session
-            .write_response_body(Some(self.body.clone()), true)
-            .await?;
-        Ok(())
+        write_whole(session, header, self.body.clone(), request_id).await
     }
+}
+
+/// Writes an answer the gateway makes itself, whole: its length, the
+/// request id, `Connection: close` while draining, then header and body.
+/// Every local answer (a problem, a rule's, a micro-cached page) ends here.
+pub async fn write_whole(
+    session: &mut Session,
+    mut header: ResponseHeader,
+    body: Bytes,
+    request_id: &str,
+) -> pingora::Result<()> {
+    header.insert_header("content-length", body.len().to_string())?;
+    header.insert_header("x-request-id", request_id)?;
+    if crate::drain::is_draining() {
+        header.insert_header("connection", "close")?;
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await
 }
