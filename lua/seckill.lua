@@ -107,6 +107,13 @@ local function admitted(req, sale_id, reply)
   return not_enqueued(req, sale_id, stock_left, outcome, err, retry_after)
 end
 
+-- Redis failed or did not answer in time: nothing was decided, retry.
+local function store_unavailable(sale_id, what, err)
+  seckill.log("error", what .. " failed:", tostring(err))
+  return decided("store_unavailable", sale_id,
+    seckill.reject(503, "the sale is unavailable, please retry", { ["retry-after"] = "1" }))
+end
+
 function M.access(req)
   -- Decimal digits only, as the api reads sale ids: tonumber alone would
   -- also take "0x7" or "7e0" for sale 7.
@@ -121,7 +128,12 @@ function M.access(req)
       seckill.reject(403, "the sale path is invalid or has expired"))
   end
 
-  local sale = seckill.sale(sale_id)
+  -- The local copy is re-read from Redis once per TTL; when Redis does not
+  -- answer, fail closed.
+  local found, sale = pcall(seckill.sale, sale_id)
+  if not found then
+    return store_unavailable(sale_id, "sale lookup", sale)
+  end
   if not sale then
     return decided("unknown_sale", nil, seckill.reject(404, "no such sale"))
   end
@@ -150,9 +162,7 @@ function M.access(req)
     { keys.info, keys.stock, keys.buyers, keys.reservations, keys.path, keys.limit },
     req.user_id, path, req.request_id, M.user_limit, M.user_window_ms)
   if not ok then
-    seckill.log("error", "admission script failed:", tostring(reply))
-    return decided("store_unavailable", sale_id,
-      seckill.reject(503, "the sale is unavailable, please retry", { ["retry-after"] = "1" }))
+    return store_unavailable(sale_id, "admission script", reply)
   end
 
   local outcome = reply[1]

@@ -28,6 +28,7 @@ fn opts() -> StackOptions {
     StackOptions {
         worker: true,
         gateway_amqp_url: None,
+        gateway_redis_url: None,
     }
 }
 

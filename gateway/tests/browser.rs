@@ -27,6 +27,7 @@ fn opts() -> StackOptions {
     StackOptions {
         worker: true,
         gateway_amqp_url: None,
+        gateway_redis_url: None,
     }
 }
 
@@ -164,6 +165,7 @@ async fn the_storefront_first_load_is_under_100_kb_compressed() {
     let stack = Stack::start(StackOptions {
         worker: false,
         gateway_amqp_url: None,
+        gateway_redis_url: None,
     })
     .await;
     stack.create_sale(10, 60, 3600).await;

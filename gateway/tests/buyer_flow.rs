@@ -17,6 +17,7 @@ fn opts() -> StackOptions {
     StackOptions {
         worker: false,
         gateway_amqp_url: None,
+        gateway_redis_url: None,
     }
 }
 
@@ -571,6 +572,84 @@ async fn black_holed_broker_answers_503_and_gives_the_unit_back() {
     let after = stack.snapshot(sale_id).await;
     assert_eq!(after.stock, before.stock.map(|s| s - 1));
     assert_eq!(after.queued, 1);
+    stack.cleanup().await;
+}
+
+/// A Redis that stops answering mid-sale (the host of the sale's master
+/// gone, a failover under way) must cost buyers a 503 with `Retry-After`
+/// before the rule call's limit, never a 500 from a cut call: both the
+/// admission script and the re-read of the gateway's sale copy are bounded.
+/// Nothing is admitted meanwhile, and once Redis answers again the sale goes
+/// on where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_redis_answers_503_within_the_call_and_the_sale_goes_on() {
+    let env_probe = seckill_contracts::testkit::TestEnv::new().await;
+    let redis_url = env_probe.config.redis.url.clone();
+    env_probe.cleanup().await;
+    let host_port = redis_url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .and_then(|authority| authority.rsplit('@').next())
+        .expect("host:port in redis.url")
+        .to_string();
+    let link = CuttableLink::tcp(&host_port).await;
+    let stack = Stack::start(StackOptions {
+        gateway_redis_url: Some(format!("redis://{}/", link.addr)),
+        ..opts()
+    })
+    .await;
+    let sale_id = stack.create_sale(5, 1, 600).await;
+    let mut paths = HashMap::new();
+    for user in 1..=3u64 {
+        paths.insert(user, stack.issue_path(sale_id, user).await);
+    }
+    until_open(&stack, sale_id, 9_999).await;
+    let (s, _, b) = stack.seckill(1, &paths[&1], sale_id).await;
+    assert_eq!(s, 202, "{b}");
+    let before = stack.snapshot(sale_id).await;
+
+    link.stall(true);
+    let limit = Duration::from_millis(stack.config.gateway.lua_call_timeout_ms);
+    let ttl = Duration::from_millis(stack.config.gateway.sale_info_ttl_ms);
+    // The first attempt finds the sale copy fresh and stalls in the
+    // admission script; the second, after the copy's TTL, stalls re-reading
+    // it. Either way: a 503 to retry, in time.
+    for attempt in 0..2 {
+        let started = std::time::Instant::now();
+        let (s, h, b) = stack.seckill(2, &paths[&2], sale_id).await;
+        let took = started.elapsed();
+        assert_eq!(s, 503, "attempt {attempt}: {b}");
+        assert_eq!(h.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+        assert!(
+            took < limit,
+            "answered in {took:?}, within the call's {limit:?}"
+        );
+        tokio::time::sleep(ttl).await;
+    }
+    assert_eq!(stack.snapshot(sale_id).await, before, "nothing moved");
+    let metrics = stack.gateway.metrics().await;
+    assert!(
+        metrics.contains("outcome=\"store_unavailable\"} 2"),
+        "two store_unavailable decisions counted"
+    );
+
+    // Redis answers again: the stalled connection is dropped, the gateway
+    // reconnects and the buyer who was refused gets the unit.
+    link.stall(false);
+    let mut last = (0, Value::Null);
+    for _ in 0..60 {
+        let (s, _, b) = stack.seckill(2, &paths[&2], sale_id).await;
+        last = (s, b);
+        if s != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(last.0, 202, "{}", last.1);
+    let after = stack.snapshot(sale_id).await;
+    assert_eq!(after.stock, before.stock.map(|s| s - 1));
+    assert_eq!(after.queued, before.queued + 1);
     stack.cleanup().await;
 }
 

@@ -19,6 +19,7 @@ async fn demo_sells_exactly_the_stock_and_audits_clean() {
     let stack = Stack::start(StackOptions {
         worker: true,
         gateway_amqp_url: None,
+        gateway_redis_url: None,
     })
     .await;
     let config = stack.config_path.to_str().unwrap().to_string();

@@ -76,6 +76,7 @@ async fn sale_pages_cost_the_api_one_request_per_second_and_stay_correct() {
     let stack = Stack::start(StackOptions {
         worker: false,
         gateway_amqp_url: None,
+        gateway_redis_url: None,
     })
     .await;
     let sale = stack.create_sale(5, 3600, 600).await;

@@ -63,6 +63,7 @@ async fn the_peer_answers_the_same_20_requests_as_the_gateway() {
     let stack = Stack::start(StackOptions {
         worker: false,
         gateway_amqp_url: None,
+        gateway_redis_url: None,
     })
     .await;
     let config = stack.config_path.clone();

@@ -30,6 +30,7 @@ impl OpenSale {
             Stack::start(StackOptions {
                 worker: false,
                 gateway_amqp_url: None,
+                gateway_redis_url: None,
             })
             .await,
         );

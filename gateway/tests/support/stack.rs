@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -77,6 +78,9 @@ pub struct StackOptions {
     /// Broker address the gateway publishes to (a cuttable link in the
     /// broker-down test); `None` for the real one.
     pub gateway_amqp_url: Option<String>,
+    /// Redis the gateway uses (a stallable link in the Redis-stall test);
+    /// `None` for the real one.
+    pub gateway_redis_url: Option<String>,
 }
 
 pub struct Stack {
@@ -148,6 +152,9 @@ impl Stack {
         let mut gateway_config = config.clone();
         if let Some(url) = opts.gateway_amqp_url {
             gateway_config.amqp.url = url;
+        }
+        if let Some(url) = opts.gateway_redis_url {
+            gateway_config.redis.url = url;
         }
         let gateway = GatewayProc::start(gateway_config).await;
         // Both api backends in rotation before a test relies on them.
@@ -347,61 +354,81 @@ fn rand_u128() -> u128 {
         .as_nanos())
 }
 
-/// A TCP link to the broker that the test can cut, as if the broker died
-/// (every open connection dropped, new ones refused), or turn into a black
-/// hole, as a broker behind a dead route looks: connections are accepted
-/// and what they send is swallowed, but nothing ever answers.
+/// A TCP link to a service (the broker, Redis) that the test can cut, as
+/// if the service died (every open connection dropped, new ones refused);
+/// turn into a black hole for new connections, as a service behind a dead
+/// route looks (accepted, what they send swallowed, nothing ever answers);
+/// or stall, as a host that vanished looks to the connections already open
+/// (what they send is swallowed and nothing answers until the stall ends,
+/// which closes them, as the client's own timeouts eventually would).
 pub struct CuttableLink {
+    /// The service's URL through the link (AMQP links; empty for TCP ones).
     pub url: String,
+    pub addr: SocketAddr,
     tasks: Arc<Mutex<Vec<AbortHandle>>>,
-    black_hole: Arc<std::sync::atomic::AtomicBool>,
+    black_hole: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
 }
 
 impl CuttableLink {
+    /// A link to the broker of `broker_url`; `url` is the same broker
+    /// through the link.
     pub async fn start(broker_url: &str) -> CuttableLink {
         let uri: lapin::uri::AMQPUri = broker_url.parse().expect("AMQP url");
         let upstream = format!("{}:{}", uri.authority.host, uri.authority.port);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let url = format!(
-            "amqp://{}:{}@127.0.0.1:{port}/{}",
+        let mut link = CuttableLink::tcp(&upstream).await;
+        link.url = format!(
+            "amqp://{}:{}@{}/{}",
             uri.authority.userinfo.username,
             uri.authority.userinfo.password,
+            link.addr,
             uri.vhost.replace('/', "%2f")
         );
+        link
+    }
+
+    /// A link to `upstream` (`host:port`), listening on `addr`.
+    pub async fn tcp(upstream: &str) -> CuttableLink {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let tasks: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let black_hole = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (inner, hole) = (tasks.clone(), black_hole.clone());
+        let black_hole = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let (inner, hole, stall) = (tasks.clone(), black_hole.clone(), stalled.clone());
+        let upstream = upstream.to_string();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let hole = hole.clone();
+                let (hole, stall) = (hole.clone(), stall.clone());
                 let upstream = upstream.clone();
                 let pipe = tokio::spawn(async move {
-                    if hole.load(std::sync::atomic::Ordering::SeqCst) {
+                    if hole.load(SeqCst) {
                         return swallow(client, &hole).await;
                     }
                     let Ok(server) = TcpStream::connect(&upstream).await else {
                         return;
                     };
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
-                    let _ = tokio::join!(
-                        tokio::io::copy(&mut cr, &mut sw),
-                        tokio::io::copy(&mut sr, &mut cw)
-                    );
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    // Either side ending ends the connection.
+                    tokio::select! {
+                        _ = forward(cr, sw, &stall) => {}
+                        _ = forward(sr, cw, &stall) => {}
+                    }
                 });
                 inner.lock().unwrap().push(pipe.abort_handle());
             }
         });
         tasks.lock().unwrap().push(accept.abort_handle());
         CuttableLink {
-            url,
+            url: String::new(),
+            addr,
             tasks,
             black_hole,
+            stalled,
         }
     }
 
-    /// The broker is gone: connections dropped, the port closed.
+    /// The service is gone: connections dropped, the port closed.
     pub fn cut(&self) {
         for t in self.tasks.lock().unwrap().drain(..) {
             t.abort();
@@ -412,17 +439,54 @@ impl CuttableLink {
     /// (connections already forwarded keep working); `false` closes the
     /// swallowed ones, so their clients retry and get through.
     pub fn black_hole(&self, on: bool) {
-        self.black_hole
-            .store(on, std::sync::atomic::Ordering::SeqCst);
+        self.black_hole.store(on, SeqCst);
+    }
+
+    /// Every connection goes silent: what either side sends is dropped.
+    /// `false` closes the connections that were silenced, so their clients
+    /// reconnect (through the link, which forwards again).
+    pub fn stall(&self, on: bool) {
+        self.stalled.store(on, SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until either closes; while `stall` is set what
+/// arrives is dropped, and a connection that was stalled ends when the
+/// stall does.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stall: &AtomicBool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut was_stalled = false;
+    loop {
+        let read = tokio::time::timeout(Duration::from_millis(100), from.read(&mut buf)).await;
+        let stalled = stall.load(SeqCst);
+        if was_stalled && !stalled {
+            return;
+        }
+        was_stalled |= stalled;
+        match read {
+            Err(_) => continue,
+            Ok(Ok(0) | Err(_)) => return,
+            Ok(Ok(n)) if !stalled => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Ok(_)) => {}
+        }
     }
 }
 
 /// Reads and drops whatever a client sends, until it gives up or the
 /// black hole is switched off.
-async fn swallow(mut client: TcpStream, hole: &std::sync::atomic::AtomicBool) {
+async fn swallow(mut client: TcpStream, hole: &AtomicBool) {
     use tokio::io::AsyncReadExt;
     let mut sink = [0u8; 4096];
-    while hole.load(std::sync::atomic::Ordering::SeqCst) {
+    while hole.load(SeqCst) {
         let read = tokio::time::timeout(Duration::from_millis(100), client.read(&mut sink));
         if matches!(read.await, Ok(Ok(0) | Err(_))) {
             return;

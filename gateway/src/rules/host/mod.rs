@@ -31,6 +31,8 @@ use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table};
 use crate::redis_scripts::ScriptSet;
 use crate::services::HostServices;
 
+use super::sandbox::CallBudget;
+
 use super::shortcuts::Shortcuts;
 
 pub use respond::RESPONSE_MARK;
@@ -60,6 +62,26 @@ pub fn install(lua: &Lua, host: Host) -> mlua::Result<()> {
 /// Any error a host function meets, as the Lua error the rule sees.
 fn lua_error(e: impl std::fmt::Display) -> mlua::Error {
     mlua::Error::runtime(e.to_string())
+}
+
+/// Runs a host function's Redis work within what the rule call has left
+/// minus the rollback reserve. A stalled Redis (a master failing over, a
+/// dead route) then ends in an error the rule answers itself, a 503 with
+/// `Retry-After`, instead of the whole call being cut with a 500; and the
+/// reserve is still there for giving a reservation back.
+async fn within_redis_budget<T>(
+    svc: &HostServices,
+    work: impl Future<Output = mlua::Result<T>>,
+) -> mlua::Result<T> {
+    let left = CallBudget::remaining().unwrap_or_else(|| svc.call_timeout());
+    let wait = left.saturating_sub(svc.rollback_reserve());
+    match tokio::time::timeout(wait, work).await {
+        Ok(result) => result,
+        Err(_) => Err(mlua::Error::runtime(format!(
+            "redis call timed out after {} ms",
+            wait.as_millis()
+        ))),
+    }
 }
 
 /// Registers `seckill.<name>` as an async function whose every call gets

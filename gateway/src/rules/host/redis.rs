@@ -13,7 +13,7 @@ use crate::metrics;
 use crate::redis_scripts::{ScriptSet, SLIDING_WINDOW};
 use crate::services::HostServices;
 
-use super::{lua_error, set_async, Host};
+use super::{lua_error, set_async, within_redis_budget, Host};
 
 pub(super) fn install(lua: &Lua, api: &Table, host: &Host) -> mlua::Result<()> {
     let ctx = (host.services.clone(), host.scripts.clone());
@@ -31,11 +31,14 @@ pub(super) fn install(lua: &Lua, api: &Table, host: &Host) -> mlua::Result<()> {
                 for k in &keys {
                     check_key(&svc.keys, k)?;
                 }
-                let mut conn = svc.redis().await.map_err(lua_error)?;
-                let v = sc
-                    .call(&mut conn, &name, &keys, &args?)
-                    .await
-                    .map_err(lua_error)?;
+                let args = args?;
+                let v = within_redis_budget(&svc, async {
+                    let mut conn = svc.redis().await.map_err(lua_error)?;
+                    sc.call(&mut conn, &name, &keys, &args)
+                        .await
+                        .map_err(lua_error)
+                })
+                .await?;
                 redis_to_lua(&lua, v)
             }
         },
@@ -63,13 +66,15 @@ async fn limit(
     (key, limit, window_ms): (String, u32, u64),
 ) -> mlua::Result<(bool, i64)> {
     check_key(&svc.keys, &key)?;
-    let mut conn = svc.redis().await.map_err(lua_error)?;
     let member = uuid::Uuid::now_v7().simple().to_string();
     let args = [limit.to_string(), window_ms.to_string(), member];
-    let v = sc
-        .call(&mut conn, SLIDING_WINDOW, &[key], &args)
-        .await
-        .map_err(lua_error)?;
+    let v = within_redis_budget(&svc, async {
+        let mut conn = svc.redis().await.map_err(lua_error)?;
+        sc.call(&mut conn, SLIDING_WINDOW, &[key], &args)
+            .await
+            .map_err(lua_error)
+    })
+    .await?;
     let (allowed, retry): (i64, i64) = redis::from_redis_value(v).map_err(lua_error)?;
     if allowed != 1 {
         metrics::LIMITER_REJECTIONS

@@ -10,7 +10,7 @@ use seckill_contracts::sale_events::{SaleEvent, SaleEventKind};
 use crate::sale_directory::SaleLookup;
 use crate::services::HostServices;
 
-use super::{lua_error, set_async};
+use super::{lua_error, set_async, within_redis_budget};
 
 pub(super) fn install(lua: &Lua, api: &Table, services: &Arc<HostServices>) -> mlua::Result<()> {
     set_async(
@@ -19,8 +19,11 @@ pub(super) fn install(lua: &Lua, api: &Table, services: &Arc<HostServices>) -> m
         "sale",
         services.clone(),
         |lua, svc, sale_id: u64| async move {
-            let conn = svc.redis().await.map_err(lua_error)?;
-            let found = svc.sales.lookup(&conn, sale_id).await.map_err(lua_error)?;
+            let found = within_redis_budget(&svc, async {
+                let conn = svc.redis().await.map_err(lua_error)?;
+                svc.sales.lookup(&conn, sale_id).await.map_err(lua_error)
+            })
+            .await?;
             let t = lua.create_table()?;
             t.set("id", sale_id)?;
             match found {
@@ -48,11 +51,14 @@ pub(super) fn install(lua: &Lua, api: &Table, services: &Arc<HostServices>) -> m
                     "sale_event: kind must be updated, sold_out or reopened, not `{kind}`"
                 ))
             })?;
-            let mut conn = svc.redis().await.map_err(lua_error)?;
-            svc.sales
-                .announce(&mut conn, SaleEvent { sale_id, kind })
-                .await
-                .map_err(lua_error)?;
+            within_redis_budget(&svc, async {
+                let mut conn = svc.redis().await.map_err(lua_error)?;
+                svc.sales
+                    .announce(&mut conn, SaleEvent { sale_id, kind })
+                    .await
+                    .map_err(lua_error)
+            })
+            .await?;
             Ok(true)
         },
     )
