@@ -27,13 +27,23 @@ pub enum SaleEventKind {
 }
 
 impl SaleEventKind {
-    pub fn parse(s: &str) -> Option<SaleEventKind> {
-        match s {
-            "updated" => Some(SaleEventKind::Updated),
-            "sold_out" => Some(SaleEventKind::SoldOut),
-            "reopened" => Some(SaleEventKind::Reopened),
-            _ => None,
+    /// The wire name (as in the JSON and `seckill.sale_event`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaleEventKind::Updated => "updated",
+            SaleEventKind::SoldOut => "sold_out",
+            SaleEventKind::Reopened => "reopened",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<SaleEventKind> {
+        [
+            SaleEventKind::Updated,
+            SaleEventKind::SoldOut,
+            SaleEventKind::Reopened,
+        ]
+        .into_iter()
+        .find(|kind| kind.as_str() == s)
     }
 }
 
@@ -56,7 +66,39 @@ impl SaleEvent {
     }
 }
 
-/// Publishes `event` on the sale events channel of `keys`.
+/// A notice as it travels: the event plus when it was published (ms since
+/// the epoch), so a receiver can tell how long notices take to reach it
+/// (`gateway_sale_event_delay_seconds`). A notice without the stamp (an
+/// older publisher) is still a notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamped {
+    #[serde(flatten)]
+    pub event: SaleEvent,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_at_ms: Option<u64>,
+}
+
+impl Stamped {
+    /// `event`, stamped now.
+    pub fn now(event: SaleEvent) -> Stamped {
+        Stamped {
+            event,
+            published_at_ms: Some(crate::clock::unix_ms()),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Integers and a unit enum always serialize.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// `None` for anything that is not a notice of this schema.
+    pub fn from_json(payload: &[u8]) -> Option<Stamped> {
+        serde_json::from_slice(payload).ok()
+    }
+}
+
+/// Publishes `event`, stamped, on the sale events channel of `keys`.
 #[cfg(feature = "redis")]
 pub async fn publish<C: redis::aio::ConnectionLike>(
     conn: &mut C,
@@ -65,7 +107,7 @@ pub async fn publish<C: redis::aio::ConnectionLike>(
 ) -> redis::RedisResult<()> {
     redis::cmd("PUBLISH")
         .arg(keys.sale_events_channel())
-        .arg(event.to_json())
+        .arg(Stamped::now(event).to_json())
         .query_async::<i64>(conn)
         .await
         .map(|_| ())
@@ -92,9 +134,52 @@ mod tests {
             None
         );
         assert_eq!(SaleEvent::from_json(b"not json"), None);
+        assert_eq!(Stamped::from_json(b"{\"sale_id\":1}"), None);
         assert_eq!(
             SaleEventKind::parse("reopened"),
             Some(SaleEventKind::Reopened)
+        );
+    }
+
+    #[test]
+    fn wire_names_are_the_json_names() {
+        for kind in [
+            SaleEventKind::Updated,
+            SaleEventKind::SoldOut,
+            SaleEventKind::Reopened,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&kind).unwrap(),
+                format!("\"{}\"", kind.as_str())
+            );
+            assert_eq!(SaleEventKind::parse(kind.as_str()), Some(kind));
+        }
+    }
+
+    #[test]
+    fn stamped_notices_carry_their_publish_time_and_unstamped_ones_still_parse() {
+        let event = SaleEvent {
+            sale_id: 7,
+            kind: SaleEventKind::Reopened,
+        };
+        let stamped = Stamped {
+            event,
+            published_at_ms: Some(1_700_000_000_123),
+        };
+        assert_eq!(
+            stamped.to_json(),
+            r#"{"sale_id":7,"kind":"reopened","published_at_ms":1700000000123}"#
+        );
+        assert_eq!(
+            Stamped::from_json(stamped.to_json().as_bytes()),
+            Some(stamped)
+        );
+        // An older publisher's notice, and an older receiver reading a new one.
+        let plain = Stamped::from_json(event.to_json().as_bytes()).unwrap();
+        assert_eq!((plain.event, plain.published_at_ms), (event, None));
+        assert_eq!(
+            SaleEvent::from_json(stamped.to_json().as_bytes()),
+            Some(event)
         );
     }
 }

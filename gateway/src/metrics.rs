@@ -151,6 +151,21 @@ pub static PUBLISH_CONFIRM: LazyLock<HistogramVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// How long sale notices take from their publisher (any gateway, api or
+/// worker) to this gateway, by kind: the time during which this gateway
+/// still admits to Redis for a sale another gateway already saw sell out.
+/// Measured against the publisher's wall clock, so on real hosts it also
+/// shows their clock skew.
+pub static SALE_EVENT_DELAY: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "gateway_sale_event_delay_seconds",
+        "Sale notice publish until this gateway applied it, by kind",
+        &["kind"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+    )
+    .expect("metric registers once")
+});
+
 /// Client connections that ended before a whole request header arrived,
 /// by reason: `header_timeout` (no whole header within
 /// `client_header_timeout_ms`), `idle_timeout` (a kept-alive connection

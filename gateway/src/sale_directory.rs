@@ -28,7 +28,9 @@ use futures::StreamExt;
 use redis::aio::ConnectionLike;
 use seckill_contracts::config::{redacted_url, RedisConfig};
 use seckill_contracts::keys::KeySchema;
-use seckill_contracts::sale_events::{self, SaleEvent, SaleEventKind};
+use seckill_contracts::sale_events::{self, SaleEvent, SaleEventKind, Stamped};
+
+use crate::metrics;
 
 /// How long "Redis has no such sale" is remembered: short, so a sale
 /// created a moment ago is found quickly, but enough to absorb a flood of
@@ -209,12 +211,25 @@ impl SaleDirectory {
         tracing::info!(channel, "following sale events");
         let mut messages = pubsub.on_message();
         while let Some(msg) = messages.next().await {
-            match SaleEvent::from_json(msg.get_payload_bytes()) {
-                Some(event) => self.apply(event).await,
+            match Stamped::from_json(msg.get_payload_bytes()) {
+                Some(notice) => {
+                    self.apply(notice.event).await;
+                    observe_delay(&notice);
+                }
                 None => tracing::warn!(channel, "ignoring a malformed sale event"),
             }
         }
         Ok(())
+    }
+}
+
+/// Counts how long `notice` took to get here, when its publisher stamped it.
+fn observe_delay(notice: &Stamped) {
+    if let Some(sent) = notice.published_at_ms {
+        let delay_ms = seckill_contracts::clock::unix_ms().saturating_sub(sent);
+        metrics::SALE_EVENT_DELAY
+            .with_label_values(&[notice.event.kind.as_str()])
+            .observe(delay_ms as f64 / 1000.0);
     }
 }
 

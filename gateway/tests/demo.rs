@@ -13,6 +13,9 @@ use support::stack::{sibling_binary, Stack, StackOptions};
 
 const BUYERS: u64 = 300;
 const STOCK: u64 = 30;
+/// Buyers who send several attempts at once (a bot): still one unit each.
+const GREEDY: u64 = 30;
+const GREEDY_ATTEMPTS: u64 = 5;
 
 #[tokio::test]
 async fn demo_sells_exactly_the_stock_and_audits_clean() {
@@ -34,6 +37,8 @@ async fn demo_sells_exactly_the_stock_and_audits_clean() {
                 &STOCK.to_string(),
             ])
             .args(["--concurrency", "100", "--timeout", "60s"])
+            .args(["--greedy", &GREEDY.to_string()])
+            .args(["--greedy-attempts", &GREEDY_ATTEMPTS.to_string()])
             .env("RUST_LOG", "warn")
             .output()
             .expect("run seckillctl demo")
@@ -54,6 +59,8 @@ async fn demo_sells_exactly_the_stock_and_audits_clean() {
     assert_eq!(report["buyers"], BUYERS);
     assert_eq!(report["stock_at_start"], STOCK);
     assert_eq!(report["admitted"], STOCK, "exactly the stock admitted");
+    assert_eq!(report["greedy"], GREEDY);
+    assert_eq!(report["admitted_twice"], 0, "no buyer admitted twice");
     assert_eq!(report["sold"], STOCK);
     assert_eq!(report["failed"], 0);
     assert_eq!(report["unsettled"], 0);
@@ -64,10 +71,11 @@ async fn demo_sells_exactly_the_stock_and_audits_clean() {
         .values()
         .map(|v| v.as_u64().unwrap())
         .sum();
+    let attempts = BUYERS + GREEDY * (GREEDY_ATTEMPTS - 1);
     assert_eq!(
         rejected,
-        BUYERS - STOCK,
-        "every other buyer got a final answer"
+        attempts - STOCK,
+        "every other attempt got a final answer"
     );
     assert!(
         report["rejected"]["410 sold out"].as_u64().unwrap_or(0) > 0,

@@ -46,6 +46,15 @@ async fn the_subscriber_leaves_a_dead_seed_for_the_next_node() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Each notice is stamped by its publisher, so the receiver can tell how
+    // long notices take to reach it.
+    let delays = seckill_gateway::metrics::SALE_EVENT_DELAY.with_label_values(&["sold_out"]);
+    assert!(delays.get_sample_count() >= 1);
+    assert!(
+        delays.get_sample_sum() < 10.0,
+        "{}",
+        delays.get_sample_sum()
+    );
     follower.abort();
     env.cleanup().await;
 }

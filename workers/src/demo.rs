@@ -9,11 +9,16 @@
 //!           read from Redis (a simulated buyer cannot read the picture)
 //!           → POST /sales/{id}/path → hidden path
 //! rush      all buyers at once: POST /seckill/{path}/{id}; a 429/503 with
-//!           Retry-After is retried like an app would, a few times
+//!           Retry-After is retried like an app would, a few times; the
+//!           first --greedy buyers fire several attempts at once, across
+//!           the gateways, as a bot would (at most one may be admitted)
 //! settle    every 202 polls GET /sales/{id}/result until success or failed
 //! report    admitted, sold, rejected by reason, time to sell out, orders
 //!           committed in MySQL, audit (invariants 1, 2, 4)
 //! ```
+//!
+//! With several gateways (a fleet behind keepalived VIPs, DNS round robin)
+//! buyer `i` uses gateway `i mod n` for its whole journey.
 //!
 //! Buyers' user ids start at `first_user`, far above registered accounts,
 //! so the demo never buys as a real user. Progress goes to stderr (a bar,
@@ -54,12 +59,18 @@ pub struct DemoOptions {
     pub buyers: u64,
     /// First buyer's user id; buyers are `first_user..first_user + buyers`.
     pub first_user: u64,
-    /// Gateway base URL, e.g. `http://127.0.0.1:8080`.
-    pub gateway: String,
+    /// Gateway base URLs, e.g. `http://127.0.0.1:8080`; buyers are spread
+    /// over them round robin.
+    pub gateways: Vec<String>,
     /// Requests in flight at once.
     pub concurrency: usize,
     /// Retries of a 429 or 503 answer that carries `Retry-After`.
     pub retries: u32,
+    /// How many of the buyers are greedy: they send `greedy_attempts`
+    /// attempts at once instead of one.
+    pub greedy: u64,
+    /// Attempts a greedy buyer sends at once.
+    pub greedy_attempts: u32,
     /// Give up waiting for results after this long.
     pub timeout: Duration,
     /// Draw progress bars on stderr.
@@ -74,9 +85,11 @@ impl DemoOptions {
             stock: 100,
             buyers: 1_000,
             first_user: 900_000_001,
-            gateway: gateway_url(&config.gateway.listen.to_string()),
+            gateways: vec![gateway_url(&config.gateway.listen.to_string())],
             concurrency: 200,
             retries: 3,
+            greedy: 0,
+            greedy_attempts: 5,
             timeout: Duration::from_secs(60),
             progress: true,
         }
@@ -103,6 +116,8 @@ pub enum DemoError {
     Tokens(#[from] crate::tokens::TokenError),
     #[error(transparent)]
     Keys(#[from] crate::keyring::KeyringError),
+    #[error("no gateway URL given")]
+    NoGateway,
     #[error("gateway at {url}: {source}")]
     Gateway { url: String, source: reqwest::Error },
     #[error("buyer {user}: {step} answered {status}: {body}")]
@@ -128,8 +143,12 @@ pub struct DemoReport {
     pub stock_total: u32,
     /// Stock still available when the rush began.
     pub stock_at_start: u32,
-    /// `202 queued` answers.
+    /// Buyers answered `202 queued`.
     pub admitted: u64,
+    /// Greedy buyers (several attempts at once, across the gateways).
+    pub greedy: u64,
+    /// Buyers answered `202` more than once: must be 0 (one per buyer).
+    pub admitted_twice: u64,
     /// Results that came back `success` (an order exists).
     pub sold: u64,
     /// Results that came back `failed` (the worker refused the order).
@@ -150,7 +169,8 @@ pub struct DemoReport {
     /// Orders of this sale in MySQL after the run.
     pub orders_committed: i64,
     pub audit: AuditReport,
-    /// Audit clean, every 202 settled as an order, nothing oversold.
+    /// Audit clean, every 202 settled as an order, nothing oversold, no
+    /// buyer admitted twice.
     pub ok: bool,
 }
 
@@ -159,12 +179,15 @@ struct Buyer {
     user: u64,
     token: String,
     path: String,
+    /// Index of the gateway this buyer's journey goes through.
+    gateway: usize,
 }
 
 /// Counters shared by all buyer tasks.
 #[derive(Default)]
 struct Tally {
     admitted: AtomicU64,
+    admitted_twice: AtomicU64,
     retried: AtomicU64,
     rejected: Mutex<BTreeMap<String, u64>>,
     last_admit: Mutex<Option<Instant>>,
@@ -187,20 +210,27 @@ pub async fn run(
     opts: &DemoOptions,
 ) -> Result<DemoReport, DemoError> {
     let keys = KeySchema::new(config.redis.key_prefix.clone());
+    if opts.gateways.is_empty() {
+        return Err(DemoError::NoGateway);
+    }
     let sale = open_sale(db, redis, &keys, opts).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(opts.concurrency)
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|source| DemoError::Gateway {
-            url: opts.gateway.clone(),
+            url: opts.gateways.join(", "),
             source,
         })?;
     let run = Run {
         opts,
         client: Client {
             http,
-            base: opts.gateway.trim_end_matches('/').to_string(),
+            bases: opts
+                .gateways
+                .iter()
+                .map(|g| g.trim_end_matches('/').to_string())
+                .collect(),
             sale_id: sale.id,
         },
         keys,
@@ -273,13 +303,19 @@ impl Run<'_> {
         let mut prepared = stream::iter(users)
             .map(|user| {
                 let mut redis = redis.clone();
+                let gateway = ((user - first) % self.client.bases.len() as u64) as usize;
                 async move {
                     let token = signer.issue(user, &format!("demo-buyer-{user}"))?;
                     let path = self
                         .client
-                        .prepare(&token, user, &self.keys, &mut redis)
+                        .prepare(gateway, &token, user, &self.keys, &mut redis)
                         .await?;
-                    Ok::<_, DemoError>(Buyer { user, token, path })
+                    Ok::<_, DemoError>(Buyer {
+                        user,
+                        token,
+                        path,
+                        gateway,
+                    })
                 }
             })
             .buffer_unordered(self.opts.concurrency.max(1));
@@ -298,7 +334,7 @@ impl Run<'_> {
             .map(|buyer| {
                 let bar = &bar;
                 async move {
-                    let won = self.client.rush(buyer, self.opts.retries, tally).await;
+                    let won = self.attempts(buyer, tally).await;
                     bar.inc(1);
                     bar.set_message(format!(
                         "admitted {}",
@@ -313,6 +349,33 @@ impl Run<'_> {
             .await;
         bar.finish();
         admitted
+    }
+
+    /// One buyer's rush: one attempt, or for a greedy buyer several at
+    /// once, each through the next gateway. True when admitted.
+    async fn attempts(&self, buyer: &Buyer, tally: &Tally) -> bool {
+        let greedy = buyer.user - self.opts.first_user < self.opts.greedy;
+        let n = if greedy {
+            self.opts.greedy_attempts.max(1)
+        } else {
+            1
+        };
+        let gateways = self.client.bases.len();
+        let wins = futures::future::join_all((0..n as usize).map(|i| {
+            let gateway = (buyer.gateway + i) % gateways;
+            self.client.rush(buyer, gateway, self.opts.retries, tally)
+        }))
+        .await
+        .into_iter()
+        .filter(|won| *won)
+        .count();
+        if wins > 0 {
+            tally.admitted.fetch_add(1, Ordering::Relaxed);
+        }
+        if wins > 1 {
+            tally.admitted_twice.fetch_add(1, Ordering::Relaxed);
+        }
+        wins > 0
     }
 
     /// Every admitted buyer's final result (`None`: none before the timeout).
@@ -369,14 +432,20 @@ async fn report(
         .fetch_one(db)
         .await?;
     let admitted = tally.admitted.load(Ordering::Relaxed);
+    let admitted_twice = tally.admitted_twice.load(Ordering::Relaxed);
     let unsettled = admitted.saturating_sub(sold + failed);
-    let ok = audit.ok && unsettled == 0 && admitted <= u64::from(outcome.stock_at_start);
+    let ok = audit.ok
+        && unsettled == 0
+        && admitted_twice == 0
+        && admitted <= u64::from(outcome.stock_at_start);
     Ok(DemoReport {
         sale_id,
         buyers: run.opts.buyers,
         stock_total: outcome.stock_total,
         stock_at_start: outcome.stock_at_start,
         admitted,
+        greedy: run.opts.greedy.min(run.opts.buyers),
+        admitted_twice,
         sold,
         failed,
         unsettled,
@@ -401,6 +470,12 @@ pub fn summary(r: &DemoReport) -> String {
         "  admitted {} (202 queued), sold {}, failed {}, unsettled {}\n",
         r.admitted, r.sold, r.failed, r.unsettled
     );
+    if r.greedy > 0 {
+        out += &format!(
+            "  greedy buyers {} (several attempts at once), admitted twice {}\n",
+            r.greedy, r.admitted_twice
+        );
+    }
     for (reason, n) in &r.rejected {
         out += &format!("  rejected {n:>5}  {reason}\n");
     }
@@ -427,18 +502,18 @@ pub fn summary(r: &DemoReport) -> String {
 /// HTTP calls of one buyer journey, all through the gateway.
 struct Client {
     http: reqwest::Client,
-    base: String,
+    bases: Vec<String>,
     sale_id: u64,
 }
 
 impl Client {
-    fn url(&self, path: &str) -> String {
-        format!("{}/api/v1{path}", self.base)
+    fn url(&self, gateway: usize, path: &str) -> String {
+        format!("{}/api/v1{path}", self.bases[gateway])
     }
 
-    fn gateway_error(&self, source: reqwest::Error) -> DemoError {
+    fn gateway_error(&self, gateway: usize, source: reqwest::Error) -> DemoError {
         DemoError::Gateway {
-            url: self.base.clone(),
+            url: self.bases[gateway].clone(),
             source,
         }
     }
@@ -446,6 +521,7 @@ impl Client {
     /// Captcha, its answer, and the hidden path it unlocks.
     async fn prepare(
         &self,
+        gateway: usize,
         token: &str,
         user: u64,
         keys: &KeySchema,
@@ -453,11 +529,11 @@ impl Client {
     ) -> Result<String, DemoError> {
         let resp = self
             .http
-            .get(self.url(&format!("/sales/{}/captcha", self.sale_id)))
+            .get(self.url(gateway, &format!("/sales/{}/captcha", self.sale_id)))
             .bearer_auth(token)
             .send()
             .await
-            .map_err(|e| self.gateway_error(e))?;
+            .map_err(|e| self.gateway_error(gateway, e))?;
         expect_ok(user, "GET captcha", resp).await?;
         let answer: Option<String> = redis::cmd("GET")
             .arg(keys.sale(self.sale_id).captcha(user))
@@ -466,19 +542,22 @@ impl Client {
         let answer = answer.unwrap_or_default();
         let resp = self
             .http
-            .post(self.url(&format!("/sales/{}/path", self.sale_id)))
+            .post(self.url(gateway, &format!("/sales/{}/path", self.sale_id)))
             .bearer_auth(token)
             .json(&json!({ "captcha_answer": answer }))
             .send()
             .await
-            .map_err(|e| self.gateway_error(e))?;
+            .map_err(|e| self.gateway_error(gateway, e))?;
         let body = expect_ok(user, "POST path", resp).await?;
         Ok(body["path"].as_str().unwrap_or_default().to_string())
     }
 
-    /// One buyer's attempt; true when admitted (202).
-    async fn rush(&self, buyer: &Buyer, retries: u32, tally: &Tally) -> bool {
-        let url = self.url(&format!("/seckill/{}/{}", buyer.path, self.sale_id));
+    /// One attempt of a buyer through `gateway`; true when admitted (202).
+    async fn rush(&self, buyer: &Buyer, gateway: usize, retries: u32, tally: &Tally) -> bool {
+        let url = self.url(
+            gateway,
+            &format!("/seckill/{}/{}", buyer.path, self.sale_id),
+        );
         let mut attempt = 0;
         loop {
             let resp = self.http.post(&url).bearer_auth(&buyer.token).send().await;
@@ -496,7 +575,6 @@ impl Client {
             };
             let status = resp.status();
             if status == StatusCode::ACCEPTED {
-                tally.admitted.fetch_add(1, Ordering::Relaxed);
                 *lock(&tally.last_admit) = Some(Instant::now());
                 return true;
             }
@@ -522,7 +600,7 @@ impl Client {
     /// Polls the buyer's result until it is final (`success` or `failed`);
     /// `None` when `deadline` passes first.
     async fn settle(&self, buyer: &Buyer, deadline: Instant) -> Option<ResultStatus> {
-        let url = self.url(&format!("/sales/{}/result", self.sale_id));
+        let url = self.url(buyer.gateway, &format!("/sales/{}/result", self.sale_id));
         loop {
             let polled = self.http.get(&url).bearer_auth(&buyer.token).send().await;
             if let Ok(resp) = polled.and_then(|r| r.error_for_status()) {

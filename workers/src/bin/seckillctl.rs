@@ -177,9 +177,17 @@ struct DemoArgs {
     /// First simulated buyer's user id (far above real accounts).
     #[arg(long, default_value_t = 900_000_001)]
     first_user: u64,
-    /// Gateway base URL; default: http://<gateway.listen>.
+    /// Gateway base URL; repeat it to spread the buyers over several
+    /// gateways (round robin); default: http://<gateway.listen>.
     #[arg(long)]
-    gateway: Option<String>,
+    gateway: Vec<String>,
+    /// How many of the buyers are greedy: each sends --greedy-attempts
+    /// attempts at once, across the gateways.
+    #[arg(long, default_value_t = 0)]
+    greedy: u64,
+    /// Attempts a greedy buyer sends at once.
+    #[arg(long, default_value_t = 5)]
+    greedy_attempts: u32,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 200)]
     concurrency: usize,
@@ -371,7 +379,13 @@ async fn demo_command(config: &Config, a: DemoArgs) -> anyhow::Result<()> {
         stock: a.stock,
         buyers: a.buyers,
         first_user: a.first_user,
-        gateway: a.gateway.unwrap_or(defaults.gateway.clone()),
+        gateways: if a.gateway.is_empty() {
+            defaults.gateways.clone()
+        } else {
+            a.gateway
+        },
+        greedy: a.greedy,
+        greedy_attempts: a.greedy_attempts,
         concurrency: a.concurrency,
         timeout: a.timeout,
         progress: !a.no_progress,
