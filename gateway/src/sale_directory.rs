@@ -159,13 +159,23 @@ impl SaleDirectory {
         }
     }
 
-    /// Applies `event` here and tells every other gateway.
+    /// Applies `event` here and tells every other gateway. A sold-out mark
+    /// this gateway already holds (set by an earlier request, or heard from
+    /// another gateway) is not announced again: at a sell-out, every
+    /// request in flight learns of it at once, and one notice is enough.
     pub async fn announce<C: ConnectionLike>(
         &self,
         conn: &mut C,
         event: SaleEvent,
     ) -> Result<(), LookupError> {
-        self.apply(event).await;
+        if event.kind == SaleEventKind::SoldOut {
+            let fresh = self.sold_out.entry(event.sale_id).or_insert(()).is_fresh();
+            if !fresh {
+                return Ok(());
+            }
+        } else {
+            self.apply(event).await;
+        }
         sale_events::publish(conn, &self.keys, event)
             .await
             .map_err(|e| LookupError::Redis(e.to_string()))
@@ -177,9 +187,30 @@ impl SaleDirectory {
         self.sold_out.invalidate_all();
     }
 
+    /// [`follow`](Self::follow) on a thread of its own with its own
+    /// runtime, started once by the first request that needed Redis. A
+    /// notice is then applied as soon as it arrives even while every proxy
+    /// thread is busy with a rush: the sold-out mark must not queue behind
+    /// the very requests it exists to turn away.
+    pub fn follow_on_own_thread(self: Arc<Self>, config: RedisConfig) {
+        let spawned = std::thread::Builder::new()
+            .name("sale-events".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(self.follow(config)),
+                    Err(e) => tracing::error!(error = %e, "sale events: no runtime"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "sale events: no thread; relying on TTLs");
+        }
+    }
+
     /// Follows the sale events channel until the process ends, reconnecting
-    /// after errors. Spawned once, on the runtime of the first request that
-    /// needed Redis.
+    /// after errors.
     pub async fn follow(self: Arc<Self>, config: RedisConfig) {
         let channel = self.keys.sale_events_channel();
         // PUBLISH reaches every node of a cluster, so any one node will do;

@@ -89,7 +89,7 @@ impl HostServices {
 
     /// A Redis handle (cheap clone of the shared multiplexed connection).
     /// The first successful connect also starts following the sale events
-    /// channel, on the same long-lived runtime.
+    /// channel (on a thread of its own).
     pub async fn redis(&self) -> Result<RedisConn, String> {
         self.redis_within(REDIS_CONNECT_TIMEOUT).await
     }
@@ -104,7 +104,9 @@ impl HostServices {
                     .await
                     .map_err(|_| "redis connect timed out".to_string())?
                     .map_err(|e| format!("redis connect: {e}"))?;
-                tokio::spawn(self.sales.clone().follow(self.config.redis.clone()));
+                self.sales
+                    .clone()
+                    .follow_on_own_thread(self.config.redis.clone());
                 Ok::<_, String>(conn)
             })
             .await?;

@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 use seckill_contracts::config::RedisConfig;
 use seckill_contracts::redis_client::RedisConn;
 use seckill_contracts::sale_events::{self, SaleEvent, SaleEventKind};
@@ -56,5 +58,58 @@ async fn the_subscriber_leaves_a_dead_seed_for_the_next_node() {
         delays.get_sample_sum()
     );
     follower.abort();
+    env.cleanup().await;
+}
+
+/// At a sell-out every request in flight learns of it at once; the gateway
+/// announces it once, and again only after the sale reopened.
+#[tokio::test]
+async fn a_sold_out_mark_already_held_is_not_announced_again() {
+    let env = TestEnv::new().await;
+    let keys = env.keys();
+    let directory = Arc::new(SaleDirectory::new(
+        keys.clone(),
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    ));
+    let client = redis::Client::open(env.config.redis.url.as_str()).unwrap();
+    let mut listener = client.get_async_pubsub().await.unwrap();
+    listener
+        .subscribe(keys.sale_events_channel())
+        .await
+        .unwrap();
+    let conn = RedisConn::connect(&env.config.redis).await.unwrap();
+    let announce = |kind| {
+        let (directory, mut conn) = (directory.clone(), conn.clone());
+        async move {
+            directory
+                .announce(&mut conn, SaleEvent { sale_id: 9, kind })
+                .await
+                .unwrap()
+        }
+    };
+
+    futures::future::join_all((0..20).map(|_| announce(SaleEventKind::SoldOut))).await;
+    assert!(directory.is_sold_out(9));
+    announce(SaleEventKind::Reopened).await;
+    assert!(!directory.is_sold_out(9));
+    announce(SaleEventKind::SoldOut).await;
+
+    let mut heard = Vec::new();
+    let mut messages = listener.on_message();
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(Duration::from_millis(500), messages.next()).await
+    {
+        let notice = sale_events::Stamped::from_json(msg.get_payload_bytes()).unwrap();
+        heard.push(notice.event.kind);
+    }
+    assert_eq!(
+        heard,
+        [
+            SaleEventKind::SoldOut,
+            SaleEventKind::Reopened,
+            SaleEventKind::SoldOut
+        ]
+    );
     env.cleanup().await;
 }
