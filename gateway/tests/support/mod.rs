@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod python_tools;
 pub mod recovery;
 pub mod stack;

@@ -1,0 +1,394 @@
+//! Scale-out on real engines (SPEC §6), on the topology `scripts/cluster up`
+//! builds: two gateways behind two keepalived VIPs, two api + worker hosts,
+//! a 3-master Redis Cluster with replicas, a 3-node RabbitMQ cluster with
+//! quorum queues, MariaDB on its own host. Each test drives buyers through
+//! the VIPs, breaks one thing, and ends with `seckillctl audit` clean; each
+//! prints its figures (`--nocapture`).
+//!
+//! Run with `scripts/cluster test` (root: it builds the namespaces first
+//! and sets `SECKILL_CLUSTER=1`); anywhere else these tests skip.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::cluster::{
+    enabled, kill_9, master_of_slot, metric, vip_holder, vip_url, Cluster, EDGES, VIPS,
+};
+
+/// Units of each sale in the herd test, and buyers per sale (plus the
+/// greedy ones among them, who send several attempts at once).
+const HERD_STOCK: u32 = 400;
+const HERD_BUYERS: u64 = 1_500;
+const HERD_GREEDY: u64 = 50;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn herd_through_both_vips_sells_exactly_the_stock_of_two_sales_on_two_masters() {
+    if !enabled("herd") {
+        return;
+    }
+    let c = Cluster::ready().await;
+    let (a, b) = two_sales_on_two_masters(&c).await;
+    let before = [c.metrics(0).await, c.metrics(1).await];
+
+    // 3,000 buyers at once, half for each sale, each buyer's whole journey
+    // (captcha, path, seckill, result) through one of the two VIPs.
+    let started = Instant::now();
+    let (ra, rb) = tokio::join!(demo(&c, a, 910_000_001), demo(&c, b, 920_000_001));
+    let took = started.elapsed();
+    for (sale, report) in [(a, &ra), (b, &rb)] {
+        assert_eq!(report["ok"], true, "sale {sale}: {report}");
+        assert_eq!(report["admitted"], HERD_STOCK, "sale {sale}: {report}");
+        assert_eq!(report["sold"], HERD_STOCK, "sale {sale}: {report}");
+        assert_eq!(report["failed"], 0, "sale {sale}: {report}");
+        assert_eq!(report["admitted_twice"], 0, "sale {sale}: {report}");
+        assert_eq!(report["greedy"], HERD_GREEDY);
+    }
+    let after = [c.metrics(0).await, c.metrics(1).await];
+
+    // Both gateways served the rush.
+    let served: Vec<f64> = (0..2)
+        .map(|e| {
+            let seckill = ["route=\"seckill\""];
+            metric(&after[e], "gateway_requests_total", &seckill)
+                - metric(&before[e], "gateway_requests_total", &seckill)
+        })
+        .collect();
+    for (e, n) in served.iter().enumerate() {
+        assert!(*n > 0.0, "{} served no seckill request", EDGES[e].0);
+    }
+
+    // Every sold-out notice reached each gateway within 100 ms.
+    let mut delays = Vec::new();
+    for e in 0..2 {
+        let d = NoticeDelays::between(&before[e], &after[e], "sold_out");
+        assert!(d.count >= 1.0, "{} heard no sold-out notice", EDGES[e].0);
+        assert_eq!(
+            d.within_100ms, d.count,
+            "{}: a sold-out notice took over 100 ms: {d:?}",
+            EDGES[e].0
+        );
+        delays.push(d);
+    }
+    for sale in [a, b] {
+        let (ok, audit) = c.audit_until_clean(sale, Duration::from_secs(30)).await;
+        assert!(ok, "audit of sale {sale}: {audit}");
+    }
+    println!(
+        "herd: 2 sales x {HERD_STOCK} units on masters {} and {}, {} buyers ({} greedy) in {:.1} s; \
+         seckill requests served: edge-1 {}, edge-2 {}; sold out after {} / {} ms; \
+         sold-out notices heard: edge-1 {}, edge-2 {}; audits clean",
+        c.master_of(a).await,
+        c.master_of(b).await,
+        2 * HERD_BUYERS,
+        2 * HERD_GREEDY,
+        took.as_secs_f64(),
+        served[0],
+        served[1],
+        ra["sold_out_after_ms"],
+        rb["sold_out_after_ms"],
+        delays[0],
+        delays[1],
+    );
+}
+
+/// Units and paced buyers of the VIP failover test.
+const FAILOVER_STOCK: u32 = 300;
+const FAILOVER_BUYERS: u64 = 700;
+const FAILOVER_RATE_PER_SEC: u64 = 50;
+/// When the VIP holder is killed, from the first buyer on.
+const KILL_AT: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_vip_holder_mid_sale_moves_the_vip_within_3s_and_sells_exactly_the_stock() {
+    if !enabled("vip failover") {
+        return;
+    }
+    let c = Cluster::ready().await;
+    let sale = c.create_sale(FAILOVER_STOCK).await;
+    let first_user = 930_000_001;
+    let users: Vec<u64> = (first_user..first_user + FAILOVER_BUYERS).collect();
+    let tokens = c.tokens(first_user, FAILOVER_BUYERS).await;
+    let paths = c.issue_paths(sale, &users).await;
+    let vip = VIPS[0];
+    assert_eq!(vip_holder(vip).as_deref(), Some("edge-1"));
+
+    // Paced buyers through the VIP; each retries what a buyer's app
+    // retries (no answer, 5xx, 429) until it has a final answer.
+    let t0 = Instant::now();
+    let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+    let buyers = tokio::spawn(paced_buyers(
+        c.http.clone(),
+        vip_url(vip),
+        sale,
+        users
+            .iter()
+            .map(|u| (tokens[(u - first_user) as usize].clone(), paths[u].clone()))
+            .collect(),
+        t0,
+        log.clone(),
+    ));
+
+    // Mid-sale, the edge holding the VIP loses its gateway and keepalived.
+    tokio::time::sleep(KILL_AT).await;
+    let killed_at = t0.elapsed();
+    kill_9("gateway-edge-1");
+    kill_9("keepalived-edge-1-vip1");
+    kill_9("keepalived-edge-1-vip2");
+    let moved_at = loop {
+        if vip_holder(vip).as_deref() == Some("edge-2") {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < killed_at + Duration::from_secs(10),
+            "the VIP never moved"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let admitted = buyers.await.unwrap();
+
+    // Units stranded by the killed gateway (decremented, never published)
+    // come back through the sweeper; late buyers take them.
+    let late = sell_what_is_left(&c, sale, vip).await;
+    let (ok, audit) = c.audit_until_clean(sale, Duration::from_secs(60)).await;
+    assert!(ok, "audit: {audit}");
+    let orders =
+        audit["orders_unpaid"].as_u64().unwrap_or(0) + audit["orders_paid"].as_u64().unwrap_or(0);
+    assert_eq!(
+        orders,
+        u64::from(FAILOVER_STOCK),
+        "exactly the stock sold: {audit}"
+    );
+    assert_eq!(audit["redis_stock"], 0, "{audit}");
+
+    let attempts = log.lock().unwrap().clone();
+    let failures: Vec<&Attempt> = attempts.iter().filter(|a| a.failed()).collect();
+    let window_end = moved_at + Duration::from_secs(1);
+    for f in &failures {
+        assert!(
+            f.at + Duration::from_millis(500) >= killed_at && f.at <= window_end,
+            "a failure outside the failover window ({killed_at:?}..{window_end:?}): {f:?}"
+        );
+    }
+    let took = moved_at - killed_at;
+    assert!(
+        took <= Duration::from_secs(3),
+        "the VIP moved after {took:?}"
+    );
+    let last_failure = failures.iter().map(|f| f.at).max();
+    println!(
+        "vip failover: killed edge-1 (gateway + keepalived) at {:.2} s; VIP {vip} on edge-2 {:.2} s later; \
+         {} failed attempts of {}, the last {:.2} s after the kill; {admitted} buyers admitted through the VIP, \
+         {late} late buyers took stranded units; orders {orders} = stock {FAILOVER_STOCK}; audit clean",
+        killed_at.as_secs_f64(),
+        took.as_secs_f64(),
+        failures.len(),
+        attempts.len(),
+        last_failure.map_or(0.0, |at| (at - killed_at).as_secs_f64()),
+    );
+    // Leave the topology as it was for whoever runs next.
+    drop(Cluster::ready().await);
+}
+
+/// The slot test needs no cluster: `CLUSTER NODES` parsing.
+#[test]
+fn finds_the_master_of_a_slot() {
+    let nodes = "a 10.0.0.1:6379@16379 myself,master - 0 0 1 connected 0-5460\n\
+                 b 10.0.0.2:6379@16379 master - 0 0 2 connected 5461-10922 16000\n\
+                 c 10.0.0.3:6380@16380 slave b 0 0 2 connected\n";
+    assert_eq!(master_of_slot(nodes, 0).as_deref(), Some("10.0.0.1:6379"));
+    assert_eq!(
+        master_of_slot(nodes, 6000).as_deref(),
+        Some("10.0.0.2:6379")
+    );
+    assert_eq!(
+        master_of_slot(nodes, 16000).as_deref(),
+        Some("10.0.0.2:6379")
+    );
+    assert_eq!(master_of_slot(nodes, 12000), None);
+}
+
+/// Two fresh sales whose slots live on different Redis masters.
+async fn two_sales_on_two_masters(c: &Cluster) -> (u64, u64) {
+    let a = c.create_sale(HERD_STOCK).await;
+    let master_a = c.master_of(a).await;
+    for _ in 0..20 {
+        let b = c.create_sale(HERD_STOCK).await;
+        if c.master_of(b).await != master_a {
+            return (a, b);
+        }
+    }
+    panic!("20 sales in a row on the master of sale {a}: is the cluster balanced?");
+}
+
+/// `seckillctl demo` for `sale`: its buyers spread over both VIPs.
+async fn demo(c: &Cluster, sale: u64, first_user: u64) -> Value {
+    let (sale, first, buyers, greedy) = (
+        sale.to_string(),
+        first_user.to_string(),
+        HERD_BUYERS.to_string(),
+        HERD_GREEDY.to_string(),
+    );
+    let (gw1, gw2) = (vip_url(VIPS[0]), vip_url(VIPS[1]));
+    let args = [
+        "demo",
+        "--sale",
+        &sale,
+        "--buyers",
+        &buyers,
+        "--first-user",
+        &first,
+        "--greedy",
+        &greedy,
+        "--gateway",
+        &gw1,
+        "--gateway",
+        &gw2,
+        "--concurrency",
+        "100",
+        "--timeout",
+        "120s",
+        "--json",
+        "--no-progress",
+    ];
+    let (ok, report) = c.ctl(&args).await;
+    assert!(ok, "demo of sale {sale}: {report}");
+    report
+}
+
+/// What `gateway_sale_event_delay_seconds{kind}` gained between two scrapes.
+#[derive(Debug)]
+struct NoticeDelays {
+    count: f64,
+    within_100ms: f64,
+    /// The smallest bucket bound (seconds) that holds every notice.
+    slowest_within: f64,
+}
+
+impl NoticeDelays {
+    const BOUNDS: [f64; 12] = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ];
+
+    fn between(before: &str, after: &str, kind: &str) -> NoticeDelays {
+        let name = "gateway_sale_event_delay_seconds";
+        let kind = format!("kind=\"{kind}\"");
+        let diff = |metric_name: &str, labels: &[&str]| {
+            metric(after, metric_name, labels) - metric(before, metric_name, labels)
+        };
+        let bucket = format!("{name}_bucket");
+        let within = |le: f64| diff(&bucket, &[&kind, &format!("le=\"{le}\"")]);
+        let count = diff(&format!("{name}_count"), &[&kind]);
+        NoticeDelays {
+            count,
+            within_100ms: within(0.1),
+            slowest_within: Self::BOUNDS
+                .into_iter()
+                .find(|le| within(*le) >= count)
+                .unwrap_or(f64::INFINITY),
+        }
+    }
+}
+
+impl std::fmt::Display for NoticeDelays {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} notices, all within {} ms",
+            self.count,
+            self.slowest_within * 1000.0
+        )
+    }
+}
+
+/// One buyer request: when it started (from the first buyer on) and what
+/// came back.
+#[derive(Debug, Clone)]
+struct Attempt {
+    at: Duration,
+    outcome: Result<u16, String>,
+}
+
+impl Attempt {
+    /// No answer, or a server error: what the failover may cost.
+    fn failed(&self) -> bool {
+        !matches!(self.outcome, Ok(s) if s < 500)
+    }
+}
+
+/// Buyers `(token, path)` starting at `FAILOVER_RATE_PER_SEC` through
+/// `base`; each retries (after 200 ms) until a final answer: 202, 409, 410
+/// or 403. Every attempt goes to `log`; returns how many were admitted.
+async fn paced_buyers(
+    http: reqwest::Client,
+    base: String,
+    sale: u64,
+    buyers: Vec<(String, String)>,
+    t0: Instant,
+    log: Arc<Mutex<Vec<Attempt>>>,
+) -> u64 {
+    let gap = Duration::from_micros(1_000_000 / FAILOVER_RATE_PER_SEC);
+    let mut tasks = Vec::new();
+    for (i, (token, path)) in buyers.into_iter().enumerate() {
+        tokio::time::sleep_until((t0 + gap * i as u32).into()).await;
+        let (http, log) = (http.clone(), log.clone());
+        let url = format!("{base}/api/v1/seckill/{path}/{sale}");
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                let at = t0.elapsed();
+                let sent = http.post(&url).bearer_auth(&token).send().await;
+                let outcome = sent.map(|r| r.status().as_u16()).map_err(|e| e.to_string());
+                log.lock().unwrap().push(Attempt {
+                    at,
+                    outcome: outcome.clone(),
+                });
+                match outcome {
+                    Ok(202) => return true,
+                    Ok(403 | 409 | 410) => return false,
+                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+            false
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += u64::from(t.await.unwrap());
+    }
+    admitted
+}
+
+/// Fresh buyers through `vip` until the sale's Redis stock stays at zero
+/// with nothing reserved (stranded units are given back by the sweeper
+/// after `worker.reservation_timeout_secs`); how many were admitted.
+async fn sell_what_is_left(c: &Cluster, sale: u64, vip: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut next_user = 940_000_001;
+    let mut admitted = 0;
+    loop {
+        let (_, audit) = c.ctl(&["audit", "--sale", &sale.to_string()]).await;
+        let stock = audit["redis_stock"].as_i64().unwrap_or(-1);
+        let reserved = audit["redis_reservations"].as_i64().unwrap_or(-1);
+        let queued = audit["queue_depth"].as_i64().unwrap_or(-1);
+        if stock == 0 && reserved == 0 && queued == 0 {
+            return admitted;
+        }
+        assert!(Instant::now() < deadline, "the sale never settled: {audit}");
+        if stock > 0 {
+            let tokens = c.tokens(next_user, 20).await;
+            let users: Vec<u64> = (next_user..next_user + 20).collect();
+            let paths = c.issue_paths(sale, &users).await;
+            for (i, user) in users.iter().enumerate() {
+                let url = format!("{}/api/v1/seckill/{}/{sale}", vip_url(vip), paths[user]);
+                let resp = c.http.post(&url).bearer_auth(&tokens[i]).send().await;
+                if resp.is_ok_and(|r| r.status() == 202) {
+                    admitted += 1;
+                }
+            }
+            next_user += 20;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
