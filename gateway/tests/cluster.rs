@@ -80,8 +80,8 @@ async fn herd_through_both_vips_sells_exactly_the_stock_of_two_sales_on_two_mast
         "herd: 2 sales x {HERD_STOCK} units on masters {} and {}, {} buyers ({} greedy) in {:.1} s; \
          seckill requests served: edge-1 {}, edge-2 {}; sold out after {} / {} ms; \
          sold-out notices heard: edge-1 {}, edge-2 {}; audits clean",
-        c.master_of(a).await,
-        c.master_of(b).await,
+        c.master_of(a).await.unwrap_or_default(),
+        c.master_of(b).await.unwrap_or_default(),
         2 * HERD_BUYERS,
         2 * HERD_GREEDY,
         took.as_secs_f64(),
@@ -108,10 +108,7 @@ async fn killing_the_vip_holder_mid_sale_moves_the_vip_within_3s_and_sells_exact
     }
     let c = Cluster::ready().await;
     let sale = c.create_sale(FAILOVER_STOCK).await;
-    let first_user = 930_000_001;
-    let users: Vec<u64> = (first_user..first_user + FAILOVER_BUYERS).collect();
-    let tokens = c.tokens(first_user, FAILOVER_BUYERS).await;
-    let paths = c.issue_paths(sale, &users).await;
+    let buyers = buyers(&c, sale, 930_000_001, FAILOVER_BUYERS).await;
     let vip = VIPS[0];
     assert_eq!(vip_holder(vip).as_deref(), Some("edge-1"));
 
@@ -121,12 +118,9 @@ async fn killing_the_vip_holder_mid_sale_moves_the_vip_within_3s_and_sells_exact
     let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
     let buyers = tokio::spawn(paced_buyers(
         c.http.clone(),
-        vip_url(vip),
+        vec![vip_url(vip)],
         sale,
-        users
-            .iter()
-            .map(|u| (tokens[(u - first_user) as usize].clone(), paths[u].clone()))
-            .collect(),
+        buyers,
         t0,
         log.clone(),
     ));
@@ -147,7 +141,7 @@ async fn killing_the_vip_holder_mid_sale_moves_the_vip_within_3s_and_sells_exact
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let admitted = buyers.await.unwrap();
+    let admitted = buyers.await.unwrap().len();
 
     // Units stranded by the killed gateway (decremented, never published)
     // come back through the sweeper; late buyers take them.
@@ -192,6 +186,107 @@ async fn killing_the_vip_holder_mid_sale_moves_the_vip_within_3s_and_sells_exact
     drop(Cluster::ready().await);
 }
 
+/// Units and buyers of the Redis master failover test.
+const REDIS_STOCK: u32 = 300;
+const REDIS_BUYERS: u64 = 700;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_sales_redis_master_fails_closed_and_reconcile_heals_the_drift() {
+    if !enabled("redis master failover") {
+        return;
+    }
+    let c = Cluster::ready().await;
+    let sale = c.create_sale(REDIS_STOCK).await;
+    let buyers = buyers(&c, sale, 950_000_001, REDIS_BUYERS).await;
+    let master = c.master_of(sale).await.expect("the sale's master");
+
+    let t0 = Instant::now();
+    let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+    let rush = tokio::spawn(paced_buyers(
+        c.http.clone(),
+        VIPS.iter().map(|v| vip_url(v)).collect(),
+        sale,
+        buyers,
+        t0,
+        log.clone(),
+    ));
+
+    // Mid-sale, the master of the sale's slot dies.
+    tokio::time::sleep(KILL_AT).await;
+    let killed_at = t0.elapsed();
+    kill_9(&redis_process(&master));
+    let promoted_at = loop {
+        if let Some(m) = c.master_of(sale).await.filter(|m| *m != master) {
+            break (t0.elapsed(), m);
+        }
+        assert!(
+            t0.elapsed() < killed_at + Duration::from_secs(30),
+            "no replica took over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let admitted = rush.await.unwrap();
+    let attempts = log.lock().unwrap().clone();
+    let outcomes = by_outcome(&attempts);
+    // Fail closed: refusals to retry, never a server error, and the
+    // gateways (alive throughout) answered every request.
+    for (outcome, n) in &outcomes {
+        assert!(
+            !(outcome.starts_with('5') && outcome != "503") && outcome != "error",
+            "{n} attempts answered {outcome}: {outcomes:?}"
+        );
+    }
+
+    // Replication is asynchronous: decrements the dead master acknowledged
+    // but never sent to its replica are lost. The audit must see any drift
+    // between Redis and MySQL, and reconcile must heal it.
+    let drifted = c.audit_when_quiet(sale, Duration::from_secs(30)).await;
+    let redis_stock = drifted["redis_stock"].as_i64().unwrap_or(-1);
+    let mysql_left = drifted["mysql_stock_left"].as_i64().unwrap_or(-1);
+    let drift = redis_stock - mysql_left;
+    if drift != 0 {
+        assert_eq!(
+            drifted["ok"], false,
+            "the audit must report a drift of {drift}: {drifted}"
+        );
+    }
+    let (ok, healed) = c.ctl(&["reconcile", "--sale", &sale.to_string()]).await;
+    assert!(ok, "reconcile: {healed}");
+    let late = sell_what_is_left(&c, sale, VIPS[1]).await;
+    let (ok, audit) = c.audit_until_clean(sale, Duration::from_secs(60)).await;
+    assert!(ok, "audit after reconcile: {audit}");
+    let orders =
+        audit["orders_unpaid"].as_u64().unwrap_or(0) + audit["orders_paid"].as_u64().unwrap_or(0);
+    assert_eq!(
+        orders,
+        u64::from(REDIS_STOCK),
+        "MySQL sold exactly the stock: {audit}"
+    );
+    println!(
+        "redis master failover: killed {master} (sale {sale}'s slot) at {:.2} s; {} master {:.2} s later; \
+         attempts by answer {outcomes:?}; {} admitted during the run, {late} late; \
+         drift after the failover: {drift} units (Redis {redis_stock}, MySQL {mysql_left}), \
+         healed by reconcile; orders {orders} = stock {REDIS_STOCK}; audit clean",
+        killed_at.as_secs_f64(),
+        promoted_at.1,
+        (promoted_at.0 - killed_at).as_secs_f64(),
+        admitted.len(),
+    );
+    drop(Cluster::ready().await);
+}
+
+/// The `scripts/cluster` process name of the Redis node at `ip:port`.
+fn redis_process(addr: &str) -> String {
+    let (ip, port) = addr.rsplit_once(':').expect("ip:port");
+    let host = match ip {
+        "10.77.0.31" => "redis-1",
+        "10.77.0.32" => "redis-2",
+        "10.77.0.33" => "redis-3",
+        other => panic!("{other} is not a Redis host of the topology"),
+    };
+    format!("redis-{host}-{port}")
+}
+
 /// The slot test needs no cluster: `CLUSTER NODES` parsing.
 #[test]
 fn finds_the_master_of_a_slot() {
@@ -213,10 +308,10 @@ fn finds_the_master_of_a_slot() {
 /// Two fresh sales whose slots live on different Redis masters.
 async fn two_sales_on_two_masters(c: &Cluster) -> (u64, u64) {
     let a = c.create_sale(HERD_STOCK).await;
-    let master_a = c.master_of(a).await;
+    let master_a = c.master_of(a).await.expect("a live master");
     for _ in 0..20 {
         let b = c.create_sale(HERD_STOCK).await;
-        if c.master_of(b).await != master_a {
+        if c.master_of(b).await.is_some_and(|m| m != master_a) {
             return (a, b);
         }
     }
@@ -318,46 +413,84 @@ impl Attempt {
     }
 }
 
-/// Buyers `(token, path)` starting at `FAILOVER_RATE_PER_SEC` through
-/// `base`; each retries (after 200 ms) until a final answer: 202, 409, 410
-/// or 403. Every attempt goes to `log`; returns how many were admitted.
+/// One paced buyer: user id, token and hidden path.
+#[derive(Clone)]
+struct Buyer {
+    user: u64,
+    token: String,
+    path: String,
+}
+
+/// `count` buyers from `first_user` on, with tokens and hidden paths.
+async fn buyers(c: &Cluster, sale: u64, first_user: u64, count: u64) -> Vec<Buyer> {
+    let users: Vec<u64> = (first_user..first_user + count).collect();
+    let tokens = c.tokens(first_user, count).await;
+    let paths = c.issue_paths(sale, &users).await;
+    users
+        .iter()
+        .zip(tokens)
+        .map(|(u, token)| Buyer {
+            user: *u,
+            token,
+            path: paths[u].clone(),
+        })
+        .collect()
+}
+
+/// Buyers starting at `FAILOVER_RATE_PER_SEC`, buyer `i` through
+/// `bases[i % n]`; each retries (after 200 ms) until a final answer: 202,
+/// 409, 410 or 403. Every attempt goes to `log`; returns the users admitted.
 async fn paced_buyers(
     http: reqwest::Client,
-    base: String,
+    bases: Vec<String>,
     sale: u64,
-    buyers: Vec<(String, String)>,
+    buyers: Vec<Buyer>,
     t0: Instant,
     log: Arc<Mutex<Vec<Attempt>>>,
-) -> u64 {
+) -> Vec<u64> {
     let gap = Duration::from_micros(1_000_000 / FAILOVER_RATE_PER_SEC);
     let mut tasks = Vec::new();
-    for (i, (token, path)) in buyers.into_iter().enumerate() {
+    for (i, buyer) in buyers.into_iter().enumerate() {
         tokio::time::sleep_until((t0 + gap * i as u32).into()).await;
         let (http, log) = (http.clone(), log.clone());
-        let url = format!("{base}/api/v1/seckill/{path}/{sale}");
+        let base = &bases[i % bases.len()];
+        let url = format!("{base}/api/v1/seckill/{}/{sale}", buyer.path);
         tasks.push(tokio::spawn(async move {
             for _ in 0..100 {
                 let at = t0.elapsed();
-                let sent = http.post(&url).bearer_auth(&token).send().await;
+                let sent = http.post(&url).bearer_auth(&buyer.token).send().await;
                 let outcome = sent.map(|r| r.status().as_u16()).map_err(|e| e.to_string());
                 log.lock().unwrap().push(Attempt {
                     at,
                     outcome: outcome.clone(),
                 });
                 match outcome {
-                    Ok(202) => return true,
-                    Ok(403 | 409 | 410) => return false,
+                    Ok(202) => return Some(buyer.user),
+                    Ok(403 | 409 | 410) => return None,
                     _ => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
             }
-            false
+            None
         }));
     }
-    let mut admitted = 0;
+    let mut admitted = Vec::new();
     for t in tasks {
-        admitted += u64::from(t.await.unwrap());
+        admitted.extend(t.await.unwrap());
     }
     admitted
+}
+
+/// Attempts by answer (`"503"`, `"error"`), for the figures.
+fn by_outcome(attempts: &[Attempt]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for a in attempts {
+        let key = match &a.outcome {
+            Ok(s) => s.to_string(),
+            Err(_) => "error".to_string(),
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    counts
 }
 
 /// Fresh buyers through `vip` until the sale's Redis stock stays at zero

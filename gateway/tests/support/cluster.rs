@@ -71,8 +71,11 @@ impl Cluster {
             .expect("scripts/cluster made the admin token")
             .trim()
             .to_string();
+        // Longer than a rule call may take (gateway.lua_call_timeout_ms),
+        // so every answer the gateway gives is seen; connecting to a dead
+        // edge fails fast.
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(1))
             .pool_max_idle_per_host(256)
             .build()
@@ -142,21 +145,32 @@ impl Cluster {
 
     /// `ip:port` of the Redis master that owns the sale's slot (all of a
     /// sale's keys share one hash tag, so one slot).
-    pub async fn master_of(&self, sale_id: u64) -> String {
-        let client = redis::Client::open(self.config.redis.url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let slot: u16 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(self.keys.sale(sale_id).stock())
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let nodes: String = redis::cmd("CLUSTER")
-            .arg("NODES")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        master_of_slot(&nodes, slot).expect("every slot has a master")
+    /// Asks the seeds in turn (one may be the node a test killed); `None`
+    /// while the slot has no live master.
+    pub async fn master_of(&self, sale_id: u64) -> Option<String> {
+        for seed in self.config.redis.nodes() {
+            let Ok(client) = redis::Client::open(seed.as_str()) else {
+                continue;
+            };
+            let connect = client.get_multiplexed_async_connection();
+            let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_millis(500), connect).await
+            else {
+                continue;
+            };
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(self.keys.sale(sale_id).stock())
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            let nodes: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            return master_of_slot(&nodes, slot);
+        }
+        None
     }
 
     /// The edge's gateway metrics (`/metrics` on its admin listener).
@@ -214,6 +228,20 @@ impl Cluster {
             let (ok, report) = self.ctl(&["audit", "--sale", &id]).await;
             if (ok && report["quiet"] == true) || Instant::now() > deadline {
                 return (ok, report);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// `seckillctl audit --sale N` once nothing is in flight (queue
+    /// drained, no reservation open), clean or not, or after `limit`.
+    pub async fn audit_when_quiet(&self, sale_id: u64, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        let id = sale_id.to_string();
+        loop {
+            let (_, report) = self.ctl(&["audit", "--sale", &id]).await;
+            if report["quiet"] == true || Instant::now() > deadline {
+                return report;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -304,7 +332,8 @@ pub fn kill_9(name: &str) {
 pub fn master_of_slot(nodes: &str, slot: u16) -> Option<String> {
     nodes.lines().find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 9 || !fields[2].contains("master") {
+        // A master another node marked failed no longer counts.
+        if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
             return None;
         }
         let owns = fields[8..].iter().any(|range| {
