@@ -275,6 +275,89 @@ async fn killing_the_sales_redis_master_fails_closed_and_reconcile_heals_the_dri
     drop(Cluster::ready().await);
 }
 
+/// Units and buyers of the broker node failover test.
+const BROKER_STOCK: u32 = 300;
+const BROKER_BUYERS: u64 = 700;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_broker_node_a_gateway_publishes_to_loses_no_202_and_duplicates_none() {
+    if !enabled("broker node failover") {
+        return;
+    }
+    let c = Cluster::ready().await;
+    let sale = c.create_sale(BROKER_STOCK).await;
+    let buyers = buyers(&c, sale, 960_000_001, BROKER_BUYERS).await;
+
+    let t0 = Instant::now();
+    let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+    let rush = tokio::spawn(paced_buyers(
+        c.http.clone(),
+        VIPS.iter().map(|v| vip_url(v)).collect(),
+        sale,
+        buyers,
+        t0,
+        log.clone(),
+    ));
+    // Mid-sale, mq-1 dies: edge-1 publishes there (its first broker URL)
+    // and app-1's worker consumes from it.
+    tokio::time::sleep(KILL_AT).await;
+    let killed_at = t0.elapsed();
+    kill_9("rabbitmq-mq-1");
+    let mut admitted = rush.await.unwrap();
+    let attempts = log.lock().unwrap().clone();
+    let outcomes = by_outcome(&attempts);
+    for (outcome, n) in &outcomes {
+        assert!(
+            !(outcome.starts_with('5') && outcome != "503") && outcome != "error",
+            "{n} attempts answered {outcome}: {outcomes:?}"
+        );
+    }
+
+    // Every 202 is exactly one order, and nothing else is.
+    let quiet = c.audit_when_quiet(sale, Duration::from_secs(60)).await;
+    assert_eq!(quiet["quiet"], true, "the queue never drained: {quiet}");
+    let mut ordered = order_users(&c, sale).await;
+    admitted.sort_unstable();
+    ordered.sort_unstable();
+    assert_eq!(ordered, admitted, "the orders are exactly the 202s");
+
+    let late = sell_what_is_left(&c, sale, VIPS[1]).await;
+    let (ok, audit) = c.audit_until_clean(sale, Duration::from_secs(60)).await;
+    assert!(ok, "audit: {audit}");
+    let orders =
+        audit["orders_unpaid"].as_u64().unwrap_or(0) + audit["orders_paid"].as_u64().unwrap_or(0);
+    assert_eq!(
+        orders,
+        u64::from(BROKER_STOCK),
+        "exactly the stock sold: {audit}"
+    );
+    let after_kill = attempts.iter().filter(|a| a.at >= killed_at);
+    let refused_after_kill = after_kill.filter(|a| a.outcome == Ok(503)).count();
+    println!(
+        "broker node failover: killed mq-1 at {:.2} s; attempts by answer {outcomes:?} \
+         ({refused_after_kill} refusals to retry after the kill); {} 202s = {} orders, none lost, \
+         none duplicated; {late} late buyers; orders {orders} = stock {BROKER_STOCK}; audit clean",
+        killed_at.as_secs_f64(),
+        admitted.len(),
+        ordered.len(),
+    );
+    drop(Cluster::ready().await);
+}
+
+/// The buyers of `sale`'s orders in MySQL, one entry per order.
+async fn order_users(c: &Cluster, sale: u64) -> Vec<u64> {
+    let db = sqlx::MySqlPool::connect(&c.config.database.url)
+        .await
+        .expect("the cluster's MariaDB");
+    let users: Vec<u64> = sqlx::query_scalar("SELECT user_id FROM orders WHERE sale_id = ?")
+        .bind(sale)
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    users
+}
+
 /// The `scripts/cluster` process name of the Redis node at `ip:port`.
 fn redis_process(addr: &str) -> String {
     let (ip, port) = addr.rsplit_once(':').expect("ip:port");
