@@ -97,7 +97,7 @@ async fn herd_through_both_vips_sells_exactly_the_stock_of_two_sales_on_two_mast
 /// Units and paced buyers of the VIP failover test.
 const FAILOVER_STOCK: u32 = 300;
 const FAILOVER_BUYERS: u64 = 700;
-const FAILOVER_RATE_PER_SEC: u64 = 50;
+const FAILOVER_RATE_PER_SEC: u64 = 40;
 /// When the VIP holder is killed, from the first buyer on.
 const KILL_AT: Duration = Duration::from_secs(3);
 
@@ -342,6 +342,78 @@ async fn killing_the_broker_node_a_gateway_publishes_to_loses_no_202_and_duplica
         ordered.len(),
     );
     drop(Cluster::ready().await);
+}
+
+/// Units and buyers of the rolling restart test: a sale long enough to
+/// outlast the restarts of both gateways and both workers.
+const ROLLING_STOCK: u32 = 1_200;
+const ROLLING_BUYERS: u64 = 1_800;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_of_gateways_and_workers_under_load_fails_no_202_and_loses_no_order() {
+    if !enabled("rolling restart") {
+        return;
+    }
+    let c = Cluster::ready().await;
+    let sale = c.create_sale(ROLLING_STOCK).await;
+    let buyers = buyers(&c, sale, 970_000_001, ROLLING_BUYERS).await;
+
+    let t0 = Instant::now();
+    let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+    let rush = tokio::spawn(paced_buyers(
+        c.http.clone(),
+        VIPS.iter().map(|v| vip_url(v)).collect(),
+        sale,
+        buyers,
+        t0,
+        log.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ok, out) = c.script(&["rolling"]).await;
+    assert!(ok, "scripts/cluster rolling: {out}");
+    let rolled_at = t0.elapsed();
+    let mut admitted = rush.await.unwrap();
+    let sale_ended_at = t0.elapsed();
+    let attempts = log.lock().unwrap().clone();
+    let outcomes = by_outcome(&attempts);
+    for (outcome, n) in &outcomes {
+        assert!(
+            !outcome.starts_with('5'),
+            "{n} attempts answered {outcome}: {outcomes:?}"
+        );
+    }
+
+    // Every 202 is one order: none failed, none lost, none twice.
+    let quiet = c.audit_when_quiet(sale, Duration::from_secs(60)).await;
+    assert_eq!(quiet["quiet"], true, "the queue never drained: {quiet}");
+    let mut ordered = order_users(&c, sale).await;
+    admitted.sort_unstable();
+    ordered.sort_unstable();
+    assert_eq!(ordered, admitted, "the orders are exactly the 202s");
+    let late = sell_what_is_left(&c, sale, VIPS[0]).await;
+    let (ok, audit) = c.audit_until_clean(sale, Duration::from_secs(60)).await;
+    assert!(ok, "audit: {audit}");
+    let orders =
+        audit["orders_unpaid"].as_u64().unwrap_or(0) + audit["orders_paid"].as_u64().unwrap_or(0);
+    assert_eq!(
+        orders,
+        u64::from(ROLLING_STOCK),
+        "exactly the stock sold: {audit}"
+    );
+    println!(
+        "rolling restart: both gateways upgraded in place and both workers and apis restarted \
+         from 2.0 to {:.1} s of a {:.1} s sale; attempts by answer {outcomes:?}; {} 202s = {} orders; \
+         {late} late buyers; orders {orders} = stock {ROLLING_STOCK}; audit clean; \
+         errors (retried by the buyer): {:?}",
+        rolled_at.as_secs_f64(),
+        sale_ended_at.as_secs_f64(),
+        admitted.len(),
+        ordered.len(),
+        attempts
+            .iter()
+            .filter_map(|a| a.outcome.as_ref().err())
+            .collect::<Vec<_>>(),
+    );
 }
 
 /// The buyers of `sale`'s orders in MySQL, one entry per order.

@@ -116,6 +116,23 @@ impl Cluster {
         (out.status.success(), value)
     }
 
+    /// `scripts/cluster ARGS` from the repository root: (success, output).
+    pub async fn script(&self, args: &[&str]) -> (bool, String) {
+        let out = tokio::process::Command::new(self.root.join("scripts/cluster"))
+            .args(args)
+            .current_dir(&self.root)
+            .env("SECKILL_BIN_DIR", bin_dir())
+            .output()
+            .await
+            .expect("run scripts/cluster");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
     /// A sale of `stock` units, open from now for an hour.
     pub async fn create_sale(&self, stock: u32) -> u64 {
         let stock = stock.to_string();
