@@ -79,6 +79,15 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// How long a caller waits for a pooled connection before failing.
     pub acquire_timeout_ms: u64,
+    /// MariaDB ends a session that sits idle inside an open transaction
+    /// for this long (its `idle_transaction_timeout`), so a process that
+    /// died or was cut off from the network mid-transaction gives its row
+    /// locks back (a sale's stock row, which every order of the sale
+    /// updates) instead of holding them until TCP notices, hours later.
+    /// Our transactions never wait between statements for anything but
+    /// the database. 0 turns it off; servers without the variable (MySQL)
+    /// ignore it.
+    pub idle_transaction_timeout_secs: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -87,6 +96,7 @@ impl Default for DatabaseConfig {
             url: "mysql://root@127.0.0.1:3306/seckill".into(),
             max_connections: 16,
             acquire_timeout_ms: 5_000,
+            idle_transaction_timeout_secs: 30,
         }
     }
 }

@@ -23,17 +23,37 @@ pub enum ConnectError {
     },
 }
 
-/// A MySQL pool per `database` config.
+/// A MySQL pool per `database` config; every connection gets the idle
+/// transaction timeout ([`DatabaseConfig::idle_transaction_timeout_secs`]).
 pub async fn mysql(config: &DatabaseConfig) -> Result<MySqlPool, ConnectError> {
+    let idle = config.idle_transaction_timeout_secs;
     MySqlPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if idle > 0 {
+                    set_idle_transaction_timeout(conn, idle).await;
+                }
+                Ok(())
+            })
+        })
         .connect(&config.url)
         .await
         .map_err(|source| ConnectError::Database {
             url: redact(&config.url),
             source,
         })
+}
+
+/// `SET SESSION idle_transaction_timeout`; a server without the variable
+/// (MySQL) keeps its own behaviour, which is said once per connection at
+/// debug level rather than failing the connection.
+async fn set_idle_transaction_timeout(conn: &mut sqlx::MySqlConnection, secs: u64) {
+    let set = format!("SET SESSION idle_transaction_timeout = {secs}");
+    if let Err(e) = sqlx::query(&set).execute(conn).await {
+        tracing::debug!(error = %e, "no idle_transaction_timeout on this server");
+    }
 }
 
 /// Creates the database if needed and applies pending migrations.
