@@ -98,16 +98,27 @@ impl Stamped {
     }
 }
 
-/// Publishes `event`, stamped, on the sale events channel of `keys`.
+/// Publishes `event`, stamped now, on the sale events channel of `keys`.
 #[cfg(feature = "redis")]
 pub async fn publish<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     keys: &crate::keys::KeySchema,
     event: SaleEvent,
 ) -> redis::RedisResult<()> {
+    publish_stamped(conn, keys, Stamped::now(event)).await
+}
+
+/// Publishes a notice stamped earlier (when it was announced, so the time
+/// it waited to be sent counts in its delay).
+#[cfg(feature = "redis")]
+pub async fn publish_stamped<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    keys: &crate::keys::KeySchema,
+    notice: Stamped,
+) -> redis::RedisResult<()> {
     redis::cmd("PUBLISH")
         .arg(keys.sale_events_channel())
-        .arg(Stamped::now(event).to_json())
+        .arg(notice.to_json())
         .query_async::<i64>(conn)
         .await
         .map(|_| ())

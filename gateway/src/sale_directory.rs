@@ -21,14 +21,17 @@
 //! window and the stock atomically. A stale copy can only cost a wrong
 //! early answer (409/410) for at most its TTL, never a sale.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use redis::aio::ConnectionLike;
 use seckill_contracts::config::{redacted_url, RedisConfig};
 use seckill_contracts::keys::KeySchema;
+use seckill_contracts::redis_client::RedisConn;
 use seckill_contracts::sale_events::{self, SaleEvent, SaleEventKind, Stamped};
+
+use tokio::sync::mpsc;
 
 use crate::metrics;
 
@@ -84,6 +87,9 @@ pub struct SaleDirectory {
     info: moka::future::Cache<u64, Cached>,
     known: moka::sync::Cache<u64, ()>,
     sold_out: moka::sync::Cache<u64, ()>,
+    /// Notices this gateway announces, sent by the sale-events thread on a
+    /// connection of its own (set by [`SaleDirectory::follow_on_own_thread`]).
+    outbox: OnceLock<mpsc::UnboundedSender<Stamped>>,
 }
 
 /// Why a sale could not be looked up.
@@ -108,6 +114,7 @@ impl SaleDirectory {
                 .max_capacity(INFO_CAPACITY)
                 .time_to_live(sold_out_ttl)
                 .build(),
+            outbox: OnceLock::new(),
         }
     }
 
@@ -176,7 +183,13 @@ impl SaleDirectory {
         } else {
             self.apply(event).await;
         }
-        sale_events::publish(conn, &self.keys, event)
+        let notice = Stamped::now(event);
+        if let Some(outbox) = self.outbox.get() {
+            if outbox.send(notice).is_ok() {
+                return Ok(());
+            }
+        }
+        sale_events::publish_stamped(conn, &self.keys, notice)
             .await
             .map_err(|e| LookupError::Redis(e.to_string()))
     }
@@ -187,12 +200,17 @@ impl SaleDirectory {
         self.sold_out.invalidate_all();
     }
 
-    /// [`follow`](Self::follow) on a thread of its own with its own
-    /// runtime, started once by the first request that needed Redis. A
-    /// notice is then applied as soon as it arrives even while every proxy
-    /// thread is busy with a rush: the sold-out mark must not queue behind
-    /// the very requests it exists to turn away.
+    /// [`follow`](Self::follow) and the publishing of this gateway's own
+    /// notices, on a thread of its own with its own runtime and Redis
+    /// connection, started once by the first request that needed Redis.
+    /// Under a rush every proxy thread is busy: a notice must neither wait
+    /// to be applied nor wait to be sent behind the very requests it exists
+    /// to turn away (on the shared connection it queued behind them).
     pub fn follow_on_own_thread(self: Arc<Self>, config: RedisConfig) {
+        let (outbox, sending) = mpsc::unbounded_channel();
+        if self.outbox.set(outbox).is_err() {
+            return;
+        }
         let spawned = std::thread::Builder::new()
             .name("sale-events".into())
             .spawn(move || {
@@ -200,12 +218,38 @@ impl SaleDirectory {
                     .enable_all()
                     .build()
                 {
-                    Ok(runtime) => runtime.block_on(self.follow(config)),
+                    Ok(runtime) => runtime.block_on(async {
+                        tokio::join!(
+                            self.send_outbox(sending, config.clone()),
+                            self.clone().follow(config)
+                        );
+                    }),
                     Err(e) => tracing::error!(error = %e, "sale events: no runtime"),
                 }
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "sale events: no thread; relying on TTLs");
+        }
+    }
+
+    /// Publishes what [`announce`](Self::announce) queued, on a connection
+    /// of its own, made up front (the first notice of a sale is the one
+    /// that matters) and again after an error. A notice that cannot be sent
+    /// is dropped with a warning: receivers age their copies out anyway.
+    async fn send_outbox(&self, mut queued: mpsc::UnboundedReceiver<Stamped>, config: RedisConfig) {
+        let mut conn = RedisConn::connect(&config).await.ok();
+        while let Some(notice) = queued.recv().await {
+            if conn.is_none() {
+                match RedisConn::connect(&config).await {
+                    Ok(c) => conn = Some(c),
+                    Err(e) => tracing::warn!(error = %e, "sale events: cannot publish"),
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            if let Err(e) = sale_events::publish_stamped(c, &self.keys, notice).await {
+                tracing::warn!(error = %e, sale_id = notice.event.sale_id, "sale event not published");
+                conn = None;
+            }
         }
     }
 

@@ -5,8 +5,18 @@
 //! the VIPs, breaks one thing, and ends with `seckillctl audit` clean; each
 //! prints its figures (`--nocapture`).
 //!
-//! Run with `scripts/cluster test` (root: it builds the namespaces first
-//! and sets `SECKILL_CLUSTER=1`); anywhere else these tests skip.
+//! ```text
+//! herd              two sales on two Redis masters, 3,000 buyers through both VIPs
+//! VIP holder        kill -9 of edge-1's gateway and keepalived mid-sale
+//! Redis master      kill -9 of the master of the sale's slot mid-sale
+//! broker node       kill -9 of the RabbitMQ node edge-1 publishes to
+//! app host cut      app-1's link down while its worker holds deliveries
+//! rolling restart   gateways upgraded in place, then workers and apis
+//! ```
+//!
+//! Run with `scripts/cluster test` (root: it builds the namespaces and the
+//! release binaries first and sets `SECKILL_CLUSTER=1`); anywhere else
+//! these tests skip.
 
 mod support;
 
@@ -16,7 +26,8 @@ use std::time::{Duration, Instant};
 use seckill_contracts::admission_answers::answer_for;
 use serde_json::Value;
 use support::cluster::{
-    enabled, kill_9, master_of_slot, metric, vip_holder, vip_url, Cluster, EDGES, VIPS,
+    enabled, kill_9, master_of_slot, metric, set_link, signal, vip_holder, vip_url, Cluster, EDGES,
+    VIPS,
 };
 
 /// Units of each sale in the herd test, and buyers per sale (plus the
@@ -421,6 +432,125 @@ async fn a_rolling_restart_of_gateways_and_workers_under_load_fails_no_202_and_l
             .iter()
             .filter_map(|a| a.outcome.as_ref().err())
             .collect::<Vec<_>>(),
+    );
+}
+
+/// Units and buyers of the app host cut test.
+const CUT_STOCK: u32 = 300;
+const CUT_BUYERS: u64 = 700;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cutting_an_app_host_off_redelivers_its_unacked_orders_and_it_rejoins_by_itself() {
+    if !enabled("app host cut") {
+        return;
+    }
+    let c = Cluster::ready().await;
+    let sale = c.create_sale(CUT_STOCK).await;
+    let first_rush = buyers(&c, sale, 980_000_001, CUT_BUYERS).await;
+    let t0 = Instant::now();
+    let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+    let rush = tokio::spawn(paced_buyers(
+        c.http.clone(),
+        VIPS.iter().map(|v| vip_url(v)).collect(),
+        sale,
+        first_rush,
+        t0,
+        log.clone(),
+    ));
+
+    // app-1's worker freezes mid-sale, so the deliveries the broker hands
+    // it pile up unacknowledged (app-2 keeps writing its share)...
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal("worker-app-1", "STOP");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let admitted_so_far = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|a| a.outcome == Ok(202))
+        .count();
+    let written = order_users(&c, sale).await.len();
+    let held = admitted_so_far.saturating_sub(written);
+    assert!(
+        held > 0,
+        "app-1 holds no delivery ({admitted_so_far} 202s, {written} orders)"
+    );
+    // ...then its host drops off the network, and the worker runs on, cut off.
+    let cut_at = t0.elapsed();
+    set_link("app-1", false);
+    signal("worker-app-1", "CONT");
+
+    // The broker gives app-1's deliveries to app-2 once app-1's connection
+    // is declared dead (AMQP heartbeats): one order each.
+    let rush = rush.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let redelivered_at = loop {
+        let ordered = order_users(&c, sale).await;
+        if rush.admitted.iter().all(|u| ordered.contains(u)) {
+            break t0.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "app-1's deliveries were never redelivered"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    rush.assert_orders(order_users(&c, sale).await);
+
+    // The link comes back: app-1's worker reconnects by itself and takes
+    // work again: small sales run until it has consumed some of theirs.
+    set_link("app-1", true);
+    let back_at = t0.elapsed();
+    let late = sell_what_is_left(&c, sale, VIPS[0]).await;
+    let consumed = || async {
+        let metrics = c.http.get("http://10.77.0.21:9191/metrics").send().await;
+        match metrics {
+            Ok(r) => metric(
+                &r.text().await.unwrap_or_default(),
+                "seckill_worker_messages_consumed_total",
+                &[],
+            ),
+            Err(_) => 0.0,
+        }
+    };
+    let before = consumed().await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut next_user = 985_000_001;
+    let rejoined_at = loop {
+        let small = c.create_sale(20).await;
+        let rush = paced_buyers(
+            c.http.clone(),
+            VIPS.iter().map(|v| vip_url(v)).collect(),
+            small,
+            buyers(&c, small, next_user, 20).await,
+            Instant::now(),
+            Arc::default(),
+        )
+        .await;
+        next_user += 20;
+        assert_eq!(rush.admitted.len(), 20);
+        let (ok, audit) = c.audit_until_clean(small, Duration::from_secs(60)).await;
+        assert!(ok, "audit of sale {small}: {audit}");
+        if consumed().await > before {
+            break t0.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "app-1's worker never took work again"
+        );
+    };
+
+    let (ok, audit) = c.audit_until_clean(sale, Duration::from_secs(60)).await;
+    assert!(ok, "audit: {audit}");
+    println!(
+        "app host cut: app-1's worker frozen at 2.0 s holding {held} deliveries, its link cut at {:.1} s; \
+         all {} 202s were orders {:.1} s after the cut; link back at {:.1} s, app-1 writing orders \
+         again within {:.1} s; {late} late buyers; audits clean",
+        cut_at.as_secs_f64(),
+        rush.admitted.len(),
+        (redelivered_at - cut_at).as_secs_f64(),
+        back_at.as_secs_f64(),
+        (rejoined_at - back_at).as_secs_f64(),
     );
 }
 

@@ -113,3 +113,66 @@ async fn a_sold_out_mark_already_held_is_not_announced_again() {
     );
     env.cleanup().await;
 }
+
+/// A connection that fails the test when used: the gateway's shared
+/// connection (queued behind every request of a rush) must not carry the
+/// notices once the sale-events thread runs.
+struct MustNotBeUsed;
+
+impl redis::aio::ConnectionLike for MustNotBeUsed {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        _: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        panic!("a notice went out on the shared connection")
+    }
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        _: &'a redis::Pipeline,
+        _: usize,
+        _: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        panic!("a notice went out on the shared connection")
+    }
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+/// With the sale-events thread running, a gateway's own notices go out
+/// through it, stamped when they were announced.
+#[tokio::test]
+async fn announced_notices_go_out_through_the_sale_events_thread() {
+    let env = TestEnv::new().await;
+    let keys = env.keys();
+    let directory = Arc::new(SaleDirectory::new(
+        keys.clone(),
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    ));
+    let client = redis::Client::open(env.config.redis.url.as_str()).unwrap();
+    let mut listener = client.get_async_pubsub().await.unwrap();
+    listener
+        .subscribe(keys.sale_events_channel())
+        .await
+        .unwrap();
+    directory
+        .clone()
+        .follow_on_own_thread(env.config.redis.clone());
+
+    let before = seckill_contracts::clock::unix_ms();
+    let event = SaleEvent {
+        sale_id: 11,
+        kind: SaleEventKind::Reopened,
+    };
+    directory.announce(&mut MustNotBeUsed, event).await.unwrap();
+    let mut messages = listener.on_message();
+    let msg = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .expect("the notice went out")
+        .unwrap();
+    let notice = sale_events::Stamped::from_json(msg.get_payload_bytes()).unwrap();
+    assert_eq!(notice.event, event);
+    assert!(notice.published_at_ms.is_some_and(|at| at >= before));
+    env.cleanup().await;
+}

@@ -8,7 +8,7 @@
 //! sets it after `up`); without it each returns at once, saying so.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use seckill_contracts::config::Config;
@@ -52,19 +52,8 @@ impl Cluster {
     /// home edge) and connects to it.
     pub async fn ready() -> Cluster {
         let root = repo_root();
-        let up = tokio::process::Command::new(root.join("scripts/cluster"))
-            .arg("up")
-            .current_dir(&root)
-            .env("SECKILL_BIN_DIR", bin_dir())
-            .output()
-            .await
-            .expect("run scripts/cluster up");
-        assert!(
-            up.status.success(),
-            "scripts/cluster up failed:\n{}\n{}",
-            String::from_utf8_lossy(&up.stdout),
-            String::from_utf8_lossy(&up.stderr)
-        );
+        let (up, out) = script(&root, &["up"]).await;
+        assert!(up, "scripts/cluster up failed:\n{out}");
         let config = Config::load(Some(&root.join(CONFIG))).expect("the cluster config loads");
         let keys = KeySchema::new(config.redis.key_prefix.clone());
         let admin_token = std::fs::read_to_string(root.join("var/cluster/keys/admin-token"))
@@ -116,21 +105,9 @@ impl Cluster {
         (out.status.success(), value)
     }
 
-    /// `scripts/cluster ARGS` from the repository root: (success, output).
+    /// `scripts/cluster ARGS`: (success, output).
     pub async fn script(&self, args: &[&str]) -> (bool, String) {
-        let out = tokio::process::Command::new(self.root.join("scripts/cluster"))
-            .args(args)
-            .current_dir(&self.root)
-            .env("SECKILL_BIN_DIR", bin_dir())
-            .output()
-            .await
-            .expect("run scripts/cluster");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        script(&self.root, args).await
     }
 
     /// A sale of `stock` units, open from now for an hour.
@@ -276,12 +253,22 @@ impl Cluster {
     }
 }
 
-/// The binaries `scripts/cluster` runs: the ones these tests were built with.
-fn bin_dir() -> PathBuf {
-    PathBuf::from(sibling_binary("seckillctl"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+/// `scripts/cluster ARGS` from the repository root `root`, with the
+/// binaries it runs (`SECKILL_BIN_DIR`, release by default): (success,
+/// output).
+async fn script(root: &Path, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(root.join("scripts/cluster"))
+        .args(args)
+        .current_dir(root)
+        .output()
+        .await
+        .expect("run scripts/cluster");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 /// The edge whose `eth0` carries `vip`, if any (an edge killed with
@@ -337,12 +324,30 @@ fn pid_of(name: &str) -> Option<u32> {
 /// `kill -9` of what `scripts/cluster` started as NAME, with its children
 /// (its process group).
 pub fn kill_9(name: &str) {
+    signal(name, "9");
+}
+
+/// `kill -SIG` to what `scripts/cluster` started as NAME (its process
+/// group), e.g. `STOP` and `CONT` to freeze and thaw it.
+pub fn signal(name: &str, sig: &str) {
     let pid = pid_of(name).unwrap_or_else(|| panic!("no pid file for {name}"));
     let status = std::process::Command::new("kill")
-        .args(["-9", "--", &format!("-{pid}")])
+        .args([&format!("-{sig}"), "--", &format!("-{pid}")])
         .status()
         .expect("run kill");
-    assert!(status.success(), "kill -9 {name}");
+    assert!(status.success(), "kill -{sig} {name}");
+}
+
+/// Takes HOST's only link (`eth0` in its namespace) down or up: the host
+/// drops off the network with everything on it still running.
+/// `scripts/cluster up` brings every link up again.
+pub fn set_link(host: &str, up: bool) {
+    let state = if up { "up" } else { "down" };
+    let status = std::process::Command::new("ip")
+        .args(["-n", &format!("sk-{host}"), "link", "set", "eth0", state])
+        .status()
+        .expect("run ip");
+    assert!(status.success(), "ip link set eth0 {state} in {host}");
 }
 
 /// The master owning `slot` in a `CLUSTER NODES` reply.
