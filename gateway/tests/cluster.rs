@@ -126,16 +126,8 @@ async fn killing_the_vip_holder_mid_sale_moves_the_vip_within_3s_and_sells_exact
 
     // Paced buyers through the VIP; each retries what a buyer's app
     // retries (no answer, 5xx, 429) until it has a final answer.
-    let t0 = Instant::now();
-    let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
-    let buyers = tokio::spawn(paced_buyers(
-        c.http.clone(),
-        vec![vip_url(vip)],
-        sale,
-        buyers,
-        t0,
-        log.clone(),
-    ));
+    let buyers = Running::start(&c, sale, buyers, &[vip]);
+    let t0 = buyers.t0;
 
     // Mid-sale, the edge holding the VIP loses its gateway and keepalived.
     tokio::time::sleep(KILL_AT).await;
@@ -153,23 +145,15 @@ async fn killing_the_vip_holder_mid_sale_moves_the_vip_within_3s_and_sells_exact
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let admitted = buyers.await.unwrap().admitted.len();
+    let (rush, attempts) = buyers.finish().await;
+    let admitted = rush.admitted.len();
 
     // Units stranded by the killed gateway (decremented, never published)
     // come back through the sweeper; late buyers take them.
     let late = sell_what_is_left(&c, sale, vip).await;
-    let (ok, audit) = c.audit_until_clean(sale, Duration::from_secs(60)).await;
-    assert!(ok, "audit: {audit}");
-    let orders =
-        audit["orders_unpaid"].as_u64().unwrap_or(0) + audit["orders_paid"].as_u64().unwrap_or(0);
-    assert_eq!(
-        orders,
-        u64::from(FAILOVER_STOCK),
-        "exactly the stock sold: {audit}"
-    );
+    let (orders, audit) = assert_sold_exactly(&c, sale, FAILOVER_STOCK).await;
     assert_eq!(audit["redis_stock"], 0, "{audit}");
 
-    let attempts = log.lock().unwrap().clone();
     let failures: Vec<&Attempt> = attempts.iter().filter(|a| a.failed()).collect();
     let window_end = moved_at + Duration::from_secs(1);
     for f in &failures {
@@ -212,16 +196,8 @@ async fn killing_the_sales_redis_master_fails_closed_and_reconcile_heals_the_dri
     let buyers = buyers(&c, sale, 950_000_001, REDIS_BUYERS).await;
     let master = c.master_of(sale).await.expect("the sale's master");
 
-    let t0 = Instant::now();
-    let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
-    let rush = tokio::spawn(paced_buyers(
-        c.http.clone(),
-        VIPS.iter().map(|v| vip_url(v)).collect(),
-        sale,
-        buyers,
-        t0,
-        log.clone(),
-    ));
+    let rush = Running::start(&c, sale, buyers, &VIPS);
+    let t0 = rush.t0;
 
     // Mid-sale, the master of the sale's slot dies.
     tokio::time::sleep(KILL_AT).await;
@@ -237,17 +213,8 @@ async fn killing_the_sales_redis_master_fails_closed_and_reconcile_heals_the_dri
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let rush = rush.await.unwrap();
-    let attempts = log.lock().unwrap().clone();
-    let outcomes = by_outcome(&attempts);
-    // Fail closed: refusals to retry, never a server error, and the
-    // gateways (alive throughout) answered every request.
-    for (outcome, n) in &outcomes {
-        assert!(
-            !(outcome.starts_with('5') && outcome != "503") && outcome != "error",
-            "{n} attempts answered {outcome}: {outcomes:?}"
-        );
-    }
+    let (rush, attempts) = rush.finish().await;
+    let outcomes = assert_failed_closed(&attempts);
 
     // Replication is asynchronous: decrements the dead master acknowledged
     // but never sent to its replica are lost. The audit must see any drift
@@ -265,18 +232,10 @@ async fn killing_the_sales_redis_master_fails_closed_and_reconcile_heals_the_dri
     let (ok, healed) = c.ctl(&["reconcile", "--sale", &sale.to_string()]).await;
     assert!(ok, "reconcile: {healed}");
     let late = sell_what_is_left(&c, sale, VIPS[1]).await;
-    let (ok, audit) = c.audit_until_clean(sale, Duration::from_secs(60)).await;
-    assert!(ok, "audit after reconcile: {audit}");
+    let (orders, _) = assert_sold_exactly(&c, sale, REDIS_STOCK).await;
     let ordered = order_users(&c, sale).await;
     let late_orders = ordered.len() - ordered.iter().filter(|u| **u < LATE_USERS).count();
     rush.assert_orders(ordered.into_iter().filter(|u| *u < LATE_USERS).collect());
-    let orders =
-        audit["orders_unpaid"].as_u64().unwrap_or(0) + audit["orders_paid"].as_u64().unwrap_or(0);
-    assert_eq!(
-        orders,
-        u64::from(REDIS_STOCK),
-        "MySQL sold exactly the stock: {audit}"
-    );
     println!(
         "redis master failover: killed {master} (sale {sale}'s slot) at {:.2} s; {} master {:.2} s later; \
          attempts by answer {outcomes:?}; {} admitted during the run, {} told their order may \
@@ -305,48 +264,21 @@ async fn killing_the_broker_node_a_gateway_publishes_to_loses_no_202_and_duplica
     let sale = c.create_sale(BROKER_STOCK).await;
     let buyers = buyers(&c, sale, 960_000_001, BROKER_BUYERS).await;
 
-    let t0 = Instant::now();
-    let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
-    let rush = tokio::spawn(paced_buyers(
-        c.http.clone(),
-        VIPS.iter().map(|v| vip_url(v)).collect(),
-        sale,
-        buyers,
-        t0,
-        log.clone(),
-    ));
+    let rush = Running::start(&c, sale, buyers, &VIPS);
+    let t0 = rush.t0;
     // Mid-sale, mq-1 dies: edge-1 publishes there (its first broker URL)
     // and app-1's worker consumes from it.
     tokio::time::sleep(KILL_AT).await;
     let killed_at = t0.elapsed();
     kill_9("rabbitmq-mq-1");
-    let rush = rush.await.unwrap();
-    let attempts = log.lock().unwrap().clone();
-    let outcomes = by_outcome(&attempts);
-    for (outcome, n) in &outcomes {
-        assert!(
-            !(outcome.starts_with('5') && outcome != "503") && outcome != "error",
-            "{n} attempts answered {outcome}: {outcomes:?}"
-        );
-    }
+    let (rush, attempts) = rush.finish().await;
+    let outcomes = assert_failed_closed(&attempts);
 
     // Every 202 is exactly one order; any other order was announced.
-    let quiet = c.audit_when_quiet(sale, Duration::from_secs(60)).await;
-    assert_eq!(quiet["quiet"], true, "the queue never drained: {quiet}");
-    let ordered = order_users(&c, sale).await;
-    let rush_orders = ordered.len();
-    rush.assert_orders(ordered);
+    let rush_orders = assert_orders_once_quiet(&c, sale, &rush).await;
 
     let late = sell_what_is_left(&c, sale, VIPS[1]).await;
-    let (ok, audit) = c.audit_until_clean(sale, Duration::from_secs(60)).await;
-    assert!(ok, "audit: {audit}");
-    let orders =
-        audit["orders_unpaid"].as_u64().unwrap_or(0) + audit["orders_paid"].as_u64().unwrap_or(0);
-    assert_eq!(
-        orders,
-        u64::from(BROKER_STOCK),
-        "exactly the stock sold: {audit}"
-    );
+    let (orders, _) = assert_sold_exactly(&c, sale, BROKER_STOCK).await;
     let after_kill = attempts.iter().filter(|a| a.at >= killed_at);
     let refused_after_kill = after_kill.filter(|a| a.outcome == Ok(503)).count();
     println!(
@@ -375,23 +307,14 @@ async fn a_rolling_restart_of_gateways_and_workers_under_load_fails_no_202_and_l
     let sale = c.create_sale(ROLLING_STOCK).await;
     let buyers = buyers(&c, sale, 970_000_001, ROLLING_BUYERS).await;
 
-    let t0 = Instant::now();
-    let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
-    let rush = tokio::spawn(paced_buyers(
-        c.http.clone(),
-        VIPS.iter().map(|v| vip_url(v)).collect(),
-        sale,
-        buyers,
-        t0,
-        log.clone(),
-    ));
+    let rush = Running::start(&c, sale, buyers, &VIPS);
+    let t0 = rush.t0;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (ok, out) = c.script(&["rolling"]).await;
     assert!(ok, "scripts/cluster rolling: {out}");
     let rolled_at = t0.elapsed();
-    let rush = rush.await.unwrap();
+    let (rush, attempts) = rush.finish().await;
     let sale_ended_at = t0.elapsed();
-    let attempts = log.lock().unwrap().clone();
     let outcomes = by_outcome(&attempts);
     for (outcome, n) in &outcomes {
         assert!(
@@ -401,25 +324,13 @@ async fn a_rolling_restart_of_gateways_and_workers_under_load_fails_no_202_and_l
     }
 
     // Every 202 is one order: none failed, none lost, none twice.
-    let quiet = c.audit_when_quiet(sale, Duration::from_secs(60)).await;
-    assert_eq!(quiet["quiet"], true, "the queue never drained: {quiet}");
-    let ordered = order_users(&c, sale).await;
-    let rush_orders = ordered.len();
-    rush.assert_orders(ordered);
+    let rush_orders = assert_orders_once_quiet(&c, sale, &rush).await;
     assert!(
         rush.uncertain.is_empty(),
         "a restart cost an uncertain answer: {rush:?}"
     );
     let late = sell_what_is_left(&c, sale, VIPS[0]).await;
-    let (ok, audit) = c.audit_until_clean(sale, Duration::from_secs(60)).await;
-    assert!(ok, "audit: {audit}");
-    let orders =
-        audit["orders_unpaid"].as_u64().unwrap_or(0) + audit["orders_paid"].as_u64().unwrap_or(0);
-    assert_eq!(
-        orders,
-        u64::from(ROLLING_STOCK),
-        "exactly the stock sold: {audit}"
-    );
+    let (orders, _) = assert_sold_exactly(&c, sale, ROLLING_STOCK).await;
     println!(
         "rolling restart: both gateways upgraded in place and both workers and apis restarted \
          from 2.0 to {:.1} s of a {:.1} s sale; attempts by answer {outcomes:?}; {} 202s = {rush_orders} orders; \
@@ -447,25 +358,16 @@ async fn cutting_an_app_host_off_redelivers_its_unacked_orders_and_it_rejoins_by
     let c = Cluster::ready().await;
     let sale = c.create_sale(CUT_STOCK).await;
     let first_rush = buyers(&c, sale, 980_000_001, CUT_BUYERS).await;
-    let t0 = Instant::now();
-    let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
-    let rush = tokio::spawn(paced_buyers(
-        c.http.clone(),
-        VIPS.iter().map(|v| vip_url(v)).collect(),
-        sale,
-        first_rush,
-        t0,
-        log.clone(),
-    ));
+    let rush = Running::start(&c, sale, first_rush, &VIPS);
+    let t0 = rush.t0;
 
     // app-1's worker freezes mid-sale, so the deliveries the broker hands
     // it pile up unacknowledged (app-2 keeps writing its share)...
     tokio::time::sleep(Duration::from_secs(2)).await;
     signal("worker-app-1", "STOP");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let admitted_so_far = log
-        .lock()
-        .unwrap()
+    let admitted_so_far = rush
+        .attempts()
         .iter()
         .filter(|a| a.outcome == Ok(202))
         .count();
@@ -482,7 +384,7 @@ async fn cutting_an_app_host_off_redelivers_its_unacked_orders_and_it_rejoins_by
 
     // The broker gives app-1's deliveries to app-2 once app-1's connection
     // is declared dead (AMQP heartbeats): one order each.
-    let rush = rush.await.unwrap();
+    let (rush, _) = rush.finish().await;
     let deadline = Instant::now() + Duration::from_secs(90);
     let redelivered_at = loop {
         let ordered = order_users(&c, sale).await;
@@ -552,6 +454,80 @@ async fn cutting_an_app_host_off_redelivers_its_unacked_orders_and_it_rejoins_by
         back_at.as_secs_f64(),
         (rejoined_at - back_at).as_secs_f64(),
     );
+}
+
+/// Paced buyers running in the background ([`paced_buyers`]) and the log
+/// of every attempt they made.
+struct Running {
+    t0: Instant,
+    log: Arc<Mutex<Vec<Attempt>>>,
+    task: tokio::task::JoinHandle<Rush>,
+}
+
+impl Running {
+    /// Starts `buyers` on `sale`, buyer `i` through `vips[i % n]`.
+    fn start(c: &Cluster, sale: u64, buyers: Vec<Buyer>, vips: &[&str]) -> Running {
+        let t0 = Instant::now();
+        let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+        let bases = vips.iter().map(|v| vip_url(v)).collect();
+        let task = tokio::spawn(paced_buyers(
+            c.http.clone(),
+            bases,
+            sale,
+            buyers,
+            t0,
+            log.clone(),
+        ));
+        Running { t0, log, task }
+    }
+
+    /// The attempts so far.
+    fn attempts(&self) -> Vec<Attempt> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for every buyer's final answer.
+    async fn finish(self) -> (Rush, Vec<Attempt>) {
+        let rush = self.task.await.unwrap();
+        let attempts = self.log.lock().unwrap().clone();
+        (rush, attempts)
+    }
+}
+
+/// Fail closed: refusals to retry (503), never another server error, and
+/// the gateways (alive throughout) answered every request. The attempts
+/// by answer, for the figures.
+fn assert_failed_closed(attempts: &[Attempt]) -> std::collections::BTreeMap<String, usize> {
+    let outcomes = by_outcome(attempts);
+    for (outcome, n) in &outcomes {
+        assert!(
+            !(outcome.starts_with('5') && outcome != "503") && outcome != "error",
+            "{n} attempts answered {outcome}: {outcomes:?}"
+        );
+    }
+    outcomes
+}
+
+/// The audit clean and exactly `stock` orders kept (unpaid or paid):
+/// (orders, the audit report).
+async fn assert_sold_exactly(c: &Cluster, sale: u64, stock: u32) -> (u64, Value) {
+    let (ok, audit) = c.audit_until_clean(sale, Duration::from_secs(60)).await;
+    assert!(ok, "audit: {audit}");
+    let orders =
+        audit["orders_unpaid"].as_u64().unwrap_or(0) + audit["orders_paid"].as_u64().unwrap_or(0);
+    assert_eq!(orders, u64::from(stock), "exactly the stock sold: {audit}");
+    (orders, audit)
+}
+
+/// Once nothing is in flight, [`Rush::assert_orders`] against MySQL; how
+/// many orders the sale has.
+async fn assert_orders_once_quiet(c: &Cluster, sale: u64, rush: &Rush) -> usize {
+    let quiet = c.audit_when_quiet(sale, Duration::from_secs(60)).await;
+    assert_eq!(quiet["quiet"], true, "the queue never drained: {quiet}");
+    let ordered = order_users(c, sale).await;
+    let count = ordered.len();
+    rush.assert_orders(ordered);
+    count
 }
 
 /// The buyers of `sale`'s orders in MySQL, one entry per order.

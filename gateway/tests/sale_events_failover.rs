@@ -66,18 +66,7 @@ async fn the_subscriber_leaves_a_dead_seed_for_the_next_node() {
 #[tokio::test]
 async fn a_sold_out_mark_already_held_is_not_announced_again() {
     let env = TestEnv::new().await;
-    let keys = env.keys();
-    let directory = Arc::new(SaleDirectory::new(
-        keys.clone(),
-        Duration::from_secs(1),
-        Duration::from_secs(60),
-    ));
-    let client = redis::Client::open(env.config.redis.url.as_str()).unwrap();
-    let mut listener = client.get_async_pubsub().await.unwrap();
-    listener
-        .subscribe(keys.sale_events_channel())
-        .await
-        .unwrap();
+    let (directory, mut listener) = directory_and_listener(&env).await;
     let conn = RedisConn::connect(&env.config.redis).await.unwrap();
     let announce = |kind| {
         let (directory, mut conn) = (directory.clone(), conn.clone());
@@ -144,18 +133,7 @@ impl redis::aio::ConnectionLike for MustNotBeUsed {
 #[tokio::test]
 async fn announced_notices_go_out_through_the_sale_events_thread() {
     let env = TestEnv::new().await;
-    let keys = env.keys();
-    let directory = Arc::new(SaleDirectory::new(
-        keys.clone(),
-        Duration::from_secs(1),
-        Duration::from_secs(60),
-    ));
-    let client = redis::Client::open(env.config.redis.url.as_str()).unwrap();
-    let mut listener = client.get_async_pubsub().await.unwrap();
-    listener
-        .subscribe(keys.sale_events_channel())
-        .await
-        .unwrap();
+    let (directory, mut listener) = directory_and_listener(&env).await;
     directory
         .clone()
         .follow_on_own_thread(env.config.redis.clone());
@@ -175,4 +153,22 @@ async fn announced_notices_go_out_through_the_sale_events_thread() {
     assert_eq!(notice.event, event);
     assert!(notice.published_at_ms.is_some_and(|at| at >= before));
     env.cleanup().await;
+}
+
+/// A fresh directory for `env`'s deployment, and a subscriber to its sale
+/// events channel (what every gateway would hear).
+async fn directory_and_listener(env: &TestEnv) -> (Arc<SaleDirectory>, redis::aio::PubSub) {
+    let keys = env.keys();
+    let directory = Arc::new(SaleDirectory::new(
+        keys.clone(),
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    ));
+    let client = redis::Client::open(env.config.redis.url.as_str()).unwrap();
+    let mut listener = client.get_async_pubsub().await.unwrap();
+    listener
+        .subscribe(keys.sale_events_channel())
+        .await
+        .unwrap();
+    (directory, listener)
 }
