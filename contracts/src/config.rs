@@ -113,6 +113,12 @@ pub struct RedisConfig {
     /// Every key the platform writes starts with this, so deployments (and
     /// parallel tests) can share one Redis without seeing each other.
     pub key_prefix: String,
+    /// With `cluster`: a cluster connection on which no call has come back
+    /// (answer or error) for this long, while calls were waiting, is
+    /// replaced by a fresh one (see `redis_client`). Longer than a call
+    /// takes while a master fails over with other slots still answering;
+    /// a client stuck in its own recovery is what it catches.
+    pub cluster_stall_ms: u64,
 }
 
 impl RedisConfig {
@@ -147,6 +153,7 @@ impl Default for RedisConfig {
             cluster_nodes: Vec::new(),
             cluster: false,
             key_prefix: "seckill".into(),
+            cluster_stall_ms: 3_000,
         }
     }
 }
@@ -780,6 +787,12 @@ impl Config {
             return Err(invalid(
                 "redis.key_prefix",
                 "must be non-empty and contain no braces or spaces",
+            ));
+        }
+        if self.redis.cluster_stall_ms < 500 {
+            return Err(invalid(
+                "redis.cluster_stall_ms",
+                "must be at least 500 (shorter would replace a connection that is merely busy)",
             ));
         }
         if self.jwt.leeway_secs > 5 {

@@ -50,6 +50,17 @@ pub static LUA_VM_FOREIGN_POLLS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Redis Cluster connections replaced because no call on them came back
+/// for `redis.cluster_stall_ms` (see `seckill_contracts::redis_client`);
+/// read from the process-wide count at every scrape.
+pub static REDIS_CONNECTIONS_REPLACED: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "gateway_redis_connections_replaced",
+        "Redis Cluster connections replaced after they stopped answering (since start)"
+    )
+    .expect("metric registers once")
+});
+
 /// 1 while the order publisher holds an open link to RabbitMQ.
 pub static BROKER_CONNECTED: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
@@ -185,6 +196,8 @@ pub static CLIENT_CONNECTIONS_CLOSED: LazyLock<IntCounterVec> = LazyLock::new(||
 /// Prometheus text exposition of every registered metric.
 pub fn render() -> Vec<u8> {
     use prometheus::Encoder;
+    REDIS_CONNECTIONS_REPLACED
+        .set(seckill_contracts::redis_client::stalled_connections_replaced() as i64);
     let mut buf = Vec::new();
     let _ = prometheus::TextEncoder::new().encode(&prometheus::gather(), &mut buf);
     buf
