@@ -19,7 +19,7 @@ use pingora::lb::health_check::HttpHealthCheck;
 use pingora::lb::selection::{Consistent, RoundRobin};
 use pingora::lb::{Backend, LoadBalancer};
 use pingora::services::background::{background_service, GenBackgroundService};
-use seckill_contracts::config::{PoolConfig, Selection};
+use seckill_contracts::config::{PoolConfig, RouteConfig, Selection};
 
 /// How many backends selection may walk past (unhealthy or excluded).
 const MAX_SELECT_ITERATIONS: usize = 256;
@@ -156,16 +156,49 @@ where
 /// Pools by name.
 pub type Pools = BTreeMap<String, Arc<Pool>>;
 
-/// Builds every configured pool, with the health services to run.
+/// Builds every configured pool that a route uses, with the health
+/// services to run. A pool no route names (the built-in defaults carry a
+/// `wallet` pool that a file's own route list may not use) is neither
+/// built nor health-checked: probing backends nobody sends to would only
+/// fill the log with failures.
 pub fn build_all(
     configs: &BTreeMap<String, PoolConfig>,
+    routes: &[RouteConfig],
 ) -> Result<(Pools, Vec<HealthService>), PoolError> {
     let mut pools = BTreeMap::new();
     let mut services = Vec::new();
     for (name, config) in configs {
+        if !routes
+            .iter()
+            .any(|r| r.pool.as_deref() == Some(name.as_str()))
+        {
+            tracing::info!(pool = %name, "no route uses this pool; not started");
+            continue;
+        }
         let (pool, service) = Pool::build(name, config)?;
         pools.insert(name.clone(), pool);
         services.push(service);
     }
     Ok((pools, services))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_pools_a_route_uses_are_built() {
+        let pool = |addr: &str| PoolConfig {
+            backends: vec![addr.into()],
+            ..PoolConfig::default()
+        };
+        let configs = BTreeMap::from([
+            ("api".to_string(), pool("127.0.0.1:1")),
+            ("wallet".to_string(), pool("127.0.0.1:2")),
+        ]);
+        let routes = vec![RouteConfig::proxied("api", "*", "/api/v1/{*rest}", false)];
+        let (pools, services) = build_all(&configs, &routes).unwrap();
+        assert_eq!(pools.keys().collect::<Vec<_>>(), ["api"]);
+        assert_eq!(services.len(), 1);
+    }
 }

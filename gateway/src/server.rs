@@ -65,7 +65,7 @@ impl Gateway {
             g.admin_token_path.as_deref(),
         )?;
         let routes = RouteTable::new(&g.routes)?;
-        let (pools, health_services) = pools::build_all(&g.pools)?;
+        let (pools, health_services) = pools::build_all(&g.pools, &g.routes)?;
         let keys = key_refresh::build(config)?;
         let (rules, running_bundle) = load_rules(config)?;
         let rules = Arc::new(rules);
