@@ -18,16 +18,21 @@ const TOKEN_REUSE_SECS: u64 = 3600;
 /// Bench paths live long enough for every scenario of one run.
 const PATH_TTL_SECS: u64 = 3600;
 
-/// Tokens for users `1..=n`, from the cache in `dir` when fresh.
+/// Tokens for users `1..=n`, from the cache in `dir` when fresh: younger
+/// than [`TOKEN_REUSE_SECS`] and than the signing key (a key made again,
+/// as `scripts/cluster` does after `down`, would not verify old tokens).
 pub fn tokens(config: &Config, dir: &Path, n: u64) -> anyhow::Result<Vec<String>> {
     std::fs::create_dir_all(dir)?;
     let cache = dir.join(format!("tokens-{n}.txt"));
+    let key_made = std::fs::metadata(&config.jwt.private_key_path)
+        .and_then(|m| m.modified())
+        .ok();
     if let Ok(meta) = std::fs::metadata(&cache) {
-        let fresh = meta
-            .modified()
-            .ok()
+        let made = meta.modified().ok();
+        let fresh = made
             .and_then(|m| m.elapsed().ok())
-            .is_some_and(|age| age.as_secs() < TOKEN_REUSE_SECS);
+            .is_some_and(|age| age.as_secs() < TOKEN_REUSE_SECS)
+            && made >= key_made;
         if fresh {
             let lines: Vec<String> = std::fs::read_to_string(&cache)?
                 .lines()

@@ -9,13 +9,17 @@
 //! [`dashboards`] poll the `/ops` figures) → `seckill_workers::audit`
 //! checks the invariants → [`report`] writes `report.md` and the PNGs;
 //! with `--profile`, [`profile`] records the gateway with perf meanwhile.
+//! With `--cluster`, [`scaleout`] runs hot-sale and sold-out on this stack
+//! and through the VIPs of the [`cluster`] topology in alternating rounds.
 
 pub mod buyers;
+pub mod cluster;
 pub mod dashboards;
 pub mod peer;
 pub mod profile;
 pub mod report;
 pub mod sampler;
+pub mod scaleout;
 pub mod scenarios;
 pub mod stack;
 pub mod wrk;

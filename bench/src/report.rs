@@ -111,6 +111,63 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
+/// The `--cluster` comparison in one table: each scenario's single-host
+/// and cluster medians side by side, with the ratio of the gateways' CPU
+/// per request (the measure of issue 15); `None` when it did not run.
+pub fn scale_out_table(rows: &[Row]) -> Option<String> {
+    use crate::scaleout::{CLUSTER, SINGLE, TARGET_RATIO};
+    let find = |name: String| rows.iter().find(|r| r.scenario == name);
+    let mut s = String::new();
+    s.push_str("| scenario | req/s single-host / cluster | p50 ms | p99 ms | gateway CPU/request (in the kernel) single-host | cluster (both gateways) | cluster / single-host | machine CPU/request single-host / cluster | audits |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    let mut any = false;
+    for single in rows
+        .iter()
+        .filter(|r| r.scenario.ends_with(&format!(": {SINGLE}")))
+    {
+        let scenario = single.scenario.trim_end_matches(&format!(": {SINGLE}"));
+        let Some(cluster) = find(format!("{scenario}: {CLUSTER}")) else {
+            continue;
+        };
+        let (Some(a), Some(b), Some(ca), Some(cb)) =
+            (&single.wrk, &cluster.wrk, single.cpu, cluster.cpu)
+        else {
+            continue;
+        };
+        any = true;
+        let ratio = cb.gateway_us / ca.gateway_us.max(1e-9);
+        let audits = match (single.audit_ok, cluster.audit_ok) {
+            (Some(true), Some(true)) => "clean",
+            _ => "**FAILED**",
+        };
+        let _ = writeln!(
+            s,
+            "| {scenario} | {:.0} / {:.0} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} µs ({:.1}) | {:.1} µs ({:.1}) | ×{ratio:.2}{} | {:.1} / {:.1} µs | {audits} |",
+            a.rps,
+            b.rps,
+            a.p50_ms,
+            b.p50_ms,
+            a.p99_ms,
+            b.p99_ms,
+            ca.gateway_us,
+            ca.gateway_kernel_us,
+            cb.gateway_us,
+            cb.gateway_kernel_us,
+            if ratio <= TARGET_RATIO { "" } else { " (over the target)" },
+            ca.machine_us,
+            cb.machine_us,
+        );
+    }
+    any.then(|| {
+        let _ = write!(
+            s,
+            "\nMedians over the rounds. Target: the cluster's gateways spend at most ×{TARGET_RATIO:.2} the single-host gateway's CPU per request. \
+             Machine CPU is every process and the kernel (wrk included) over the same requests; both sides' processes are up throughout.\n"
+        );
+        s
+    })
+}
+
 /// Writes `report.md`, `report.json`, `throughput.png` and `latency.png`.
 pub fn write(report: &Report, dir: &Path) -> anyhow::Result<()> {
     let o = &report.options;
@@ -119,12 +176,17 @@ pub fn write(report: &Report, dir: &Path) -> anyhow::Result<()> {
     let _ = writeln!(md, "Machine: {}\n", report.machine);
     let _ = writeln!(
         md,
-        "Run: `bench/run {}--users {} --stock {} --duration {} --connections {} --threads {}` \
+        "Run: `bench/run {}{}--users {} --stock {} --duration {} --connections {} --threads {}` \
          (wrk -t{} -c{} -d{}s per scenario; the drain scenario queues {} orders for {} workers).\n",
         o.scenarios
             .iter()
             .map(|s| format!("{s} "))
             .collect::<String>(),
+        if o.cluster {
+            format!("--cluster --rounds {} ", o.rounds)
+        } else {
+            String::new()
+        },
         o.users,
         o.stock,
         o.duration,
@@ -137,6 +199,10 @@ pub fn write(report: &Report, dir: &Path) -> anyhow::Result<()> {
         o.workers
     );
     md.push_str(&table(&report.rows));
+    if let Some(scale_out) = scale_out_table(&report.rows) {
+        md.push_str("\n## Single host against the cluster (`--cluster`)\n\n");
+        md.push_str(&scale_out);
+    }
     md.push_str("\nerrors = socket errors + 5xx answers. Refusals by design (409/410/429) are not errors; the status counts per scenario are below.\n\n");
     md.push_str("![throughput](throughput.png)\n\n![latency](latency.png)\n\n## Details\n\n");
     for r in &report.rows {
@@ -266,4 +332,54 @@ fn plots(rows: &[Row], dir: &Path) -> anyhow::Result<()> {
         root.present()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenarios::CpuPerRequest;
+    use crate::wrk::WrkResult;
+
+    fn row(scenario: &str, rps: f64, gateway_us: f64) -> Row {
+        let mut r = Row::new(scenario);
+        r.wrk = Some(WrkResult {
+            rps,
+            p50_ms: 1.0,
+            p99_ms: 9.0,
+            ..WrkResult::default()
+        });
+        r.cpu = Some(CpuPerRequest {
+            gateway_us,
+            gateway_kernel_us: gateway_us / 2.0,
+            machine_us: 4.0 * gateway_us,
+        });
+        r.audit_ok = Some(true);
+        r
+    }
+
+    #[test]
+    fn the_scale_out_table_pairs_each_scenario_and_gives_the_cpu_ratio() {
+        assert_eq!(scale_out_table(&[row("hot-sale", 1.0, 1.0)]), None);
+        let rows = [
+            row("hot-sale: single-host", 40_000.0, 20.0),
+            row("hot-sale: cluster", 30_000.0, 22.0),
+            row("sold-out: single-host", 40_000.0, 20.0),
+            row("sold-out: cluster", 30_000.0, 30.0),
+        ];
+        let table = scale_out_table(&rows).unwrap();
+        let lines: Vec<&str> = table.lines().filter(|l| l.starts_with("| ")).collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(
+            lines[1].starts_with("| hot-sale | 40000 / 30000 |"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[1].contains("| 20.0 µs (10.0) | 22.0 µs (11.0) | ×1.10 |"),
+            "{}",
+            lines[1]
+        );
+        assert!(lines[2].contains("×1.50 (over the target)"), "{}", lines[2]);
+        assert!(lines[2].ends_with("| clean |"));
+    }
 }

@@ -160,6 +160,51 @@ pub fn delta(before: &StatusCounts, after: &StatusCounts) -> StatusCounts {
         .collect()
 }
 
+/// The status counts of several gateways together.
+pub fn sum_counts(counts: &[StatusCounts]) -> StatusCounts {
+    let mut out = StatusCounts::new();
+    for c in counts {
+        for (code, n) in c {
+            *out.entry(*code).or_default() += n;
+        }
+    }
+    out
+}
+
+/// Histograms of several gateways added bucket by bucket (same bounds
+/// add up; a bound only one has is kept), in ascending order.
+pub fn sum_buckets(all: &[&Buckets]) -> Buckets {
+    let mut out: Buckets = Vec::new();
+    for buckets in all {
+        for (bound, n) in buckets.iter() {
+            match out.iter_mut().find(|(b, _)| b == bound) {
+                Some((_, total)) => *total += n,
+                None => out.push((*bound, *n)),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// The per-second samples of several gateways scraped side by side, as
+/// one series: the n-th samples add up (rates and histograms), timed as
+/// the first gateway's; a gateway with fewer samples adds nothing to the
+/// seconds it lacks.
+pub fn merge_samples(series: &[Vec<Sample>]) -> Vec<Sample> {
+    let len = series.iter().map(Vec::len).max().unwrap_or(0);
+    (0..len)
+        .map(|i| {
+            let nth: Vec<&Sample> = series.iter().filter_map(|s| s.get(i)).collect();
+            Sample {
+                t_secs: nth.first().map_or(0.0, |s| s.t_secs),
+                rps: nth.iter().map(|s| s.rps).sum(),
+                latency: sum_buckets(&nth.iter().map(|s| &s.latency).collect::<Vec<_>>()),
+            }
+        })
+        .collect()
+}
+
 /// Samples the total request rate every second until `stop` flips.
 pub async fn sample_until(
     url: String,
@@ -221,6 +266,36 @@ mod tests {
             delta(&before, &s),
             StatusCounts::from([(202, 60), (410, 7)])
         );
+    }
+
+    #[test]
+    fn two_gateways_add_up() {
+        let a = StatusCounts::from([(202, 10), (410, 5)]);
+        let b = StatusCounts::from([(410, 7), (503, 1)]);
+        assert_eq!(
+            sum_counts(&[a, b]),
+            StatusCounts::from([(202, 10), (410, 12), (503, 1)])
+        );
+        let x: Buckets = vec![(0.001, 5), (0.01, 9), (f64::INFINITY, 10)];
+        let y: Buckets = vec![(0.001, 1), (f64::INFINITY, 4)];
+        assert_eq!(
+            sum_buckets(&[&x, &y]),
+            vec![(0.001, 6), (0.01, 9), (f64::INFINITY, 14)]
+        );
+        let sample = |t: f64, rps: f64, latency: &Buckets| Sample {
+            t_secs: t,
+            rps,
+            latency: latency.clone(),
+        };
+        let merged = merge_samples(&[
+            vec![sample(1.0, 100.0, &x), sample(2.0, 50.0, &x)],
+            vec![sample(1.1, 30.0, &y)],
+        ]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!((merged[0].t_secs, merged[0].rps), (1.0, 130.0));
+        assert_eq!(merged[0].latency, sum_buckets(&[&x, &y]));
+        assert_eq!((merged[1].t_secs, merged[1].rps), (2.0, 50.0));
+        assert!(merge_samples(&[]).is_empty());
     }
 
     #[test]

@@ -11,9 +11,13 @@
 //! | `drain` | 10,000 queued orders into MySQL by the workers | — |
 //! | `dashboard` | one connection polling the `/ops` figures | — |
 //! | `openresty` | hot-sale and sold-out on the gateway and on the OpenResty peer, alternating rounds | nginx `return 410`, one worker; the gateway's `/healthz`; a bare Pingora app's 410 |
+//!
+//! With `--cluster`, hot-sale and sold-out run in alternating rounds on
+//! this stack and on the scale-out topology of `scripts/cluster` instead
+//! (see [`crate::scaleout`]).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +32,7 @@ use tokio::sync::watch;
 
 use crate::report::{self, Report};
 use crate::sampler::{self, Sample, StatusCounts};
+use crate::scaleout::Side;
 use crate::stack::BenchStack;
 use crate::wrk::{WrkResult, WrkRun};
 use crate::{buyers, dashboards, stack};
@@ -69,9 +74,17 @@ pub struct Options {
     /// `/ops` dashboards open during hot-sale (each polls every second).
     #[arg(long, default_value_t = 0)]
     pub dashboards: usize,
-    /// Alternating rounds of the openresty comparison.
+    /// Alternating rounds of the openresty comparison and of `--cluster`.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Run hot-sale and sold-out on this stack and, in alternating rounds,
+    /// through both VIPs of the scale-out topology (`scripts/cluster up`
+    /// when it is not up; root), and compare their CPU per request.
+    #[arg(long)]
+    pub cluster: bool,
+    /// The topology's config, for `--cluster`.
+    #[arg(long, default_value = crate::cluster::CONFIG)]
+    pub cluster_config: PathBuf,
     /// Record the gateway with perf during hot-sale and sold-out: a flame
     /// graph per scenario next to the report (see `profile`).
     #[arg(long)]
@@ -93,10 +106,23 @@ pub struct Row {
     pub samples: Vec<Sample>,
     /// Throughput for the drain scenario (orders/s) or the ceiling figure.
     pub rate: f64,
+    /// CPU per request (`--cluster` rows).
+    pub cpu: Option<CpuPerRequest>,
+}
+
+/// What one answered request cost in CPU time, in microseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuPerRequest {
+    /// The gateways serving the load (both, on the cluster).
+    pub gateway_us: f64,
+    /// The part of `gateway_us` spent in the kernel (system time).
+    pub gateway_kernel_us: f64,
+    /// The whole machine: every process and the kernel.
+    pub machine_us: f64,
 }
 
 impl Row {
-    fn new(scenario: &str) -> Row {
+    pub(crate) fn new(scenario: &str) -> Row {
         Row {
             scenario: scenario.to_string(),
             wrk: None,
@@ -108,6 +134,7 @@ impl Row {
             notes: Vec::new(),
             samples: Vec::new(),
             rate: 0.0,
+            cpu: None,
         }
     }
 }
@@ -157,6 +184,11 @@ pub async fn run_suite(opts: Options) -> anyhow::Result<bool> {
         tokio::task::spawn_blocking(move || buyers::tokens(&config, &PathBuf::from("var/bench"), n))
             .await??
     };
+    let mut cluster = if opts.cluster {
+        Some(cluster_side(&opts, &chosen, &out).await?)
+    } else {
+        None
+    };
     let mut ctx = Ctx {
         keys: KeySchema::new(stack.config.redis.key_prefix.clone()),
         wrk_dir: PathBuf::from("bench/wrk"),
@@ -182,8 +214,27 @@ pub async fn run_suite(opts: Options) -> anyhow::Result<bool> {
 
     let mut hot_sale_id = None;
     for name in &chosen {
+        let compared = matches!(name.as_str(), "hot-sale" | "sold-out") && ctx.opts.cluster;
+        if compared && cluster.is_none() {
+            // The comparison ran both scenarios already.
+            continue;
+        }
         progress(&format!("scenario {name}"));
         let row = match name.as_str() {
+            "hot-sale" | "sold-out" if compared => {
+                // One comparison runs both scenarios on both sides.
+                let cluster = cluster.take().context("no cluster side")?;
+                let mut sides = [single_side(&ctx)?, cluster];
+                let (mut made, sale) =
+                    crate::scaleout::compare(&mut sides, &ctx.opts, &ctx.out).await?;
+                hot_sale_id = sale;
+                let last = made.pop().context("the comparison made no rows")?;
+                for row in made {
+                    progress(&summary(&row));
+                    rows.push(row);
+                }
+                last
+            }
             "hot-sale" => {
                 let (row, sale) = hot_sale(&mut ctx, "hot-sale", false).await?;
                 hot_sale_id = Some(sale);
@@ -226,7 +277,39 @@ pub async fn run_suite(opts: Options) -> anyhow::Result<bool> {
     Ok(failed)
 }
 
-fn progress(msg: &str) {
+/// The single-host side of `--cluster`: this bench stack's gateway.
+fn single_side(ctx: &Ctx) -> anyhow::Result<Side> {
+    Ok(Side {
+        name: crate::scaleout::SINGLE,
+        config: ctx.stack.config.clone(),
+        db: ctx.db.clone(),
+        redis: ctx.redis.clone(),
+        keys: ctx.keys.clone(),
+        tokens: ctx.tokens.clone(),
+        urls: vec![ctx.stack.gateway_url("/")],
+        metrics: vec![ctx.stack.admin_url("/metrics")],
+        admin_token: ctx.stack.admin_token.clone(),
+        pids: vec![ctx.stack.pid("gateway").context("no bench gateway")?],
+    })
+}
+
+/// The cluster side of `--cluster`: the topology made ready (brought up
+/// when it is not), its buyers minted.
+async fn cluster_side(opts: &Options, chosen: &[String], out: &Path) -> anyhow::Result<Side> {
+    if !chosen.iter().any(|s| s == "hot-sale" || s == "sold-out") {
+        bail!("--cluster compares hot-sale and sold-out: name one of them (or no scenario)");
+    }
+    let log = out.join("logs").join("cluster.log");
+    progress(&format!(
+        "the cluster topology (scripts/cluster, output in {})",
+        log.display()
+    ));
+    let topology =
+        crate::cluster::Topology::ready(&opts.cluster_config, &opts.bin_dir, &log).await?;
+    Side::cluster(&topology, opts.users).await
+}
+
+pub(crate) fn progress(msg: &str) {
     eprintln!("[bench {}] {msg}", Utc::now().format("%H:%M:%S"));
 }
 

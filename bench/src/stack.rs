@@ -214,7 +214,16 @@ impl Drop for BenchStack {
 /// CPU time (user + system) process `pid` has used, from
 /// `/proc/<pid>/stat` (zero for a process that is gone).
 pub fn process_cpu_time(pid: u32) -> Duration {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    let (user, system) = process_cpu_split(pid);
+    user + system
+}
+
+/// (user, system) CPU time process `pid` has used: its own code and the
+/// kernel's work on its behalf (syscalls, and on this kernel the network
+/// stack's softirqs that run while it is on the CPU). Zero for a process
+/// that is gone.
+pub fn process_cpu_split(pid: u32) -> (Duration, Duration) {
+    let (user, system) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|stat| {
             // The fields after the command name, which is in parentheses.
@@ -222,10 +231,59 @@ pub fn process_cpu_time(pid: u32) -> Duration {
             let fields: Vec<&str> = rest.split_whitespace().collect();
             let utime: u64 = fields.get(11)?.parse().ok()?;
             let stime: u64 = fields.get(12)?.parse().ok()?;
-            Some(utime + stime)
+            Some((utime, stime))
         })
+        .unwrap_or((0, 0));
+    let ticks = |t: u64| Duration::from_secs_f64(t as f64 / clock_ticks_per_sec());
+    (ticks(user), ticks(system))
+}
+
+/// Context switches (voluntary and not) of every thread of process `pid`
+/// so far, from `/proc/<pid>/task/*/status`: each one a thread that went
+/// to sleep or was put off the CPU.
+pub fn process_context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .map(|status| context_switches(&status))
+        .sum()
+}
+
+/// `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of one
+/// `/proc/.../status`.
+fn context_switches(status: &str) -> u64 {
+    status
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// CPU time the whole machine has spent busy so far (every core, every
+/// process, interrupts included; idle and I/O wait left out), from the
+/// `cpu` line of `/proc/stat`: what a load cost in everything it touched.
+pub fn machine_busy_time() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| busy_ticks(&stat))
         .unwrap_or(0);
     Duration::from_secs_f64(ticks as f64 / clock_ticks_per_sec())
+}
+
+/// user + nice + system + irq + softirq + steal of `/proc/stat`'s `cpu`
+/// line (guest time is already inside user and nice).
+fn busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal …
+    let busy = [0, 1, 2, 5, 6, 7];
+    busy.iter().map(|&i| fields.get(i).copied()).sum()
 }
 
 /// `getconf CLK_TCK`, the unit of `/proc/<pid>/stat` times (100 on Linux
@@ -353,4 +411,24 @@ pub async fn publish_orders(
     }
     let _ = conn.close(200, "".into()).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_time_leaves_out_idle_and_iowait() {
+        let stat = "cpu  100 5 50 9000 40 3 7 2 0 0\ncpu0 50 2 25 4500 20 1 3 1 0 0\n";
+        assert_eq!(busy_ticks(stat), Some(100 + 5 + 50 + 3 + 7 + 2));
+        assert_eq!(busy_ticks("cpu  1 2 3\n"), None);
+        assert_eq!(busy_ticks("intr 5\n"), None);
+    }
+
+    #[test]
+    fn context_switches_add_both_kinds() {
+        let status = "Name:\tseckill-gateway\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(context_switches(status), 127);
+        assert_eq!(context_switches("Name: x\n"), 0);
+    }
 }

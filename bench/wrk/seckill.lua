@@ -1,6 +1,9 @@
 -- Hot-sale load: every request is POST /api/v1/seckill/{path}/{sale} as the
 -- next buyer of $BENCH_USERS (lines "token path", see seckill-bench), so
--- users rotate like a real crowd; $SALE_ID names the sale.
+-- users rotate like a real crowd; $SALE_ID names the sale. Several wrk
+-- processes can share the crowd (`bench/run --cluster`, one per VIP):
+-- $WRK_THREADS is the threads of all of them together and $WRK_FIRST
+-- the number of this process's first thread among them.
 local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 dofile(here .. "report.lua")
 
@@ -21,8 +24,9 @@ function init(args)
   end
   n = #users
   sale = os.getenv("SALE_ID")
-  -- Threads interleave so together they walk the users in order.
-  i = id or 0
+  -- Threads (of every process) interleave so together they walk the
+  -- users in order.
+  i = (id or 0) + tonumber(os.getenv("WRK_FIRST") or "0")
   step = tonumber(os.getenv("WRK_THREADS") or "2")
 end
 
