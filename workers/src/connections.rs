@@ -16,6 +16,8 @@ pub enum ConnectError {
     Database { url: String, source: sqlx::Error },
     #[error("migrating MySQL: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("another process kept migrating the database for over {0} s")]
+    MigrationLock(i64),
     #[error("Redis at {url}: {source}")]
     Redis {
         url: String,
@@ -58,23 +60,61 @@ async fn set_idle_transaction_timeout(conn: &mut sqlx::MySqlConnection, secs: u6
 
 /// Creates the database if needed and applies pending migrations.
 pub async fn migrate(config: &DatabaseConfig) -> Result<(), ConnectError> {
+    migrate_with(config, &MIGRATOR).await
+}
+
+/// Creates the database `config` names if needed and applies `migrator`
+/// (the order database's, or the wallet's).
+pub async fn migrate_with(
+    config: &DatabaseConfig,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<(), ConnectError> {
     use sqlx::migrate::MigrateDatabase;
+    let database_error = |source| ConnectError::Database {
+        url: redact(&config.url),
+        source,
+    };
     if !sqlx::MySql::database_exists(&config.url)
         .await
         .unwrap_or(false)
     {
-        sqlx::MySql::create_database(&config.url)
-            .await
-            .map_err(|source| ConnectError::Database {
-                url: redact(&config.url),
-                source,
-            })?;
+        // Another instance starting at the same moment may create it first.
+        if let Err(e) = sqlx::MySql::create_database(&config.url).await {
+            if !sqlx::MySql::database_exists(&config.url)
+                .await
+                .unwrap_or(false)
+            {
+                return Err(database_error(e));
+            }
+        }
     }
     let pool = mysql(config).await?;
-    MIGRATOR.run(&pool).await?;
+    let mut conn = pool.acquire().await.map_err(database_error)?;
+    // sqlx's own migration lock asks for GET_LOCK(name, -1), which MariaDB
+    // answers with NULL and no lock: two instances starting together (two
+    // wallets) then ran the same migration at once and left it "partially
+    // applied". This lock holds on MariaDB and MySQL alike.
+    let locked: Option<i64> =
+        sqlx::query_scalar("SELECT GET_LOCK(CONCAT('seckill-migrate:', DATABASE()), ?)")
+            .bind(MIGRATE_LOCK_WAIT_SECS)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(database_error)?;
+    if locked != Some(1) {
+        return Err(ConnectError::MigrationLock(MIGRATE_LOCK_WAIT_SECS));
+    }
+    let ran = migrator.run(&mut *conn).await;
+    let _ = sqlx::query("SELECT RELEASE_LOCK(CONCAT('seckill-migrate:', DATABASE()))")
+        .execute(&mut *conn)
+        .await;
+    drop(conn);
     pool.close().await;
-    Ok(())
+    Ok(ran?)
 }
+
+/// How long a migration waits for another process's migration of the same
+/// database to finish.
+const MIGRATE_LOCK_WAIT_SECS: i64 = 120;
 
 /// The Redis handle (single node or cluster).
 pub async fn redis(config: &Config) -> Result<RedisConn, ConnectError> {

@@ -219,3 +219,29 @@ fn malformed_config_names_the_key_and_exits_non_zero() {
         .unwrap();
     assert!(out.status.success());
 }
+
+/// Several instances starting at once (two wallets, say) migrate one fresh
+/// database together: every one succeeds and each migration runs once.
+/// (sqlx's own lock is no lock on MariaDB; see `connections::migrate_with`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_migrating_one_database_at_once_all_succeed() {
+    let env = seckill_contracts::testkit::TestEnv::new().await;
+    let runs = (0..4).map(|_| seckill_workers::wallet::migrate(&env.config));
+    for result in futures::future::join_all(runs).await {
+        result.expect("a concurrent migration");
+    }
+    let wallet = sqlx::MySqlPool::connect(&env.config.wallet.database_url)
+        .await
+        .expect("wallet database");
+    let applied: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success = 1")
+            .fetch_one(&wallet)
+            .await
+            .unwrap();
+    assert_eq!(
+        applied,
+        seckill_workers::wallet::MIGRATOR.iter().count() as i64
+    );
+    wallet.close().await;
+    env.cleanup().await;
+}
