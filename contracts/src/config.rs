@@ -17,6 +17,8 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 
 mod env;
+mod payment;
+pub use payment::{PaymentConfig, PaymentMode, WalletConfig};
 use serde::{Deserialize, Serialize};
 
 /// The environment prefix; `__` separates nesting levels.
@@ -67,6 +69,8 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub api: ApiConfig,
     pub worker: WorkerConfig,
+    pub wallet: WalletConfig,
+    pub payment: PaymentConfig,
     pub log: LogConfig,
 }
 
@@ -573,6 +577,10 @@ impl Default for GatewayConfig {
             backends: vec!["127.0.0.1:8081".into(), "127.0.0.1:8082".into()],
             ..PoolConfig::default()
         };
+        let wallet = PoolConfig {
+            backends: vec!["127.0.0.1:8083".into()],
+            ..PoolConfig::default()
+        };
         Self {
             listen: ([127, 0, 0, 1], 8080).into(),
             admin_listen: ([127, 0, 0, 1], 9090).into(),
@@ -598,7 +606,7 @@ impl Default for GatewayConfig {
             jwks: JwksConfig::default(),
             bundles: BundlesConfig::default(),
             micro_cache: MicroCacheConfig::default(),
-            pools: BTreeMap::from([("api".to_string(), api)]),
+            pools: BTreeMap::from([("api".to_string(), api), ("wallet".to_string(), wallet)]),
             routes: vec![
                 RouteConfig::local("seckill", "POST", "/api/v1/seckill/{path}/{sale_id}"),
                 RouteConfig::proxied("auth", "POST", "/api/v1/auth/{action}", true),
@@ -616,6 +624,11 @@ impl Default for GatewayConfig {
                 RouteConfig::proxied("ops_api", "*", "/ops/api/{*rest}", true),
                 RouteConfig::files("ops", "/ops"),
                 RouteConfig::files("ops_assets", "/ops/{*asset}"),
+                // The buyer's wallet lives in the wallet service.
+                RouteConfig {
+                    pool: Some("wallet".into()),
+                    ..RouteConfig::local("wallet", "GET", "/api/v1/wallet")
+                },
                 RouteConfig::proxied("api", "*", "/api/v1/{*rest}", false),
             ],
         }
@@ -830,6 +843,8 @@ impl Config {
             return Err(invalid("jwt.keyring_reload_secs", "must be at least 1"));
         }
         self.gateway.jwks.validate()?;
+        self.wallet.validate()?;
+        self.payment.validate()?;
         if self.gateway.bundles.poll_ms == 0 {
             return Err(invalid("gateway.bundles.poll_ms", "must be at least 1"));
         }

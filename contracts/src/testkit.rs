@@ -1,8 +1,9 @@
 //! Isolation for integration tests that talk to the real MariaDB, Redis and
 //! RabbitMQ.
 //!
-//! [`TestEnv::new`] creates a fresh database (migrated), a unique Redis key
-//! prefix and unique exchange/queue names, and returns a [`Config`] pointing
+//! [`TestEnv::new`] creates a fresh database (migrated), names a wallet
+//! database of its own (created when a test migrates it), a unique Redis
+//! key prefix and unique exchange/queue names, and returns a [`Config`] pointing
 //! at them, so tests run in parallel without seeing each other. Dropping the
 //! env drops the database, deletes the prefix's keys and the queues, even
 //! when the test panicked.
@@ -37,6 +38,8 @@ impl TestEnv {
         config.database.url = format!("{server_url}/{id}");
         config.database.max_connections = 8;
         config.redis.key_prefix = id.clone();
+        // The wallet's own database, created when a test migrates it.
+        config.wallet.database_url = format!("{server_url}/{}", wallet_database(&id));
         let a = &mut config.amqp;
         a.exchange = format!("{id}.orders");
         a.queue = format!("{id}.orders");
@@ -128,14 +131,21 @@ impl Drop for TestEnv {
     }
 }
 
+/// The name of a test's wallet database.
+fn wallet_database(id: &str) -> String {
+    format!("{id}_w")
+}
+
 async fn cleanup(id: &str, server_url: &str, config: &Config) {
     let deadline = Duration::from_secs(10);
     let _ = tokio::time::timeout(deadline, async {
         use sqlx::Connection;
         if let Ok(mut conn) = sqlx::MySqlConnection::connect(&format!("{server_url}/mysql")).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS `{id}`"))
-                .execute(&mut conn)
-                .await;
+            for db in [id.to_string(), wallet_database(id)] {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS `{db}`"))
+                    .execute(&mut conn)
+                    .await;
+            }
             let _ = conn.close().await;
         }
         if let Ok(client) = redis::Client::open(config.redis.url.as_str()) {

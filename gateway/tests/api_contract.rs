@@ -22,7 +22,7 @@ use std::time::Duration;
 use seckill_gateway::routes::RouteTable;
 use serde_json::Value;
 use support::python_tools::{contract_file, run_tool};
-use support::stack::{Stack, StackOptions};
+use support::stack::{Stack, StackOptions, ADMIN_TOKEN};
 
 fn opts() -> StackOptions {
     StackOptions {
@@ -276,7 +276,7 @@ async fn schemathesis_finds_nothing_against_the_running_stack() {
         .collect();
     eprintln!("schemathesis: {}", summary.join(" | "));
     assert!(
-        summary.iter().any(|l| l.contains("Tested: 16")),
+        summary.iter().any(|l| l.contains("Tested: 17")),
         "every operation but the document itself is tested: {output}"
     );
     stack.cleanup().await;
@@ -305,6 +305,10 @@ async fn a_client_generated_from_the_document_completes_the_buyer_journey() {
         pay_sale.to_string(),
         "--cancel-sale-id".into(),
         cancel_sale.to_string(),
+        "--wallet-url".into(),
+        stack.wallet_url.clone(),
+        "--admin-token".into(),
+        ADMIN_TOKEN.into(),
     ];
     let (ok, output) = run_tool("python", &args, &[], Duration::from_secs(180)).await;
     assert!(ok, "the generated client's journey failed:\n{output}");

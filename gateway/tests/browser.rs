@@ -110,6 +110,10 @@ async fn a_buyer_buys_in_the_browser_and_a_late_one_is_told_sold_out() {
             sale.to_string(),
             "--screenshots".into(),
             shots.to_string_lossy().into_owned(),
+            "--wallet-url".into(),
+            stack.wallet_url.clone(),
+            "--admin-token".into(),
+            ADMIN_TOKEN.into(),
         ],
         Duration::from_secs(120),
     )

@@ -57,6 +57,13 @@ async fn herd_through_both_vips_sells_exactly_the_stock_of_two_sales_on_two_mast
         assert_eq!(report["failed"], 0, "sale {sale}: {report}");
         assert_eq!(report["admitted_twice"], 0, "sale {sale}: {report}");
         assert_eq!(report["greedy"], HERD_GREEDY);
+        // Ten buyers of each sale paid through the VIPs (the wallets of
+        // app-1 and app-2, one database), and the money adds up.
+        assert_eq!(report["paid"], 10, "sale {sale}: {}", report["pay_refused"]);
+        assert_eq!(
+            report["payments_audit"]["ok"], true,
+            "sale {sale}: {report}"
+        );
     }
     let after = [c.metrics(0).await, c.metrics(1).await];
 
@@ -89,7 +96,7 @@ async fn herd_through_both_vips_sells_exactly_the_stock_of_two_sales_on_two_mast
         assert!(ok, "audit of sale {sale}: {audit}");
     }
     println!(
-        "herd: 2 sales x {HERD_STOCK} units on masters {} and {}, {} buyers ({} greedy) in {:.1} s; \
+        "herd: 2 sales x {HERD_STOCK} units on masters {} and {}, {} buyers ({} greedy) in {:.1} s, 10 of each sale paid; \
          seckill requests served: edge-1 {}, edge-2 {}; sold out after {} / {} ms; \
          sold-out notices heard: edge-1 {}, edge-2 {}; audits clean",
         c.master_of(a).await.unwrap_or_default(),

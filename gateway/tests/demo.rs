@@ -83,6 +83,14 @@ async fn demo_sells_exactly_the_stock_and_audits_clean() {
         report["rejected"]
     );
     assert_eq!(report["audit"]["ok"], true);
+    // Ten buyers topped up and paid, and the money adds up.
+    assert_eq!(report["paid"], 10, "{}", report["pay_refused"]);
+    assert_eq!(
+        report["payments_audit"]["ok"], true,
+        "{}",
+        report["payments_audit"]
+    );
+    assert_eq!(report["payments_audit"]["paid_orders"], 10);
 
     // The report against the stores themselves.
     let sale_id = report["sale_id"].as_u64().unwrap();

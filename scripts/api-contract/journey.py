@@ -7,11 +7,14 @@ HTTP call below goes through that generated code.
 
     journey.py --url http://127.0.0.1:8080 --redis-url redis://127.0.0.1:6379 \
         --captcha-key 'prefix:{sale:SALE}:captcha:{user_id}' \
-        --sale-id 1 --cancel-sale-id 2
+        --sale-id 1 --cancel-sale-id 2 \
+        --wallet-url http://127.0.0.1:8083 --admin-token TOKEN
 
 The captcha answer is read from Redis (a person would read the PNG);
-`{user_id}` and `SALE` in --captcha-key are filled in. Pays an order of
---sale-id, cancels one of --cancel-sale-id. Prints one JSON line; exits
+`{user_id}` and `SALE` in --captcha-key are filled in. The new buyer's
+wallet is topped up through the wallet's admin route (ops would do it;
+not part of the public API). Pays an order of --sale-id, checks the
+wallet was charged once, cancels one of --cancel-sale-id. Prints one JSON line; exits
 non-zero on the first answer that is not what the document promises.
 """
 
@@ -138,6 +141,23 @@ class Buyer:
             time.sleep(0.2)
         raise JourneyError(f"sale {sale_id}: no result within {timeout} s")
 
+    def top_up(self, wallet_url, admin_token, cents):
+        """Ops' top-up, through the wallet's admin route (not the public API)."""
+        body = json.dumps({"user_id": self.user_id, "amount_cents": cents}).encode()
+        request = urllib.request.Request(
+            f"{wallet_url}/admin/wallet/credit",
+            data=body,
+            method="POST",
+            headers={"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:
+            if r.status != 200:
+                raise JourneyError(f"top-up answered {r.status}")
+        self.topped_up = cents
+
+    def wallet(self):
+        return expect(self.op("orders", "get_wallet").sync_detailed(client=self.client), 200, "wallet")
+
     def pay(self, order_id):
         orders = expect(self.op("orders", "list_orders").sync_detailed(client=self.client), 200, "orders")
         if order_id not in [str(o.id) for o in orders]:
@@ -158,6 +178,12 @@ class Buyer:
             raise JourneyError("the replay is not marked Idempotent-Replayed")
         cancel = self.op("orders", "cancel_order").sync_detailed(order_id, client=self.client)
         expect(cancel, 409, "cancel a paid order")
+        wallet = self.wallet()
+        if wallet.balance_cents != self.topped_up - paid.amount_cents or wallet.frozen_cents != 0:
+            raise JourneyError(f"after paying {paid.amount_cents}: {wallet}")
+        debits = [e for e in wallet.ledger if e.kind.value == "debit"]
+        if len(debits) != 1 or str(debits[0].order_id) != order_id:
+            raise JourneyError(f"the ledger does not hold one debit of the order: {wallet.ledger}")
 
     def cancel(self, order_id):
         closed = expect(
@@ -186,6 +212,8 @@ def main():
     p.add_argument("--captcha-key", required=True)
     p.add_argument("--sale-id", type=int, required=True)
     p.add_argument("--cancel-sale-id", type=int, required=True)
+    p.add_argument("--wallet-url", required=True)
+    p.add_argument("--admin-token", required=True)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         pkg = generate(args.url, Path(tmp))
@@ -193,6 +221,7 @@ def main():
         buyer = Buyer(pkg, args.url, store, args.captcha_key)
         try:
             buyer.sign_up()
+            buyer.top_up(args.wallet_url, args.admin_token, 100_000)
             paid = buyer.buy(args.sale_id)
             buyer.pay(paid)
             cancelled = buyer.buy(args.cancel_sale_id)

@@ -30,6 +30,7 @@ import secrets
 import signal
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -316,9 +317,27 @@ def buyer_b_refused(run, page):
         run.screenshot(page, "storefront-mobile.png")
 
 
+def top_up(run, user_id, cents):
+    """Ops top A's wallet up (the wallet's admin route, not the storefront)."""
+    body = json.dumps({"user_id": user_id, "amount_cents": cents}).encode()
+    request = urllib.request.Request(
+        f"{run.args.wallet_url}/admin/wallet/credit",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {run.args.admin_token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        run.check(r.status == 200, "the top-up accepted", r.status)
+
+
 def buyer_a_pays(run, page):
     with run.step("A: My orders → pay"):
+        top_up(run, run.uid_a, 100_000)
         page.get_by_test_id("nav-orders").click()
+        wallet = page.get_by_test_id("wallet-balance")
+        run.wait("A's wallet balance", wallet.wait_for)
+        run.check("1,000.00" in wallet.inner_text() or "1000.00" in wallet.inner_text(),
+                  "the balance topped up shown", wallet.inner_text())
         row = page.locator(f'[data-testid="order-row"][data-order-id="{run.order_id}"]')
         run.wait("the new order in My orders", row.wait_for)
         status = row.get_by_test_id("order-status").inner_text()
@@ -355,6 +374,8 @@ def main():
     parser.add_argument("--captcha-key", required=True, help="with SALE and USER in place of the ids")
     parser.add_argument("--sale", required=True, type=int)
     parser.add_argument("--screenshots")
+    parser.add_argument("--wallet-url", required=True, help="the wallet's admin route tops A up")
+    parser.add_argument("--admin-token", required=True)
     parser.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
     args = parser.parse_args()
     args.gateway = args.gateway.rstrip("/")

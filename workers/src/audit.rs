@@ -11,7 +11,7 @@
 //!
 //! The checks:
 //!
-//! 1. unclosed (unpaid + paid) orders ≤ `stock_total` (no oversell), and
+//! 1. unclosed (unpaid + paying + paid) orders ≤ `stock_total` (no oversell), and
 //!    MySQL agrees with itself: `stock_left + unclosed = stock_total`;
 //! 2. no (user, sale) with two orders;
 //! 4. once quiet (no reservation in flight, nothing queued): Redis stock +
@@ -60,6 +60,8 @@ pub struct AuditReport {
     pub stock_total: i64,
     pub mysql_stock_left: i64,
     pub orders_unpaid: i64,
+    /// Held by a payment in progress (unclosed, like unpaid and paid).
+    pub orders_paying: i64,
     pub orders_paid: i64,
     pub orders_closed: i64,
     pub duplicate_pairs: i64,
@@ -97,6 +99,7 @@ struct MysqlFigures {
     stock_total: i64,
     stock_left: i64,
     unpaid: i64,
+    paying: i64,
     paid: i64,
     closed: i64,
     duplicate_pairs: i64,
@@ -130,6 +133,7 @@ async fn snapshot<C: ConnectionLike>(
         stock_total: m.stock_total,
         mysql_stock_left: m.stock_left,
         orders_unpaid: m.unpaid,
+        orders_paying: m.paying,
         orders_paid: m.paid,
         orders_closed: m.closed,
         duplicate_pairs: m.duplicate_pairs,
@@ -150,13 +154,15 @@ async fn mysql_figures(db: &MySqlPool, sale_id: u64) -> Result<MysqlFigures, Aud
     .fetch_optional(db)
     .await?
     .ok_or(AuditError::UnknownSale(sale_id))?;
-    let (unpaid, paid, closed): (i64, i64, i64) = sqlx::query_as(
+    let (unpaid, paying, paid, closed): (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT CAST(COALESCE(SUM(status = ?), 0) AS SIGNED), \
+                CAST(COALESCE(SUM(status = ?), 0) AS SIGNED), \
                 CAST(COALESCE(SUM(status = ?), 0) AS SIGNED), \
                 CAST(COALESCE(SUM(status = ?), 0) AS SIGNED) \
          FROM orders WHERE sale_id = ?",
     )
     .bind(OrderStatus::Unpaid)
+    .bind(OrderStatus::Paying)
     .bind(OrderStatus::Paid)
     .bind(OrderStatus::Closed)
     .bind(sale_id)
@@ -173,6 +179,7 @@ async fn mysql_figures(db: &MySqlPool, sale_id: u64) -> Result<MysqlFigures, Aud
         stock_total,
         stock_left,
         unpaid,
+        paying,
         paid,
         closed,
         duplicate_pairs,
@@ -208,7 +215,7 @@ fn violations(
     parked: u32,
 ) -> Vec<String> {
     let (stock_total, stock_left) = (m.stock_total, m.stock_left);
-    let unclosed = m.unpaid + m.paid;
+    let unclosed = m.unpaid + m.paying + m.paid;
     let mut violations = Vec::new();
     if unclosed > stock_total {
         violations.push(format!(
@@ -289,6 +296,7 @@ mod tests {
             stock_total: 10,
             stock_left,
             unpaid,
+            paying: 0,
             paid,
             closed,
             duplicate_pairs: 0,
@@ -307,6 +315,16 @@ mod tests {
     fn a_consistent_quiet_sale_has_no_violation() {
         let v = violations(&mysql(4, 3, 3, 2), &redis(Some(4)), true, 0, 0);
         assert!(v.is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn an_order_being_paid_is_unclosed() {
+        let mut m = mysql(4, 2, 3, 2);
+        m.paying = 1;
+        let v = violations(&m, &redis(Some(4)), true, 0, 0);
+        assert!(v.is_empty(), "{v:?}");
+        let v = violations(&mysql(4, 2, 3, 2), &redis(Some(4)), true, 0, 0);
+        assert!(v.iter().any(|v| v.contains("unclosed 5")), "{v:?}");
     }
 
     #[test]

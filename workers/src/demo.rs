@@ -13,8 +13,12 @@
 //!           first --greedy buyers fire several attempts at once, across
 //!           the gateways, as a bot would (at most one may be admitted)
 //! settle    every 202 polls GET /sales/{id}/result until success or failed
+//! pay       the first --pay buyers with an order get their wallet topped up
+//!           (the wallet's admin route) and pay through the gateway
+//!           (idempotency key, POST /orders/{id}/pay)
 //! report    admitted, sold, rejected by reason, time to sell out, orders
-//!           committed in MySQL, audit (invariants 1, 2, 4)
+//!           committed in MySQL, paid, the audit (invariants 1, 2, 4, and 7
+//!           when anyone paid)
 //! ```
 //!
 //! With several gateways (a fleet behind keepalived VIPs, DNS round robin)
@@ -43,6 +47,8 @@ use sqlx::MySqlPool;
 
 use crate::audit::{self, AuditReport};
 use crate::keyring;
+use crate::payments::audit::PaymentsReport;
+use crate::payments::wallet_client::WalletClient;
 use crate::sales::{self, NewSale};
 use crate::statuses::ResultStatus;
 use crate::tokens::TokenSigner;
@@ -73,6 +79,9 @@ pub struct DemoOptions {
     pub greedy_attempts: u32,
     /// Give up waiting for results after this long.
     pub timeout: Duration,
+    /// How many buyers with an order pay for it (0: nobody pays, for a
+    /// stack without a wallet service).
+    pub pay: u64,
     /// Draw progress bars on stderr.
     pub progress: bool,
 }
@@ -91,6 +100,7 @@ impl DemoOptions {
             greedy: 0,
             greedy_attempts: 5,
             timeout: Duration::from_secs(60),
+            pay: 10,
             progress: true,
         }
     }
@@ -133,6 +143,12 @@ pub enum DemoError {
     Database(#[from] sqlx::Error),
     #[error("audit: {0}")]
     Audit(#[from] audit::AuditError),
+    #[error("payments audit: {0}")]
+    PaymentsAudit(#[from] crate::payments::audit::PaymentsAuditError),
+    #[error("topping a wallet up: {0}")]
+    Wallet(#[from] crate::payments::wallet_client::WalletCallError),
+    #[error(transparent)]
+    Config(#[from] seckill_contracts::config::ConfigError),
 }
 
 /// What the demo saw, printed by `seckillctl demo`.
@@ -168,7 +184,14 @@ pub struct DemoReport {
     pub prepare_ms: u64,
     /// Orders of this sale in MySQL after the run.
     pub orders_committed: i64,
+    /// Buyers who paid (200), of those asked to (`pay`).
+    pub paid: u64,
+    /// Pay answers other than 200, by `"<status> <detail>"`.
+    pub pay_refused: BTreeMap<String, u64>,
     pub audit: AuditReport,
+    /// Invariant 7 across the order and wallet databases, when anyone paid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payments_audit: Option<PaymentsReport>,
     /// Audit clean, every 202 settled as an order, nothing oversold, no
     /// buyer admitted twice.
     pub ok: bool,
@@ -252,6 +275,7 @@ pub async fn run(
     let rush_started = Instant::now();
     let admitted = run.rush(&buyers, &tally).await;
     let results = run.settle(&admitted).await;
+    let payments = run.pay(config, &admitted, &results).await?;
     if !run.bars.is_hidden() {
         // The bars end mid-line; the summary starts on its own.
         eprintln!();
@@ -262,7 +286,11 @@ pub async fn run(
         prepare_ms,
         settled_after_ms: millis(rush_started.elapsed()),
         rush_started,
-        results,
+        results: results
+            .iter()
+            .map(|r| r.as_ref().map(|(s, _)| *s))
+            .collect(),
+        payments,
     };
     report(config, db, redis, &run, &tally, outcome).await
 }
@@ -378,8 +406,9 @@ impl Run<'_> {
         wins > 0
     }
 
-    /// Every admitted buyer's final result (`None`: none before the timeout).
-    async fn settle(&self, admitted: &[&Buyer]) -> Vec<Option<ResultStatus>> {
+    /// Every admitted buyer's final result and order id (`None`: none
+    /// before the timeout).
+    async fn settle(&self, admitted: &[&Buyer]) -> Vec<Option<(ResultStatus, Option<String>)>> {
         let bar = progress_bar(&self.bars, admitted.len() as u64, "results");
         let deadline = Instant::now() + self.opts.timeout;
         let results = stream::iter(admitted.iter())
@@ -391,13 +420,59 @@ impl Run<'_> {
                     status
                 }
             })
-            .buffer_unordered(self.opts.concurrency.max(1))
+            // In the order of `admitted`: the pay phase pairs them up.
+            .buffered(self.opts.concurrency.max(1))
             .collect()
             .await;
         bar.finish();
         results
     }
 }
+
+impl Run<'_> {
+    /// The pay phase: the first `opts.pay` buyers with an order are topped
+    /// up with the order's amount and pay it through the gateway.
+    async fn pay(
+        &self,
+        config: &Config,
+        admitted: &[&Buyer],
+        results: &[Option<(ResultStatus, Option<String>)>],
+    ) -> Result<Payments, DemoError> {
+        let mut done = Payments::default();
+        if self.opts.pay == 0 {
+            return Ok(done);
+        }
+        let token = seckill_contracts::config::read_secret(
+            "api.admin_token",
+            config.api.admin_token.as_deref(),
+            config.api.admin_token_path.as_deref(),
+        )?;
+        let wallet = WalletClient::new(config);
+        let payers: Vec<(&Buyer, &str)> = admitted
+            .iter()
+            .zip(results)
+            .filter_map(|(b, r)| match r {
+                Some((ResultStatus::Success, Some(order))) => Some((*b, order.as_str())),
+                _ => None,
+            })
+            .take(usize::try_from(self.opts.pay).unwrap_or(usize::MAX))
+            .collect();
+        let bar = progress_bar(&self.bars, payers.len() as u64, "payments");
+        for (buyer, order) in payers {
+            wallet.credit(&token, buyer.user, DEMO_TOP_UP_CENTS).await?;
+            match self.client.pay(buyer, order).await {
+                Ok(()) => done.paid += 1,
+                Err(reason) => *done.refused.entry(reason).or_default() += 1,
+            }
+            bar.inc(1);
+        }
+        bar.finish();
+        Ok(done)
+    }
+}
+
+/// What the demo tops a paying buyer up with (more than any demo price).
+const DEMO_TOP_UP_CENTS: i64 = 100_000;
 
 /// What the phases measured, for the report.
 struct Outcome {
@@ -407,6 +482,14 @@ struct Outcome {
     settled_after_ms: u64,
     rush_started: Instant,
     results: Vec<Option<ResultStatus>>,
+    payments: Payments,
+}
+
+/// What the pay phase did.
+#[derive(Default)]
+struct Payments {
+    paid: u64,
+    refused: BTreeMap<String, u64>,
 }
 
 /// The audit and the counts after the run.
@@ -427,6 +510,12 @@ async fn report(
         _ => None,
     };
     let audit = audit::run(config, db, redis, sale_id, Duration::from_secs(30)).await?;
+    let payments_audit = if outcome.payments.paid > 0 {
+        let wallet = WalletClient::new(config);
+        Some(crate::payments::audit::run(db, &wallet, Duration::from_secs(30)).await?)
+    } else {
+        None
+    };
     let orders_committed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE sale_id = ?")
         .bind(sale_id)
         .fetch_one(db)
@@ -437,7 +526,9 @@ async fn report(
     let ok = audit.ok
         && unsettled == 0
         && admitted_twice == 0
-        && admitted <= u64::from(outcome.stock_at_start);
+        && admitted <= u64::from(outcome.stock_at_start)
+        && outcome.payments.refused.is_empty()
+        && payments_audit.as_ref().is_none_or(|p| p.ok);
     Ok(DemoReport {
         sale_id,
         buyers: run.opts.buyers,
@@ -455,7 +546,10 @@ async fn report(
         settled_after_ms: outcome.settled_after_ms,
         prepare_ms: outcome.prepare_ms,
         orders_committed,
+        paid: outcome.payments.paid,
+        pay_refused: outcome.payments.refused,
         audit,
+        payments_audit,
         ok,
     })
 }
@@ -491,6 +585,17 @@ pub fn summary(r: &DemoReport) -> String {
         r.settled_after_ms, r.prepare_ms
     );
     out += &format!("  orders committed in MySQL: {}\n", r.orders_committed);
+    out += &format!("  paid {} orders through the gateway\n", r.paid);
+    for (reason, n) in &r.pay_refused {
+        out += &format!("  pay refused {n:>3}  {reason}\n");
+    }
+    match &r.payments_audit {
+        Some(p) if p.ok => {
+            out += "  payments audit: ok (money conserved, one debit per paid order)\n"
+        }
+        Some(p) => out += &format!("  payments audit: FAILED: {}\n", p.violations.join("; ")),
+        None => {}
+    }
     if r.audit.ok {
         out += "  audit: ok (no oversell, one order per buyer, Redis + orders = stock)\n";
     } else {
@@ -599,18 +704,20 @@ impl Client {
 
     /// Polls the buyer's result until it is final (`success` or `failed`);
     /// `None` when `deadline` passes first.
-    async fn settle(&self, buyer: &Buyer, deadline: Instant) -> Option<ResultStatus> {
+    async fn settle(
+        &self,
+        buyer: &Buyer,
+        deadline: Instant,
+    ) -> Option<(ResultStatus, Option<String>)> {
         let url = self.url(buyer.gateway, &format!("/sales/{}/result", self.sale_id));
         loop {
             let polled = self.http.get(&url).bearer_auth(&buyer.token).send().await;
             if let Ok(resp) = polled.and_then(|r| r.error_for_status()) {
-                let status = resp.json::<Value>().await.ok().and_then(|v| {
-                    v["status"]
-                        .as_str()
-                        .and_then(|s| s.parse::<ResultStatus>().ok())
-                });
+                let body = resp.json::<Value>().await.unwrap_or_default();
+                let status = body["status"].as_str().and_then(|s| s.parse().ok());
+                let order = body["order_id"].as_str().map(str::to_string);
                 if let Some(s @ (ResultStatus::Success | ResultStatus::Failed)) = status {
-                    return Some(s);
+                    return Some((s, order));
                 }
             }
             if Instant::now() >= deadline {
@@ -619,6 +726,40 @@ impl Client {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+impl Client {
+    /// One buyer pays `order` through the gateway: an idempotency key,
+    /// then the pay; `Err` is the refusal, `"<status> <detail>"`.
+    async fn pay(&self, buyer: &Buyer, order: &str) -> Result<(), String> {
+        let key = self
+            .http
+            .get(self.url(buyer.gateway, "/idempotency-key"))
+            .bearer_auth(&buyer.token)
+            .send()
+            .await
+            .map_err(|e| format!("error {e}"))?;
+        let key: Value = key.json().await.map_err(|e| format!("error {e}"))?;
+        let key = key["key"].as_str().unwrap_or_default();
+        let paid = self
+            .http
+            .post(self.url(buyer.gateway, &format!("/orders/{order}/pay")))
+            .bearer_auth(&buyer.token)
+            .header("Idempotency-Key", key)
+            .send()
+            .await
+            .map_err(|e| format!("error {e}"))?;
+        let status = paid.status();
+        if status == StatusCode::OK {
+            return Ok(());
+        }
+        let body: Value = paid.json().await.unwrap_or_default();
+        Err(format!(
+            "{} {}",
+            status.as_u16(),
+            body["detail"].as_str().unwrap_or_default()
+        ))
     }
 }
 

@@ -1,5 +1,6 @@
-//! The back half of the platform: the api service, the order workers and the
-//! `seckillctl` ops CLI. Binaries under `src/bin` only parse flags and call
+//! The back half of the platform: the api service, the order workers, the
+//! wallet service (`wallet`, with its own database) and the `seckillctl`
+//! ops CLI. Binaries under `src/bin` only parse flags and call
 //! into these modules, which tests call directly.
 
 pub mod api;
@@ -10,6 +11,7 @@ pub mod fleet_report;
 pub mod keyring;
 pub mod lock;
 pub mod orders;
+pub mod payments;
 pub mod probes;
 pub mod reconcile;
 pub mod rules_rollout;
@@ -18,4 +20,5 @@ pub mod shutdown;
 pub mod signing_keys;
 pub mod statuses;
 pub mod tokens;
+pub mod wallet;
 pub mod worker;

@@ -1,9 +1,12 @@
 //! The order lifecycle after admission: `unpaid` → `paid` | `closed`
-//! (SPEC §3), and the stock a closed order gives back.
+//! (SPEC §3), and the stock a closed order gives back. Paying goes
+//! through `payments`, which holds the order (`paying`) while the wallet
+//! side is settled; nothing here closes a `paying` order.
 //!
 //! ```text
-//!                 pay (guarded: unpaid, not expired, the buyer's own)
-//!   unpaid ─────────────────────────────────────────────▶ paid
+//!            payments (the order branch: guarded, unpaid, not expired)
+//!   unpaid ──────────▶ paying ──────────▶ paid
+//!     │  ◀──────────── (cancelled payment)
 //!     │ cancel (the buyer) / timeout (closer, sweeper)
 //!     ▼
 //!   closed ──▶ MySQL: sales.stock_left + 1        (same transaction)
@@ -20,7 +23,7 @@
 //! so the two never both apply at the same instant either.
 //!
 //! Every transition takes the sale's row lock before the order's (a close
-//! exclusively, a pay shared), the same order as the order writer
+//! exclusively, a payment step shared), the same order as the order writer
 //! (`worker::order_writer`): InnoDB share-locks the sale row inside any
 //! status change anyway (the foreign key's index holds `status`), so any
 //! other order would deadlock. A transition still picked as a deadlock
@@ -155,54 +158,6 @@ pub async fn get_for_user(
     row.as_ref().map(Order::from_row).transpose()
 }
 
-/// What a payment attempt found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PayOutcome {
-    /// Paid now.
-    Paid(Order),
-    /// It had been paid before (with another idempotency key): nothing
-    /// changed; the api answers 409.
-    AlreadyPaid(Order),
-    /// Closed (cancelled or timed out) before the payment: 409.
-    Closed(Order),
-    /// No such order of this buyer.
-    NotFound,
-}
-
-/// Pays the buyer's unpaid order. An unpaid order found past its
-/// `expires_at` is closed right here (returning its stock) rather than
-/// paid, so the answer never depends on whether the closer ran yet.
-pub async fn pay<C: ConnectionLike>(
-    db: &MySqlPool,
-    redis: &mut C,
-    keys: &KeySchema,
-    user_id: u64,
-    order_id: &str,
-) -> Result<PayOutcome, OrderError> {
-    if !valid_order_id(order_id) {
-        return Ok(PayOutcome::NotFound);
-    }
-    let paid = retry_on_deadlock(|| mark_paid(db, user_id, order_id)).await?;
-    let Some(order) = get_for_user(db, user_id, order_id).await? else {
-        return Ok(PayOutcome::NotFound);
-    };
-    Ok(match order.status {
-        OrderStatus::Paid if paid => PayOutcome::Paid(order),
-        OrderStatus::Paid => PayOutcome::AlreadyPaid(order),
-        OrderStatus::Closed => PayOutcome::Closed(order),
-        OrderStatus::Unpaid => {
-            // Past its time: close it (the guard re-checks expiry).
-            close_expired_one(db, redis, keys, order_id).await?;
-            match get_for_user(db, user_id, order_id).await? {
-                Some(o) if o.status == OrderStatus::Closed => PayOutcome::Closed(o),
-                Some(o) if o.status == OrderStatus::Paid => PayOutcome::AlreadyPaid(o),
-                Some(o) => PayOutcome::Closed(o),
-                None => PayOutcome::NotFound,
-            }
-        }
-    })
-}
-
 /// What a cancel found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CancelOutcome {
@@ -212,6 +167,8 @@ pub enum CancelOutcome {
     AlreadyClosed(Order),
     /// Paid orders cannot be cancelled here: 409.
     Paid(Order),
+    /// A payment holds it: 409 until the payment ends.
+    Paying(Order),
     /// No such order of this buyer.
     NotFound,
 }
@@ -243,6 +200,7 @@ pub async fn cancel<C: ConnectionLike>(
         OrderStatus::Closed if closed.closed() => CancelOutcome::Cancelled(order),
         OrderStatus::Closed => CancelOutcome::AlreadyClosed(order),
         OrderStatus::Paid => CancelOutcome::Paid(order),
+        OrderStatus::Paying => CancelOutcome::Paying(order),
         // Unreachable in practice (the guarded close either closed it or
         // found it paid or closed); report the order as it is.
         OrderStatus::Unpaid => CancelOutcome::AlreadyClosed(order),
@@ -424,44 +382,6 @@ async fn close_in_mysql(
     Ok(true)
 }
 
-/// Pays the buyer's order if it is unpaid and not expired; true when this
-/// call did. The sale row is share-locked first: changing `status` touches
-/// `idx_orders_sale_status`, which backs the foreign key to `sales`, so
-/// InnoDB share-locks the sale row inside the UPDATE anyway. Taking it
-/// first keeps the lock order of every order transition sale → order (a
-/// close holds the sale row exclusively and then updates the order); the
-/// other way round a pay racing a close deadlocks.
-async fn mark_paid(db: &MySqlPool, user_id: u64, order_id: &str) -> Result<bool, sqlx::Error> {
-    let sale: Option<u64> =
-        sqlx::query_scalar("SELECT sale_id FROM orders WHERE id = ? AND user_id = ?")
-            .bind(order_id)
-            .bind(user_id)
-            .fetch_optional(db)
-            .await?;
-    let Some(sale_id) = sale else {
-        return Ok(false);
-    };
-    let mut tx = db.begin().await?;
-    sqlx::query("SELECT id FROM sales WHERE id = ? LOCK IN SHARE MODE")
-        .bind(sale_id)
-        .execute(&mut *tx)
-        .await?;
-    let paid = sqlx::query(
-        "UPDATE orders SET status = ?, paid_at = NOW(3) \
-         WHERE id = ? AND user_id = ? AND status = ? AND expires_at > NOW(3)",
-    )
-    .bind(OrderStatus::Paid)
-    .bind(order_id)
-    .bind(user_id)
-    .bind(OrderStatus::Unpaid)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    tx.commit().await?;
-    Ok(paid)
-}
-
 /// Attempts of a transition InnoDB chose as a deadlock victim.
 const DEADLOCK_ATTEMPTS: u32 = 3;
 
@@ -469,15 +389,16 @@ const DEADLOCK_ATTEMPTS: u32 = 3;
 /// because every transition is guarded: a retry that finds the order
 /// already moved changes nothing. The lock order above makes deadlocks
 /// rare; this covers the ones other writers of the sale row can still cause.
-async fn retry_on_deadlock<T, F, Fut>(mut op: F) -> Result<T, sqlx::Error>
+pub(crate) async fn retry_on_deadlock<T, E, F, Fut>(mut op: F) -> Result<T, E>
 where
+    E: MaybeDeadlock,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut attempt = 1;
     loop {
         match op().await {
-            Err(e) if attempt < DEADLOCK_ATTEMPTS && is_deadlock(&e) => {
+            Err(e) if attempt < DEADLOCK_ATTEMPTS && e.is_deadlock() => {
                 tracing::debug!(attempt, "deadlock victim; retrying the transition");
                 attempt += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt))).await;
@@ -487,11 +408,17 @@ where
     }
 }
 
-/// SQLSTATE 40001: InnoDB rolled the transaction back to break a deadlock.
-fn is_deadlock(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|code| code == "40001")
+/// An error that may be InnoDB breaking a deadlock (SQLSTATE 40001).
+pub(crate) trait MaybeDeadlock {
+    fn is_deadlock(&self) -> bool;
+}
+
+impl MaybeDeadlock for sqlx::Error {
+    fn is_deadlock(&self) -> bool {
+        self.as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|code| code == "40001")
+    }
 }
 
 /// The Redis half of a close, then `stock_returned_at`. Never fails: a

@@ -32,13 +32,15 @@ pub struct GeneratedKeys {
     pub private_key: PathBuf,
     pub public_key: PathBuf,
     pub admin_token: PathBuf,
+    /// The api's secret on the wallet's internal routes.
+    pub service_token: PathBuf,
     /// False when everything already existed and nothing was written.
     pub created: bool,
 }
 
 /// Creates `<dir>/<kid>.private.pem`, `<dir>/<kid>.public.pem` (2048-bit
-/// RSA, PKCS#8 / SPKI) and `<dir>/admin-token` unless they exist; `force`
-/// replaces them.
+/// RSA, PKCS#8 / SPKI), `<dir>/admin-token` and `<dir>/service-token`
+/// unless they exist; `force` replaces them.
 pub fn generate(dir: &Path, kid: &str, force: bool) -> Result<GeneratedKeys, KeyGenError> {
     check_kid(kid)?;
     let io = |path: &Path| {
@@ -55,19 +57,28 @@ pub fn generate(dir: &Path, kid: &str, force: bool) -> Result<GeneratedKeys, Key
         write_pair(&private_key, &public_key)?;
         created = true;
     }
-    if force || !admin_token.exists() {
-        let mut bytes = [0u8; 32];
-        rand::rng().fill_bytes(&mut bytes);
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        write_secret(&admin_token, format!("{token}\n").as_bytes()).map_err(io(&admin_token))?;
-        created = true;
+    let service_token = dir.join("service-token");
+    for token in [&admin_token, &service_token] {
+        if force || !token.exists() {
+            write_random_token(token).map_err(io(token))?;
+            created = true;
+        }
     }
     Ok(GeneratedKeys {
         private_key,
         public_key,
         admin_token,
+        service_token,
         created,
     })
+}
+
+/// 256 random bits, hex, owner-only.
+fn write_random_token(path: &Path) -> std::io::Result<()> {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_secret(path, format!("{token}\n").as_bytes())
 }
 
 /// Creates a new pair `<dir>/<kid>.private.pem` and `<dir>/<kid>.public.pem`

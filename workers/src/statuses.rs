@@ -4,10 +4,14 @@
 //!
 //! | enum | column | values |
 //! |---|---|---|
-//! | [`OrderStatus`] | `orders.status` | `unpaid`, `paid`, `closed` |
+//! | [`OrderStatus`] | `orders.status` | `unpaid`, `paying`, `paid`, `closed` |
 //! | [`CloseReason`] | `orders.close_reason` | `cancelled`, `timeout` |
 //! | [`FailReason`] | `failed_admissions.reason` | `sold_out`, `unknown_sale`, `duplicate`, `released` |
 //! | [`ResultStatus`] | the buyer's result key (Redis), the poll answer | `success`, `queued`, `failed`, `none` |
+//! | [`TxState`] | `pay_transactions.state` | `started`, `committing`, `aborting`, `committed`, `aborted` |
+//! | [`AbortReason`] | `pay_transactions.reason` | `insufficient_funds`, `order_not_payable`, `wallet_unavailable`, `wallet_refused`, `timeout` |
+//! | [`FencePhase`] | `tcc_fences.phase` (both databases) | `try`, `confirm`, `cancel` |
+//! | [`LedgerKind`] | `wallet_ledger.kind` (the wallet's database) | `credit`, `freeze`, `unfreeze`, `debit`, `refund` |
 //!
 //! SQL never spells these out: the values are bound as parameters
 //! (`.bind(OrderStatus::Unpaid)`), so a renamed value cannot leave a stale
@@ -121,6 +125,9 @@ stored_enum! {
     /// Where an order is in its life (SPEC §3).
     OrderStatus, "order status" {
         Unpaid => "unpaid",
+        /// A payment holds it (TCC tried it; or the wallet's debit message
+        /// is on its way): neither cancel nor the timeout closes it.
+        Paying => "paying",
         Paid => "paid",
         Closed => "closed",
     }
@@ -169,6 +176,66 @@ stored_enum! {
     }
 }
 
+stored_enum! {
+    /// Where a payment transaction is (the coordinator's log). It only
+    /// moves forward, each step a guarded update.
+    TxState, "payment transaction state" {
+        /// Branches are being tried / prepared / requested.
+        Started => "started",
+        /// Decided: every branch commits (recovery finishes it).
+        Committing => "committing",
+        /// Decided: every branch is undone (recovery finishes it).
+        Aborting => "aborting",
+        Committed => "committed",
+        Aborted => "aborted",
+    }
+}
+
+stored_enum! {
+    /// Why a payment transaction was aborted.
+    AbortReason, "payment abort reason" {
+        /// The wallet's balance did not cover the order.
+        InsufficientFunds => "insufficient_funds",
+        /// The order was not the buyer's unpaid, unexpired order any more
+        /// (paid, closed, expired, or held by another payment).
+        OrderNotPayable => "order_not_payable",
+        /// No wallet instance answered.
+        WalletUnavailable => "wallet_unavailable",
+        /// The wallet refused the call (a bug or a misconfiguration: the
+        /// service token, a malformed request).
+        WalletRefused => "wallet_refused",
+        /// It stayed open past `payment.transaction_timeout_ms`; recovery
+        /// ended it.
+        Timeout => "timeout",
+    }
+}
+
+stored_enum! {
+    /// The phase a TCC branch reached (its fence).
+    FencePhase, "TCC fence phase" {
+        Try => "try",
+        Confirm => "confirm",
+        Cancel => "cancel",
+    }
+}
+
+stored_enum! {
+    /// A movement of money in the wallet's ledger.
+    LedgerKind, "ledger kind" {
+        /// A top-up.
+        Credit => "credit",
+        /// TCC Try: balance to frozen.
+        Freeze => "freeze",
+        /// TCC Cancel: frozen back to balance.
+        Unfreeze => "unfreeze",
+        /// Money spent on an order (from frozen in TCC, from the balance
+        /// otherwise).
+        Debit => "debit",
+        /// A debit given back.
+        Refund => "refund",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +255,10 @@ mod tests {
         round_trips(CloseReason::ALL);
         round_trips(FailReason::ALL);
         round_trips(ResultStatus::ALL);
+        round_trips(TxState::ALL);
+        round_trips(AbortReason::ALL);
+        round_trips(FencePhase::ALL);
+        round_trips(LedgerKind::ALL);
         assert_eq!(OrderStatus::Unpaid.as_str(), "unpaid");
         assert_eq!(CloseReason::Timeout.as_str(), "timeout");
         assert_eq!(FailReason::UnknownSale.as_str(), "unknown_sale");

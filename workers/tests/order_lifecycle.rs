@@ -17,13 +17,16 @@ use reqwest::StatusCode;
 use seckill_contracts::config::{Config, PublicKeyConfig};
 use seckill_contracts::testkit::{TestEnv, TestKeys};
 use seckill_workers::api::{self, ApiState};
-use seckill_workers::orders::{self, CloseOutcome, PayOutcome};
+use seckill_workers::orders::{self, CloseOutcome};
+use seckill_workers::payments::{PayResult, Payments};
 use seckill_workers::worker::order_writer::{self, Settlement, WriterConfig};
 use seckill_workers::worker::{sweeper, WorkerContext};
 use seckill_workers::{audit, connections};
 use serde_json::Value;
 use sqlx::MySqlPool;
-use support::{count, create_sale, message, stock_left, wait_for, InProcessWorker};
+use support::{
+    count, create_sale, message, stock_left, wait_for, InProcessWallet, InProcessWorker,
+};
 
 fn test_keys() -> &'static TestKeys {
     static KEYS: OnceLock<TestKeys> = OnceLock::new();
@@ -90,6 +93,7 @@ async fn order_status(db: &MySqlPool, id: &str) -> (String, Option<String>) {
 
 struct Api {
     env: TestEnv,
+    wallet: InProcessWallet,
     base: String,
     http: reqwest::Client,
     _dir: tempfile::TempDir,
@@ -108,6 +112,8 @@ impl Api {
             kid: keys.kid.clone(),
             path: public,
         }];
+        let wallet = InProcessWallet::start(&config).await;
+        let config = wallet.config.clone();
         let state = ApiState::connect(&config).await.expect("api state");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -117,6 +123,7 @@ impl Api {
         }));
         Api {
             env,
+            wallet,
             base,
             http: reqwest::Client::new(),
             _dir: dir,
@@ -191,6 +198,7 @@ impl Api {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+        self.wallet.stop().await;
         self.env.cleanup().await;
     }
 }
@@ -258,6 +266,14 @@ async fn orders_routes_pay_and_cancel_keep_buyers_apart_and_stock_right() {
     let (s, _, _) = api.pay(mine, 11, Some("'; DROP TABLE orders; --")).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(order_status(&db, mine).await.0, "unpaid");
+
+    // No money in the wallet: 402, nothing charged, the order stays unpaid.
+    let poor = api.key(11).await;
+    let (s, body, _) = api.pay(mine, 11, Some(&poor)).await;
+    assert_eq!(s, StatusCode::PAYMENT_REQUIRED, "{body}");
+    assert_eq!(body["type"], "/problems/insufficient-funds");
+    assert_eq!(order_status(&db, mine).await.0, "unpaid");
+    api.wallet.credit(&[11], 10_000).await;
 
     let key = api.key(11).await;
     let (s, first, h) = api.pay(mine, 11, Some(&key)).await;
@@ -421,11 +437,15 @@ async fn the_sweeper_closes_overdue_orders_and_finishes_cut_short_returns() {
     // No close messages were scheduled for these (as if the worker died
     // right after the commit).
     let ids = admit(&env, &db, sale.id, &[1, 2, 3, 4], 1).await;
-    let paid = match orders::pay(&db, &mut ctx.redis.clone(), &ctx.keys, 4, &ids[3])
+    let wallet = InProcessWallet::start(&config).await;
+    wallet.credit(&[4], 10_000).await;
+    let payments = Payments::new(db.clone(), ctx.keys.clone(), &wallet.config);
+    let paid = match payments
+        .pay(&mut ctx.redis.clone(), 4, &ids[3])
         .await
         .unwrap()
     {
-        PayOutcome::Paid(o) => o,
+        PayResult::Paid(o) => o,
         other => panic!("{other:?}"),
     };
     assert_eq!(paid.id, ids[3]);
@@ -485,7 +505,7 @@ async fn the_sweeper_closes_overdue_orders_and_finishes_cut_short_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pay_racing_the_timeout_close_ends_paid_xor_closed_1000_times() {
+async fn paying_racing_the_timeout_close_ends_paid_xor_closed_1000_times() {
     const ORDERS: u64 = 1000;
     let env = TestEnv::new().await;
     let db = env.db().await;
@@ -493,6 +513,9 @@ async fn pay_racing_the_timeout_close_ends_paid_xor_closed_1000_times() {
     let ctx = Arc::new(context(&config).await);
     let sale = create_sale(&env, &db, ORDERS as u32).await;
     let users: Vec<u64> = (1..=ORDERS).collect();
+    let wallet = InProcessWallet::start(&config).await;
+    wallet.credit(&users, 10_000).await;
+    let payments = Arc::new(Payments::new(db.clone(), ctx.keys.clone(), &wallet.config));
     let mut ids = Vec::new();
     for chunk in users.chunks(200) {
         ids.extend(admit(&env, &db, sale.id, chunk, 1800).await);
@@ -511,12 +534,11 @@ async fn pay_racing_the_timeout_close_ends_paid_xor_closed_1000_times() {
             (rng.random_range(0..800u64), rng.random_range(0..800u64))
         };
         let (c1, c2, id1, id2) = (ctx.clone(), ctx.clone(), id.clone(), id.clone());
+        let payments = payments.clone();
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(pay_at)).await;
             let mut redis = c1.redis.clone();
-            let pay = orders::pay(&c1.db, &mut redis, &c1.keys, user, &id1)
-                .await
-                .expect("pay");
+            let pay = payments.pay(&mut redis, user, &id1).await.expect("pay");
             (id1, Some(pay), None)
         }));
         tasks.push(tokio::spawn(async move {
@@ -532,7 +554,7 @@ async fn pay_racing_the_timeout_close_ends_paid_xor_closed_1000_times() {
     let mut closed_by_call = HashSet::new();
     for t in tasks {
         let (id, pay, close) = t.await.expect("task");
-        if let Some(PayOutcome::Paid(_)) = pay {
+        if let Some(PayResult::Paid(_)) = pay {
             assert!(paid_by_call.insert(id.clone()), "paid twice");
         }
         if let Some(CloseOutcome::Closed { .. }) = close {
@@ -565,6 +587,14 @@ async fn pay_racing_the_timeout_close_ends_paid_xor_closed_1000_times() {
     assert_eq!(stock_left(&db, sale.id).await, closed);
     assert_eq!(redis_stock(&env, sale.id).await, closed);
     assert_audit_clean(&env, &db, sale.id).await;
+    // Money: each paid order one debit of its amount, the closed ones none.
+    let client = seckill_workers::payments::wallet_client::WalletClient::new(&wallet.config);
+    let money = seckill_workers::payments::audit::run(&db, &client, Duration::from_secs(10))
+        .await
+        .expect("payments audit");
+    assert!(money.ok, "{money:#?}");
+    assert_eq!(money.paid_orders, paid);
+    wallet.stop().await;
     env.cleanup().await;
 }
 
@@ -574,6 +604,7 @@ async fn paying_a_paid_order_with_a_new_key_is_409_and_each_key_replays_its_answ
     let db = api.env.db().await;
     let sale = create_sale(&api.env, &db, 5).await;
     let ids = admit(&api.env, &db, sale.id, &[41], 1800).await;
+    api.wallet.credit(&[41], 10_000).await;
     let first_key = api.key(41).await;
     let (s, first, _) = api.pay(&ids[0], 41, Some(&first_key)).await;
     assert_eq!(s, StatusCode::OK, "{first}");

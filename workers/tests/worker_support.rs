@@ -199,3 +199,90 @@ pub async fn stock_left(db: &MySqlPool, sale: u64) -> i64 {
         .await
         .expect("stock_left")
 }
+
+/// The service and admin tokens of the in-process wallet.
+pub const SERVICE_TOKEN: &str = "test-service-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// A wallet service in-process on its own port and the test's own wallet
+/// database (migrated), and `config` pointed at it: `payment.wallet_urls`,
+/// the service and admin tokens. `stop` ends it (the wallet "goes down").
+pub struct InProcessWallet {
+    pub config: Config,
+    pub url: String,
+    pub db: MySqlPool,
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<std::io::Result<()>>,
+}
+
+impl InProcessWallet {
+    pub async fn start(config: &Config) -> InProcessWallet {
+        let mut config = config.clone();
+        config.payment.service_token = Some(SERVICE_TOKEN.into());
+        config.payment.service_token_path = None;
+        config.api.admin_token = Some(ADMIN_TOKEN.into());
+        config.api.admin_token_path = None;
+        seckill_workers::wallet::migrate(&config)
+            .await
+            .expect("migrate the wallet database");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the wallet");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        config.payment.wallet_urls = vec![url.clone()];
+        Self::serve(config, url, listener).await
+    }
+
+    /// Serves again on the same address after [`stop`](Self::stop).
+    pub async fn restart(config: &Config, url: &str) -> InProcessWallet {
+        let addr = url.trim_start_matches("http://");
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("rebind the wallet");
+        Self::serve(config.clone(), url.to_string(), listener).await
+    }
+
+    async fn serve(
+        config: Config,
+        url: String,
+        listener: tokio::net::TcpListener,
+    ) -> InProcessWallet {
+        let state = seckill_workers::wallet::WalletState::connect(&config)
+            .await
+            .expect("wallet state");
+        let db = state.db().clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(seckill_workers::wallet::serve(
+            state,
+            listener,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        InProcessWallet {
+            config,
+            url,
+            db,
+            stop: Some(tx),
+            handle,
+        }
+    }
+
+    /// Tops `users` up with `cents` each (through the admin route).
+    pub async fn credit(&self, users: &[u64], cents: i64) {
+        let client = seckill_workers::payments::wallet_client::WalletClient::new(&self.config);
+        for &user in users {
+            client
+                .credit(ADMIN_TOKEN, user, cents)
+                .await
+                .unwrap_or_else(|e| panic!("credit {user}: {e}"));
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.handle).await;
+    }
+}

@@ -199,7 +199,36 @@ impl GatewayProc {
             pool.backends = backends.iter().map(|b| b.to_string()).collect();
             pool.health_interval_ms = 200;
         }
+        // No wallet unless the test starts one (Stack does, with
+        // `route_wallet`): no route to a wallet of some other stack on
+        // this machine, and no health checks failing against nothing.
+        g.pools.remove("wallet");
+        g.routes.retain(|r| r.pool.as_deref() != Some("wallet"));
         c
+    }
+
+    /// Puts the default config's wallet pool (with `backend`) and route
+    /// back into `config`, before the catch-all api route.
+    pub fn route_wallet(config: &mut Config, backend: SocketAddr) {
+        let defaults = Config::default().gateway;
+        let g = &mut config.gateway;
+        if let Some(mut pool) = defaults.pools.get("wallet").cloned() {
+            pool.backends = vec![backend.to_string()];
+            pool.health_interval_ms = 200;
+            g.pools.insert("wallet".into(), pool);
+        }
+        let route = defaults
+            .routes
+            .into_iter()
+            .find(|r| r.pool.as_deref() == Some("wallet"));
+        if let Some(route) = route {
+            let at = g
+                .routes
+                .iter()
+                .position(|r| r.name == "api")
+                .unwrap_or(g.routes.len());
+            g.routes.insert(at, route);
+        }
     }
 
     /// Starts the gateway binary on `config` and waits until it is healthy.

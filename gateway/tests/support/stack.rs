@@ -1,7 +1,8 @@
 //! The whole buyer-facing stack for end-to-end tests: the real gateway
 //! binary running the repository's own `lua/` rules, two real `seckill-api`
-//! processes behind it, optionally a real `seckill-worker`, all on this
-//! test's own database, key prefix and queues (`TestEnv`).
+//! processes behind it, a real `seckill-wallet` (its own database),
+//! optionally a real `seckill-worker`, all on this test's own databases,
+//! key prefix and queues (`TestEnv`).
 //!
 //! The api and worker binaries are built by `cargo test --workspace` (or
 //! `cargo build --workspace`) next to the gateway binary; they are looked up
@@ -25,6 +26,8 @@ use tokio::task::AbortHandle;
 use super::{keys, GatewayProc};
 
 pub const ADMIN_TOKEN: &str = "stack-admin-token-0123456789";
+/// The api's secret on the wallet's internal routes.
+pub const SERVICE_TOKEN: &str = "stack-service-token-0123456789";
 
 /// Path of a binary of the workspace built next to the gateway's.
 pub fn sibling_binary(name: &str) -> String {
@@ -88,6 +91,9 @@ pub struct Stack {
     pub config: Config,
     pub gateway: GatewayProc,
     pub apis: Vec<(SocketAddr, Process)>,
+    pub wallet: Process,
+    /// Where the wallet listens (its admin route tops wallets up).
+    pub wallet_url: String,
     pub worker: Option<Process>,
     pub http: reqwest::Client,
     /// The TOML every process of the stack was started with (for CLI runs).
@@ -113,6 +119,13 @@ impl Stack {
         config.api.admin_token_path = None;
         config.gateway.admin_token = Some(ADMIN_TOKEN.into());
         config.worker.listen = free_addr();
+        let wallet_addr = free_addr();
+        let wallet_url = format!("http://{wallet_addr}");
+        config.wallet.listen = wallet_addr;
+        config.payment.wallet_urls = vec![wallet_url.clone()];
+        config.payment.service_token = Some(SERVICE_TOKEN.into());
+        config.payment.service_token_path = None;
+        GatewayProc::route_wallet(&mut config, wallet_addr);
         // Sales in these tests start a moment after creation.
         config.gateway.sale_info_ttl_ms = 500;
         let shared = dir.path().join("stack.toml");
@@ -129,12 +142,21 @@ impl Stack {
             );
             apis.push((addr, p));
         }
+        let wallet = Process::spawn(
+            &sibling_binary("seckill-wallet"),
+            &["--config", &shared_arg],
+            &log,
+        );
         for (addr, _) in &apis {
             assert!(
                 wait_ok(&format!("http://{addr}/healthz"), Duration::from_secs(30)).await,
                 "api {addr} never became healthy"
             );
         }
+        assert!(
+            wait_ok(&format!("{wallet_url}/healthz"), Duration::from_secs(30)).await,
+            "the wallet never became healthy"
+        );
         let worker = opts.worker.then(|| {
             Process::spawn(
                 &sibling_binary("seckill-worker"),
@@ -167,6 +189,8 @@ impl Stack {
             config,
             gateway,
             apis,
+            wallet,
+            wallet_url,
             worker,
             http,
             config_path: shared.clone(),
@@ -323,16 +347,31 @@ impl Stack {
         n
     }
 
+    /// Tops `user`'s wallet up with `cents` (the wallet's admin route).
+    pub async fn credit(&self, user: u64, cents: i64) {
+        let resp = self
+            .http
+            .post(format!("{}/admin/wallet/credit", self.wallet_url))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({ "user_id": user, "amount_cents": cents }))
+            .send()
+            .await
+            .expect("wallet credit");
+        assert_eq!(resp.status(), 200, "credit {user}");
+    }
+
     pub async fn cleanup(self) {
         let Stack {
             env,
             gateway,
             apis,
+            wallet,
             worker,
             ..
         } = self;
         drop(gateway);
         drop(apis);
+        drop(wallet);
         drop(worker);
         env.cleanup().await;
     }

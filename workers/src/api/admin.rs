@@ -62,16 +62,26 @@ pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// Passes when the request carries the admin token (every admin and ops
 /// route calls this first, before looking at the body).
 pub(super) fn check_admin(state: &ApiState, headers: &HeaderMap) -> Result<(), Problem> {
-    let Some(expected) = state.admin_digest() else {
-        return Err(Problem::unavailable(
-            "admin routes are disabled: no admin token is configured",
-        ));
+    check_secret(state.admin_digest(), headers, "admin")
+}
+
+/// Passes when the request's bearer token is the secret whose digest is
+/// `expected` (`what` names it in the answers: "admin", "service").
+pub fn check_secret(
+    expected: Option<&[u8; 32]>,
+    headers: &HeaderMap,
+    what: &str,
+) -> Result<(), Problem> {
+    let Some(expected) = expected else {
+        return Err(Problem::unavailable(format!(
+            "these routes are disabled: no {what} token is configured"
+        )));
     };
     match bearer(headers) {
         Some(token) if same(&digest(token), expected) => Ok(()),
-        _ => Err(Problem::unauthorized(
-            "a valid admin bearer token is required",
-        )),
+        _ => Err(Problem::unauthorized(format!(
+            "a valid {what} bearer token is required"
+        ))),
     }
 }
 

@@ -13,8 +13,23 @@ use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
 
+use seckill_contracts::jwt::JwtVerifier;
+
 use super::problem::Problem;
 use super::ApiState;
+
+/// A service state that can verify bearer tokens: the api's, and the
+/// wallet's (which serves `GET /api/v1/wallet` the same way).
+pub trait VerifiesTokens {
+    /// The verifier, when the public keys loaded.
+    fn token_verifier(&self) -> Option<&JwtVerifier>;
+}
+
+impl VerifiesTokens for ApiState {
+    fn token_verifier(&self) -> Option<&JwtVerifier> {
+        self.verifier()
+    }
+}
 
 /// The verified caller of an authenticated route. Extracting it is the
 /// route's authentication: a handler taking `Identity` can only run for a
@@ -26,11 +41,11 @@ pub struct Identity {
     pub username: String,
 }
 
-impl FromRequestParts<ApiState> for Identity {
+impl<S: VerifiesTokens + Send + Sync> FromRequestParts<S> for Identity {
     type Rejection = Problem;
 
-    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Problem> {
-        let Some(verifier) = state.verifier() else {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        let Some(verifier) = state.token_verifier() else {
             return Err(Problem::unavailable(
                 "token verification is not configured on this instance",
             ));

@@ -54,6 +54,8 @@ use tokio::net::TcpListener;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::connections::{self, ConnectError};
+use crate::lock::RedisLock;
+use crate::payments::{recovery, Payments};
 use crate::probes;
 use crate::tokens::TokenSigner;
 use cpu_work::CpuWork;
@@ -88,6 +90,8 @@ struct Inner {
     full_config: Config,
     /// The ops routes' broker connection, opened on first use.
     ops_broker: tokio::sync::Mutex<Option<Arc<lapin::Connection>>>,
+    /// The payment coordinator (`POST /orders/{id}/pay`).
+    payments: Arc<Payments>,
 }
 
 /// Everything a request handler needs, cheap to clone (one `Arc`).
@@ -132,11 +136,13 @@ impl ApiState {
         .await
         .map_err(|e| ApiSetupError::DummyHash(e.to_string()))?
         .map_err(|e| ApiSetupError::DummyHash(e.to_string()))?;
+        let keys = KeySchema::new(config.redis.key_prefix.clone());
+        let payments = Arc::new(Payments::new(db.clone(), keys.clone(), config));
         let state = ApiState {
             inner: Arc::new(Inner {
                 db,
                 redis,
-                keys: KeySchema::new(config.redis.key_prefix.clone()),
+                keys,
                 config: config.api.clone(),
                 keys_in_force: api_keys,
                 admin_digest,
@@ -145,6 +151,7 @@ impl ApiState {
                 cpu: CpuWork::new(config.api.cpu_jobs),
                 full_config: config.clone(),
                 ops_broker: tokio::sync::Mutex::new(None),
+                payments,
             }),
         };
         Ok(state)
@@ -163,6 +170,11 @@ impl ApiState {
     /// The deployment's Redis key schema.
     pub fn keys(&self) -> &KeySchema {
         &self.inner.keys
+    }
+
+    /// The payment coordinator.
+    pub fn payments(&self) -> &Payments {
+        &self.inner.payments
     }
 
     /// The `[api]` section.
@@ -258,15 +270,19 @@ pub fn public_routes() -> OpenApiRouter<ApiState> {
 /// The whole router, with metrics, request ids and problem+json fallbacks.
 pub fn router(state: ApiState) -> Router {
     let (public, _) = public_routes().split_for_parts();
-    public
-        .merge(admin::router())
-        .merge(ops::router())
+    service_frame(public.merge(admin::router()).merge(ops::router())).with_state(state)
+}
+
+/// What every HTTP service of this crate (the api, the wallet) puts around
+/// its routes: the probes, problem+json for unknown routes and methods, the
+/// body limit, request ids and metrics.
+pub fn service_frame<S: Clone + Send + Sync + 'static>(routes: Router<S>) -> Router<S> {
+    routes
         .merge(probes::router())
         .fallback(problem::route_not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(metrics::track))
-        .with_state(state)
 }
 
 /// Serves the api on `listener` until `shutdown` resolves, then drains
@@ -276,6 +292,15 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    recovery::spawn(
+        state.inner.payments.clone(),
+        RedisLock::new(
+            state.redis(),
+            state.keys(),
+            recovery::LOCK_NAME,
+            std::time::Duration::from_millis(state.full_config().payment.transaction_timeout_ms),
+        ),
+    );
     if let Ok(addr) = listener.local_addr() {
         crate::fleet_report::spawn_api(
             state.redis(),

@@ -118,6 +118,9 @@ pub fn router() -> OpenApiRouter<ApiState> {
 /// The whole document: the handlers' paths plus what no handler owns.
 pub fn document() -> serde_json::Value {
     let mut doc = super::public_routes().into_openapi();
+    // The wallet service's public route: the gateway serves it under the
+    // same API.
+    doc.merge(crate::wallet::routes::public_routes().into_openapi());
     doc.paths
         .paths
         .insert(SECKILL_PATH.to_string(), seckill_path_item());

@@ -232,7 +232,8 @@ async fn order_counts(state: &ApiState, sale_id: u64) -> Result<OrderCounts, Pro
     let mut counts = OrderCounts::default();
     for (status, n) in rows {
         match status.parse::<OrderStatus>() {
-            Ok(OrderStatus::Unpaid) => counts.unpaid += n,
+            // A payment in progress is still awaiting its money.
+            Ok(OrderStatus::Unpaid | OrderStatus::Paying) => counts.unpaid += n,
             Ok(OrderStatus::Paid) => counts.paid += n,
             Ok(OrderStatus::Closed) => counts.closed += n,
             Err(e) => return Err(Problem::internal(e)),

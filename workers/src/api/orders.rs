@@ -14,10 +14,11 @@
 //!   lua/workers/idempotency.lua begin(K, order)
 //!     unknown ──▶ 400        pending ──▶ 409 (the first request still runs)
 //!     mismatch ─▶ 422        replay  ──▶ the first response again
-//!     new ──▶ orders::pay ──▶ finish(K, status, body) ──▶ response
-//!                        │   paid now 200, paid before (another key) 409,
-//!                        │   closed 409, not found 404
-//!                        └──▶ 5xx: abort(K), the key may be used again
+//!     new ──▶ Payments::pay ──▶ finish(K, status, body) ──▶ response
+//!                    │   paid now 200, settling 202, paid before (another
+//!                    │   key) 409, closed 409, being paid 409, not enough
+//!                    │   money 402, not found 404
+//!                    └──▶ 5xx: abort(K), the key may be used again
 //! ```
 
 use std::sync::LazyLock;
@@ -35,7 +36,8 @@ use utoipa_axum::routes;
 use super::identity::Identity;
 use super::problem::{Problem, ProblemBody, PROBLEM_CONTENT_TYPE};
 use super::ApiState;
-use crate::orders::{self, CancelOutcome, Order, PayOutcome};
+use crate::orders::{self, CancelOutcome, Order};
+use crate::payments::{PayError, PayResult};
 
 /// The idempotency script.
 pub const IDEMPOTENCY_SCRIPT: &str = include_str!("../../../lua/workers/idempotency.lua");
@@ -88,6 +90,13 @@ fn closed_conflict() -> Problem {
 
 /// The problem type of every "the order is paid" conflict (pay, cancel).
 const ORDER_PAID: &str = "/problems/order-paid";
+
+fn paying_conflict() -> Problem {
+    Problem::conflict(
+        "/problems/payment-in-progress",
+        "a payment of this order is in progress; check the order again shortly",
+    )
+}
 
 /// The caller's orders, newest first.
 #[utoipa::path(
@@ -143,7 +152,7 @@ async fn show(
     responses(
         (status = 200, description = "The order, closed", body = Order),
         (status = 404, description = "No such order of the caller's", body = ProblemBody),
-        (status = 409, description = "The order is paid", body = ProblemBody),
+        (status = 409, description = "The order is paid, or a payment of it is running", body = ProblemBody),
     ),
 )]
 async fn cancel(
@@ -161,6 +170,7 @@ async fn cancel(
             ORDER_PAID,
             "a paid order cannot be cancelled",
         )),
+        CancelOutcome::Paying(_) => Err(paying_conflict()),
         CancelOutcome::NotFound => Err(not_found()),
     }
 }
@@ -183,9 +193,11 @@ fn valid_key(key: &str) -> bool {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The order, paid", body = Order),
+        (status = 202, description = "The payment is decided and finishing: the order shows `paying` until it is paid", body = Order),
         (status = 400, description = "The Idempotency-Key header is missing, or the key is unknown or expired", body = ProblemBody),
+        (status = 402, description = "The wallet's balance does not cover the order; nothing was charged", body = ProblemBody),
         (status = 404, description = "No such order of the caller's", body = ProblemBody),
-        (status = 409, description = "The order is closed or already paid, or a request with this key is still running", body = ProblemBody),
+        (status = 409, description = "The order is closed, already paid or being paid, or a request with this key is still running", body = ProblemBody),
         (status = 422, description = "This key was used for another order", body = ProblemBody),
     ),
 )]
@@ -208,7 +220,7 @@ async fn pay(
     if let Err(early) = begin(&mut redis, &redis_key, &id).await {
         return early;
     }
-    let paid = orders::pay(state.db(), &mut redis, state.keys(), who.user_id, &id).await;
+    let paid = state.payments().pay(&mut redis, who.user_id, &id).await;
     record(&mut redis, &redis_key, &id, pay_response(paid)).await
 }
 
@@ -251,16 +263,28 @@ async fn begin(redis: &mut RedisConn, redis_key: &str, order_id: &str) -> Result
     Err(problem.into_response())
 }
 
-fn pay_response(paid: Result<PayOutcome, orders::OrderError>) -> Response {
+fn pay_response(paid: Result<PayResult, PayError>) -> Response {
     match paid {
-        Ok(PayOutcome::Paid(o)) => Json(o).into_response(),
+        Ok(PayResult::Paid(o)) => Json(o).into_response(),
+        Ok(PayResult::Settling(o)) => (StatusCode::ACCEPTED, Json(o)).into_response(),
         // Paid under another key: this key's request did not pay (SPEC §3).
         // A retry of the paying request replays its 200 under its own key.
-        Ok(PayOutcome::AlreadyPaid(_)) => {
+        Ok(PayResult::AlreadyPaid) => {
             Problem::conflict(ORDER_PAID, "the order is already paid").into_response()
         }
-        Ok(PayOutcome::Closed(_)) => closed_conflict().into_response(),
-        Ok(PayOutcome::NotFound) => not_found().into_response(),
+        Ok(PayResult::Closed) => closed_conflict().into_response(),
+        Ok(PayResult::InProgress) => paying_conflict().into_response(),
+        Ok(PayResult::InsufficientFunds) => Problem::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "/problems/insufficient-funds",
+            "your wallet's balance does not cover this order; nothing was charged",
+        )
+        .into_response(),
+        Ok(PayResult::Unavailable) => Problem::unavailable(
+            "the payment could not complete; nothing was charged, please retry",
+        )
+        .into_response(),
+        Ok(PayResult::NotFound) => not_found().into_response(),
         Err(e) => Problem::internal(e).into_response(),
     }
 }

@@ -10,10 +10,12 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use seckill_contracts::cli::ConfigArgs;
 use seckill_contracts::clock::unix_secs;
-use seckill_contracts::config::Config;
+use seckill_contracts::config::{read_secret, Config};
 use seckill_contracts::keys::KeySchema;
 use seckill_contracts::redis_client::RedisConn;
 use seckill_contracts::telemetry;
+use seckill_workers::payments::audit as payments_audit;
+use seckill_workers::payments::wallet_client::WalletClient;
 use seckill_workers::sales::{self, NewSale};
 use seckill_workers::worker::dlq;
 use seckill_workers::{audit, connections, demo, keyring, reconcile, rules_rollout, signing_keys};
@@ -63,10 +65,15 @@ enum Command {
         max_wait: Duration,
     },
     /// Check SPEC invariants 1, 2 and 4 of a sale across MySQL, Redis and
-    /// RabbitMQ; prints JSON and exits 1 on any violation.
+    /// RabbitMQ (and 7, money, with --payments, across the order and the
+    /// wallet databases); prints JSON and exits 1 on any violation.
     Audit {
+        #[arg(long, required_unless_present = "payments")]
+        sale: Option<u64>,
+        /// Also check payments: money conserved, one debit per paid order,
+        /// none kept by an unpaid or closed one, nothing left open.
         #[arg(long)]
-        sale: u64,
+        payments: bool,
         /// How long to wait for in-flight admissions to settle first.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
         wait: Duration,
@@ -85,6 +92,22 @@ enum Command {
     Sale {
         #[command(subcommand)]
         command: SaleCommand,
+    },
+    /// Buyers' wallets (through the wallet service's admin route).
+    Wallet {
+        #[command(subcommand)]
+        command: WalletCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WalletCommand {
+    /// Top up a buyer's wallet. Prints the wallet as JSON.
+    Credit {
+        #[arg(long)]
+        user: u64,
+        #[arg(long)]
+        cents: i64,
     },
 }
 
@@ -194,6 +217,10 @@ struct DemoArgs {
     /// Give up waiting for results after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     timeout: Duration,
+    /// How many buyers with an order pay for it (their wallets topped up
+    /// first through the wallet's admin route); 0 without a wallet service.
+    #[arg(long, default_value_t = 10)]
+    pay: u64,
     /// No progress bars.
     #[arg(long)]
     no_progress: bool,
@@ -250,6 +277,7 @@ async fn main() -> anyhow::Result<()> {
                     "private_key": out.private_key,
                     "public_key": out.public_key,
                     "admin_token": out.admin_token,
+                    "service_token": out.service_token,
                 })
             );
         }
@@ -278,17 +306,62 @@ async fn main() -> anyhow::Result<()> {
             let report = reconcile::reconcile(&config, &db, &mut redis, sale, opts).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        Command::Audit { sale, wait } => {
-            let (db, mut redis) = stores(&config).await?;
-            let report = audit::run(&config, &db, &mut redis, sale, wait).await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            if !report.ok {
-                std::process::exit(1);
-            }
+        Command::Audit {
+            sale,
+            payments,
+            wait,
+        } => audit_command(&config, sale, payments, wait).await?,
+        Command::Wallet {
+            command: WalletCommand::Credit { user, cents },
+        } => {
+            let token = read_secret(
+                "api.admin_token",
+                config.api.admin_token.as_deref(),
+                config.api.admin_token_path.as_deref(),
+            )?;
+            let wallet = WalletClient::new(&config)
+                .credit(&token, user, cents)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&wallet)?);
         }
         Command::Demo(demo_args) => demo_command(&config, demo_args).await?,
         Command::Sale { command } => sale_command(&config, command).await?,
         Command::Rules { command } => rules_command(&config, &args.config, command).await?,
+    }
+    Ok(())
+}
+
+/// `audit`: the sale's report, with a `payments` section when asked (or
+/// the payments report alone); exits 1 on any violation.
+async fn audit_command(
+    config: &Config,
+    sale: Option<u64>,
+    payments: bool,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    let (db, mut redis) = stores(config).await?;
+    let mut ok = true;
+    let mut out = json!({});
+    if let Some(sale) = sale {
+        let report = audit::run(config, &db, &mut redis, sale, wait).await?;
+        ok &= report.ok;
+        out = serde_json::to_value(&report)?;
+    }
+    if payments {
+        let report = payments_audit::run(&db, &WalletClient::new(config), wait).await?;
+        ok &= report.ok;
+        let section = serde_json::to_value(&report)?;
+        match sale {
+            Some(_) => {
+                out["payments"] = section;
+                out["ok"] = json!(ok);
+            }
+            None => out = section,
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    if !ok {
+        std::process::exit(1);
     }
     Ok(())
 }
@@ -388,6 +461,7 @@ async fn demo_command(config: &Config, a: DemoArgs) -> anyhow::Result<()> {
         greedy_attempts: a.greedy_attempts,
         concurrency: a.concurrency,
         timeout: a.timeout,
+        pay: a.pay,
         progress: !a.no_progress,
         ..defaults
     };

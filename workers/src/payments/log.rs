@@ -1,0 +1,156 @@
+//! The coordinator's log (`pay_transactions`, in the order database): one
+//! row per payment attempt, written before any branch is touched, so that
+//! after any crash recovery finds every transaction that may hold money or
+//! an order. Its state only moves forward, each step a guarded `UPDATE`
+//! (the one that changed the row decided):
+//!
+//! ```text
+//!   started ──▶ committing ──▶ committed
+//!      └──────▶ aborting ────▶ aborted
+//! ```
+
+use sqlx::{MySqlPool, Row};
+
+use crate::statuses::{AbortReason, TxState, UnknownValue};
+use seckill_contracts::config::PaymentMode;
+
+/// Why the log could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("MySQL: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("stored value: {0}")]
+    Stored(#[from] UnknownValue),
+}
+
+/// One payment transaction, as the log holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayTx {
+    pub tx_id: String,
+    pub order_id: String,
+    pub user_id: u64,
+    /// The order's sale (every order step locks its row first).
+    pub sale_id: u64,
+    pub amount_cents: i64,
+    pub state: TxState,
+}
+
+/// A fresh transaction id: 128 random bits, hex.
+pub fn new_tx_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Whether `id` has the shape of a transaction id (what the wallet takes).
+pub fn valid_tx_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Records a new transaction as `started`.
+pub async fn begin(db: &MySqlPool, tx: &PayTx, mode: PaymentMode) -> Result<(), LogError> {
+    sqlx::query(
+        "INSERT INTO pay_transactions (tx_id, order_id, user_id, amount_cents, mode, state) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&tx.tx_id)
+    .bind(&tx.order_id)
+    .bind(tx.user_id)
+    .bind(tx.amount_cents)
+    .bind(mode.as_str())
+    .bind(TxState::Started)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Moves `tx_id` from `from` to `to`; true when this call did (false: the
+/// transaction was elsewhere, someone else moved it).
+pub async fn advance(
+    db: &MySqlPool,
+    tx_id: &str,
+    from: TxState,
+    to: TxState,
+    reason: Option<AbortReason>,
+) -> Result<bool, LogError> {
+    let changed = sqlx::query(
+        "UPDATE pay_transactions SET state = ?, reason = COALESCE(?, reason) \
+         WHERE tx_id = ? AND state = ?",
+    )
+    .bind(to)
+    .bind(reason)
+    .bind(tx_id)
+    .bind(from)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(changed == 1)
+}
+
+const TX_COLUMNS: &str = "t.tx_id, t.order_id, t.user_id, o.sale_id, t.amount_cents, t.state";
+
+/// The transaction `tx_id`, if logged.
+pub async fn get(db: &MySqlPool, tx_id: &str) -> Result<Option<PayTx>, LogError> {
+    let sql = format!(
+        "SELECT {TX_COLUMNS} FROM pay_transactions t JOIN orders o ON o.id = t.order_id \
+         WHERE t.tx_id = ?"
+    );
+    let row = sqlx::query(&sql).bind(tx_id).fetch_optional(db).await?;
+    row.map(|r| from_row(&r)).transpose()
+}
+
+/// Unfinished transactions last moved more than `older_than_ms` ago,
+/// oldest first: what recovery drives to an end.
+pub async fn stale(db: &MySqlPool, older_than_ms: u64, limit: u32) -> Result<Vec<PayTx>, LogError> {
+    let sql = format!(
+        "SELECT {TX_COLUMNS} FROM pay_transactions t JOIN orders o ON o.id = t.order_id \
+         WHERE t.state IN (?, ?, ?) AND t.updated_at <= NOW(3) - INTERVAL ? MICROSECOND \
+         ORDER BY t.updated_at LIMIT ?"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(TxState::Started)
+        .bind(TxState::Committing)
+        .bind(TxState::Aborting)
+        .bind(older_than_ms.saturating_mul(1_000))
+        .bind(limit)
+        .fetch_all(db)
+        .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// How many transactions are not finished (any age).
+pub async fn open_count(db: &MySqlPool) -> Result<i64, LogError> {
+    let n: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM pay_transactions WHERE state IN (?, ?, ?)")
+            .bind(TxState::Started)
+            .bind(TxState::Committing)
+            .bind(TxState::Aborting)
+            .fetch_one(db)
+            .await?;
+    Ok(n)
+}
+
+fn from_row(row: &sqlx::mysql::MySqlRow) -> Result<PayTx, LogError> {
+    let state: String = row.try_get("state")?;
+    Ok(PayTx {
+        tx_id: row.try_get("tx_id")?,
+        order_id: row.try_get("order_id")?,
+        user_id: row.try_get("user_id")?,
+        sale_id: row.try_get("sale_id")?,
+        amount_cents: row.try_get("amount_cents")?,
+        state: state.parse()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_ids_are_32_hex_digits() {
+        let id = new_tx_id();
+        assert!(valid_tx_id(&id), "{id}");
+        assert_ne!(id, new_tx_id());
+        assert!(!valid_tx_id("' OR 1=1 --'"));
+        assert!(!valid_tx_id(&"g".repeat(32)));
+        assert!(!valid_tx_id(&"a".repeat(31)));
+    }
+}

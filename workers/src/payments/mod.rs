@@ -1,0 +1,200 @@
+//! Paying an order across two databases: the order database (here) and
+//! the wallet's (behind the wallet service), in the deployment's
+//! `payment.mode`. The api is the coordinator.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`log`] | the coordinator's log (`pay_transactions`): every attempt, and its decision, before any branch moves |
+//! | [`fence`] | the TCC fence both participants keep (empty rollback, idempotence, suspension) |
+//! | [`order_branch`] | the order's TCC branch: `unpaid → paying → paid`, or back |
+//! | [`tcc`] | the TCC coordinator |
+//! | [`recovery`] | drives every transaction left open (a crash, a timeout) to its end; one api at a time |
+//! | [`wallet_client`] | the wallet's internal routes over HTTP |
+//! | [`audit`] | `seckillctl audit --payments`: SPEC invariant 7 across both databases |
+//!
+//! [`Payments::pay`] is what `POST /orders/{id}/pay` calls: it checks the
+//! order, logs the transaction, runs the mode, and says what the buyer is
+//! told. A paid order is never closed and a closed one never paid, in every
+//! mode: a payment holds the order as `paying`, and nothing closes that.
+
+pub mod audit;
+pub mod fence;
+pub mod log;
+pub mod order_branch;
+pub mod recovery;
+pub mod tcc;
+pub mod wallet_client;
+
+use chrono::Utc;
+use redis::aio::ConnectionLike;
+use seckill_contracts::config::{PaymentConfig, PaymentMode};
+use seckill_contracts::keys::KeySchema;
+use sqlx::MySqlPool;
+
+pub use log::valid_tx_id;
+
+use crate::orders::{self, Order, OrderError};
+use crate::statuses::{AbortReason, OrderStatus};
+use wallet_client::{WalletCallError, WalletClient};
+
+/// Why a payment failed to run (as opposed to what it decided).
+#[derive(Debug, thiserror::Error)]
+pub enum PayError {
+    #[error(transparent)]
+    Log(#[from] log::LogError),
+    #[error(transparent)]
+    Order(#[from] OrderError),
+    #[error(transparent)]
+    Branch(#[from] order_branch::BranchError),
+    #[error(transparent)]
+    Wallet(#[from] WalletCallError),
+    /// A participant answered what the coordinator's decision rules out.
+    #[error("payment inconsistency: {0}")]
+    Inconsistent(String),
+    /// A fail point cut the payment here (tests only).
+    #[error("fault injected at {0}")]
+    Injected(&'static str),
+}
+
+/// Where a mode left a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Every branch committed.
+    Committed,
+    /// Decided to commit; a branch has not confirmed yet (recovery will).
+    Decided,
+    /// Aborted, for this reason; every branch undone (or being undone).
+    Aborted(AbortReason),
+}
+
+/// What the buyer is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayResult {
+    /// Paid now.
+    Paid(Order),
+    /// The payment is decided and finishing: the order shows `paying`
+    /// until it is paid (202).
+    Settling(Order),
+    /// Paid before (409).
+    AlreadyPaid,
+    /// Closed (cancelled or timed out) before it could be paid (409).
+    Closed,
+    /// Another payment of this order is running (409).
+    InProgress,
+    /// The wallet's balance does not cover the order; nothing moved (402).
+    InsufficientFunds,
+    /// The wallet could not be reached; nothing moved (503).
+    Unavailable,
+    /// No such order of this buyer (404).
+    NotFound,
+}
+
+/// The coordinator: the order database, the wallet client, the mode.
+pub struct Payments {
+    db: MySqlPool,
+    keys: KeySchema,
+    config: PaymentConfig,
+    wallet: WalletClient,
+}
+
+impl Payments {
+    pub fn new(
+        db: MySqlPool,
+        keys: KeySchema,
+        config: &seckill_contracts::config::Config,
+    ) -> Payments {
+        Payments {
+            db,
+            keys,
+            config: config.payment.clone(),
+            wallet: WalletClient::new(config),
+        }
+    }
+
+    pub fn db(&self) -> &MySqlPool {
+        &self.db
+    }
+
+    pub fn wallet(&self) -> &WalletClient {
+        &self.wallet
+    }
+
+    pub fn config(&self) -> &PaymentConfig {
+        &self.config
+    }
+
+    /// Pays `user_id`'s order `order_id` (see [`PayResult`]).
+    pub async fn pay<C: ConnectionLike>(
+        &self,
+        redis: &mut C,
+        user_id: u64,
+        order_id: &str,
+    ) -> Result<PayResult, PayError> {
+        let Some(order) = orders::get_for_user(&self.db, user_id, order_id).await? else {
+            return Ok(PayResult::NotFound);
+        };
+        if let Some(settled) = self.not_payable(redis, &order).await? {
+            return Ok(settled);
+        }
+        let tx = log::PayTx {
+            tx_id: log::new_tx_id(),
+            order_id: order.id.clone(),
+            user_id,
+            sale_id: order.sale_id,
+            amount_cents: order.amount_cents,
+            state: crate::statuses::TxState::Started,
+        };
+        log::begin(&self.db, &tx, self.config.mode).await?;
+        let step = match self.config.mode {
+            PaymentMode::Tcc => tcc::pay(self, &tx).await?,
+        };
+        self.answer(redis, user_id, &order, step).await
+    }
+
+    /// What to answer without paying: the order as it stands says no (or
+    /// it expired just now and is closed here, returning its stock, so the
+    /// answer never depends on whether the closer ran yet).
+    async fn not_payable<C: ConnectionLike>(
+        &self,
+        redis: &mut C,
+        order: &Order,
+    ) -> Result<Option<PayResult>, PayError> {
+        Ok(match order.status {
+            OrderStatus::Paid => Some(PayResult::AlreadyPaid),
+            OrderStatus::Closed => Some(PayResult::Closed),
+            OrderStatus::Paying => Some(PayResult::InProgress),
+            OrderStatus::Unpaid if order.expires_at <= Utc::now() => {
+                orders::close_expired_one(&self.db, redis, &self.keys, &order.id).await?;
+                Some(PayResult::Closed)
+            }
+            OrderStatus::Unpaid => None,
+        })
+    }
+
+    async fn answer<C: ConnectionLike>(
+        &self,
+        redis: &mut C,
+        user_id: u64,
+        order: &Order,
+        step: Step,
+    ) -> Result<PayResult, PayError> {
+        let now = orders::get_for_user(&self.db, user_id, &order.id).await?;
+        let Some(now) = now else {
+            return Ok(PayResult::NotFound);
+        };
+        Ok(match step {
+            Step::Committed => PayResult::Paid(now),
+            Step::Decided => PayResult::Settling(now),
+            Step::Aborted(AbortReason::InsufficientFunds) => PayResult::InsufficientFunds,
+            Step::Aborted(AbortReason::OrderNotPayable) => {
+                match self.not_payable(redis, &now).await? {
+                    Some(r) => r,
+                    // Unpaid and not expired, yet the Try refused: another
+                    // payment held it a moment ago.
+                    None => PayResult::InProgress,
+                }
+            }
+            Step::Aborted(_) => PayResult::Unavailable,
+        })
+    }
+}

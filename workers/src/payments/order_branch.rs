@@ -1,0 +1,185 @@
+//! The order's branch of a TCC payment, in the order database: Try holds
+//! the order (`unpaid → paying`, only the buyer's own, only before it
+//! expires), Confirm marks it paid, Cancel gives it back (`paying →
+//! unpaid`; an expired one is then closed by the closer as usual). Each
+//! step is one local transaction with its fence step
+//! ([`super::fence`]); like every order transition it takes the sale's
+//! row lock (shared) before the order's, the order writer's lock order.
+
+use sqlx::{MySqlConnection, MySqlPool};
+
+use super::fence::{self, CancelStart, ConfirmStart, EndOutcome, FenceError, Held, TryStart};
+use crate::orders::{retry_on_deadlock, MaybeDeadlock};
+use crate::statuses::{FencePhase, OrderStatus};
+
+/// This branch's name in the fence.
+pub const BRANCH: &str = "order";
+
+/// Why a branch step failed (as opposed to what it decided).
+#[derive(Debug, thiserror::Error)]
+pub enum BranchError {
+    #[error(transparent)]
+    Fence(#[from] FenceError),
+    #[error("MySQL: {0}")]
+    Db(#[from] sqlx::Error),
+    /// The fence says the order is held, the order row says otherwise.
+    #[error("order {order_id}: {what}")]
+    Inconsistent { order_id: String, what: String },
+}
+
+impl MaybeDeadlock for BranchError {
+    fn is_deadlock(&self) -> bool {
+        match self {
+            BranchError::Db(e) | BranchError::Fence(FenceError::Db(e)) => e.is_deadlock(),
+            _ => false,
+        }
+    }
+}
+
+/// What a Try did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldOutcome {
+    /// The order is `paying` for this transaction.
+    Held,
+    /// Held by an earlier Try of this transaction.
+    Repeat,
+    /// Cancelled before it arrived, or the order is not the buyer's, not
+    /// unpaid, or expired: nothing held.
+    Refused,
+}
+
+/// Try: hold `order_id` (the buyer's, unpaid, not expired) for `tx_id`.
+pub async fn hold(
+    db: &MySqlPool,
+    tx_id: &str,
+    user_id: u64,
+    order_id: &str,
+    sale_id: u64,
+) -> Result<HoldOutcome, BranchError> {
+    retry_on_deadlock(|| hold_once(db, tx_id, user_id, order_id, sale_id)).await
+}
+
+async fn hold_once(
+    db: &MySqlPool,
+    tx_id: &str,
+    user_id: u64,
+    order_id: &str,
+    sale_id: u64,
+) -> Result<HoldOutcome, BranchError> {
+    let mut tx = db.begin().await?;
+    lock_sale(&mut tx, sale_id).await?;
+    let held = Held {
+        resource: order_id.to_string(),
+        amount_cents: 0,
+    };
+    let outcome = match fence::begin_try(&mut tx, tx_id, BRANCH, &held).await? {
+        TryStart::Repeat => HoldOutcome::Repeat,
+        TryStart::Suspended => HoldOutcome::Refused,
+        TryStart::Fresh => {
+            let changed = sqlx::query(
+                "UPDATE orders SET status = ? \
+                 WHERE id = ? AND user_id = ? AND status = ? AND expires_at > NOW(3)",
+            )
+            .bind(OrderStatus::Paying)
+            .bind(order_id)
+            .bind(user_id)
+            .bind(OrderStatus::Unpaid)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if changed != 1 {
+                // Nothing held, not even the fence: a later Cancel is empty.
+                tx.rollback().await?;
+                return Ok(HoldOutcome::Refused);
+            }
+            HoldOutcome::Held
+        }
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Confirm: the held order is paid.
+pub async fn confirm(db: &MySqlPool, tx_id: &str, sale_id: u64) -> Result<EndOutcome, BranchError> {
+    retry_on_deadlock(|| end_once(db, tx_id, sale_id, FencePhase::Confirm)).await
+}
+
+/// Cancel: the held order is unpaid again (or, with no Try before it, the
+/// Cancel is recorded so a late Try is refused).
+pub async fn cancel(db: &MySqlPool, tx_id: &str, sale_id: u64) -> Result<EndOutcome, BranchError> {
+    retry_on_deadlock(|| end_once(db, tx_id, sale_id, FencePhase::Cancel)).await
+}
+
+async fn end_once(
+    db: &MySqlPool,
+    tx_id: &str,
+    sale_id: u64,
+    phase: FencePhase,
+) -> Result<EndOutcome, BranchError> {
+    let mut tx = db.begin().await?;
+    lock_sale(&mut tx, sale_id).await?;
+    let held = match phase {
+        FencePhase::Confirm => match fence::begin_confirm(&mut tx, tx_id, BRANCH).await? {
+            ConfirmStart::Apply(held) => Some(held),
+            ConfirmStart::Repeat => return finish(tx, EndOutcome::Repeat).await,
+            ConfirmStart::NotTried | ConfirmStart::Cancelled => {
+                return finish(tx, EndOutcome::Refused).await
+            }
+        },
+        _ => match fence::begin_cancel(&mut tx, tx_id, BRANCH).await? {
+            CancelStart::Undo(held) => Some(held),
+            CancelStart::Empty => return finish(tx, EndOutcome::EmptyRollback).await,
+            CancelStart::Repeat => return finish(tx, EndOutcome::Repeat).await,
+            CancelStart::Confirmed => return finish(tx, EndOutcome::Refused).await,
+        },
+    };
+    if let Some(held) = held {
+        move_order(&mut tx, &held.resource, phase).await?;
+        fence::finish(&mut tx, tx_id, BRANCH, phase).await?;
+    }
+    finish(tx, EndOutcome::Done).await
+}
+
+async fn finish(
+    tx: sqlx::Transaction<'_, sqlx::MySql>,
+    outcome: EndOutcome,
+) -> Result<EndOutcome, BranchError> {
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// `paying → paid` (Confirm) or `paying → unpaid` (Cancel).
+async fn move_order(
+    conn: &mut MySqlConnection,
+    order_id: &str,
+    phase: FencePhase,
+) -> Result<(), BranchError> {
+    let (to, paid_at) = match phase {
+        FencePhase::Confirm => (OrderStatus::Paid, "NOW(3)"),
+        _ => (OrderStatus::Unpaid, "NULL"),
+    };
+    let sql =
+        format!("UPDATE orders SET status = ?, paid_at = {paid_at} WHERE id = ? AND status = ?");
+    let changed = sqlx::query(&sql)
+        .bind(to)
+        .bind(order_id)
+        .bind(OrderStatus::Paying)
+        .execute(conn)
+        .await?
+        .rows_affected();
+    if changed != 1 {
+        return Err(BranchError::Inconsistent {
+            order_id: order_id.to_string(),
+            what: format!("held by a payment, but not `paying` when moving it to {to}"),
+        });
+    }
+    Ok(())
+}
+
+async fn lock_sale(conn: &mut MySqlConnection, sale_id: u64) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT id FROM sales WHERE id = ? LOCK IN SHARE MODE")
+        .bind(sale_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

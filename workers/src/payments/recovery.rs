@@ -1,0 +1,101 @@
+//! Ends every payment transaction that was left open: the api died in the
+//! middle, a participant did not answer, or the call simply took longer
+//! than `payment.transaction_timeout_ms`. What the log says decides:
+//!
+//! ```text
+//!   started     → abort (timeout): Cancel every branch (a Try still on its
+//!                 way is refused by its fence)
+//!   committing  → Confirm every branch
+//!   aborting    → Cancel every branch
+//! ```
+//!
+//! Every api runs the loop; the Redis lock `payments-recovery` lets one
+//! of them work at a time. Correctness never depends on the lock: every
+//! step is guarded by the log and the fences.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::log::{self, PayTx};
+use super::{tcc, PayError, Payments};
+use crate::lock::RedisLock;
+use crate::statuses::{AbortReason, TxState};
+
+/// The Redis lock one api at a time recovers under.
+pub const LOCK_NAME: &str = "payments-recovery";
+
+/// Transactions one pass looks at.
+const BATCH: u32 = 200;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub committed: u32,
+    pub aborted: u32,
+    /// Still open (a participant did not answer): the next pass retries.
+    pub left_open: u32,
+}
+
+/// One pass over transactions idle for more than `older_than`.
+pub async fn recover_once(p: &Payments, older_than: Duration) -> Result<RecoveryReport, PayError> {
+    let ms = u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX);
+    let mut report = RecoveryReport::default();
+    for tx in log::stale(p.db(), ms, BATCH).await? {
+        match drive(p, &tx).await {
+            Ok(Some(TxState::Committed)) => report.committed += 1,
+            Ok(Some(_)) => report.aborted += 1,
+            Ok(None) => report.left_open += 1,
+            Err(e) => {
+                tracing::error!(tx_id = %tx.tx_id, error = %e, "payment recovery step failed");
+                report.left_open += 1;
+            }
+        }
+    }
+    if report != RecoveryReport::default() {
+        tracing::info!(?report, "payment recovery pass");
+    }
+    Ok(report)
+}
+
+/// Drives one transaction; the final state it reached, or `None` when a
+/// participant did not answer.
+async fn drive(p: &Payments, tx: &PayTx) -> Result<Option<TxState>, PayError> {
+    let finished = match tx.state {
+        TxState::Started => {
+            tcc::abort(p, tx, AbortReason::Timeout).await?;
+            // abort() finished the branches unless the wallet was silent.
+            log::get(p.db(), &tx.tx_id).await?.map(|t| t.state) == Some(TxState::Aborted)
+        }
+        TxState::Committing => tcc::commit(p, tx).await?,
+        TxState::Aborting => tcc::finish_abort(p, tx).await?,
+        TxState::Committed | TxState::Aborted => true,
+    };
+    if !finished {
+        return Ok(None);
+    }
+    Ok(log::get(p.db(), &tx.tx_id).await?.map(|t| t.state))
+}
+
+/// Runs [`recover_once`] every `payment.recovery_interval_ms` while this
+/// process holds the recovery lock, until the process ends.
+pub fn spawn(payments: Arc<Payments>, lock: RedisLock) {
+    tokio::spawn(async move {
+        let interval = Duration::from_millis(payments.config().recovery_interval_ms);
+        let older_than = Duration::from_millis(payments.config().transaction_timeout_ms);
+        loop {
+            match lock.try_acquire().await {
+                Ok(Some(guard)) => {
+                    if let Err(e) = recover_once(&payments, older_than).await {
+                        tracing::warn!(error = %e, "payment recovery pass failed");
+                    }
+                    if let Err(e) = guard.release().await {
+                        tracing::debug!(error = %e, "releasing the payment recovery lock");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "payment recovery lock unavailable"),
+            }
+            tokio::time::sleep(interval).await;
+        }
+    });
+}

@@ -1,0 +1,202 @@
+//! TCC: the api coordinates a payment as Try on both branches, then
+//! Confirm or Cancel on both, with its decision in the log first.
+//!
+//! ```text
+//!  log started ─▶ Try order (unpaid→paying) ─▶ Try wallet (freeze)
+//!     │ both held                                 │ either refused / silent
+//!     ▼                                           ▼
+//!  log committing ─▶ Confirm wallet (debit) ─▶ Confirm order (paid) ─▶ log committed
+//!                    log aborting ─▶ Cancel wallet ─▶ Cancel order ─▶ log aborted
+//! ```
+//!
+//! The order branch goes first so a second payment of the same order is
+//! refused before it freezes any money. A crash anywhere leaves the log
+//! saying what is left to do; [`super::recovery`] does it (a `started`
+//! transaction it aborts; the fences make a late Try refused and every
+//! repeated Confirm or Cancel harmless). Named fail points (the `fail`
+//! crate, compiled in only with the `failpoints` feature) sit after every
+//! step, where the tests cut the call short as a dying process would.
+
+use super::fence::EndOutcome;
+use super::log::{self, PayTx};
+use super::order_branch::{self, HoldOutcome};
+use super::wallet_client::WalletCallError;
+use super::{PayError, Payments, Step};
+use crate::statuses::{AbortReason, TxState};
+use crate::wallet::routes::TryRequest;
+use crate::wallet::tcc::TryOutcome;
+
+/// Pays `tx` (already logged as `started`).
+pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
+    fail::fail_point!("tcc.after_begin", |_| Err(PayError::Injected(
+        "tcc.after_begin"
+    )));
+    let held = order_branch::hold(p.db(), &tx.tx_id, tx.user_id, &tx.order_id, tx.sale_id).await?;
+    if held == HoldOutcome::Refused {
+        return abort(p, tx, AbortReason::OrderNotPayable).await;
+    }
+    fail::fail_point!("tcc.after_try_order", |_| Err(PayError::Injected(
+        "tcc.after_try_order"
+    )));
+    let tried = p
+        .wallet()
+        .tcc_try(&TryRequest {
+            tx_id: tx.tx_id.clone(),
+            user_id: tx.user_id,
+            order_id: tx.order_id.clone(),
+            amount_cents: tx.amount_cents,
+        })
+        .await;
+    fail::fail_point!("tcc.after_try_wallet", |_| Err(PayError::Injected(
+        "tcc.after_try_wallet"
+    )));
+    let refused = match tried {
+        Ok(TryOutcome::Frozen | TryOutcome::Repeat) => None,
+        Ok(TryOutcome::InsufficientFunds) => Some(AbortReason::InsufficientFunds),
+        // Recovery cancelled this transaction while its Try was on the way.
+        Ok(TryOutcome::Suspended) => Some(AbortReason::Timeout),
+        Err(WalletCallError::Unavailable(why)) => {
+            tracing::warn!(tx_id = %tx.tx_id, %why, "wallet Try unanswered; aborting");
+            Some(AbortReason::WalletUnavailable)
+        }
+        Err(e @ WalletCallError::Refused { .. }) => {
+            tracing::error!(tx_id = %tx.tx_id, error = %e, "wallet refused a Try; aborting");
+            Some(AbortReason::WalletRefused)
+        }
+    };
+    if let Some(reason) = refused {
+        return abort(p, tx, reason).await;
+    }
+    if !log::advance(
+        p.db(),
+        &tx.tx_id,
+        TxState::Started,
+        TxState::Committing,
+        None,
+    )
+    .await?
+    {
+        // Recovery decided first (the transaction outlived its timeout).
+        return finish_abort(p, tx)
+            .await
+            .map(|_| Step::Aborted(AbortReason::Timeout));
+    }
+    fail::fail_point!("tcc.after_decide", |_| Err(PayError::Injected(
+        "tcc.after_decide"
+    )));
+    Ok(if commit(p, tx).await? {
+        Step::Committed
+    } else {
+        Step::Decided
+    })
+}
+
+/// Confirms both branches of a transaction decided `committing`; true
+/// once the log says `committed`, false when a branch did not answer
+/// (recovery confirms it later).
+pub async fn commit(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
+    match p.wallet().tcc_confirm(&tx.tx_id).await {
+        Ok(EndOutcome::Done | EndOutcome::Repeat) => {}
+        Ok(other) => return Err(inconsistent(tx, "wallet Confirm", other)),
+        Err(WalletCallError::Unavailable(why)) => {
+            tracing::warn!(tx_id = %tx.tx_id, %why, "wallet Confirm unanswered; recovery finishes it");
+            return Ok(false);
+        }
+        Err(e) => return Err(PayError::Wallet(e)),
+    }
+    fail::fail_point!("tcc.after_confirm_wallet", |_| {
+        Err(PayError::Injected("tcc.after_confirm_wallet"))
+    });
+    match order_branch::confirm(p.db(), &tx.tx_id, tx.sale_id).await? {
+        EndOutcome::Done | EndOutcome::Repeat => {}
+        other => return Err(inconsistent(tx, "order Confirm", other)),
+    }
+    fail::fail_point!("tcc.after_confirm_order", |_| {
+        Err(PayError::Injected("tcc.after_confirm_order"))
+    });
+    log::advance(
+        p.db(),
+        &tx.tx_id,
+        TxState::Committing,
+        TxState::Committed,
+        None,
+    )
+    .await?;
+    Ok(true)
+}
+
+/// Decides `aborting` (unless already decided so) and cancels both
+/// branches.
+pub async fn abort(p: &Payments, tx: &PayTx, reason: AbortReason) -> Result<Step, PayError> {
+    if !log::advance(
+        p.db(),
+        &tx.tx_id,
+        TxState::Started,
+        TxState::Aborting,
+        Some(reason),
+    )
+    .await?
+    {
+        let now = log::get(p.db(), &tx.tx_id).await?.map(|t| t.state);
+        if now != Some(TxState::Aborting) && now != Some(TxState::Aborted) {
+            return Err(PayError::Inconsistent(format!(
+                "{}: aborting a transaction that is {now:?}",
+                tx.tx_id
+            )));
+        }
+    }
+    fail::fail_point!("tcc.after_decide_abort", |_| {
+        Err(PayError::Injected("tcc.after_decide_abort"))
+    });
+    finish_abort(p, tx).await?;
+    Ok(Step::Aborted(reason))
+}
+
+/// Cancels both branches of a transaction decided `aborting`; true once
+/// the log says `aborted`. The order is given back even when the wallet
+/// does not answer: the decision is logged, and recovery cancels the
+/// wallet's branch (whose Try, if it ever lands, its fence refuses).
+pub async fn finish_abort(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
+    let wallet_done = match p.wallet().tcc_cancel(&tx.tx_id).await {
+        Ok(EndOutcome::Done | EndOutcome::Repeat | EndOutcome::EmptyRollback) => true,
+        Ok(EndOutcome::Refused) => {
+            return Err(inconsistent(tx, "wallet Cancel", EndOutcome::Refused))
+        }
+        Err(WalletCallError::Unavailable(why)) => {
+            tracing::warn!(tx_id = %tx.tx_id, %why, "wallet Cancel unanswered; recovery finishes it");
+            false
+        }
+        Err(e) => return Err(PayError::Wallet(e)),
+    };
+    fail::fail_point!("tcc.after_cancel_wallet", |_| {
+        Err(PayError::Injected("tcc.after_cancel_wallet"))
+    });
+    if order_branch::cancel(p.db(), &tx.tx_id, tx.sale_id).await? == EndOutcome::Refused {
+        return Err(inconsistent(tx, "order Cancel", EndOutcome::Refused));
+    }
+    fail::fail_point!("tcc.after_cancel_order", |_| {
+        Err(PayError::Injected("tcc.after_cancel_order"))
+    });
+    if !wallet_done {
+        return Ok(false);
+    }
+    log::advance(p.db(), &tx.tx_id, TxState::Aborting, TxState::Aborted, None).await?;
+    Ok(true)
+}
+
+fn inconsistent(tx: &PayTx, step: &str, outcome: EndOutcome) -> PayError {
+    PayError::Inconsistent(format!("{}: {step} answered {outcome:?}", tx.tx_id))
+}
+
+/// Every fail point of this mode, in the order a payment passes them.
+pub const FAIL_POINTS: &[&str] = &[
+    "tcc.after_begin",
+    "tcc.after_try_order",
+    "tcc.after_try_wallet",
+    "tcc.after_decide",
+    "tcc.after_confirm_wallet",
+    "tcc.after_confirm_order",
+    "tcc.after_decide_abort",
+    "tcc.after_cancel_wallet",
+    "tcc.after_cancel_order",
+];

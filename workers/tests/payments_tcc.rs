@@ -1,0 +1,502 @@
+//! TCC payments against the real MariaDB (the order database and the
+//! wallet's own) and Redis, with the wallet service in-process: paying,
+//! refusals, the fences on both branches, a fault injected at every step
+//! of the coordinator and the wallet followed by recovery, the wallet down
+//! mid-run. Every test ends with `audit --payments` clean (SPEC invariant
+//! 7) and the sale audit clean.
+//!
+//! Fail points are process-wide, and the wallet runs in this process: every
+//! test holds the fail-point lock (`FailScenario`), so none meets a fault
+//! configured for another.
+
+#[path = "worker_support.rs"]
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use seckill_contracts::config::Config;
+use seckill_contracts::testkit::TestEnv;
+use seckill_workers::payments::fence::EndOutcome;
+use seckill_workers::payments::log::new_tx_id;
+use seckill_workers::payments::recovery::recover_once;
+use seckill_workers::payments::wallet_client::WalletClient;
+use seckill_workers::payments::{audit as payments_audit, order_branch, tcc, PayResult, Payments};
+use seckill_workers::wallet::accounts;
+use seckill_workers::wallet::routes::TryRequest;
+use seckill_workers::wallet::tcc::TryOutcome;
+use seckill_workers::worker::order_writer::{self, Settlement, WriterConfig};
+use seckill_workers::{audit, connections};
+use sqlx::MySqlPool;
+use support::{count, create_sale, message, InProcessWallet};
+
+/// The sale price every order of these tests costs (support::create_sale).
+const PRICE: i64 = 990;
+
+struct Ctx {
+    env: TestEnv,
+    db: MySqlPool,
+    wallet: InProcessWallet,
+    payments: Arc<Payments>,
+    redis: seckill_contracts::redis_client::RedisConn,
+    sale: u64,
+}
+
+impl Ctx {
+    async fn start(stock: u32) -> Ctx {
+        let env = TestEnv::new().await;
+        let db = env.db().await;
+        let wallet = InProcessWallet::start(&env.config).await;
+        let payments = Arc::new(payments_for(&wallet.config, &db));
+        let redis = connections::redis(&env.config).await.expect("redis");
+        let sale = create_sale(&env, &db, stock).await.id;
+        Ctx {
+            env,
+            db,
+            wallet,
+            payments,
+            redis,
+            sale,
+        }
+    }
+
+    fn config(&self) -> &Config {
+        &self.wallet.config
+    }
+
+    /// Orders for `users`, admitted as the gateway and the worker would.
+    async fn orders(&self, users: &[u64]) -> Vec<String> {
+        let keys = self.env.keys().sale(self.sale);
+        let mut redis = self.env.redis().await;
+        let _: i64 = redis.decr(keys.stock(), users.len() as i64).await.unwrap();
+        let _: i64 = redis.sadd(keys.buyers(), users).await.unwrap();
+        let messages: Vec<_> = users
+            .iter()
+            .map(|u| message(uuid::Uuid::now_v7().to_string(), self.sale, *u))
+            .collect();
+        let written = order_writer::write_batch(
+            &self.db,
+            &messages,
+            &HashSet::new(),
+            WriterConfig {
+                order_timeout_secs: 1800,
+            },
+        )
+        .await
+        .expect("write orders");
+        written
+            .into_iter()
+            .map(|o| match o.settlement {
+                Settlement::Success { order_id } => order_id,
+                other => panic!("admission failed: {other:?}"),
+            })
+            .collect()
+    }
+
+    async fn pay(&self, user: u64, order: &str) -> PayResult {
+        self.payments
+            .pay(&mut self.redis.clone(), user, order)
+            .await
+            .expect("pay")
+    }
+
+    async fn balance(&self, user: u64) -> (i64, i64) {
+        let w = accounts::statement(&self.wallet.db, user).await.unwrap();
+        (w.balance_cents, w.frozen_cents)
+    }
+
+    async fn status(&self, order: &str) -> String {
+        sqlx::query_scalar("SELECT CAST(status AS CHAR) FROM orders WHERE id = ?")
+            .bind(order)
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+
+    /// Both audits clean: payments (invariant 7) and the sale (1, 2, 4).
+    async fn assert_audits_clean(&self) {
+        let client = WalletClient::new(self.config());
+        let report = payments_audit::run(&self.db, &client, Duration::from_secs(5))
+            .await
+            .expect("payments audit");
+        assert!(report.ok, "{report:#?}");
+        self.assert_sale_audit_clean().await;
+    }
+
+    async fn assert_sale_audit_clean(&self) {
+        let mut redis = self.env.redis().await;
+        let sale = audit::run(
+            &self.env.config,
+            &self.db,
+            &mut redis,
+            self.sale,
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("sale audit");
+        assert!(sale.ok, "{sale:?}");
+    }
+
+    async fn finish(self) {
+        self.wallet.stop().await;
+        self.env.cleanup().await;
+    }
+}
+
+fn payments_for(config: &Config, db: &MySqlPool) -> Payments {
+    Payments::new(
+        db.clone(),
+        seckill_contracts::keys::KeySchema::new(config.redis.key_prefix.clone()),
+        config,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_freezes_then_debits_once_and_marks_the_order_paid() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10).await;
+    c.wallet.credit(&[1], 10_000).await;
+    let ids = c.orders(&[1]).await;
+
+    let paid = match c.pay(1, &ids[0]).await {
+        PayResult::Paid(o) => o,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(paid.status.as_str(), "paid");
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    let ledger = accounts::statement(&c.wallet.db, 1).await.unwrap().ledger;
+    let kinds: Vec<&str> = ledger.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["debit", "freeze", "credit"], "newest first");
+    assert_eq!(ledger[0].order_id.as_deref(), Some(ids[0].as_str()));
+
+    // Again (another key): nothing moves.
+    assert_eq!(c.pay(1, &ids[0]).await, PayResult::AlreadyPaid);
+    // Someone else's order is not found; a made-up id too.
+    assert_eq!(c.pay(2, &ids[0]).await, PayResult::NotFound);
+    assert_eq!(c.pay(1, "' OR 1=1 --").await, PayResult::NotFound);
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    c.assert_audits_clean().await;
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_enough_money_is_refused_and_moves_nothing() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10).await;
+    c.wallet.credit(&[1], PRICE - 1).await;
+    let ids = c.orders(&[1, 2]).await;
+
+    assert_eq!(c.pay(1, &ids[0]).await, PayResult::InsufficientFunds);
+    assert_eq!(c.status(&ids[0]).await, "unpaid");
+    assert_eq!(c.balance(1).await, (PRICE - 1, 0));
+    // A buyer who never had money: an empty wallet, refused the same way.
+    assert_eq!(c.pay(2, &ids[1]).await, PayResult::InsufficientFunds);
+
+    // Topped up, the same order pays.
+    c.wallet.credit(&[1], 1).await;
+    assert!(matches!(c.pay(1, &ids[0]).await, PayResult::Paid(_)));
+    assert_eq!(c.balance(1).await, (0, 0));
+    c.assert_audits_clean().await;
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_paying_twice_at_once_is_charged_once() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10).await;
+    c.wallet.credit(&[1], 10_000).await;
+    let ids = c.orders(&[1]).await;
+    for _ in 0..5 {
+        let (a, b) = tokio::join!(c.pay(1, &ids[0]), c.pay(1, &ids[0]));
+        let paid = [&a, &b]
+            .iter()
+            .filter(|r| matches!(r, PayResult::Paid(_)))
+            .count();
+        assert!(paid <= 1, "{a:?} {b:?}");
+    }
+    assert_eq!(c.status(&ids[0]).await, "paid");
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    c.assert_audits_clean().await;
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fence_rolls_back_empty_refuses_a_suspended_try_and_ignores_repeats() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10).await;
+    c.wallet.credit(&[1], 10_000).await;
+    let ids = c.orders(&[1]).await;
+    let wallet = WalletClient::new(c.config());
+    let try_wallet = |tx: &str| TryRequest {
+        tx_id: tx.to_string(),
+        user_id: 1,
+        order_id: ids[0].clone(),
+        amount_cents: PRICE,
+    };
+
+    // Cancel before Try: an empty rollback on both branches...
+    let tx = new_tx_id();
+    assert_eq!(
+        wallet.tcc_cancel(&tx).await.unwrap(),
+        EndOutcome::EmptyRollback
+    );
+    assert_eq!(
+        order_branch::cancel(&c.db, &tx, c.sale).await.unwrap(),
+        EndOutcome::EmptyRollback
+    );
+    // ...then the late Try is refused (suspension): nothing held.
+    assert_eq!(
+        wallet.tcc_try(&try_wallet(&tx)).await.unwrap(),
+        TryOutcome::Suspended
+    );
+    assert_eq!(
+        order_branch::hold(&c.db, &tx, 1, &ids[0], c.sale)
+            .await
+            .unwrap(),
+        order_branch::HoldOutcome::Refused
+    );
+    assert_eq!(c.balance(1).await, (10_000, 0));
+    assert_eq!(c.status(&ids[0]).await, "unpaid");
+    // A repeated Cancel does nothing; a Confirm of a cancelled branch is refused.
+    assert_eq!(wallet.tcc_cancel(&tx).await.unwrap(), EndOutcome::Repeat);
+    assert_eq!(wallet.tcc_confirm(&tx).await.unwrap(), EndOutcome::Refused);
+
+    // Try, Try again, Confirm, Confirm again, then a Cancel: one freeze,
+    // one debit, and the Cancel is refused.
+    let tx = new_tx_id();
+    assert_eq!(
+        wallet.tcc_try(&try_wallet(&tx)).await.unwrap(),
+        TryOutcome::Frozen
+    );
+    assert_eq!(
+        wallet.tcc_try(&try_wallet(&tx)).await.unwrap(),
+        TryOutcome::Repeat
+    );
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, PRICE));
+    assert_eq!(wallet.tcc_confirm(&tx).await.unwrap(), EndOutcome::Done);
+    assert_eq!(wallet.tcc_confirm(&tx).await.unwrap(), EndOutcome::Repeat);
+    assert_eq!(wallet.tcc_cancel(&tx).await.unwrap(), EndOutcome::Refused);
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    let debits = count(
+        &c.wallet.db,
+        &format!("SELECT COUNT(*) FROM wallet_ledger WHERE tx_id = '{tx}' AND kind = 'debit'"),
+    )
+    .await;
+    assert_eq!(debits, 1);
+    // A Confirm with no Try at all is refused.
+    assert_eq!(
+        wallet.tcc_confirm(&new_tx_id()).await.unwrap(),
+        EndOutcome::Refused
+    );
+    // The order's branch the same way.
+    let tx = new_tx_id();
+    let held = order_branch::hold(&c.db, &tx, 1, &ids[0], c.sale)
+        .await
+        .unwrap();
+    assert_eq!(held, order_branch::HoldOutcome::Held);
+    assert_eq!(c.status(&ids[0]).await, "paying");
+    let again = order_branch::hold(&c.db, &tx, 1, &ids[0], c.sale)
+        .await
+        .unwrap();
+    assert_eq!(again, order_branch::HoldOutcome::Repeat);
+    // Another transaction cannot hold the same order.
+    let other = order_branch::hold(&c.db, &new_tx_id(), 1, &ids[0], c.sale)
+        .await
+        .unwrap();
+    assert_eq!(other, order_branch::HoldOutcome::Refused);
+    assert_eq!(
+        order_branch::cancel(&c.db, &tx, c.sale).await.unwrap(),
+        EndOutcome::Done
+    );
+    assert_eq!(
+        order_branch::cancel(&c.db, &tx, c.sale).await.unwrap(),
+        EndOutcome::Repeat
+    );
+    assert_eq!(
+        order_branch::confirm(&c.db, &tx, c.sale).await.unwrap(),
+        EndOutcome::Refused
+    );
+    assert_eq!(c.status(&ids[0]).await, "unpaid");
+
+    // Bad input to the wallet's internal routes changes nothing.
+    let bad = TryRequest {
+        tx_id: "'; DROP TABLE wallets; --".into(),
+        ..try_wallet(&new_tx_id())
+    };
+    assert!(wallet.tcc_try(&bad).await.is_err());
+    // The money-moving test transactions above were never logged, so the
+    // payments audit would count the test's own debit as unexplained: the
+    // sale audit is what must hold here.
+    c.assert_sale_audit_clean().await;
+    c.finish().await;
+}
+
+/// The coordinator's fail points on the commit path: an order ends paid
+/// if the crash came after the decision, unpaid before it.
+const COMMIT_PATH: &[(&str, &str)] = &[
+    ("tcc.after_begin", "unpaid"),
+    ("tcc.after_try_order", "unpaid"),
+    ("tcc.after_try_wallet", "unpaid"),
+    ("tcc.after_decide", "paid"),
+    ("tcc.after_confirm_wallet", "paid"),
+    ("tcc.after_confirm_order", "paid"),
+    // The wallet answered nothing though it acted (the answer was lost).
+    ("wallet.tcc.before_try", "unpaid"),
+    ("wallet.tcc.after_try", "unpaid"),
+    ("wallet.tcc.after_end", "paid"),
+];
+
+/// Fail points on the abort path (the buyer's money does not cover the
+/// order, so the payment aborts): the order always ends unpaid.
+const ABORT_PATH: &[&str] = &[
+    "tcc.after_decide_abort",
+    "tcc.after_cancel_wallet",
+    "tcc.after_cancel_order",
+    "wallet.tcc.after_end",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_at_every_step_ends_consistent_after_recovery() {
+    let scenario = fail::FailScenario::setup();
+    let c = Ctx::start(40).await;
+    let users: Vec<u64> = (1..=(COMMIT_PATH.len() + ABORT_PATH.len()) as u64).collect();
+    let ids = c.orders(&users).await;
+    let (rich, poor) = users.split_at(COMMIT_PATH.len());
+    c.wallet.credit(rich, 10_000).await;
+    c.wallet.credit(poor, PRICE / 2).await;
+    let every_point: HashSet<&str> = tcc::FAIL_POINTS.iter().copied().collect();
+    let mut covered = HashSet::new();
+
+    let cases = COMMIT_PATH
+        .iter()
+        .zip(rich)
+        .map(|((point, end), u)| (*point, *end, *u))
+        .chain(
+            ABORT_PATH
+                .iter()
+                .zip(poor)
+                .map(|(point, u)| (*point, "unpaid", *u)),
+        );
+    for (point, expected, user) in cases {
+        let order = &ids[(user - 1) as usize];
+        fail::cfg(point, "return").unwrap();
+        let cut = c.payments.pay(&mut c.redis.clone(), user, order).await;
+        fail::remove(point);
+        covered.insert(point);
+        // The call died (an error) or, for the wallet's own points, was
+        // answered as a wallet that did not answer.
+        assert!(
+            !matches!(cut, Ok(PayResult::Paid(_))),
+            "{point}: a payment cut short reported paid: {cut:?}"
+        );
+
+        // The api restarts: a fresh coordinator, recovery runs.
+        let restarted = payments_for(c.config(), &c.db);
+        let report = recover_once(&restarted, Duration::ZERO)
+            .await
+            .expect("recovery");
+        assert_eq!(report.left_open, 0, "{point}: {report:?}");
+        assert_eq!(c.status(order).await, expected, "{point}");
+        let (balance, frozen) = c.balance(user).await;
+        assert_eq!(frozen, 0, "{point}: money left frozen");
+        let start = if poor.contains(&user) {
+            PRICE / 2
+        } else {
+            10_000
+        };
+        let spent = if expected == "paid" { PRICE } else { 0 };
+        assert_eq!(balance, start - spent, "{point}");
+        c.assert_audits_clean().await;
+    }
+    let missing: Vec<_> = every_point.difference(&covered).collect();
+    assert!(
+        missing.is_empty(),
+        "fail points never exercised: {missing:?}"
+    );
+    scenario.teardown();
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_wallet_down_for_5_s_payments_are_refused_and_nothing_moves() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(60).await;
+    let users: Vec<u64> = (1..=60).collect();
+    let ids = c.orders(&users).await;
+    c.wallet.credit(&users, 10_000).await;
+    let config = c.config().clone();
+    let url = c.wallet.url.clone();
+    let Ctx {
+        env,
+        db,
+        wallet,
+        payments,
+        redis,
+        sale,
+    } = c;
+
+    // Buyers pay one after another, 10 per second, for 6 s; the wallet is
+    // down from 0.5 s to 5.5 s.
+    let payer = {
+        let (payments, redis, ids) = (payments.clone(), redis.clone(), ids.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for (i, id) in ids.iter().enumerate() {
+                let user = i as u64 + 1;
+                let r = payments
+                    .pay(&mut redis.clone(), user, id)
+                    .await
+                    .expect("pay");
+                answers.push(r);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            answers
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wallet.stop().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let wallet = InProcessWallet::restart(&config, &url).await;
+    let answers = payer.await.unwrap();
+
+    let refused = answers
+        .iter()
+        .filter(|r| **r == PayResult::Unavailable)
+        .count();
+    let paid = answers
+        .iter()
+        .filter(|r| matches!(r, PayResult::Paid(_)))
+        .count();
+    assert!(refused > 0, "the wallet was never seen down: {answers:?}");
+    assert!(paid > 0);
+    assert_eq!(
+        refused + paid,
+        answers.len(),
+        "only paid or refused: {answers:?}"
+    );
+    // Whatever the outage left open, recovery ends.
+    recover_once(&payments, Duration::ZERO)
+        .await
+        .expect("recovery");
+    let c = Ctx {
+        env,
+        db,
+        wallet,
+        payments,
+        redis,
+        sale,
+    };
+    for (i, r) in answers.iter().enumerate() {
+        let expected = if matches!(r, PayResult::Paid(_)) {
+            "paid"
+        } else {
+            "unpaid"
+        };
+        assert_eq!(c.status(&ids[i]).await, expected);
+    }
+    c.assert_audits_clean().await;
+    println!("wallet down 5 s: {paid} paid, {refused} refused (503), audits clean");
+    c.finish().await;
+}
