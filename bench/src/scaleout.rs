@@ -301,7 +301,8 @@ async fn sale_on(
     tokio::time::sleep_until((created + OPENS_AFTER).into()).await;
     let users = std::fs::canonicalize(&file)?;
 
-    let (stop, watcher) = watch_sell_out(side, sale);
+    let (stop, watcher) =
+        crate::scenarios::watch_sell_out(side.redis.clone(), side.keys.sale(sale).stock());
     let name = side.name;
     let profile_name = |scenario: &str| profile.then(|| format!("{name}-{scenario}"));
     let mut hot = load(side, plan, &users, sale, profile_name("hot-sale")).await?;
@@ -338,39 +339,6 @@ async fn create_sale(side: &mut Side, stock: u32) -> anyhow::Result<u64> {
     )
     .await?;
     Ok(sale.id)
-}
-
-/// Polls the sale's stock counter until it is 0 or the sender flips: how
-/// long the sell-out took from the first request.
-fn watch_sell_out(
-    side: &Side,
-    sale: u64,
-) -> (
-    watch::Sender<bool>,
-    tokio::task::JoinHandle<Option<Duration>>,
-) {
-    let (tx, mut rx) = watch::channel(false);
-    let mut redis = side.redis.clone();
-    let key = side.keys.sale(sale).stock();
-    let watcher = tokio::spawn(async move {
-        let start = Instant::now();
-        loop {
-            let left: Option<i64> = redis::cmd("GET")
-                .arg(&key)
-                .query_async(&mut redis)
-                .await
-                .ok()
-                .flatten();
-            if left == Some(0) {
-                return Some(start.elapsed());
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                _ = rx.changed() => return None,
-            }
-        }
-    });
-    (tx, watcher)
 }
 
 /// Marks the run failed when the gateways admitted other than `want`.

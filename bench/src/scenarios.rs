@@ -543,27 +543,7 @@ async fn hot_sale(ctx: &mut Ctx, name: &str, reload: bool) -> anyhow::Result<(Ro
     tokio::time::sleep_until(opens.into()).await;
 
     // Watch the stock counter to time the sell-out.
-    let (tx, mut rx) = watch::channel(false);
-    let mut watcher_redis = ctx.redis.clone();
-    let stock_key = ctx.keys.sale(sale).stock();
-    let watcher = tokio::spawn(async move {
-        let start = Instant::now();
-        loop {
-            let left: Option<i64> = redis::cmd("GET")
-                .arg(&stock_key)
-                .query_async(&mut watcher_redis)
-                .await
-                .ok()
-                .flatten();
-            if left == Some(0) {
-                return Some(start.elapsed());
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                _ = rx.changed() => return None,
-            }
-        }
-    });
+    let (tx, watcher) = watch_sell_out(ctx.redis.clone(), ctx.keys.sale(sale).stock());
     let reloader = reload.then(|| {
         let url = ctx.stack.admin_url("/admin/rules/reload");
         let token = ctx.stack.admin_token.clone();
@@ -1055,4 +1035,36 @@ async fn drain(ctx: &mut Ctx) -> anyhow::Result<Row> {
     ));
     ctx.audit(sale, &mut row).await?;
     Ok(row)
+}
+
+/// Times a sell-out: polls the sale's stock counter `stock_key` every 20 ms
+/// from now until it reads 0 (the time it took) or the sender is told to
+/// stop (`None`).
+pub(crate) fn watch_sell_out(
+    mut redis: seckill_contracts::redis_client::RedisConn,
+    stock_key: String,
+) -> (
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<Option<Duration>>,
+) {
+    let (tx, mut rx) = watch::channel(false);
+    let watcher = tokio::spawn(async move {
+        let start = Instant::now();
+        loop {
+            let left: Option<i64> = redis::cmd("GET")
+                .arg(&stock_key)
+                .query_async(&mut redis)
+                .await
+                .ok()
+                .flatten();
+            if left == Some(0) {
+                return Some(start.elapsed());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = rx.changed() => return None,
+            }
+        }
+    });
+    (tx, watcher)
 }
