@@ -14,7 +14,7 @@ use std::time::Duration;
 use rand::Rng;
 use redis::AsyncCommands;
 use reqwest::StatusCode;
-use seckill_contracts::config::{Config, PublicKeyConfig};
+use seckill_contracts::config::{Config, PaymentMode, PublicKeyConfig};
 use seckill_contracts::testkit::{TestEnv, TestKeys};
 use seckill_workers::api::{self, ApiState};
 use seckill_workers::orders::{self, CloseOutcome};
@@ -506,10 +506,22 @@ async fn the_sweeper_closes_overdue_orders_and_finishes_cut_short_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paying_racing_the_timeout_close_ends_paid_xor_closed_1000_times() {
+    pay_and_close_race(PaymentMode::Tcc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paying_racing_the_timeout_close_ends_paid_xor_closed_1000_times_in_xa() {
+    pay_and_close_race(PaymentMode::Xa).await;
+}
+
+/// 1,000 orders expiring at once, each paid (in `mode`) and closed at
+/// random moments around its expiry: each ends paid or closed, never both.
+async fn pay_and_close_race(mode: PaymentMode) {
     const ORDERS: u64 = 1000;
     let env = TestEnv::new().await;
     let db = env.db().await;
-    let config = short_timeouts(&env, 1800, 3600);
+    let mut config = short_timeouts(&env, 1800, 3600);
+    config.payment.mode = mode;
     let ctx = Arc::new(context(&config).await);
     let sale = create_sale(&env, &db, ORDERS as u32).await;
     let users: Vec<u64> = (1..=ORDERS).collect();
@@ -578,7 +590,7 @@ async fn paying_racing_the_timeout_close_ends_paid_xor_closed_1000_times() {
     assert_eq!(paid + closed, ORDERS as i64);
     assert_eq!(both, 0);
     assert_eq!(paid, paid_by_call.len() as i64);
-    eprintln!("races: {paid} paid, {closed} closed");
+    eprintln!("{mode:?} races: {paid} paid, {closed} closed");
     assert!(
         paid > 0 && closed > 0,
         "the races went both ways (paid {paid}, closed {closed})"

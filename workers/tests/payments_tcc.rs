@@ -9,154 +9,28 @@
 //! test holds the fail-point lock (`FailScenario`), so none meets a fault
 //! configured for another.
 
-#[path = "worker_support.rs"]
-mod support;
+#[path = "payments_support.rs"]
+mod payments;
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
-use redis::AsyncCommands;
-use seckill_contracts::config::Config;
-use seckill_contracts::testkit::TestEnv;
+use payments::support::{count, InProcessWallet};
+use payments::{payments_for, Ctx, PRICE};
+use seckill_contracts::config::PaymentMode;
 use seckill_workers::payments::fence::EndOutcome;
 use seckill_workers::payments::log::new_tx_id;
 use seckill_workers::payments::recovery::recover_once;
 use seckill_workers::payments::wallet_client::WalletClient;
-use seckill_workers::payments::{audit as payments_audit, order_branch, tcc, PayResult, Payments};
+use seckill_workers::payments::{order_branch, tcc, PayResult};
 use seckill_workers::wallet::accounts;
 use seckill_workers::wallet::routes::TryRequest;
 use seckill_workers::wallet::tcc::TryOutcome;
-use seckill_workers::worker::order_writer::{self, Settlement, WriterConfig};
-use seckill_workers::{audit, connections};
-use sqlx::MySqlPool;
-use support::{count, create_sale, message, InProcessWallet};
-
-/// The sale price every order of these tests costs (support::create_sale).
-const PRICE: i64 = 990;
-
-struct Ctx {
-    env: TestEnv,
-    db: MySqlPool,
-    wallet: InProcessWallet,
-    payments: Arc<Payments>,
-    redis: seckill_contracts::redis_client::RedisConn,
-    sale: u64,
-}
-
-impl Ctx {
-    async fn start(stock: u32) -> Ctx {
-        let env = TestEnv::new().await;
-        let db = env.db().await;
-        let wallet = InProcessWallet::start(&env.config).await;
-        let payments = Arc::new(payments_for(&wallet.config, &db));
-        let redis = connections::redis(&env.config).await.expect("redis");
-        let sale = create_sale(&env, &db, stock).await.id;
-        Ctx {
-            env,
-            db,
-            wallet,
-            payments,
-            redis,
-            sale,
-        }
-    }
-
-    fn config(&self) -> &Config {
-        &self.wallet.config
-    }
-
-    /// Orders for `users`, admitted as the gateway and the worker would.
-    async fn orders(&self, users: &[u64]) -> Vec<String> {
-        let keys = self.env.keys().sale(self.sale);
-        let mut redis = self.env.redis().await;
-        let _: i64 = redis.decr(keys.stock(), users.len() as i64).await.unwrap();
-        let _: i64 = redis.sadd(keys.buyers(), users).await.unwrap();
-        let messages: Vec<_> = users
-            .iter()
-            .map(|u| message(uuid::Uuid::now_v7().to_string(), self.sale, *u))
-            .collect();
-        let written = order_writer::write_batch(
-            &self.db,
-            &messages,
-            &HashSet::new(),
-            WriterConfig {
-                order_timeout_secs: 1800,
-            },
-        )
-        .await
-        .expect("write orders");
-        written
-            .into_iter()
-            .map(|o| match o.settlement {
-                Settlement::Success { order_id } => order_id,
-                other => panic!("admission failed: {other:?}"),
-            })
-            .collect()
-    }
-
-    async fn pay(&self, user: u64, order: &str) -> PayResult {
-        self.payments
-            .pay(&mut self.redis.clone(), user, order)
-            .await
-            .expect("pay")
-    }
-
-    async fn balance(&self, user: u64) -> (i64, i64) {
-        let w = accounts::statement(&self.wallet.db, user).await.unwrap();
-        (w.balance_cents, w.frozen_cents)
-    }
-
-    async fn status(&self, order: &str) -> String {
-        sqlx::query_scalar("SELECT CAST(status AS CHAR) FROM orders WHERE id = ?")
-            .bind(order)
-            .fetch_one(&self.db)
-            .await
-            .unwrap()
-    }
-
-    /// Both audits clean: payments (invariant 7) and the sale (1, 2, 4).
-    async fn assert_audits_clean(&self) {
-        let client = WalletClient::new(self.config());
-        let report = payments_audit::run(&self.db, &client, Duration::from_secs(5))
-            .await
-            .expect("payments audit");
-        assert!(report.ok, "{report:#?}");
-        self.assert_sale_audit_clean().await;
-    }
-
-    async fn assert_sale_audit_clean(&self) {
-        let mut redis = self.env.redis().await;
-        let sale = audit::run(
-            &self.env.config,
-            &self.db,
-            &mut redis,
-            self.sale,
-            Duration::from_secs(1),
-        )
-        .await
-        .expect("sale audit");
-        assert!(sale.ok, "{sale:?}");
-    }
-
-    async fn finish(self) {
-        self.wallet.stop().await;
-        self.env.cleanup().await;
-    }
-}
-
-fn payments_for(config: &Config, db: &MySqlPool) -> Payments {
-    Payments::new(
-        db.clone(),
-        seckill_contracts::keys::KeySchema::new(config.redis.key_prefix.clone()),
-        config,
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_freezes_then_debits_once_and_marks_the_order_paid() {
     let _serial = fail::FailScenario::setup();
-    let c = Ctx::start(10).await;
+    let c = Ctx::start(10, PaymentMode::Tcc).await;
     c.wallet.credit(&[1], 10_000).await;
     let ids = c.orders(&[1]).await;
 
@@ -184,7 +58,7 @@ async fn a_payment_freezes_then_debits_once_and_marks_the_order_paid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_enough_money_is_refused_and_moves_nothing() {
     let _serial = fail::FailScenario::setup();
-    let c = Ctx::start(10).await;
+    let c = Ctx::start(10, PaymentMode::Tcc).await;
     c.wallet.credit(&[1], PRICE - 1).await;
     let ids = c.orders(&[1, 2]).await;
 
@@ -205,7 +79,7 @@ async fn not_enough_money_is_refused_and_moves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buyer_paying_twice_at_once_is_charged_once() {
     let _serial = fail::FailScenario::setup();
-    let c = Ctx::start(10).await;
+    let c = Ctx::start(10, PaymentMode::Tcc).await;
     c.wallet.credit(&[1], 10_000).await;
     let ids = c.orders(&[1]).await;
     for _ in 0..5 {
@@ -225,7 +99,7 @@ async fn a_buyer_paying_twice_at_once_is_charged_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_fence_rolls_back_empty_refuses_a_suspended_try_and_ignores_repeats() {
     let _serial = fail::FailScenario::setup();
-    let c = Ctx::start(10).await;
+    let c = Ctx::start(10, PaymentMode::Tcc).await;
     c.wallet.credit(&[1], 10_000).await;
     let ids = c.orders(&[1]).await;
     let wallet = WalletClient::new(c.config());
@@ -360,7 +234,7 @@ const ABORT_PATH: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_at_every_step_ends_consistent_after_recovery() {
     let scenario = fail::FailScenario::setup();
-    let c = Ctx::start(40).await;
+    let c = Ctx::start(40, PaymentMode::Tcc).await;
     let users: Vec<u64> = (1..=(COMMIT_PATH.len() + ABORT_PATH.len()) as u64).collect();
     let ids = c.orders(&users).await;
     let (rich, poor) = users.split_at(COMMIT_PATH.len());
@@ -422,7 +296,7 @@ async fn a_fault_at_every_step_ends_consistent_after_recovery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_wallet_down_for_5_s_payments_are_refused_and_nothing_moves() {
     let _serial = fail::FailScenario::setup();
-    let c = Ctx::start(60).await;
+    let c = Ctx::start(60, PaymentMode::Tcc).await;
     let users: Vec<u64> = (1..=60).collect();
     let ids = c.orders(&users).await;
     c.wallet.credit(&users, 10_000).await;

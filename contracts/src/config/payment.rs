@@ -19,6 +19,10 @@ pub struct WalletConfig {
     /// service connects to it.
     pub database_url: String,
     pub max_connections: u32,
+    /// `xa` mode: how long an instance keeps a prepared branch's
+    /// connection waiting for phase two. After that it lets the branch go
+    /// (it stays prepared) so that any instance, or recovery, can end it.
+    pub xa_hold_ms: u64,
 }
 
 impl Default for WalletConfig {
@@ -27,24 +31,40 @@ impl Default for WalletConfig {
             listen: ([127, 0, 0, 1], 8083).into(),
             database_url: "mysql://root@127.0.0.1:3306/seckill_wallet".into(),
             max_connections: 16,
+            xa_hold_ms: 5_000,
         }
     }
 }
 
 /// How a payment keeps the order and the wallet databases consistent.
-/// (The schema already names `xa` and `message`, the two modes still to
-/// come; a config naming them is refused until they exist.)
+/// (The schema already names `message`, the mode still to come; a config
+/// naming it is refused until it exists.)
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum PaymentMode {
     /// Try / Confirm / Cancel on both sides, with a fence on each.
     Tcc,
+    /// Two-phase commit with MariaDB XA branches in both databases.
+    Xa,
 }
 
 impl PaymentMode {
     pub fn as_str(self) -> &'static str {
         match self {
             PaymentMode::Tcc => "tcc",
+            PaymentMode::Xa => "xa",
+        }
+    }
+}
+
+impl std::str::FromStr for PaymentMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcc" => Ok(PaymentMode::Tcc),
+            "xa" => Ok(PaymentMode::Xa),
+            other => Err(format!("unknown payment mode {other:?}")),
         }
     }
 }
@@ -124,6 +144,9 @@ impl WalletConfig {
         if self.max_connections == 0 {
             return Err(invalid("wallet.max_connections", "must be at least 1"));
         }
+        if self.xa_hold_ms == 0 {
+            return Err(invalid("wallet.xa_hold_ms", "must be at least 1"));
+        }
         Ok(())
     }
 }
@@ -160,8 +183,9 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("wallet_urls[0]"));
-        let modes: Vec<PaymentMode> = serde_json::from_str(r#"["tcc"]"#).unwrap();
-        assert_eq!(modes, vec![PaymentMode::Tcc]);
+        let modes: Vec<PaymentMode> = serde_json::from_str(r#"["tcc", "xa"]"#).unwrap();
+        assert_eq!(modes, vec![PaymentMode::Tcc, PaymentMode::Xa]);
+        assert_eq!("xa".parse::<PaymentMode>(), Ok(PaymentMode::Xa));
         assert!(serde_json::from_str::<PaymentMode>(r#""2pc""#).is_err());
     }
 }

@@ -215,13 +215,21 @@ async fn pay(
     if !orders::valid_order_id(&id) {
         return not_found().into_response();
     }
-    let redis_key = state.keys().idempotency(who.user_id, &key);
-    let mut redis = state.redis();
-    if let Err(early) = begin(&mut redis, &redis_key, &id).await {
-        return early;
-    }
-    let paid = state.payments().pay(&mut redis, who.user_id, &id).await;
-    record(&mut redis, &redis_key, &id, pay_response(paid)).await
+    // A buyer who hangs up must not cut a payment between two steps (an
+    // XA branch would wait for recovery, the key would stay pending): the
+    // payment runs to its end on a task of its own.
+    let paying = tokio::spawn(async move {
+        let redis_key = state.keys().idempotency(who.user_id, &key);
+        let mut redis = state.redis();
+        if let Err(early) = begin(&mut redis, &redis_key, &id).await {
+            return early;
+        }
+        let paid = state.payments().pay(&mut redis, who.user_id, &id).await;
+        record(&mut redis, &redis_key, &id, pay_response(paid)).await
+    });
+    paying
+        .await
+        .unwrap_or_else(|e| Problem::internal(e).into_response())
 }
 
 /// The request's `Idempotency-Key`, lowercased.

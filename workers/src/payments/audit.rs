@@ -9,8 +9,8 @@
 //!    orders = Σ top-ups (refunds only return debits, so they cancel out);
 //! 2. a paid order has exactly one debit and keeps its amount;
 //! 3. an order that is not paid keeps no money (debits − refunds = 0);
-//! 4. no TCC branch is left at `try` in either database, no transaction
-//!    is left open.
+//! 4. no TCC branch is left at `try` in either database, no XA branch of
+//!    a logged transaction is left prepared, no transaction is left open.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,7 +20,9 @@ use sqlx::MySqlPool;
 
 use super::fence;
 use super::log;
+use super::order_branch;
 use super::wallet_client::{WalletCallError, WalletClient};
+use super::xa_branch::{self, XaError};
 use crate::statuses::OrderStatus;
 
 /// Violations listed per kind, at most this many order ids each.
@@ -37,6 +39,8 @@ pub enum PaymentsAuditError {
     Fence(#[from] fence::FenceError),
     #[error("the wallet service: {0}")]
     Wallet(#[from] WalletCallError),
+    #[error(transparent)]
+    Xa(#[from] XaError),
 }
 
 /// What the payments audit saw.
@@ -53,6 +57,9 @@ pub struct PaymentsReport {
     pub credited_cents: i64,
     pub open_fences_orders: i64,
     pub open_fences_wallet: i64,
+    /// XA branches of this deployment's transactions still prepared.
+    pub prepared_xa_orders: i64,
+    pub prepared_xa_wallet: i64,
     pub violations: Vec<String>,
 }
 
@@ -84,7 +91,10 @@ async fn snapshot(
             .await?;
     let mut conn = db.acquire().await?;
     let open_fences_orders = fence::open_branches(&mut conn, 0).await?;
+    let order_branches = xa_branch::prepared(&mut conn, order_branch::BRANCH).await?;
     drop(conn);
+    let prepared_xa_orders = ours(db, &order_branches).await?;
+    let prepared_xa_wallet = ours(db, &money.prepared_xa).await?;
 
     let by_order: HashMap<&str, &crate::wallet::accounts::OrderMoney> = money
         .orders
@@ -129,6 +139,12 @@ async fn snapshot(
                 money.balances_cents, money.frozen_cents, money.credited_cents
             ));
         }
+        if prepared_xa_orders > 0 || prepared_xa_wallet > 0 {
+            violations.push(format!(
+                "invariant 7: XA branches left prepared: {prepared_xa_orders} orders, \
+                 {prepared_xa_wallet} wallets"
+            ));
+        }
         if open_fences_orders > 0 || money.open_fences > 0 {
             violations.push(format!(
                 "invariant 7: TCC branches left at try: {open_fences_orders} orders, {} wallets",
@@ -148,8 +164,22 @@ async fn snapshot(
         credited_cents: money.credited_cents,
         open_fences_orders,
         open_fences_wallet: money.open_fences,
+        prepared_xa_orders,
+        prepared_xa_wallet,
         violations,
     })
+}
+
+/// How many of `tx_ids` (prepared XA branches on a shared server) are
+/// transactions of this deployment's log.
+async fn ours(db: &MySqlPool, tx_ids: &[String]) -> Result<i64, PaymentsAuditError> {
+    let mut n = 0;
+    for tx_id in tx_ids {
+        if log::get(db, tx_id).await?.is_some() {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Per-order findings.

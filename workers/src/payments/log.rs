@@ -32,6 +32,9 @@ pub struct PayTx {
     /// The order's sale (every order step locks its row first).
     pub sale_id: u64,
     pub amount_cents: i64,
+    /// The mode it runs in (recovery ends it in that mode, whatever the
+    /// deployment's mode is now).
+    pub mode: PaymentMode,
     pub state: TxState,
 }
 
@@ -46,7 +49,7 @@ pub fn valid_tx_id(id: &str) -> bool {
 }
 
 /// Records a new transaction as `started`.
-pub async fn begin(db: &MySqlPool, tx: &PayTx, mode: PaymentMode) -> Result<(), LogError> {
+pub async fn begin(db: &MySqlPool, tx: &PayTx) -> Result<(), LogError> {
     sqlx::query(
         "INSERT INTO pay_transactions (tx_id, order_id, user_id, amount_cents, mode, state) \
          VALUES (?, ?, ?, ?, ?, ?)",
@@ -55,7 +58,7 @@ pub async fn begin(db: &MySqlPool, tx: &PayTx, mode: PaymentMode) -> Result<(), 
     .bind(&tx.order_id)
     .bind(tx.user_id)
     .bind(tx.amount_cents)
-    .bind(mode.as_str())
+    .bind(tx.mode.as_str())
     .bind(TxState::Started)
     .execute(db)
     .await?;
@@ -85,7 +88,9 @@ pub async fn advance(
     Ok(changed == 1)
 }
 
-const TX_COLUMNS: &str = "t.tx_id, t.order_id, t.user_id, o.sale_id, t.amount_cents, t.state";
+const TX_COLUMNS: &str =
+    "t.tx_id, t.order_id, t.user_id, o.sale_id, t.amount_cents, CAST(t.mode AS CHAR) AS mode, \
+     t.state";
 
 /// The transaction `tx_id`, if logged.
 pub async fn get(db: &MySqlPool, tx_id: &str) -> Result<Option<PayTx>, LogError> {
@@ -130,12 +135,17 @@ pub async fn open_count(db: &MySqlPool) -> Result<i64, LogError> {
 
 fn from_row(row: &sqlx::mysql::MySqlRow) -> Result<PayTx, LogError> {
     let state: String = row.try_get("state")?;
+    let mode: String = row.try_get("mode")?;
     Ok(PayTx {
         tx_id: row.try_get("tx_id")?,
         order_id: row.try_get("order_id")?,
         user_id: row.try_get("user_id")?,
         sale_id: row.try_get("sale_id")?,
         amount_cents: row.try_get("amount_cents")?,
+        mode: mode.parse().map_err(|_| UnknownValue {
+            kind: "payment mode",
+            value: mode.clone(),
+        })?,
         state: state.parse()?,
     })
 }

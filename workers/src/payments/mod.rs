@@ -8,6 +8,8 @@
 //! | [`fence`] | the TCC fence both participants keep (empty rollback, idempotence, suspension) |
 //! | [`order_branch`] | the order's TCC branch: `unpaid → paying → paid`, or back |
 //! | [`tcc`] | the TCC coordinator |
+//! | [`xa_branch`] | MariaDB XA branches (prepare, commit, rollback, `XA RECOVER`), as both participants use them |
+//! | [`xa`] | the XA (two-phase commit) coordinator |
 //! | [`recovery`] | drives every transaction left open (a crash, a timeout) to its end; one api at a time |
 //! | [`wallet_client`] | the wallet's internal routes over HTTP |
 //! | [`audit`] | `seckillctl audit --payments`: SPEC invariant 7 across both databases |
@@ -24,6 +26,8 @@ pub mod order_branch;
 pub mod recovery;
 pub mod tcc;
 pub mod wallet_client;
+pub mod xa;
+pub mod xa_branch;
 
 use chrono::Utc;
 use redis::aio::ConnectionLike;
@@ -48,6 +52,8 @@ pub enum PayError {
     Branch(#[from] order_branch::BranchError),
     #[error(transparent)]
     Wallet(#[from] WalletCallError),
+    #[error(transparent)]
+    Xa(#[from] xa_branch::XaError),
     /// A participant answered what the coordinator's decision rules out.
     #[error("payment inconsistency: {0}")]
     Inconsistent(String),
@@ -92,6 +98,10 @@ pub enum PayResult {
 /// The coordinator: the order database, the wallet client, the mode.
 pub struct Payments {
     db: MySqlPool,
+    /// The log's own connections (same database): a log write must never
+    /// queue behind sessions that wait on an order row an in-doubt XA
+    /// branch has locked, since that branch ends only after the write.
+    log_db: MySqlPool,
     keys: KeySchema,
     config: PaymentConfig,
     wallet: WalletClient,
@@ -103,8 +113,12 @@ impl Payments {
         keys: KeySchema,
         config: &seckill_contracts::config::Config,
     ) -> Payments {
+        let log_db = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(config.database.max_connections)
+            .connect_lazy_with((*db.connect_options()).clone());
         Payments {
             db,
+            log_db,
             keys,
             config: config.payment.clone(),
             wallet: WalletClient::new(config),
@@ -113,6 +127,11 @@ impl Payments {
 
     pub fn db(&self) -> &MySqlPool {
         &self.db
+    }
+
+    /// The pool the coordinator's log is written through.
+    pub fn log_db(&self) -> &MySqlPool {
+        &self.log_db
     }
 
     pub fn wallet(&self) -> &WalletClient {
@@ -142,11 +161,13 @@ impl Payments {
             user_id,
             sale_id: order.sale_id,
             amount_cents: order.amount_cents,
+            mode: self.config.mode,
             state: crate::statuses::TxState::Started,
         };
-        log::begin(&self.db, &tx, self.config.mode).await?;
-        let step = match self.config.mode {
+        log::begin(&self.log_db, &tx).await?;
+        let step = match tx.mode {
             PaymentMode::Tcc => tcc::pay(self, &tx).await?,
+            PaymentMode::Xa => xa::pay(self, &tx).await?,
         };
         self.answer(redis, user_id, &order, step).await
     }

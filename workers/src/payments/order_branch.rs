@@ -1,14 +1,22 @@
-//! The order's branch of a TCC payment, in the order database: Try holds
-//! the order (`unpaid → paying`, only the buyer's own, only before it
-//! expires), Confirm marks it paid, Cancel gives it back (`paying →
-//! unpaid`; an expired one is then closed by the closer as usual). Each
-//! step is one local transaction with its fence step
+//! The order's branch of a payment, in the order database.
+//!
+//! TCC: Try holds the order (`unpaid → paying`, only the buyer's own, only
+//! before it expires), Confirm marks it paid, Cancel gives it back
+//! (`paying → unpaid`; an expired one is then closed by the closer as
+//! usual). Each step is one local transaction with its fence step
 //! ([`super::fence`]); like every order transition it takes the sale's
 //! row lock (shared) before the order's, the order writer's lock order.
+//!
+//! XA: [`xa_prepare`] marks the order paid inside a prepared XA branch;
+//! the order row stays locked until phase two, so neither the closer nor
+//! a second payment can move it meanwhile. It takes no sale lock: the
+//! branch may stay prepared for as long as a payment is in doubt, and the
+//! order writer needs the sale row.
 
 use sqlx::{MySqlConnection, MySqlPool};
 
 use super::fence::{self, CancelStart, ConfirmStart, EndOutcome, FenceError, Held, TryStart};
+use super::xa_branch::{BranchConn, XaError, Xid};
 use crate::orders::{retry_on_deadlock, MaybeDeadlock};
 use crate::statuses::{FencePhase, OrderStatus};
 
@@ -22,6 +30,8 @@ pub enum BranchError {
     Fence(#[from] FenceError),
     #[error("MySQL: {0}")]
     Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Xa(#[from] XaError),
     /// The fence says the order is held, the order row says otherwise.
     #[error("order {order_id}: {what}")]
     Inconsistent { order_id: String, what: String },
@@ -30,7 +40,9 @@ pub enum BranchError {
 impl MaybeDeadlock for BranchError {
     fn is_deadlock(&self) -> bool {
         match self {
-            BranchError::Db(e) | BranchError::Fence(FenceError::Db(e)) => e.is_deadlock(),
+            BranchError::Db(e)
+            | BranchError::Fence(FenceError::Db(e))
+            | BranchError::Xa(XaError::Db(e)) => e.is_deadlock(),
             _ => false,
         }
     }
@@ -174,6 +186,35 @@ async fn move_order(
         });
     }
     Ok(())
+}
+
+/// XA: the order paid inside a prepared branch named (`tx_id`, `order`),
+/// or `None` when the order is not the buyer's unpaid, unexpired order
+/// (nothing prepared).
+pub async fn xa_prepare(
+    db: &MySqlPool,
+    tx_id: &str,
+    user_id: u64,
+    order_id: &str,
+) -> Result<Option<BranchConn>, BranchError> {
+    let mut branch = BranchConn::start(db, Xid::new(tx_id, BRANCH)?).await?;
+    let changed = sqlx::query(
+        "UPDATE orders SET status = ?, paid_at = NOW(3) \
+         WHERE id = ? AND user_id = ? AND status = ? AND expires_at > NOW(3)",
+    )
+    .bind(OrderStatus::Paid)
+    .bind(order_id)
+    .bind(user_id)
+    .bind(OrderStatus::Unpaid)
+    .execute(branch.conn())
+    .await?
+    .rows_affected();
+    if changed != 1 {
+        branch.rollback_active().await?;
+        return Ok(None);
+    }
+    branch.prepare().await?;
+    Ok(Some(branch))
 }
 
 async fn lock_sale(conn: &mut MySqlConnection, sale_id: u64) -> Result<(), sqlx::Error> {

@@ -9,6 +9,11 @@
 //!   aborting    → Cancel every branch
 //! ```
 //!
+//! (in the transaction's own mode: Confirm and Cancel are XA commit and
+//! rollback for an `xa` one). Each pass also ends XA branches left
+//! prepared for a transaction the log has already ended
+//! ([`xa::end_orphans`]).
+//!
 //! Every api runs the loop; the Redis lock `payments-recovery` lets one
 //! of them work at a time. Correctness never depends on the lock: every
 //! step is guarded by the log and the fences.
@@ -17,9 +22,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::log::{self, PayTx};
-use super::{tcc, PayError, Payments};
+use super::{tcc, xa, PayError, Payments};
 use crate::lock::RedisLock;
 use crate::statuses::{AbortReason, TxState};
+use seckill_contracts::config::PaymentMode;
 
 /// The Redis lock one api at a time recovers under.
 pub const LOCK_NAME: &str = "payments-recovery";
@@ -34,13 +40,15 @@ pub struct RecoveryReport {
     pub aborted: u32,
     /// Still open (a participant did not answer): the next pass retries.
     pub left_open: u32,
+    /// XA branches ended after their transaction (see [`xa::end_orphans`]).
+    pub orphans_ended: u32,
 }
 
 /// One pass over transactions idle for more than `older_than`.
 pub async fn recover_once(p: &Payments, older_than: Duration) -> Result<RecoveryReport, PayError> {
     let ms = u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX);
     let mut report = RecoveryReport::default();
-    for tx in log::stale(p.db(), ms, BATCH).await? {
+    for tx in log::stale(p.log_db(), ms, BATCH).await? {
         match drive(p, &tx).await {
             Ok(Some(TxState::Committed)) => report.committed += 1,
             Ok(Some(_)) => report.aborted += 1,
@@ -49,6 +57,12 @@ pub async fn recover_once(p: &Payments, older_than: Duration) -> Result<Recovery
                 tracing::error!(tx_id = %tx.tx_id, error = %e, "payment recovery step failed");
                 report.left_open += 1;
             }
+        }
+    }
+    match xa::end_orphans(p).await {
+        Ok(n) => report.orphans_ended = n,
+        Err(e) => {
+            tracing::warn!(error = %e, "looking for orphaned XA branches failed");
         }
     }
     if report != RecoveryReport::default() {
@@ -60,20 +74,25 @@ pub async fn recover_once(p: &Payments, older_than: Duration) -> Result<Recovery
 /// Drives one transaction; the final state it reached, or `None` when a
 /// participant did not answer.
 async fn drive(p: &Payments, tx: &PayTx) -> Result<Option<TxState>, PayError> {
-    let finished = match tx.state {
-        TxState::Started => {
-            tcc::abort(p, tx, AbortReason::Timeout).await?;
-            // abort() finished the branches unless the wallet was silent.
-            log::get(p.db(), &tx.tx_id).await?.map(|t| t.state) == Some(TxState::Aborted)
+    let finished = match (tx.state, tx.mode) {
+        (TxState::Started, mode) => {
+            match mode {
+                PaymentMode::Tcc => tcc::abort(p, tx, AbortReason::Timeout).await?,
+                PaymentMode::Xa => xa::abort(p, tx, AbortReason::Timeout, None).await?,
+            };
+            // abort() finished the branches unless one could not be reached.
+            log::get(p.log_db(), &tx.tx_id).await?.map(|t| t.state) == Some(TxState::Aborted)
         }
-        TxState::Committing => tcc::commit(p, tx).await?,
-        TxState::Aborting => tcc::finish_abort(p, tx).await?,
-        TxState::Committed | TxState::Aborted => true,
+        (TxState::Committing, PaymentMode::Tcc) => tcc::commit(p, tx).await?,
+        (TxState::Committing, PaymentMode::Xa) => xa::commit(p, tx, None).await?,
+        (TxState::Aborting, PaymentMode::Tcc) => tcc::finish_abort(p, tx).await?,
+        (TxState::Aborting, PaymentMode::Xa) => xa::finish_abort(p, tx, None).await?,
+        (TxState::Committed | TxState::Aborted, _) => true,
     };
     if !finished {
         return Ok(None);
     }
-    Ok(log::get(p.db(), &tx.tx_id).await?.map(|t| t.state))
+    Ok(log::get(p.log_db(), &tx.tx_id).await?.map(|t| t.state))
 }
 
 /// Runs [`recover_once`] every `payment.recovery_interval_ms` while this

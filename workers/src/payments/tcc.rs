@@ -68,7 +68,7 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
         return abort(p, tx, reason).await;
     }
     if !log::advance(
-        p.db(),
+        p.log_db(),
         &tx.tx_id,
         TxState::Started,
         TxState::Committing,
@@ -115,7 +115,7 @@ pub async fn commit(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
         Err(PayError::Injected("tcc.after_confirm_order"))
     });
     log::advance(
-        p.db(),
+        p.log_db(),
         &tx.tx_id,
         TxState::Committing,
         TxState::Committed,
@@ -129,7 +129,7 @@ pub async fn commit(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
 /// branches.
 pub async fn abort(p: &Payments, tx: &PayTx, reason: AbortReason) -> Result<Step, PayError> {
     if !log::advance(
-        p.db(),
+        p.log_db(),
         &tx.tx_id,
         TxState::Started,
         TxState::Aborting,
@@ -137,7 +137,7 @@ pub async fn abort(p: &Payments, tx: &PayTx, reason: AbortReason) -> Result<Step
     )
     .await?
     {
-        let now = log::get(p.db(), &tx.tx_id).await?.map(|t| t.state);
+        let now = log::get(p.log_db(), &tx.tx_id).await?.map(|t| t.state);
         if now != Some(TxState::Aborting) && now != Some(TxState::Aborted) {
             return Err(PayError::Inconsistent(format!(
                 "{}: aborting a transaction that is {now:?}",
@@ -180,7 +180,14 @@ pub async fn finish_abort(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
     if !wallet_done {
         return Ok(false);
     }
-    log::advance(p.db(), &tx.tx_id, TxState::Aborting, TxState::Aborted, None).await?;
+    log::advance(
+        p.log_db(),
+        &tx.tx_id,
+        TxState::Aborting,
+        TxState::Aborted,
+        None,
+    )
+    .await?;
     Ok(true)
 }
 

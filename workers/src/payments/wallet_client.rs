@@ -14,8 +14,9 @@ use serde::Serialize;
 
 use crate::payments::fence::EndOutcome;
 use crate::wallet::accounts::{Wallet, WalletFigures};
-use crate::wallet::routes::{EndRequest, Outcome, TryRequest};
+use crate::wallet::routes::{EndRequest, Outcome, PrepareRequest, TryRequest};
 use crate::wallet::tcc::TryOutcome;
+use crate::wallet::xa::PrepareOutcome;
 
 /// Why a wallet call did not get an answer it could use.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -79,6 +80,33 @@ impl WalletClient {
 
     pub async fn tcc_cancel(&self, tx_id: &str) -> Result<EndOutcome, WalletCallError> {
         self.end("/internal/tcc/cancel", tx_id).await
+    }
+
+    /// XA phase one: the wallet prepares the debit.
+    pub async fn xa_prepare(
+        &self,
+        request: &PrepareRequest,
+    ) -> Result<PrepareOutcome, WalletCallError> {
+        let reply: Outcome<PrepareOutcome> = self.post("/internal/xa/prepare", request).await?;
+        Ok(reply.outcome)
+    }
+
+    /// XA phase two (commit); `Unavailable` too while another instance
+    /// still holds the branch.
+    pub async fn xa_commit(&self, tx_id: &str) -> Result<EndOutcome, WalletCallError> {
+        self.end("/internal/xa/commit", tx_id).await
+    }
+
+    /// XA phase two (rollback).
+    pub async fn xa_rollback(&self, tx_id: &str) -> Result<EndOutcome, WalletCallError> {
+        self.end("/internal/xa/rollback", tx_id).await
+    }
+
+    /// Transaction ids of the wallet branches prepared on the wallet's
+    /// database server (recovery keeps those its log knows).
+    pub async fn xa_prepared(&self) -> Result<Vec<String>, WalletCallError> {
+        self.call(|http, base| http.get(format!("{base}/internal/xa/prepared")))
+            .await
     }
 
     /// A top-up through the admin route (`seckillctl wallet credit`),

@@ -32,6 +32,8 @@ pub enum WalletError {
     Stored(#[from] UnknownValue),
     #[error(transparent)]
     Fence(#[from] crate::payments::fence::FenceError),
+    #[error("XA: {0}")]
+    Xa(String),
     /// A movement the fence says is due found the money not there: the
     /// database disagrees with its own fence. Never expected; refused
     /// loudly rather than papered over.
@@ -213,6 +215,10 @@ pub struct WalletFigures {
     pub orders: Vec<OrderMoney>,
     /// TCC branches still at `try` for longer than the audit's threshold.
     pub open_fences: i64,
+    /// Transaction ids of prepared XA wallet branches on the wallet's
+    /// database server (any deployment's: the coordinator keeps its own).
+    #[serde(default)]
+    pub prepared_xa: Vec<String>,
 }
 
 /// What one order's ledger rows add up to.
@@ -271,6 +277,7 @@ pub async fn figures(db: &MySqlPool, open_after_ms: u64) -> Result<WalletFigures
             })
             .collect(),
         open_fences,
+        prepared_xa: Vec::new(),
     })
 }
 

@@ -7,14 +7,17 @@
 //! |---|---|
 //! | [`accounts`] | balances and the ledger: every movement one guarded update plus one ledger row |
 //! | [`tcc`] | the wallet's TCC branch (freeze, debit, unfreeze) behind its fence |
+//! | [`xa`] | the wallet's XA branch (a prepared debit) and the prepared branches this instance holds |
 //! | [`routes`] | the HTTP surface: public, admin and internal routes |
 //!
 //! Any number of instances serve one database: every operation is one
-//! local transaction, and the fences make every branch call idempotent.
+//! local transaction (or one XA branch), and the fences (and XA branch
+//! names) make every branch call idempotent.
 
 pub mod accounts;
 pub mod routes;
 pub mod tcc;
+pub mod xa;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -51,6 +54,7 @@ pub async fn migrate(config: &Config) -> Result<(), ConnectError> {
 
 struct Inner {
     db: MySqlPool,
+    xa: Arc<xa::PreparedBranches>,
     keys: Arc<ApiKeys>,
     admin_digest: Option<[u8; 32]>,
     service_digest: Option<[u8; 32]>,
@@ -89,6 +93,9 @@ impl WalletState {
         Ok(WalletState {
             inner: Arc::new(Inner {
                 db,
+                xa: xa::PreparedBranches::new(std::time::Duration::from_millis(
+                    config.wallet.xa_hold_ms,
+                )),
                 keys,
                 admin_digest,
                 service_digest,
@@ -98,6 +105,11 @@ impl WalletState {
 
     pub fn db(&self) -> &MySqlPool {
         &self.inner.db
+    }
+
+    /// The prepared XA branches this instance holds the connection of.
+    pub fn xa(&self) -> &xa::PreparedBranches {
+        &self.inner.xa
     }
 
     fn admin_digest(&self) -> Option<&[u8; 32]> {

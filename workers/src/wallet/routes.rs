@@ -5,6 +5,8 @@
 //! | `GET /api/v1/wallet` | the buyer (RS256 bearer, through the gateway) | own balance and ledger |
 //! | `POST /admin/wallet/credit` | ops (admin token) | a top-up |
 //! | `POST /internal/tcc/{try,confirm,cancel}` | the api (service token) | the TCC branch |
+//! | `POST /internal/xa/{prepare,commit,rollback}` | the api (service token) | the XA branch |
+//! | `GET /internal/xa/prepared` | the api's recovery (service token) | prepared wallet branches |
 //! | `GET /internal/audit` | `seckillctl audit --payments` (service token) | the wallet's figures |
 //!
 //! The internal routes are not behind the gateway; the service token keeps
@@ -20,6 +22,7 @@ use utoipa_axum::routes;
 
 use super::accounts::{self, Wallet, WalletFigures};
 use super::tcc::{self, TryOutcome};
+use super::xa::{self, PrepareOutcome};
 use super::WalletState;
 use crate::api::admin::check_secret;
 use crate::api::identity::Identity;
@@ -41,6 +44,10 @@ pub fn private_routes() -> Router<WalletState> {
         .route("/internal/tcc/try", post(tcc_try))
         .route("/internal/tcc/confirm", post(tcc_confirm))
         .route("/internal/tcc/cancel", post(tcc_cancel))
+        .route("/internal/xa/prepare", post(xa_prepare))
+        .route("/internal/xa/commit", post(xa_commit))
+        .route("/internal/xa/rollback", post(xa_rollback))
+        .route("/internal/xa/prepared", get(xa_prepared))
         .route("/internal/audit", get(audit))
 }
 
@@ -114,7 +121,11 @@ pub struct TryRequest {
     pub amount_cents: i64,
 }
 
-/// A Confirm or Cancel of the wallet branch.
+/// An XA prepare of the wallet branch: the order's debit.
+pub type PrepareRequest = TryRequest;
+
+/// A Confirm or Cancel (TCC), or a commit or rollback (XA), of the
+/// wallet branch.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndRequest {
@@ -134,15 +145,97 @@ async fn tcc_try(
 ) -> Result<Json<Outcome<TryOutcome>>, Problem> {
     check_secret(state.service_digest(), &headers, "service")?;
     let ApiJson(r) = body?;
-    if !valid_tx_id(&r.tx_id) || r.user_id == 0 || r.amount_cents < 0 || r.order_id.len() != 36 {
-        return Err(Problem::bad_request("malformed Try"));
-    }
+    check_branch_request(&r)?;
     fail::fail_point!("wallet.tcc.before_try", |_| Err(injected()));
     let outcome = tcc::try_freeze(state.db(), &r.tx_id, r.user_id, &r.order_id, r.amount_cents)
         .await
         .map_err(Problem::internal)?;
     fail::fail_point!("wallet.tcc.after_try", |_| Err(injected()));
     Ok(Json(Outcome { outcome }))
+}
+
+/// A branch request the wallet can act on (ids of the right shape, an
+/// amount that is money).
+fn check_branch_request(r: &TryRequest) -> Result<(), Problem> {
+    if !valid_tx_id(&r.tx_id) || r.user_id == 0 || r.amount_cents < 0 || r.order_id.len() != 36 {
+        return Err(Problem::bad_request("malformed branch request"));
+    }
+    Ok(())
+}
+
+async fn xa_prepare(
+    State(state): State<WalletState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<PrepareRequest>, Problem>,
+) -> Result<Json<Outcome<PrepareOutcome>>, Problem> {
+    check_secret(state.service_digest(), &headers, "service")?;
+    let ApiJson(r) = body?;
+    check_branch_request(&r)?;
+    fail::fail_point!("wallet.xa.before_prepare", |_| Err(injected()));
+    let outcome = xa::prepare(
+        state.db(),
+        state.xa(),
+        &r.tx_id,
+        r.user_id,
+        &r.order_id,
+        r.amount_cents,
+    )
+    .await
+    .map_err(Problem::internal)?;
+    fail::fail_point!("wallet.xa.after_prepare", |_| Err(injected()));
+    Ok(Json(Outcome { outcome }))
+}
+
+async fn xa_commit(
+    State(state): State<WalletState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<EndRequest>, Problem>,
+) -> Result<Json<Outcome<EndOutcome>>, Problem> {
+    xa_end(state, headers, body, true).await
+}
+
+async fn xa_rollback(
+    State(state): State<WalletState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<EndRequest>, Problem>,
+) -> Result<Json<Outcome<EndOutcome>>, Problem> {
+    xa_end(state, headers, body, false).await
+}
+
+async fn xa_end(
+    state: WalletState,
+    headers: HeaderMap,
+    body: Result<ApiJson<EndRequest>, Problem>,
+    commit: bool,
+) -> Result<Json<Outcome<EndOutcome>>, Problem> {
+    check_secret(state.service_digest(), &headers, "service")?;
+    let ApiJson(r) = body?;
+    if !valid_tx_id(&r.tx_id) {
+        return Err(Problem::bad_request("malformed transaction id"));
+    }
+    let outcome = xa::end(state.db(), state.xa(), &r.tx_id, commit)
+        .await
+        .map_err(Problem::internal)?
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "/problems/branch-busy",
+                "the branch is held by another wallet instance for now; retry later",
+            )
+        })?;
+    fail::fail_point!("wallet.xa.after_end", |_| Err(injected()));
+    Ok(Json(Outcome { outcome }))
+}
+
+async fn xa_prepared(
+    State(state): State<WalletState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<String>>, Problem> {
+    check_secret(state.service_digest(), &headers, "service")?;
+    xa::prepared(state.db())
+        .await
+        .map(Json)
+        .map_err(Problem::internal)
 }
 
 async fn tcc_confirm(
@@ -194,10 +287,11 @@ async fn audit(
     Query(q): Query<AuditQuery>,
 ) -> Result<Json<WalletFigures>, Problem> {
     check_secret(state.service_digest(), &headers, "service")?;
-    accounts::figures(state.db(), q.open_after_ms.unwrap_or(0))
+    let mut figures = accounts::figures(state.db(), q.open_after_ms.unwrap_or(0))
         .await
-        .map(Json)
-        .map_err(Problem::internal)
+        .map_err(Problem::internal)?;
+    figures.prepared_xa = xa::prepared(state.db()).await.map_err(Problem::internal)?;
+    Ok(Json(figures))
 }
 
 /// The answer of a call a fail point cut (tests only: the fail points are
