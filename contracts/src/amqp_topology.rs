@@ -24,6 +24,9 @@
 //!                                         │ expires, dead-lettered via "" exchange
 //!                                         ▼
 //!                                       close queue ──▶ timeout closer (worker)
+//!
+//! wallet relay ──publish(default exchange)──▶ payment queue ──▶ api (payment.mode = message)
+//! api relay    ──publish(default exchange)──▶ refund queue  ──▶ wallet
 //! ```
 //!
 //! Delivery limits: with `quorum = true` the broker counts deliveries and
@@ -60,7 +63,9 @@ pub const MAX_QUEUE_TTL_MS: u64 = u32::MAX as u64;
 ///   exchange (`""`) with routing key `config.close_queue`. A fixed queue TTL
 ///   (not a per-message expiration) keeps expiry in FIFO order, so an
 ///   expired message is never stuck behind a longer-lived one;
-/// * `config.close_queue`: durable, consumed by the timeout closer.
+/// * `config.close_queue`: durable, consumed by the timeout closer;
+/// * `config.payment_queue`, `config.refund_queue`: durable, the
+///   reliable-message payment mode's two directions.
 ///
 /// With `quorum = true` every queue is a quorum queue (replicated where a
 /// cluster exists, SPEC §6); otherwise every queue is an explicitly classic
@@ -128,13 +133,19 @@ pub async fn declare(
         )
         .await?;
 
-    channel
-        .queue_declare(
-            name(&config.close_queue)?,
-            QueueDeclareOptions::durable(),
-            plain_queue_arguments(config),
-        )
-        .await?;
+    for plain in [
+        &config.close_queue,
+        &config.payment_queue,
+        &config.refund_queue,
+    ] {
+        channel
+            .queue_declare(
+                name(plain)?,
+                QueueDeclareOptions::durable(),
+                plain_queue_arguments(config),
+            )
+            .await?;
+    }
     channel
         .queue_declare(
             name(&config.close_delay_queue)?,
@@ -188,7 +199,8 @@ fn queue_type(config: &AmqpConfig) -> &'static str {
     }
 }
 
-/// Arguments of the DLQ and the close queue: only the queue type.
+/// Arguments of the DLQ, the close queue and the payment queues: only
+/// the queue type.
 fn plain_queue_arguments(config: &AmqpConfig) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), text(queue_type(config)));

@@ -187,6 +187,10 @@ pub struct AmqpConfig {
     /// Delayed-close plumbing: unpaid orders wait here for their timeout.
     pub close_delay_queue: String,
     pub close_queue: String,
+    /// `payment.mode = message`: the wallet's "debited" messages to the
+    /// api, and the api's compensating refunds to the wallet.
+    pub payment_queue: String,
+    pub refund_queue: String,
 }
 
 impl AmqpConfig {
@@ -212,6 +216,8 @@ impl Default for AmqpConfig {
             confirm_timeout_ms: 2_000,
             close_delay_queue: "seckill.close.delay".into(),
             close_queue: "seckill.close".into(),
+            payment_queue: "seckill.payments".into(),
+            refund_queue: "seckill.refunds".into(),
         }
     }
 }

@@ -47,6 +47,8 @@ impl TestEnv {
         a.dead_letter_queue = format!("{id}.orders.dlq");
         a.close_delay_queue = format!("{id}.close.delay");
         a.close_queue = format!("{id}.close");
+        a.payment_queue = format!("{id}.payments");
+        a.refund_queue = format!("{id}.refunds");
 
         use sqlx::Connection;
         let mut conn = sqlx::MySqlConnection::connect(&format!("{server_url}/mysql"))
@@ -171,6 +173,8 @@ async fn cleanup(id: &str, server_url: &str, config: &Config) {
                     &a.dead_letter_queue,
                     &a.close_delay_queue,
                     &a.close_queue,
+                    &a.payment_queue,
+                    &a.refund_queue,
                 ] {
                     let _ = ch
                         .queue_delete(
@@ -220,6 +224,8 @@ impl TestEnv {
             ("AMQP__DEAD_LETTER_QUEUE", a.dead_letter_queue.clone()),
             ("AMQP__CLOSE_DELAY_QUEUE", a.close_delay_queue.clone()),
             ("AMQP__CLOSE_QUEUE", a.close_queue.clone()),
+            ("AMQP__PAYMENT_QUEUE", a.payment_queue.clone()),
+            ("AMQP__REFUND_QUEUE", a.refund_queue.clone()),
         ]
         .into_iter()
         .map(|(k, v)| (format!("{}{k}", crate::config::ENV_PREFIX), v))

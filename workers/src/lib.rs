@@ -11,6 +11,7 @@ pub mod fleet_report;
 pub mod keyring;
 pub mod lock;
 pub mod orders;
+pub mod outbox;
 pub mod payments;
 pub mod probes;
 pub mod reconcile;

@@ -514,6 +514,11 @@ async fn paying_racing_the_timeout_close_ends_paid_xor_closed_1000_times_in_xa()
     pay_and_close_race(PaymentMode::Xa).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paying_racing_the_timeout_close_ends_paid_xor_closed_1000_times_by_message() {
+    pay_and_close_race(PaymentMode::Message).await;
+}
+
 /// 1,000 orders expiring at once, each paid (in `mode`) and closed at
 /// random moments around its expiry: each ends paid or closed, never both.
 async fn pay_and_close_race(mode: PaymentMode) {
@@ -528,6 +533,7 @@ async fn pay_and_close_race(mode: PaymentMode) {
     let wallet = InProcessWallet::start(&config).await;
     wallet.credit(&users, 10_000).await;
     let payments = Arc::new(Payments::new(db.clone(), ctx.keys.clone(), &wallet.config));
+    let _messaging = payments.start_messaging(&wallet.config);
     let mut ids = Vec::new();
     for chunk in users.chunks(200) {
         ids.extend(admit(&env, &db, sale.id, chunk, 1800).await);
@@ -566,7 +572,8 @@ async fn pay_and_close_race(mode: PaymentMode) {
     let mut closed_by_call = HashSet::new();
     for t in tasks {
         let (id, pay, close) = t.await.expect("task");
-        if let Some(PayResult::Paid(_)) = pay {
+        // Accepted (the message mode answers 202 and settles after).
+        if let Some(PayResult::Paid(_) | PayResult::Settling(_)) = pay {
             assert!(paid_by_call.insert(id.clone()), "paid twice");
         }
         if let Some(CloseOutcome::Closed { .. }) = close {
@@ -576,6 +583,11 @@ async fn pay_and_close_race(mode: PaymentMode) {
     // A late pay closes the order itself; finish whatever is still due.
     tokio::time::sleep(Duration::from_millis(500)).await;
     sweeper::sweep(&ctx).await.expect("sweep");
+    let client = seckill_workers::payments::wallet_client::WalletClient::new(&wallet.config);
+    let money = seckill_workers::payments::audit::run(&db, &client, Duration::from_secs(20))
+        .await
+        .expect("payments audit");
+    assert!(money.ok, "{money:#?}");
     assert!(
         paid_by_call.is_disjoint(&closed_by_call),
         "an order was both paid and closed"
@@ -600,11 +612,6 @@ async fn pay_and_close_race(mode: PaymentMode) {
     assert_eq!(redis_stock(&env, sale.id).await, closed);
     assert_audit_clean(&env, &db, sale.id).await;
     // Money: each paid order one debit of its amount, the closed ones none.
-    let client = seckill_workers::payments::wallet_client::WalletClient::new(&wallet.config);
-    let money = seckill_workers::payments::audit::run(&db, &client, Duration::from_secs(10))
-        .await
-        .expect("payments audit");
-    assert!(money.ok, "{money:#?}");
     assert_eq!(money.paid_orders, paid);
     wallet.stop().await;
     env.cleanup().await;

@@ -37,6 +37,8 @@ pub struct Ctx {
     pub payments: Arc<Payments>,
     pub redis: seckill_contracts::redis_client::RedisConn,
     pub sale: u64,
+    /// The api's side of the message mode (consumer, refund relay).
+    pub messaging: seckill_workers::outbox::Running,
 }
 
 impl Ctx {
@@ -50,6 +52,7 @@ impl Ctx {
         config.wallet.xa_hold_ms = 1_000;
         let wallet = InProcessWallet::start(&config).await;
         let payments = Arc::new(payments_for(&wallet.config, &db));
+        let messaging = payments.start_messaging(&wallet.config);
         let redis = connections::redis(&env.config).await.expect("redis");
         let sale = create_sale(&env, &db, stock).await.id;
         Ctx {
@@ -59,6 +62,7 @@ impl Ctx {
             payments,
             redis,
             sale,
+            messaging,
         }
     }
 
@@ -107,6 +111,19 @@ impl Ctx {
         (w.balance_cents, w.frozen_cents)
     }
 
+    /// Waits (up to 10 s) for `order` to reach `status`; the status it
+    /// ended with.
+    pub async fn wait_status(&self, order: &str, status: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.status(order).await;
+            if now == status || tokio::time::Instant::now() >= deadline {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn status(&self, order: &str) -> String {
         sqlx::query_scalar("SELECT CAST(status AS CHAR) FROM orders WHERE id = ?")
             .bind(order)
@@ -118,7 +135,7 @@ impl Ctx {
     /// Both audits clean: payments (invariant 7) and the sale (1, 2, 4).
     pub async fn assert_audits_clean(&self) {
         let client = WalletClient::new(self.config());
-        let report = payments_audit::run(&self.db, &client, Duration::from_secs(5))
+        let report = payments_audit::run(&self.db, &client, Duration::from_secs(10))
             .await
             .expect("payments audit");
         assert!(report.ok, "{report:#?}");
@@ -175,4 +192,13 @@ pub async fn recover_all(payments: &Payments) -> RecoveryReport {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// How many orders of the test's database have `status`.
+pub async fn count_status(db: &MySqlPool, status: &str) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE status = ?")
+        .bind(status)
+        .fetch_one(db)
+        .await
+        .expect("count orders")
 }

@@ -309,6 +309,7 @@ async fn with_the_wallet_down_for_5_s_payments_are_refused_and_nothing_moves() {
         payments,
         redis,
         sale,
+        messaging,
     } = c;
 
     // Buyers pay one after another, 10 per second, for 6 s; the wallet is
@@ -361,6 +362,7 @@ async fn with_the_wallet_down_for_5_s_payments_are_refused_and_nothing_moves() {
         payments,
         redis,
         sale,
+        messaging,
     };
     for (i, r) in answers.iter().enumerate() {
         let expected = if matches!(r, PayResult::Paid(_)) {

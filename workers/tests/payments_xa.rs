@@ -362,6 +362,7 @@ async fn with_the_wallet_down_for_5_s_payments_are_refused_and_end_consistent() 
         payments,
         redis,
         sale,
+        messaging,
     } = c;
 
     let payer = {
@@ -405,6 +406,7 @@ async fn with_the_wallet_down_for_5_s_payments_are_refused_and_end_consistent() 
         payments,
         redis,
         sale,
+        messaging,
     };
     for (i, r) in answers.iter().enumerate() {
         let expected = if matches!(r, PayResult::Unavailable) {

@@ -37,8 +37,6 @@ impl Default for WalletConfig {
 }
 
 /// How a payment keeps the order and the wallet databases consistent.
-/// (The schema already names `message`, the mode still to come; a config
-/// naming it is refused until it exists.)
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum PaymentMode {
@@ -46,6 +44,9 @@ pub enum PaymentMode {
     Tcc,
     /// Two-phase commit with MariaDB XA branches in both databases.
     Xa,
+    /// The wallet debits with an outbox message in one local transaction;
+    /// the order side settles on the message (pay answers 202).
+    Message,
 }
 
 impl PaymentMode {
@@ -53,6 +54,7 @@ impl PaymentMode {
         match self {
             PaymentMode::Tcc => "tcc",
             PaymentMode::Xa => "xa",
+            PaymentMode::Message => "message",
         }
     }
 }
@@ -64,6 +66,7 @@ impl std::str::FromStr for PaymentMode {
         match s {
             "tcc" => Ok(PaymentMode::Tcc),
             "xa" => Ok(PaymentMode::Xa),
+            "message" => Ok(PaymentMode::Message),
             other => Err(format!("unknown payment mode {other:?}")),
         }
     }
@@ -88,6 +91,9 @@ pub struct PaymentConfig {
     pub transaction_timeout_ms: u64,
     /// How often the recovery loop looks for such transactions.
     pub recovery_interval_ms: u64,
+    /// `message` mode: how often an outbox relay looks for messages it
+    /// was not woken for (a crash between commit and publish).
+    pub relay_interval_ms: u64,
 }
 
 impl Default for PaymentConfig {
@@ -100,6 +106,7 @@ impl Default for PaymentConfig {
             wallet_timeout_ms: 2_000,
             transaction_timeout_ms: 10_000,
             recovery_interval_ms: 1_000,
+            relay_interval_ms: 500,
         }
     }
 }
@@ -120,6 +127,7 @@ impl PaymentConfig {
         for (key, value) in [
             ("wallet_timeout_ms", self.wallet_timeout_ms),
             ("recovery_interval_ms", self.recovery_interval_ms),
+            ("relay_interval_ms", self.relay_interval_ms),
         ] {
             if value == 0 {
                 return Err(invalid(format!("payment.{key}"), "must be at least 1"));
@@ -183,8 +191,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("wallet_urls[0]"));
-        let modes: Vec<PaymentMode> = serde_json::from_str(r#"["tcc", "xa"]"#).unwrap();
-        assert_eq!(modes, vec![PaymentMode::Tcc, PaymentMode::Xa]);
+        let modes: Vec<PaymentMode> = serde_json::from_str(r#"["tcc", "xa", "message"]"#).unwrap();
+        assert_eq!(
+            modes,
+            vec![PaymentMode::Tcc, PaymentMode::Xa, PaymentMode::Message]
+        );
         assert_eq!("xa".parse::<PaymentMode>(), Ok(PaymentMode::Xa));
         assert!(serde_json::from_str::<PaymentMode>(r#""2pc""#).is_err());
     }

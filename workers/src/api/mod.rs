@@ -292,6 +292,9 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Message mode: the debited-message consumer and the refund relay,
+    // for as long as this api serves.
+    let _messaging = state.inner.payments.start_messaging(state.full_config());
     recovery::spawn(
         state.inner.payments.clone(),
         RedisLock::new(

@@ -193,7 +193,7 @@ fn valid_key(key: &str) -> bool {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The order, paid", body = Order),
-        (status = 202, description = "The payment is decided and finishing: the order shows `paying` until it is paid", body = Order),
+        (status = 202, description = "The payment is accepted and finishing (always so in `message` mode): the order shows `paying` until it is paid", body = Order),
         (status = 400, description = "The Idempotency-Key header is missing, or the key is unknown or expired", body = ProblemBody),
         (status = 402, description = "The wallet's balance does not cover the order; nothing was charged", body = ProblemBody),
         (status = 404, description = "No such order of the caller's", body = ProblemBody),

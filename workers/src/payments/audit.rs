@@ -2,8 +2,8 @@
 //! database (read here) and the wallet's (read through the wallet's
 //! internal audit route, since nothing but the wallet opens it).
 //!
-//! Once no payment transaction is open (it waits, like the sale audit
-//! waits for quiet):
+//! Once no payment transaction is open and no payment message is in
+//! flight (it waits, like the sale audit waits for quiet):
 //!
 //! 1. money is conserved: Σ balances + Σ frozen + Σ amounts of paid
 //!    orders = Σ top-ups (refunds only return debits, so they cancel out);
@@ -50,6 +50,9 @@ pub struct PaymentsReport {
     /// No payment transaction open.
     pub quiet: bool,
     pub open_transactions: i64,
+    /// `message` mode: messages written and not yet published, and
+    /// refunds asked for that the wallet has not made yet.
+    pub messages_in_flight: i64,
     pub balances_cents: i64,
     pub frozen_cents: i64,
     pub paid_orders: i64,
@@ -124,11 +127,19 @@ async fn snapshot(
         .map(|m| m.order_id.clone())
         .collect();
 
-    let quiet = open_transactions == 0;
+    let refunds_asked: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+        .fetch_one(db)
+        .await?;
+    let refunds_made: i64 = money.orders.iter().map(|m| m.refunds).sum();
+    let messages_in_flight = crate::outbox::pending(db).await?
+        + money.outbox_pending
+        + (refunds_asked - refunds_made).max(0);
+    let quiet = open_transactions == 0 && messages_in_flight == 0;
     let mut violations = Vec::new();
     if !quiet {
         violations.push(format!(
-            "invariant 7: {open_transactions} payment transactions still open"
+            "invariant 7: {open_transactions} payment transactions still open, \
+             {messages_in_flight} payment messages in flight"
         ));
     } else {
         let held = money.balances_cents + money.frozen_cents + paid_orders_cents;
@@ -157,6 +168,7 @@ async fn snapshot(
         ok: violations.is_empty(),
         quiet,
         open_transactions,
+        messages_in_flight,
         balances_cents: money.balances_cents,
         frozen_cents: money.frozen_cents,
         paid_orders,

@@ -10,6 +10,7 @@
 //! | [`tcc`] | the TCC coordinator |
 //! | [`xa_branch`] | MariaDB XA branches (prepare, commit, rollback, `XA RECOVER`), as both participants use them |
 //! | [`xa`] | the XA (two-phase commit) coordinator |
+//! | [`message`] | the reliable-message mode: the check-back, settling on the wallet's message, refunds |
 //! | [`recovery`] | drives every transaction left open (a crash, a timeout) to its end; one api at a time |
 //! | [`wallet_client`] | the wallet's internal routes over HTTP |
 //! | [`audit`] | `seckillctl audit --payments`: SPEC invariant 7 across both databases |
@@ -22,6 +23,7 @@
 pub mod audit;
 pub mod fence;
 pub mod log;
+pub mod message;
 pub mod order_branch;
 pub mod recovery;
 pub mod tcc;
@@ -105,6 +107,8 @@ pub struct Payments {
     keys: KeySchema,
     config: PaymentConfig,
     wallet: WalletClient,
+    /// Wakes the refund relay (`message` mode) after a settle wrote one.
+    refund_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Payments {
@@ -122,6 +126,7 @@ impl Payments {
             keys,
             config: config.payment.clone(),
             wallet: WalletClient::new(config),
+            refund_wake: Default::default(),
         }
     }
 
@@ -140,6 +145,42 @@ impl Payments {
 
     pub fn config(&self) -> &PaymentConfig {
         &self.config
+    }
+
+    pub(crate) fn wake_refund_relay(&self) {
+        self.refund_wake.notify_one();
+    }
+
+    /// `message` mode: starts this api's consumer of the wallet's debited
+    /// messages and its relay of refunds; they run until the returned
+    /// value is dropped. (In other modes nothing is started.)
+    pub fn start_messaging(
+        self: &std::sync::Arc<Payments>,
+        config: &seckill_contracts::config::Config,
+    ) -> crate::outbox::Running {
+        let running = crate::outbox::Running::new();
+        if config.payment.mode != PaymentMode::Message {
+            return running;
+        }
+        crate::outbox::spawn_relay(
+            config,
+            self.db.clone(),
+            config.amqp.refund_queue.clone(),
+            std::time::Duration::from_millis(config.payment.relay_interval_ms),
+            self.refund_wake.clone(),
+            running.stopped(),
+        );
+        let payments = self.clone();
+        crate::outbox::spawn_consumer(
+            config,
+            config.amqp.payment_queue.clone(),
+            move |body| {
+                let payments = payments.clone();
+                async move { message::on_debited(&payments, &body).await }
+            },
+            running.stopped(),
+        );
+        running
     }
 
     /// Pays `user_id`'s order `order_id` (see [`PayResult`]).
@@ -168,6 +209,7 @@ impl Payments {
         let step = match tx.mode {
             PaymentMode::Tcc => tcc::pay(self, &tx).await?,
             PaymentMode::Xa => xa::pay(self, &tx).await?,
+            PaymentMode::Message => message::pay(self, &tx).await?,
         };
         self.answer(redis, user_id, &order, step).await
     }
@@ -205,6 +247,8 @@ impl Payments {
         };
         Ok(match step {
             Step::Committed => PayResult::Paid(now),
+            // Settled already (the message mode's check-back found the debit).
+            Step::Decided if now.status == OrderStatus::Paid => PayResult::Paid(now),
             Step::Decided => PayResult::Settling(now),
             Step::Aborted(AbortReason::InsufficientFunds) => PayResult::InsufficientFunds,
             Step::Aborted(AbortReason::OrderNotPayable) => {

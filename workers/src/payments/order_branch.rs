@@ -217,7 +217,27 @@ pub async fn xa_prepare(
     Ok(Some(branch))
 }
 
-async fn lock_sale(conn: &mut MySqlConnection, sale_id: u64) -> Result<(), sqlx::Error> {
+/// Confirm inside the caller's transaction (which has locked the sale's
+/// row already): the `message` mode settles a payment together with the
+/// message that announced it.
+pub(crate) async fn confirm_in(
+    conn: &mut MySqlConnection,
+    tx_id: &str,
+) -> Result<EndOutcome, BranchError> {
+    Ok(
+        match fence::begin_confirm(&mut *conn, tx_id, BRANCH).await? {
+            ConfirmStart::Apply(held) => {
+                move_order(&mut *conn, &held.resource, FencePhase::Confirm).await?;
+                fence::finish(&mut *conn, tx_id, BRANCH, FencePhase::Confirm).await?;
+                EndOutcome::Done
+            }
+            ConfirmStart::Repeat => EndOutcome::Repeat,
+            ConfirmStart::NotTried | ConfirmStart::Cancelled => EndOutcome::Refused,
+        },
+    )
+}
+
+pub(crate) async fn lock_sale(conn: &mut MySqlConnection, sale_id: u64) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT id FROM sales WHERE id = ? LOCK IN SHARE MODE")
         .bind(sale_id)
         .execute(conn)

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! (in the transaction's own mode: Confirm and Cancel are XA commit and
-//! rollback for an `xa` one). Each pass also ends XA branches left
+//! rollback for an `xa` one; a `message` one is checked back with the
+//! wallet, see [`message::recover`]). Each pass also ends XA branches left
 //! prepared for a transaction the log has already ended
 //! ([`xa::end_orphans`]).
 //!
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::log::{self, PayTx};
-use super::{tcc, xa, PayError, Payments};
+use super::{message, tcc, xa, PayError, Payments};
 use crate::lock::RedisLock;
 use crate::statuses::{AbortReason, TxState};
 use seckill_contracts::config::PaymentMode;
@@ -75,19 +76,20 @@ pub async fn recover_once(p: &Payments, older_than: Duration) -> Result<Recovery
 /// participant did not answer.
 async fn drive(p: &Payments, tx: &PayTx) -> Result<Option<TxState>, PayError> {
     let finished = match (tx.state, tx.mode) {
+        (TxState::Committed | TxState::Aborted, _) => true,
+        (_, PaymentMode::Message) => message::recover(p, tx).await?,
         (TxState::Started, mode) => {
             match mode {
-                PaymentMode::Tcc => tcc::abort(p, tx, AbortReason::Timeout).await?,
                 PaymentMode::Xa => xa::abort(p, tx, AbortReason::Timeout, None).await?,
+                _ => tcc::abort(p, tx, AbortReason::Timeout).await?,
             };
             // abort() finished the branches unless one could not be reached.
             log::get(p.log_db(), &tx.tx_id).await?.map(|t| t.state) == Some(TxState::Aborted)
         }
-        (TxState::Committing, PaymentMode::Tcc) => tcc::commit(p, tx).await?,
         (TxState::Committing, PaymentMode::Xa) => xa::commit(p, tx, None).await?,
-        (TxState::Aborting, PaymentMode::Tcc) => tcc::finish_abort(p, tx).await?,
+        (TxState::Committing, _) => tcc::commit(p, tx).await?,
         (TxState::Aborting, PaymentMode::Xa) => xa::finish_abort(p, tx, None).await?,
-        (TxState::Committed | TxState::Aborted, _) => true,
+        (TxState::Aborting, _) => tcc::finish_abort(p, tx).await?,
     };
     if !finished {
         return Ok(None);

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::payments::fence::EndOutcome;
 use crate::wallet::accounts::{Wallet, WalletFigures};
+use crate::wallet::message::{DebitOutcome, Resolution};
 use crate::wallet::routes::{EndRequest, Outcome, PrepareRequest, TryRequest};
 use crate::wallet::tcc::TryOutcome;
 use crate::wallet::xa::PrepareOutcome;
@@ -100,6 +101,24 @@ impl WalletClient {
     /// XA phase two (rollback).
     pub async fn xa_rollback(&self, tx_id: &str) -> Result<EndOutcome, WalletCallError> {
         self.end("/internal/xa/rollback", tx_id).await
+    }
+
+    /// Message mode: debit, with the message in the wallet's outbox.
+    pub async fn message_debit(
+        &self,
+        request: &TryRequest,
+    ) -> Result<DebitOutcome, WalletCallError> {
+        let reply: Outcome<DebitOutcome> = self.post("/internal/message/debit", request).await?;
+        Ok(reply.outcome)
+    }
+
+    /// Message mode: the check-back on a debit the api did not hear about.
+    pub async fn message_resolve(&self, tx_id: &str) -> Result<Resolution, WalletCallError> {
+        let request = EndRequest {
+            tx_id: tx_id.to_string(),
+        };
+        let reply: Outcome<Resolution> = self.post("/internal/message/resolve", &request).await?;
+        Ok(reply.outcome)
     }
 
     /// Transaction ids of the wallet branches prepared on the wallet's

@@ -41,6 +41,15 @@ pub enum WalletError {
     Inconsistent { user_id: u64, what: String },
 }
 
+/// Whether `e` is MySQL refusing a duplicate key (1062): the ledger's
+/// one movement of each kind per transaction, already there.
+pub(crate) fn is_duplicate_key(e: &sqlx::Error) -> bool {
+    const ER_DUP_ENTRY: u16 = 1062;
+    e.as_database_error()
+        .and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|m| m.number() == ER_DUP_ENTRY)
+}
+
 /// One movement of money.
 #[derive(Debug, Clone)]
 pub struct Movement<'a> {
@@ -219,6 +228,9 @@ pub struct WalletFigures {
     /// database server (any deployment's: the coordinator keeps its own).
     #[serde(default)]
     pub prepared_xa: Vec<String>,
+    /// Debited messages not yet published (`message` mode).
+    #[serde(default)]
+    pub outbox_pending: i64,
 }
 
 /// What one order's ledger rows add up to.
@@ -278,6 +290,7 @@ pub async fn figures(db: &MySqlPool, open_after_ms: u64) -> Result<WalletFigures
             .collect(),
         open_fences,
         prepared_xa: Vec::new(),
+        outbox_pending: 0,
     })
 }
 

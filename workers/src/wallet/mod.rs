@@ -8,6 +8,7 @@
 //! | [`accounts`] | balances and the ledger: every movement one guarded update plus one ledger row |
 //! | [`tcc`] | the wallet's TCC branch (freeze, debit, unfreeze) behind its fence |
 //! | [`xa`] | the wallet's XA branch (a prepared debit) and the prepared branches this instance holds |
+//! | [`message`] | the message mode: a debit with its outbox message, the check-back, refunds |
 //! | [`routes`] | the HTTP surface: public, admin and internal routes |
 //!
 //! Any number of instances serve one database: every operation is one
@@ -15,6 +16,7 @@
 //! names) make every branch call idempotent.
 
 pub mod accounts;
+pub mod message;
 pub mod routes;
 pub mod tcc;
 pub mod xa;
@@ -55,6 +57,11 @@ pub async fn migrate(config: &Config) -> Result<(), ConnectError> {
 struct Inner {
     db: MySqlPool,
     xa: Arc<xa::PreparedBranches>,
+    /// Wakes this instance's outbox relay (`message` mode).
+    relay_wake: Arc<tokio::sync::Notify>,
+    /// The relay and the refund consumer (`message` mode) run while this
+    /// state lives.
+    _messaging: crate::outbox::Running,
     keys: Arc<ApiKeys>,
     admin_digest: Option<[u8; 32]>,
     service_digest: Option<[u8; 32]>,
@@ -90,8 +97,12 @@ impl WalletState {
             config.payment.service_token.as_deref(),
             config.payment.service_token_path.as_deref(),
         );
+        let relay_wake = Arc::new(tokio::sync::Notify::new());
+        let messaging = start_messaging(config, &db, &relay_wake);
         Ok(WalletState {
             inner: Arc::new(Inner {
+                relay_wake,
+                _messaging: messaging,
                 db,
                 xa: xa::PreparedBranches::new(std::time::Duration::from_millis(
                     config.wallet.xa_hold_ms,
@@ -105,6 +116,10 @@ impl WalletState {
 
     pub fn db(&self) -> &MySqlPool {
         &self.inner.db
+    }
+
+    pub(crate) fn wake_relay(&self) {
+        self.inner.relay_wake.notify_one();
     }
 
     /// The prepared XA branches this instance holds the connection of.
@@ -125,6 +140,38 @@ impl VerifiesTokens for WalletState {
     fn token_verifier(&self) -> Option<&JwtVerifier> {
         self.inner.keys.verifier()
     }
+}
+
+/// `message` mode: the relay of this database's outbox into the payment
+/// queue, and the consumer of the api's refunds. (Nothing in other modes.)
+fn start_messaging(
+    config: &Config,
+    db: &MySqlPool,
+    wake: &Arc<tokio::sync::Notify>,
+) -> crate::outbox::Running {
+    let running = crate::outbox::Running::new();
+    if config.payment.mode != seckill_contracts::config::PaymentMode::Message {
+        return running;
+    }
+    crate::outbox::spawn_relay(
+        config,
+        db.clone(),
+        config.amqp.payment_queue.clone(),
+        std::time::Duration::from_millis(config.payment.relay_interval_ms),
+        wake.clone(),
+        running.stopped(),
+    );
+    let refunds = db.clone();
+    crate::outbox::spawn_consumer(
+        config,
+        config.amqp.refund_queue.clone(),
+        move |body| {
+            let db = refunds.clone();
+            async move { message::on_refund(&db, &body).await }
+        },
+        running.stopped(),
+    );
+    running
 }
 
 /// The whole router: public, admin and internal routes, probes, metrics

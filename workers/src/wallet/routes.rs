@@ -7,6 +7,7 @@
 //! | `POST /internal/tcc/{try,confirm,cancel}` | the api (service token) | the TCC branch |
 //! | `POST /internal/xa/{prepare,commit,rollback}` | the api (service token) | the XA branch |
 //! | `GET /internal/xa/prepared` | the api's recovery (service token) | prepared wallet branches |
+//! | `POST /internal/message/{debit,resolve}` | the api (service token) | the message mode's debit and check-back |
 //! | `GET /internal/audit` | `seckillctl audit --payments` (service token) | the wallet's figures |
 //!
 //! The internal routes are not behind the gateway; the service token keeps
@@ -21,6 +22,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::accounts::{self, Wallet, WalletFigures};
+use super::message::{self, DebitOutcome, Resolution};
 use super::tcc::{self, TryOutcome};
 use super::xa::{self, PrepareOutcome};
 use super::WalletState;
@@ -48,6 +50,8 @@ pub fn private_routes() -> Router<WalletState> {
         .route("/internal/xa/commit", post(xa_commit))
         .route("/internal/xa/rollback", post(xa_rollback))
         .route("/internal/xa/prepared", get(xa_prepared))
+        .route("/internal/message/debit", post(message_debit))
+        .route("/internal/message/resolve", post(message_resolve))
         .route("/internal/audit", get(audit))
 }
 
@@ -224,6 +228,40 @@ async fn xa_end(
             )
         })?;
     fail::fail_point!("wallet.xa.after_end", |_| Err(injected()));
+    Ok(Json(Outcome { outcome }))
+}
+
+async fn message_debit(
+    State(state): State<WalletState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<TryRequest>, Problem>,
+) -> Result<Json<Outcome<DebitOutcome>>, Problem> {
+    check_secret(state.service_digest(), &headers, "service")?;
+    let ApiJson(r) = body?;
+    check_branch_request(&r)?;
+    let outcome = message::debit(state.db(), &r.tx_id, r.user_id, &r.order_id, r.amount_cents)
+        .await
+        .map_err(Problem::internal)?;
+    if outcome == DebitOutcome::Debited {
+        state.wake_relay();
+    }
+    fail::fail_point!("wallet.message.after_debit", |_| Err(injected()));
+    Ok(Json(Outcome { outcome }))
+}
+
+async fn message_resolve(
+    State(state): State<WalletState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<EndRequest>, Problem>,
+) -> Result<Json<Outcome<Resolution>>, Problem> {
+    check_secret(state.service_digest(), &headers, "service")?;
+    let ApiJson(r) = body?;
+    if !valid_tx_id(&r.tx_id) {
+        return Err(Problem::bad_request("malformed transaction id"));
+    }
+    let outcome = message::resolve(state.db(), &r.tx_id)
+        .await
+        .map_err(Problem::internal)?;
     Ok(Json(Outcome { outcome }))
 }
 

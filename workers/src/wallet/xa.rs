@@ -25,10 +25,6 @@ use crate::statuses::LedgerKind;
 /// This branch's name in the xid.
 pub const BRANCH: &str = "wallet";
 
-/// MySQL's error number for a duplicate key (the ledger's one debit per
-/// transaction).
-const ER_DUP_ENTRY: u16 = 1062;
-
 /// What a prepare did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -138,7 +134,7 @@ pub async fn prepare(
         Ok(true) => PrepareOutcome::Prepared,
         Ok(false) => PrepareOutcome::InsufficientFunds,
         // This transaction's debit is in the ledger: committed before.
-        Err(WalletError::Db(e)) if is_duplicate(&e) => PrepareOutcome::Repeat,
+        Err(WalletError::Db(e)) if accounts::is_duplicate_key(&e) => PrepareOutcome::Repeat,
         Err(e) => return Err(e),
     };
     if outcome != PrepareOutcome::Prepared {
@@ -204,12 +200,6 @@ async fn debited(db: &MySqlPool, tx_id: &str) -> Result<bool, WalletError> {
             .fetch_one(db)
             .await?;
     Ok(n > 0)
-}
-
-fn is_duplicate(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
-        .is_some_and(|m| m.number() == ER_DUP_ENTRY)
 }
 
 fn xa(e: XaError) -> WalletError {

@@ -1,0 +1,292 @@
+//! The transactional outbox of the `message` payment mode, and the two
+//! ends around it: a message is written into the sender's own database in
+//! the same local transaction as the change it announces ([`put`]), a
+//! relay publishes it to RabbitMQ with a publisher confirm and then marks
+//! it published ([`spawn_relay`]), and the receiver consumes it with
+//! manual acks ([`spawn_consumer`]), acting on it idempotently.
+//!
+//! ```text
+//!  local tx { change + outbox row } ─▶ relay: publish, confirm, mark ─▶ queue ─▶ consumer: act (deduped), ack
+//! ```
+//!
+//! A crash between any two steps repeats the later ones: a row committed
+//! but not published is found by the relay's next sweep; a row published
+//! but not marked is published again; a message acted on but not acked is
+//! redelivered. So every message arrives at least once and receivers
+//! dedupe. Several relays share one database: each takes its rows with
+//! `FOR UPDATE SKIP LOCKED`, so no two publish the same row at once.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, ConnectionProperties};
+use seckill_contracts::config::Config;
+use seckill_contracts::{amqp_topology, brokers};
+use sqlx::{MySqlConnection, MySqlPool, Row};
+use tokio::sync::{watch, Notify};
+
+/// Rows one relay pass publishes.
+const BATCH: i64 = 200;
+
+/// A consumer's unacked deliveries at once.
+const PREFETCH: u16 = 64;
+
+/// How long a session waits before reconnecting to the broker.
+const RECONNECT: Duration = Duration::from_millis(500);
+
+/// Writes `payload` as message `message_id` in `conn`'s transaction.
+pub async fn put(
+    conn: &mut MySqlConnection,
+    message_id: &str,
+    payload: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO outbox (message_id, payload) VALUES (?, ?)")
+        .bind(message_id)
+        .bind(payload)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Messages written and not yet published.
+pub async fn pending(db: &MySqlPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(db)
+        .await
+}
+
+/// Why a relay pass stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("MySQL: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("RabbitMQ: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker did not confirm message {0}")]
+    NotConfirmed(String),
+}
+
+/// Publishes up to [`BATCH`] unpublished rows of `db` to `queue` on
+/// `channel` (in confirm mode), each confirmed before the rows are marked;
+/// how many it published.
+pub async fn relay_once(
+    db: &MySqlPool,
+    channel: &Channel,
+    queue: &str,
+) -> Result<usize, RelayError> {
+    let mut tx = db.begin().await?;
+    let rows = sqlx::query(
+        "SELECT id, message_id, payload FROM outbox WHERE published_at IS NULL \
+         ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED",
+    )
+    .bind(BATCH)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut confirms = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let message_id: String = row.try_get("message_id")?;
+        let payload: String = row.try_get("payload")?;
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                payload.as_bytes(),
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_message_id(message_id.as_str().into()),
+            )
+            .await?;
+        confirms.push((message_id, confirm));
+        ids.push(row.try_get::<u64, _>("id")?);
+    }
+    for (message_id, confirm) in confirms {
+        let confirmation = confirm.await?;
+        if !confirmation.is_ack() || confirmation.take_message().is_some() {
+            return Err(RelayError::NotConfirmed(message_id));
+        }
+    }
+    fail::fail_point!("outbox.after_publish", |_| Ok(0));
+    let list = ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    sqlx::query(&format!(
+        "UPDATE outbox SET published_at = NOW(3) WHERE id IN ({list})"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(ids.len())
+}
+
+/// Keeps relays and consumers running: dropping it stops every task
+/// spawned with its [`Running::stopped`] receiver.
+pub struct Running {
+    stop: watch::Sender<()>,
+}
+
+impl Running {
+    pub fn new() -> Running {
+        Running {
+            stop: watch::channel(()).0,
+        }
+    }
+
+    /// What a spawned task watches: it ends when this `Running` is dropped.
+    pub fn stopped(&self) -> watch::Receiver<()> {
+        self.stop.subscribe()
+    }
+}
+
+impl Default for Running {
+    fn default() -> Self {
+        Running::new()
+    }
+}
+
+/// Runs a relay of `db`'s outbox into `queue` until `stop` ends: it
+/// publishes whenever `wake` is notified (after each local transaction
+/// that wrote a row) and every `interval` regardless.
+pub fn spawn_relay(
+    config: &Config,
+    db: MySqlPool,
+    queue: String,
+    interval: Duration,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<()>,
+) {
+    let config = config.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                ended = relay_session(&config, &db, &queue, &wake, interval) => {
+                    if let Err(e) = ended {
+                        tracing::warn!(error = %e, %queue, "outbox relay session ended; reconnecting");
+                    }
+                }
+            }
+            tokio::time::sleep(RECONNECT).await;
+        }
+    });
+}
+
+async fn relay_session(
+    config: &Config,
+    db: &MySqlPool,
+    queue: &str,
+    wake: &Notify,
+    interval: Duration,
+) -> anyhow::Result<()> {
+    let (_conn, channel) = open(config).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    loop {
+        // Drain, then sleep until woken or the interval passes.
+        while relay_once(db, &channel, queue).await? == BATCH as usize {}
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Consumes `queue` until `stop` ends, calling `handle` with each
+/// message's body: acked when it returns `Ok`, requeued (after a pause)
+/// when it returns `Err`. A body `handle` cannot read should be answered
+/// `Ok` by it (and logged): requeueing it would only repeat it forever.
+pub fn spawn_consumer<H, Fut, E>(
+    config: &Config,
+    queue: String,
+    handle: H,
+    mut stop: watch::Receiver<()>,
+) where
+    H: Fn(Vec<u8>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    let config = config.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                ended = consume_session(&config, &queue, &handle) => {
+                    if let Err(e) = ended {
+                        tracing::warn!(error = %e, %queue, "payment consumer session ended; reconnecting");
+                    }
+                }
+            }
+            tokio::time::sleep(RECONNECT).await;
+        }
+    });
+}
+
+async fn consume_session<H, Fut, E>(config: &Config, queue: &str, handle: &H) -> anyhow::Result<()>
+where
+    H: Fn(Vec<u8>) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let (_conn, channel) = open(config).await?;
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery?;
+        let handled = handle(delivery.data.clone())
+            .await
+            .map_err(|e| e.to_string());
+        match handled {
+            Ok(()) => {
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %queue, "payment message not settled; requeued");
+                tokio::time::sleep(RECONNECT).await;
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await?;
+            }
+        }
+    }
+    anyhow::bail!("the broker cancelled the consumer")
+}
+
+/// A fresh connection and a channel on it, the whole topology declared.
+async fn open(config: &Config) -> anyhow::Result<(lapin::Connection, Channel)> {
+    let (conn, _) = brokers::connect(&config.amqp, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    amqp_topology::declare(
+        &channel,
+        &config.amqp,
+        amqp_topology::close_delay_ms(&config.worker),
+    )
+    .await?;
+    Ok((conn, channel))
+}

@@ -1,0 +1,367 @@
+//! The reliable-message payment mode: the wallet debits and writes a
+//! "debited" message in one local transaction, a relay publishes it, and
+//! the order side settles on it. The buyer is answered `202` as soon as
+//! the wallet has debited; the order shows `paying` until the message
+//! lands.
+//!
+//! ```text
+//!  log started ─▶ hold order (unpaid→paying) ─▶ wallet: debit + outbox ─▶ 202
+//!                                                  │ relay, queue
+//!                                                  ▼
+//!       settle { consumed message, order paid, log committed }  (one local transaction)
+//!
+//!  refused / silent wallet ─▶ check-back (resolve): cancelled ─▶ order back to unpaid, log aborted
+//!                                                   debited   ─▶ settle
+//!  a debit landing on a payment already given up ─▶ refund message ─▶ wallet refunds
+//! ```
+//!
+//! The check-back is the local-transaction check of the design: the api
+//! asks the wallet what became of a debit it did not hear about, and a
+//! "cancelled" answer is recorded in the wallet's fence so the debit can
+//! never happen afterwards. Only then is the order given back. Every
+//! message is delivered at least once; [`settle`] dedupes by message id
+//! and by the log's state, so a repeat changes nothing.
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use super::fence::EndOutcome;
+use super::log::{self, PayTx};
+use super::order_branch::{self, HoldOutcome};
+use super::wallet_client::WalletCallError;
+use super::{PayError, Payments, Step};
+use crate::orders::{retry_on_deadlock, MaybeDeadlock, OrderError};
+use crate::outbox;
+use crate::statuses::{AbortReason, TxState};
+use crate::wallet::message::{DebitOutcome, Resolution};
+use crate::wallet::routes::TryRequest;
+
+/// What a payment message says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    /// Wallet → api: the order's amount was debited.
+    Debited,
+    /// Api → wallet: give a debit back (its payment was given up first).
+    Refund,
+}
+
+/// A message of the payment queues (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentMessage {
+    /// Unique per message: what receivers dedupe on.
+    pub message_id: String,
+    pub kind: MessageKind,
+    pub tx_id: String,
+    pub order_id: String,
+    pub user_id: u64,
+    pub amount_cents: i64,
+}
+
+impl PaymentMessage {
+    pub fn new(
+        kind: MessageKind,
+        tx_id: &str,
+        order_id: &str,
+        user_id: u64,
+        amount_cents: i64,
+    ) -> PaymentMessage {
+        PaymentMessage {
+            message_id: log::new_tx_id(),
+            kind,
+            tx_id: tx_id.to_string(),
+            order_id: order_id.to_string(),
+            user_id,
+            amount_cents,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// A body read off a queue, if it is a well-formed message.
+    pub fn from_body(body: &[u8]) -> Option<PaymentMessage> {
+        let m: PaymentMessage = serde_json::from_slice(body).ok()?;
+        (log::valid_tx_id(&m.message_id) && log::valid_tx_id(&m.tx_id)).then_some(m)
+    }
+}
+
+/// Pays `tx` (already logged as `started`).
+pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
+    fail::fail_point!("message.after_begin", |_| Err(PayError::Injected(
+        "message.after_begin"
+    )));
+    let held = order_branch::hold(p.db(), &tx.tx_id, tx.user_id, &tx.order_id, tx.sale_id).await?;
+    if held == HoldOutcome::Refused {
+        return give_back(p, tx, AbortReason::OrderNotPayable).await;
+    }
+    fail::fail_point!("message.after_hold", |_| Err(PayError::Injected(
+        "message.after_hold"
+    )));
+    let debit = p
+        .wallet()
+        .message_debit(&TryRequest {
+            tx_id: tx.tx_id.clone(),
+            user_id: tx.user_id,
+            order_id: tx.order_id.clone(),
+            amount_cents: tx.amount_cents,
+        })
+        .await;
+    fail::fail_point!("message.after_debit", |_| Err(PayError::Injected(
+        "message.after_debit"
+    )));
+    let reason = match debit {
+        Ok(DebitOutcome::Debited | DebitOutcome::Repeat) => return Ok(Step::Decided),
+        Ok(DebitOutcome::Cancelled) => return give_back(p, tx, AbortReason::Timeout).await,
+        Ok(DebitOutcome::InsufficientFunds) => AbortReason::InsufficientFunds,
+        Err(WalletCallError::Unavailable(why)) => {
+            tracing::warn!(tx_id = %tx.tx_id, %why, "wallet debit unanswered; checking back");
+            AbortReason::WalletUnavailable
+        }
+        Err(e @ WalletCallError::Refused { .. }) => {
+            tracing::error!(tx_id = %tx.tx_id, error = %e, "wallet refused a debit; checking back");
+            AbortReason::WalletRefused
+        }
+    };
+    // The debit did not happen, or we do not know: ask, which also makes
+    // sure it never happens later.
+    Ok(match check_back(p, tx).await? {
+        Some(false) => give_back(p, tx, reason).await?,
+        Some(true) | None => Step::Decided,
+    })
+}
+
+/// The check-back: asks the wallet what became of `tx`'s debit and acts
+/// on it. `Some(true)`: debited (and now settled); `Some(false)`:
+/// cancelled for good; `None`: the wallet did not answer.
+async fn check_back(p: &Payments, tx: &PayTx) -> Result<Option<bool>, PayError> {
+    match p.wallet().message_resolve(&tx.tx_id).await {
+        Ok(Resolution::Debited) => {
+            settle(p, &tx.tx_id, &tx.tx_id).await?;
+            Ok(Some(true))
+        }
+        Ok(Resolution::Cancelled) => Ok(Some(false)),
+        Err(WalletCallError::Unavailable(why)) => {
+            tracing::warn!(tx_id = %tx.tx_id, %why, "wallet check-back unanswered; recovery retries");
+            Ok(None)
+        }
+        Err(e) => Err(PayError::Wallet(e)),
+    }
+}
+
+/// Decides `aborting` and gives the order back; only called once the
+/// wallet has nothing of this transaction (never asked, or resolved
+/// cancelled).
+pub async fn give_back(p: &Payments, tx: &PayTx, reason: AbortReason) -> Result<Step, PayError> {
+    if !log::advance(
+        p.log_db(),
+        &tx.tx_id,
+        TxState::Started,
+        TxState::Aborting,
+        Some(reason),
+    )
+    .await?
+    {
+        let now = log::get(p.log_db(), &tx.tx_id).await?.map(|t| t.state);
+        if now != Some(TxState::Aborting) && now != Some(TxState::Aborted) {
+            return Err(PayError::Inconsistent(format!(
+                "{}: giving back a payment that is {now:?}",
+                tx.tx_id
+            )));
+        }
+    }
+    fail::fail_point!("message.after_decide_abort", |_| Err(PayError::Injected(
+        "message.after_decide_abort"
+    )));
+    finish_give_back(p, tx).await?;
+    Ok(Step::Aborted(reason))
+}
+
+/// The order back to `unpaid` (a Cancel of its branch) and the log
+/// `aborted`; true when done.
+pub async fn finish_give_back(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
+    if order_branch::cancel(p.db(), &tx.tx_id, tx.sale_id).await? == EndOutcome::Refused {
+        return Err(PayError::Inconsistent(format!(
+            "{}: the order's branch refused to give the order back",
+            tx.tx_id
+        )));
+    }
+    log::advance(
+        p.log_db(),
+        &tx.tx_id,
+        TxState::Aborting,
+        TxState::Aborted,
+        None,
+    )
+    .await?;
+    Ok(true)
+}
+
+/// What settling a debit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The order is paid now.
+    Paid,
+    /// This message, or this transaction, was settled before.
+    Duplicate,
+    /// The payment had been given up: a refund message is on its way.
+    Refunded,
+    /// No such transaction in this deployment's log: ignored.
+    Unknown,
+}
+
+/// Why settling failed (it is retried: the message is requeued).
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    #[error("MySQL: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Branch(#[from] order_branch::BranchError),
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+impl MaybeDeadlock for SettleError {
+    fn is_deadlock(&self) -> bool {
+        match self {
+            SettleError::Db(e) => e.is_deadlock(),
+            SettleError::Branch(e) => e.is_deadlock(),
+            SettleError::Inconsistent(_) => false,
+        }
+    }
+}
+
+impl From<SettleError> for PayError {
+    fn from(e: SettleError) -> PayError {
+        match e {
+            SettleError::Db(e) => PayError::Order(OrderError::Db(e)),
+            SettleError::Branch(e) => PayError::Branch(e),
+            SettleError::Inconsistent(what) => PayError::Inconsistent(what),
+        }
+    }
+}
+
+/// Settles transaction `tx_id` on message `message_id` (the check-back
+/// uses the transaction id as its message id), in one local transaction
+/// with the record that the message was consumed.
+pub async fn settle(p: &Payments, tx_id: &str, message_id: &str) -> Result<Settled, SettleError> {
+    let settled = retry_on_deadlock(|| settle_once(p, tx_id, message_id)).await?;
+    if settled == Settled::Refunded {
+        p.wake_refund_relay();
+    }
+    Ok(settled)
+}
+
+async fn settle_once(p: &Payments, tx_id: &str, message_id: &str) -> Result<Settled, SettleError> {
+    // The sale row first (shared), as every order transition does.
+    let sale: Option<u64> = sqlx::query_scalar(
+        "SELECT o.sale_id FROM pay_transactions t JOIN orders o ON o.id = t.order_id \
+         WHERE t.tx_id = ?",
+    )
+    .bind(tx_id)
+    .fetch_optional(p.db())
+    .await?;
+    let Some(sale_id) = sale else {
+        tracing::error!(%tx_id, %message_id, "a debited message for an unknown payment; ignored");
+        return Ok(Settled::Unknown);
+    };
+    let mut t = p.db().begin().await?;
+    order_branch::lock_sale(&mut t, sale_id).await?;
+    let fresh = sqlx::query("INSERT IGNORE INTO consumed_messages (message_id) VALUES (?)")
+        .bind(message_id)
+        .execute(&mut *t)
+        .await?
+        .rows_affected()
+        == 1;
+    if !fresh {
+        t.commit().await?;
+        return Ok(Settled::Duplicate);
+    }
+    let row = sqlx::query(
+        "SELECT CAST(state AS CHAR) AS state, order_id, user_id, amount_cents \
+         FROM pay_transactions WHERE tx_id = ? FOR UPDATE",
+    )
+    .bind(tx_id)
+    .fetch_one(&mut *t)
+    .await?;
+    let state: String = row.try_get("state")?;
+    let settled = match state.parse::<TxState>() {
+        Ok(TxState::Started | TxState::Committing) => {
+            match order_branch::confirm_in(&mut t, tx_id).await? {
+                EndOutcome::Done | EndOutcome::Repeat => {}
+                other => {
+                    return Err(SettleError::Inconsistent(format!(
+                        "{tx_id}: the order's branch answered {other:?} to a debit"
+                    )))
+                }
+            }
+            sqlx::query("UPDATE pay_transactions SET state = ? WHERE tx_id = ?")
+                .bind(TxState::Committed)
+                .bind(tx_id)
+                .execute(&mut *t)
+                .await?;
+            Settled::Paid
+        }
+        Ok(TxState::Committed) => Settled::Duplicate,
+        Ok(TxState::Aborting | TxState::Aborted) => {
+            let refund = PaymentMessage::new(
+                MessageKind::Refund,
+                tx_id,
+                &row.try_get::<String, _>("order_id")?,
+                row.try_get("user_id")?,
+                row.try_get("amount_cents")?,
+            );
+            outbox::put(&mut t, &refund.message_id, &refund.to_json()).await?;
+            tracing::warn!(%tx_id, "a debit landed on a payment given up; refunding");
+            Settled::Refunded
+        }
+        Err(e) => return Err(SettleError::Inconsistent(e.to_string())),
+    };
+    fail::fail_point!("message.before_settle_commit", |_| Err(
+        SettleError::Inconsistent("fault injected at message.before_settle_commit".into())
+    ));
+    t.commit().await?;
+    Ok(settled)
+}
+
+/// The consumer of the payment queue: settles each debited message.
+pub async fn on_debited(p: &Payments, body: &[u8]) -> Result<(), SettleError> {
+    let Some(m) = PaymentMessage::from_body(body) else {
+        tracing::error!(body = %String::from_utf8_lossy(body), "unreadable payment message; dropped");
+        return Ok(());
+    };
+    if m.kind != MessageKind::Debited {
+        tracing::error!(message_id = %m.message_id, "a {:?} message on the payment queue; dropped", m.kind);
+        return Ok(());
+    }
+    settle(p, &m.tx_id, &m.message_id).await.map(|_| ())
+}
+
+/// Recovery of a `message` transaction left open: a `started` one is
+/// checked back with the wallet (settled if debited, given back if not);
+/// an `aborting` one is given back. True once it ended.
+pub async fn recover(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
+    match tx.state {
+        TxState::Started | TxState::Committing => Ok(match check_back(p, tx).await? {
+            Some(true) => true,
+            Some(false) => {
+                give_back(p, tx, AbortReason::Timeout).await?;
+                true
+            }
+            None => false,
+        }),
+        TxState::Aborting => finish_give_back(p, tx).await,
+        TxState::Committed | TxState::Aborted => Ok(true),
+    }
+}
+
+/// Every fail point of this mode, in the order a payment passes them.
+pub const FAIL_POINTS: &[&str] = &[
+    "message.after_begin",
+    "message.after_hold",
+    "message.after_debit",
+    "message.after_decide_abort",
+    "message.before_settle_commit",
+];

@@ -1,0 +1,394 @@
+//! Reliable-message payments against the real MariaDB, Redis and RabbitMQ,
+//! with the wallet service in-process: the debit and its outbox message,
+//! the relay and the api's consumer settling the order, the check-back,
+//! duplicates, a compensating refund, a fault injected at every step
+//! followed by recovery, and the wallet down mid-run. Every test ends with
+//! `audit --payments` clean (SPEC invariant 7, nothing in flight) and the
+//! sale audit clean.
+//!
+//! Fail points are process-wide and the wallet runs in this process: every
+//! test holds the fail-point lock (`FailScenario`).
+
+#[path = "payments_support.rs"]
+mod payments;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use payments::support::InProcessWallet;
+use payments::{payments_for, recover_all, Ctx, PRICE};
+use seckill_contracts::config::PaymentMode;
+use seckill_workers::payments::log::new_tx_id;
+use seckill_workers::payments::message::{self, Settled};
+use seckill_workers::payments::wallet_client::{WalletCallError, WalletClient};
+use seckill_workers::payments::PayResult;
+use seckill_workers::wallet::accounts;
+use seckill_workers::wallet::message::{DebitOutcome, Resolution};
+use seckill_workers::wallet::routes::TryRequest;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_is_accepted_then_settles_paid_on_the_wallets_message() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Message).await;
+    c.wallet.credit(&[1], 10_000).await;
+    let ids = c.orders(&[1]).await;
+
+    let answer = c.pay(1, &ids[0]).await;
+    // Accepted as soon as the wallet debited: paying until the message
+    // lands (or paid already, if it was quicker than the answer).
+    match &answer {
+        PayResult::Settling(o) => assert!(["paying", "paid"].contains(&o.status.as_str())),
+        PayResult::Paid(_) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.wait_status(&ids[0], "paid").await, "paid");
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    let ledger = accounts::statement(&c.wallet.db, 1).await.unwrap().ledger;
+    let kinds: Vec<&str> = ledger.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["debit", "credit"]);
+
+    assert_eq!(c.pay(1, &ids[0]).await, PayResult::AlreadyPaid);
+    assert_eq!(c.pay(2, &ids[0]).await, PayResult::NotFound);
+    c.assert_audits_clean().await;
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_enough_money_is_refused_at_once_and_moves_nothing() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Message).await;
+    c.wallet.credit(&[1], PRICE - 1).await;
+    let ids = c.orders(&[1]).await;
+
+    assert_eq!(c.pay(1, &ids[0]).await, PayResult::InsufficientFunds);
+    assert_eq!(c.status(&ids[0]).await, "unpaid");
+    assert_eq!(c.balance(1).await, (PRICE - 1, 0));
+    c.wallet.credit(&[1], 1).await;
+    assert!(matches!(
+        c.pay(1, &ids[0]).await,
+        PayResult::Settling(_) | PayResult::Paid(_)
+    ));
+    assert_eq!(c.wait_status(&ids[0], "paid").await, "paid");
+    assert_eq!(c.balance(1).await, (0, 0));
+    c.assert_audits_clean().await;
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_paying_twice_at_once_is_charged_once() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Message).await;
+    c.wallet.credit(&[1], 10_000).await;
+    let ids = c.orders(&[1]).await;
+    for _ in 0..5 {
+        let (a, b) = tokio::join!(c.pay(1, &ids[0]), c.pay(1, &ids[0]));
+        let accepted = [&a, &b]
+            .iter()
+            .filter(|r| matches!(r, PayResult::Paid(_) | PayResult::Settling(_)))
+            .count();
+        assert!(accepted <= 1, "{a:?} {b:?}");
+    }
+    assert_eq!(c.wait_status(&ids[0], "paid").await, "paid");
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    c.assert_audits_clean().await;
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_back_decides_once_and_a_later_debit_is_refused() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Message).await;
+    c.wallet.credit(&[1], 10_000).await;
+    let ids = c.orders(&[1]).await;
+    let wallet = WalletClient::new(c.config());
+    let debit = |tx: &str| TryRequest {
+        tx_id: tx.to_string(),
+        user_id: 1,
+        order_id: ids[0].clone(),
+        amount_cents: PRICE,
+    };
+
+    // Checked back first: cancelled for good, the debit after it refused.
+    let tx = new_tx_id();
+    assert_eq!(
+        wallet.message_resolve(&tx).await.unwrap(),
+        Resolution::Cancelled
+    );
+    assert_eq!(
+        wallet.message_debit(&debit(&tx)).await.unwrap(),
+        DebitOutcome::Cancelled
+    );
+    assert_eq!(c.balance(1).await, (10_000, 0));
+    // Debited first: the check-back says so, a repeat debits nothing.
+    let tx = new_tx_id();
+    assert_eq!(
+        wallet.message_debit(&debit(&tx)).await.unwrap(),
+        DebitOutcome::Debited
+    );
+    assert_eq!(
+        wallet.message_debit(&debit(&tx)).await.unwrap(),
+        DebitOutcome::Repeat
+    );
+    assert_eq!(
+        wallet.message_resolve(&tx).await.unwrap(),
+        Resolution::Debited
+    );
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    // Bad input changes nothing.
+    let bad = TryRequest {
+        tx_id: "1 OR 1=1".into(),
+        ..debit(&new_tx_id())
+    };
+    assert!(matches!(
+        wallet.message_debit(&bad).await,
+        Err(WalletCallError::Refused { status: 400, .. })
+    ));
+    // (The debit above was never logged by a coordinator: its message is
+    // for an unknown payment, which the api ignores. Only the sale audit
+    // is meaningful here.)
+    c.assert_sale_audit_clean().await;
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_settles_once_however_often_it_arrives() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Message).await;
+    c.wallet.credit(&[1], 10_000).await;
+    let ids = c.orders(&[1]).await;
+    c.pay(1, &ids[0]).await;
+    assert_eq!(c.wait_status(&ids[0], "paid").await, "paid");
+    let tx_id: String = sqlx::query_scalar("SELECT tx_id FROM pay_transactions")
+        .fetch_one(&c.db)
+        .await
+        .unwrap();
+    // The same message again (a redelivery), and another for the same
+    // payment: nothing changes.
+    let consumed: String = sqlx::query_scalar("SELECT message_id FROM consumed_messages")
+        .fetch_one(&c.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        message::settle(&c.payments, &tx_id, &consumed)
+            .await
+            .unwrap(),
+        Settled::Duplicate
+    );
+    assert_eq!(
+        message::settle(&c.payments, &tx_id, &new_tx_id())
+            .await
+            .unwrap(),
+        Settled::Duplicate
+    );
+    // A message for a payment nobody logged is ignored.
+    assert_eq!(
+        message::settle(&c.payments, &new_tx_id(), &new_tx_id())
+            .await
+            .unwrap(),
+        Settled::Unknown
+    );
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    c.assert_audits_clean().await;
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debit_landing_on_a_payment_given_up_is_refunded_once() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Message).await;
+    c.wallet.credit(&[1], 10_000).await;
+    let ids = c.orders(&[1]).await;
+    // The api dies after holding the order; recovery checks back (nothing
+    // debited: cancelled for good) and gives the order back.
+    fail::cfg("message.after_hold", "return").unwrap();
+    assert!(c
+        .payments
+        .pay(&mut c.redis.clone(), 1, &ids[0])
+        .await
+        .is_err());
+    fail::remove("message.after_hold");
+    let report = recover_all(&c.payments).await;
+    assert_eq!(report.aborted, 1, "{report:?}");
+    assert_eq!(c.status(&ids[0]).await, "unpaid");
+    let tx_id: String = sqlx::query_scalar("SELECT tx_id FROM pay_transactions")
+        .fetch_one(&c.db)
+        .await
+        .unwrap();
+    // The wallet's database is restored from a backup taken before the
+    // check-back (its fence row is gone), and the old debit request is
+    // replayed: the money leaves, a debited message goes out...
+    sqlx::query("DELETE FROM tcc_fences WHERE tx_id = ?")
+        .bind(&tx_id)
+        .execute(&c.wallet.db)
+        .await
+        .unwrap();
+    let wallet = WalletClient::new(c.config());
+    let replayed = wallet
+        .message_debit(&TryRequest {
+            tx_id: tx_id.clone(),
+            user_id: 1,
+            order_id: ids[0].clone(),
+            amount_cents: PRICE,
+        })
+        .await
+        .unwrap();
+    assert_eq!(replayed, DebitOutcome::Debited);
+    // ...and the order side, which gave the payment up, sends it back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.balance(1).await != (10_000, 0) {
+        assert!(tokio::time::Instant::now() < deadline, "never refunded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ledger = accounts::statement(&c.wallet.db, 1).await.unwrap().ledger;
+    let kinds: Vec<&str> = ledger.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["refund", "debit", "credit"]);
+    assert_eq!(c.status(&ids[0]).await, "unpaid");
+    c.assert_audits_clean().await;
+    c.finish().await;
+}
+
+/// Where each fail point leaves the order once everything has settled.
+const COMMIT_PATH: &[(&str, &str)] = &[
+    ("message.after_begin", "unpaid"),
+    ("message.after_hold", "unpaid"),
+    // The debit happened; its message settles the order anyway.
+    ("message.after_debit", "paid"),
+    // The wallet debited but its answer was lost: the check-back finds it.
+    ("wallet.message.after_debit", "paid"),
+    // The consumer dies before its transaction commits: redelivered.
+    ("message.before_settle_commit", "paid"),
+    // The relay published but did not mark: published again, deduped.
+    ("outbox.after_publish", "paid"),
+];
+
+/// On the abort path (the buyer cannot afford the order).
+const ABORT_PATH: &[&str] = &["message.after_decide_abort"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_at_every_step_ends_consistent_after_recovery() {
+    let scenario = fail::FailScenario::setup();
+    let c = Ctx::start(20, PaymentMode::Message).await;
+    let users: Vec<u64> = (1..=(COMMIT_PATH.len() + ABORT_PATH.len()) as u64).collect();
+    let ids = c.orders(&users).await;
+    let (rich, poor) = users.split_at(COMMIT_PATH.len());
+    c.wallet.credit(rich, 10_000).await;
+    c.wallet.credit(poor, PRICE / 2).await;
+    let every_point: HashSet<&str> = message::FAIL_POINTS.iter().copied().collect();
+    let mut covered = HashSet::new();
+
+    let cases = COMMIT_PATH
+        .iter()
+        .zip(rich)
+        .map(|((point, end), u)| (*point, *end, *u))
+        .chain(
+            ABORT_PATH
+                .iter()
+                .zip(poor)
+                .map(|(point, u)| (*point, "unpaid", *u)),
+        );
+    for (point, expected, user) in cases {
+        let order = &ids[(user - 1) as usize];
+        fail::cfg(point, "return").unwrap();
+        let cut = c.payments.pay(&mut c.redis.clone(), user, order).await;
+        // Let the asynchronous half (relay, consumer) meet the fault too.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        fail::remove(point);
+        covered.insert(point);
+        assert!(
+            !matches!(cut, Ok(PayResult::Paid(_))) || expected == "paid",
+            "{point}: {cut:?}"
+        );
+        let restarted = payments_for(c.config(), &c.db);
+        recover_all(&restarted).await;
+        assert_eq!(c.wait_status(order, expected).await, expected, "{point}");
+        let start = if poor.contains(&user) {
+            PRICE / 2
+        } else {
+            10_000
+        };
+        let spent = if expected == "paid" { PRICE } else { 0 };
+        assert_eq!(c.balance(user).await, (start - spent, 0), "{point}");
+        c.assert_audits_clean().await;
+    }
+    let missing: Vec<_> = every_point.difference(&covered).collect();
+    assert!(
+        missing.is_empty(),
+        "fail points never exercised: {missing:?}"
+    );
+    scenario.teardown();
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_wallet_down_for_5_s_payments_wait_and_end_consistent() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(60, PaymentMode::Message).await;
+    let users: Vec<u64> = (1..=60).collect();
+    let ids = c.orders(&users).await;
+    c.wallet.credit(&users, 10_000).await;
+    let config = c.config().clone();
+    let url = c.wallet.url.clone();
+    let Ctx {
+        env,
+        db,
+        wallet,
+        payments,
+        redis,
+        sale,
+        messaging,
+    } = c;
+
+    let payer = {
+        let (payments, redis, ids) = (payments.clone(), redis.clone(), ids.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for (i, id) in ids.iter().enumerate() {
+                let r = payments
+                    .pay(&mut redis.clone(), i as u64 + 1, id)
+                    .await
+                    .expect("pay");
+                answers.push(r);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            answers
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wallet.stop().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let wallet = InProcessWallet::restart(&config, &url).await;
+    let answers = payer.await.unwrap();
+
+    // While the wallet is down nothing is known: accepted (202), the
+    // order `paying` until the check-back after it returns.
+    let accepted = answers
+        .iter()
+        .filter(|r| matches!(r, PayResult::Paid(_) | PayResult::Settling(_)))
+        .count();
+    assert_eq!(accepted, answers.len(), "{answers:?}");
+    recover_all(&payments).await;
+    let c = Ctx {
+        env,
+        db,
+        wallet,
+        payments,
+        redis,
+        sale,
+        messaging,
+    };
+    c.assert_audits_clean().await;
+    let paid = payments::count_status(&c.db, "paid").await;
+    let unpaid = payments::count_status(&c.db, "unpaid").await;
+    assert_eq!(paid + unpaid, 60);
+    assert!(unpaid > 0, "the outage never showed");
+    for (i, id) in ids.iter().enumerate() {
+        let spent = if c.status(id).await == "paid" {
+            PRICE
+        } else {
+            0
+        };
+        assert_eq!(c.balance(i as u64 + 1).await, (10_000 - spent, 0));
+    }
+    println!("message, wallet down 5 s: {paid} paid, {unpaid} given back after the check-back, audits clean");
+    c.finish().await;
+}
