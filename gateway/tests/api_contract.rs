@@ -29,6 +29,7 @@ fn opts() -> StackOptions {
         worker: true,
         gateway_amqp_url: None,
         gateway_redis_url: None,
+        payment_mode: None,
     }
 }
 

@@ -28,6 +28,7 @@ fn opts() -> StackOptions {
         worker: true,
         gateway_amqp_url: None,
         gateway_redis_url: None,
+        payment_mode: None,
     }
 }
 
@@ -170,6 +171,7 @@ async fn the_storefront_first_load_is_under_100_kb_compressed() {
         worker: false,
         gateway_amqp_url: None,
         gateway_redis_url: None,
+        payment_mode: None,
     })
     .await;
     stack.create_sale(10, 60, 3600).await;

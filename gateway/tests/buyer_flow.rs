@@ -18,6 +18,7 @@ fn opts() -> StackOptions {
         worker: false,
         gateway_amqp_url: None,
         gateway_redis_url: None,
+        payment_mode: None,
     }
 }
 
@@ -596,6 +597,7 @@ async fn stalled_redis_answers_503_within_the_call_and_the_sale_goes_on() {
     let link = CuttableLink::tcp(&host_port).await;
     let stack = Stack::start(StackOptions {
         gateway_redis_url: Some(format!("redis://{}/", link.addr)),
+        payment_mode: None,
         ..opts()
     })
     .await;

@@ -5,11 +5,8 @@
 
 mod support;
 
-use std::process::Command;
-
 use redis::AsyncCommands;
-use serde_json::Value;
-use support::stack::{sibling_binary, Stack, StackOptions};
+use support::stack::{run_demo, Stack, StackOptions};
 
 const BUYERS: u64 = 300;
 const STOCK: u64 = 30;
@@ -23,37 +20,29 @@ async fn demo_sells_exactly_the_stock_and_audits_clean() {
         worker: true,
         gateway_amqp_url: None,
         gateway_redis_url: None,
+        payment_mode: None,
     })
     .await;
-    let config = stack.config_path.to_str().unwrap().to_string();
-    let ctl = sibling_binary("seckillctl");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(ctl)
-            .args(["--config", &config, "demo", "--json", "--no-progress"])
-            .args([
-                "--buyers",
-                &BUYERS.to_string(),
-                "--stock",
-                &STOCK.to_string(),
-            ])
-            .args(["--concurrency", "100", "--timeout", "60s"])
-            .args(["--greedy", &GREEDY.to_string()])
-            .args(["--greedy-attempts", &GREEDY_ATTEMPTS.to_string()])
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run seckillctl demo")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_str(&stdout).expect("--json prints the report");
-    println!("{}", serde_json::to_string(&report).unwrap());
+    let (buyers, stock) = (BUYERS.to_string(), STOCK.to_string());
+    let (greedy, attempts) = (GREEDY.to_string(), GREEDY_ATTEMPTS.to_string());
+    let report = run_demo(
+        &stack.config_path,
+        &[
+            "--buyers",
+            &buyers,
+            "--stock",
+            &stock,
+            "--concurrency",
+            "100",
+            "--timeout",
+            "60s",
+            "--greedy",
+            &greedy,
+            "--greedy-attempts",
+            &attempts,
+        ],
+    )
+    .await;
 
     assert_eq!(report["ok"], true);
     assert_eq!(report["buyers"], BUYERS);

@@ -77,6 +77,7 @@ async fn sale_pages_cost_the_api_one_request_per_second_and_stay_correct() {
         worker: false,
         gateway_amqp_url: None,
         gateway_redis_url: None,
+        payment_mode: None,
     })
     .await;
     let sale = stack.create_sale(5, 3600, 600).await;

@@ -64,6 +64,7 @@ async fn the_peer_answers_the_same_20_requests_as_the_gateway() {
         worker: false,
         gateway_amqp_url: None,
         gateway_redis_url: None,
+        payment_mode: None,
     })
     .await;
     let config = stack.config_path.clone();

@@ -49,6 +49,7 @@ async fn the_dashboard_figures_match_what_buyers_were_answered() {
         worker: true,
         gateway_amqp_url: None,
         gateway_redis_url: None,
+        payment_mode: None,
     })
     .await;
     let sale = stack.create_sale(STOCK as u32, -1, 3600).await;

@@ -184,7 +184,7 @@ pub struct DemoReport {
     pub prepare_ms: u64,
     /// Orders of this sale in MySQL after the run.
     pub orders_committed: i64,
-    /// Buyers who paid (200), of those asked to (`pay`).
+    /// Buyers who paid (200, or 202 then settled), of those asked to (`pay`).
     pub paid: u64,
     /// Pay answers other than 200, by `"<status> <detail>"`.
     pub pay_refused: BTreeMap<String, u64>,
@@ -754,6 +754,10 @@ impl Client {
         if status == StatusCode::OK {
             return Ok(());
         }
+        if status == StatusCode::ACCEPTED {
+            // Accepted and settling (always so in the message mode).
+            return self.settled(buyer, order).await;
+        }
         let body: Value = paid.json().await.unwrap_or_default();
         Err(format!(
             "{} {}",
@@ -762,6 +766,37 @@ impl Client {
         ))
     }
 }
+
+impl Client {
+    /// Polls `order` until it is paid (the settle after a 202), up to
+    /// [`SETTLE_WITHIN`].
+    async fn settled(&self, buyer: &Buyer, order: &str) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + SETTLE_WITHIN;
+        loop {
+            let got = self
+                .http
+                .get(self.url(buyer.gateway, &format!("/orders/{order}")))
+                .bearer_auth(&buyer.token)
+                .send()
+                .await
+                .map_err(|e| format!("error {e}"))?;
+            let body: Value = got.json().await.unwrap_or_default();
+            if body["status"] == "paid" {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "202 but {} after {SETTLE_WITHIN:?}",
+                    body["status"]
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// How long an accepted (202) payment may take to settle in the demo.
+const SETTLE_WITHIN: Duration = Duration::from_secs(30);
 
 async fn expect_ok(
     user: u64,

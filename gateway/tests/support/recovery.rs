@@ -31,6 +31,7 @@ impl OpenSale {
                 worker: false,
                 gateway_amqp_url: None,
                 gateway_redis_url: None,
+                payment_mode: None,
             })
             .await,
         );

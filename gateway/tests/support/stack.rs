@@ -61,6 +61,33 @@ pub async fn seckillctl(config: &Path, args: &[&str]) -> (bool, Value) {
     (out.status.success(), report)
 }
 
+/// Runs `seckillctl --config <config> demo --json --no-progress <args>`
+/// and returns its report; panics with the output when it fails.
+pub async fn run_demo(config: &Path, args: &[&str]) -> Value {
+    let config = config.to_str().unwrap().to_string();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(sibling_binary("seckillctl"))
+            .args(["--config", &config, "demo", "--json", "--no-progress"])
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run seckillctl demo")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).expect("--json prints the report");
+    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    report
+}
+
 /// Copies the repository's rules (`lua/` and `lua/redis/`) into `dest`.
 pub fn copy_repo_rules(dest: &Path) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lua");
@@ -84,6 +111,8 @@ pub struct StackOptions {
     /// Redis the gateway uses (a stallable link in the Redis-stall test);
     /// `None` for the real one.
     pub gateway_redis_url: Option<String>,
+    /// `payment.mode` of the deployment; `None` for the default.
+    pub payment_mode: Option<seckill_contracts::config::PaymentMode>,
 }
 
 pub struct Stack {
@@ -126,6 +155,9 @@ impl Stack {
         config.payment.service_token = Some(SERVICE_TOKEN.into());
         config.payment.service_token_path = None;
         GatewayProc::route_wallet(&mut config, wallet_addr);
+        if let Some(mode) = opts.payment_mode {
+            config.payment.mode = mode;
+        }
         // Sales in these tests start a moment after creation.
         config.gateway.sale_info_ttl_ms = 500;
         let shared = dir.path().join("stack.toml");

@@ -129,7 +129,9 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
     // sure it never happens later.
     Ok(match check_back(p, tx).await? {
         Some(false) => give_back(p, tx, reason).await?,
-        Some(true) | None => Step::Decided,
+        // Debited after all, and settled by the check-back itself.
+        Some(true) => Step::Committed,
+        None => Step::Decided,
     })
 }
 

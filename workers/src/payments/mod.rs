@@ -247,8 +247,6 @@ impl Payments {
         };
         Ok(match step {
             Step::Committed => PayResult::Paid(now),
-            // Settled already (the message mode's check-back found the debit).
-            Step::Decided if now.status == OrderStatus::Paid => PayResult::Paid(now),
             Step::Decided => PayResult::Settling(now),
             Step::Aborted(AbortReason::InsufficientFunds) => PayResult::InsufficientFunds,
             Step::Aborted(AbortReason::OrderNotPayable) => {
