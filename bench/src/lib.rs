@@ -15,6 +15,7 @@
 pub mod buyers;
 pub mod cluster;
 pub mod dashboards;
+pub mod payments;
 pub mod peer;
 pub mod profile;
 pub mod report;

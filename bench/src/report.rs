@@ -111,6 +111,51 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
+/// The `pay` scenario's modes side by side (`None` when it did not run):
+/// payments/s, latency of the pay call, and how long after an api was
+/// killed mid-run everything had ended consistent.
+pub fn payments_table(rows: &[Row]) -> Option<String> {
+    let pay: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.scenario.starts_with("pay "))
+        .collect();
+    if pay.is_empty() {
+        return None;
+    }
+    let mut s = String::new();
+    s.push_str(
+        "| mode | payments/s | p50 ms | p99 ms | consistent after an api's kill -9 | audits |\n",
+    );
+    s.push_str("|---|---:|---:|---:|---:|---|\n");
+    for r in pay {
+        let (rate, p50, p99) =
+            r.wrk
+                .as_ref()
+                .map_or(("—".into(), "—".into(), "—".into()), |w| {
+                    (
+                        format!("{:.0}", w.rps),
+                        format!("{:.1}", w.p50_ms),
+                        format!("{:.1}", w.p99_ms),
+                    )
+                });
+        let audit = match r.audit_ok {
+            Some(true) => "clean",
+            Some(false) => "**FAILED**",
+            None => "—",
+        };
+        let db = r
+            .db_per_payment
+            .map_or("—".into(), |(q, us)| format!("{q:.1} / {us:.0} µs"));
+        let _ = writeln!(
+            s,
+            "| {} | {rate} | {p50} | {p99} | {db} | {} | {audit} |",
+            r.scenario.trim_start_matches("pay "),
+            r.consistency_s.map_or("—".into(), |c| format!("{c:.2} s")),
+        );
+    }
+    Some(s)
+}
+
 /// The `--cluster` comparison in one table: each scenario's single-host
 /// and cluster medians side by side, with the ratio of the gateways' CPU
 /// per request (the measure of issue 15); `None` when it did not run.
@@ -202,6 +247,10 @@ pub fn write(report: &Report, dir: &Path) -> anyhow::Result<()> {
     if let Some(scale_out) = scale_out_table(&report.rows) {
         md.push_str("\n## Single host against the cluster (`--cluster`)\n\n");
         md.push_str(&scale_out);
+    }
+    if let Some(pay) = payments_table(&report.rows) {
+        md.push_str("\n## Payment modes (`pay`)\n\n");
+        md.push_str(&pay);
     }
     md.push_str("\nerrors = socket errors + 5xx answers. Refusals by design (409/410/429) are not errors; the status counts per scenario are below.\n\n");
     md.push_str("![throughput](throughput.png)\n\n![latency](latency.png)\n\n## Details\n\n");

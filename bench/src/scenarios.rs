@@ -10,6 +10,7 @@
 //! | `reload` | hot-sale load while rules reload every second | gateway local route |
 //! | `drain` | 10,000 queued orders into MySQL by the workers | — |
 //! | `dashboard` | one connection polling the `/ops` figures | — |
+//! | `pay` | 2,000 buyers paying their orders at once, in each payment mode; then again with an api killed mid-run | — |
 //! | `openresty` | hot-sale and sold-out on the gateway and on the OpenResty peer, alternating rounds | nginx `return 410`, one worker; the gateway's `/healthz`; a bare Pingora app's 410 |
 //!
 //! With `--cluster`, hot-sale and sold-out run in alternating rounds on
@@ -45,7 +46,7 @@ use crate::{buyers, dashboards, stack};
 )]
 pub struct Options {
     /// Scenarios to run (default: all). Ceilings always run.
-    #[arg(value_parser = ["hot-sale", "sold-out", "browse", "reload", "drain", "dashboard", "openresty"])]
+    #[arg(value_parser = ["hot-sale", "sold-out", "browse", "reload", "drain", "dashboard", "openresty", "pay"])]
     pub scenarios: Vec<String>,
     #[arg(long, default_value = "bench/bench.toml")]
     pub config: PathBuf,
@@ -69,6 +70,9 @@ pub struct Options {
     /// Orders queued for the drain scenario.
     #[arg(long, default_value_t = 10_000)]
     pub drain_orders: u32,
+    /// Buyers paying at once, per mode and round, in the pay scenario.
+    #[arg(long, default_value_t = 2_000)]
+    pub pay_orders: u64,
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
     /// `/ops` dashboards open during hot-sale (each polls every second).
@@ -108,6 +112,11 @@ pub struct Row {
     pub rate: f64,
     /// CPU per request (`--cluster` rows).
     pub cpu: Option<CpuPerRequest>,
+    /// `pay` rows: seconds from killing an api mid-run until every
+    /// payment had ended and the audits were clean.
+    pub consistency_s: Option<f64>,
+    /// `pay` rows: (statements, CPU µs) of the database server per payment.
+    pub db_per_payment: Option<(f64, f64)>,
 }
 
 /// What one answered request cost in CPU time, in microseconds.
@@ -135,6 +144,8 @@ impl Row {
             samples: Vec::new(),
             rate: 0.0,
             cpu: None,
+            consistency_s: None,
+            db_per_payment: None,
         }
     }
 }
@@ -251,6 +262,25 @@ pub async fn run_suite(opts: Options) -> anyhow::Result<bool> {
             "reload" => hot_sale(&mut ctx, "reload", true).await?.0,
             "drain" => drain(&mut ctx).await?,
             "dashboard" => dashboard(&mut ctx, hot_sale_id).await?,
+            "pay" => {
+                let mut pay = crate::payments::PayCtx {
+                    stack: &mut ctx.stack,
+                    db: ctx.db.clone(),
+                    redis: ctx.redis.clone(),
+                    keys: ctx.keys.clone(),
+                    tokens: ctx.tokens.clone(),
+                    http: ctx.http.clone(),
+                    orders: ctx.opts.pay_orders.min(ctx.opts.users),
+                    rounds: ctx.opts.rounds,
+                };
+                let mut modes = crate::payments::run(&mut pay).await?;
+                let last = modes.pop().context("the pay scenario made no rows")?;
+                for row in modes {
+                    progress(&summary(&row));
+                    rows.push(row);
+                }
+                last
+            }
             "openresty" => {
                 let mut compared = openresty(&mut ctx).await?;
                 let last = compared.pop().context("the comparison made no rows")?;

@@ -1,6 +1,7 @@
 //! Starts and stops the bench stack: the release `seckill-gateway`, two
-//! `seckill-api` and the `seckill-worker`s on `bench/bench.toml`, after
-//! resetting the bench's own database, key prefix and queues.
+//! `seckill-api`, the `seckill-worker`s and a `seckill-wallet` on
+//! `bench/bench.toml`, after resetting the bench's own databases, key
+//! prefix and queues.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -44,16 +45,12 @@ impl BenchStack {
             procs: Vec::new(),
         };
         stack.reset().await?;
-        let pool = stack
-            .config
-            .gateway
-            .pools
-            .get("api")
-            .context("bench config needs pool `api`")?
-            .backends
-            .clone();
+        let pool = stack.api_addrs()?;
+        let wallet = stack.config.wallet.listen.to_string();
+        stack.spawn("wallet", "seckill-wallet", &["--listen", &wallet], &[])?;
+        wait_ok(&format!("http://{wallet}/healthz"), Duration::from_secs(60)).await?;
         for (i, addr) in pool.iter().enumerate() {
-            stack.spawn(&format!("api-{i}"), "seckill-api", &["--listen", addr])?;
+            stack.spawn(&format!("api-{i}"), "seckill-api", &["--listen", addr], &[])?;
         }
         let worker_base = stack.config.worker.listen;
         let mut worker_health = Vec::new();
@@ -64,10 +61,11 @@ impl BenchStack {
                 &format!("worker-{i}"),
                 "seckill-worker",
                 &["--listen", &addr.to_string()],
+                &[],
             )?;
             worker_health.push(format!("http://{addr}/healthz"));
         }
-        stack.spawn("gateway", "seckill-gateway", &[])?;
+        stack.spawn("gateway", "seckill-gateway", &[], &[])?;
         let mut health: Vec<String> = pool.iter().map(|a| format!("http://{a}/healthz")).collect();
         health.extend(worker_health);
         health.push(format!("http://{}/healthz", stack.config.gateway.listen));
@@ -96,10 +94,22 @@ impl BenchStack {
         if !self.config.redis.key_prefix.contains("bench") {
             bail!("refusing to reset the key prefix: it must contain `bench`");
         }
+        let wallet_db = self
+            .config
+            .wallet
+            .database_url
+            .rsplit_once('/')
+            .map(|(_, n)| n.to_string())
+            .unwrap_or_default();
+        if !wallet_db.contains("bench") {
+            bail!("refusing to reset database `{wallet_db}`: the bench wallet database name must contain `bench`");
+        }
         let admin = sqlx::MySqlPool::connect(&format!("{server}/")).await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
-            .execute(&admin)
-            .await?;
+        for db in [name, wallet_db.as_str()] {
+            sqlx::query(&format!("DROP DATABASE IF EXISTS `{db}`"))
+                .execute(&admin)
+                .await?;
+        }
         admin.close().await;
         self.ctl(&["migrate"])?;
         let mut redis = seckill_workers::connections::redis(&self.config).await?;
@@ -138,12 +148,22 @@ impl BenchStack {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn spawn(&mut self, name: &str, bin: &str, args: &[&str]) -> anyhow::Result<()> {
-        let log = std::fs::File::create(self.log_dir.join(format!("{name}.log")))?;
+    fn spawn(
+        &mut self,
+        name: &str,
+        bin: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_dir.join(format!("{name}.log")))?;
         let child = Command::new(self.bin_dir.join(bin))
             .arg("--config")
             .arg(&self.config_path)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -172,10 +192,69 @@ impl BenchStack {
                 &format!("worker-{i}"),
                 "seckill-worker",
                 &["--listen", &addr.to_string()],
+                &[],
             )?;
             wait_ok(&format!("http://{addr}/healthz"), Duration::from_secs(60)).await?;
         }
         Ok(())
+    }
+
+    /// Restarts the apis and the wallet with `env` on top of the config
+    /// (the payment scenario sets `payment.mode` this way), and waits
+    /// until they answer.
+    pub async fn restart_payment_services(
+        &mut self,
+        env: &[(String, String)],
+    ) -> anyhow::Result<()> {
+        self.stop_matching("api-");
+        self.stop_matching("wallet");
+        let wallet = self.config.wallet.listen.to_string();
+        self.spawn("wallet", "seckill-wallet", &["--listen", &wallet], env)?;
+        let mut health = vec![format!("http://{wallet}/healthz")];
+        for i in 0..self.api_addrs()?.len() {
+            health.push(self.spawn_api(i, env)?);
+        }
+        for url in health {
+            wait_ok(&url, Duration::from_secs(60)).await?;
+        }
+        Ok(())
+    }
+
+    /// The api pool's addresses.
+    fn api_addrs(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .config
+            .gateway
+            .pools
+            .get("api")
+            .context("bench config needs pool `api`")?
+            .backends
+            .clone())
+    }
+
+    /// Starts api `i` (named `api-{i}`) with `env`; its health URL.
+    pub fn spawn_api(&mut self, i: usize, env: &[(String, String)]) -> anyhow::Result<String> {
+        let addr = self
+            .api_addrs()?
+            .get(i)
+            .cloned()
+            .context("no such api in the pool")?;
+        self.spawn(
+            &format!("api-{i}"),
+            "seckill-api",
+            &["--listen", &addr],
+            env,
+        )?;
+        Ok(format!("http://{addr}/healthz"))
+    }
+
+    /// Kills (SIGKILL: no drain, no cleanup) the process named `name`.
+    pub fn kill_hard(&mut self, name: &str) {
+        if let Some(at) = self.procs.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = self.procs.remove(at);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// CPU time (user + system) the processes whose name starts with
@@ -209,6 +288,19 @@ impl Drop for BenchStack {
     fn drop(&mut self) {
         terminate(std::mem::take(&mut self.procs));
     }
+}
+
+/// The pid of a running process whose command name is one of `names`
+/// (e.g. the database server, which the bench did not start).
+pub fn pid_named(names: &[&str]) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            names.contains(&comm.trim()).then_some(pid)
+        })
 }
 
 /// CPU time (user + system) process `pid` has used, from
@@ -355,6 +447,8 @@ async fn purge_queues(config: &Config) -> anyhow::Result<()> {
         &a.dead_letter_queue,
         &a.close_delay_queue,
         &a.close_queue,
+        &a.payment_queue,
+        &a.refund_queue,
     ] {
         let ch = conn.create_channel().await?;
         match ch.queue_purge(q.as_str().into(), Default::default()).await {

@@ -1,0 +1,462 @@
+//! `pay`: the three payment modes side by side. In each mode (the apis
+//! and the wallet restarted with `payment.mode` set), `--pay-orders`
+//! buyers (default 2,000) each pay their unpaid order through the gateway,
+//! all at once; then the same again while one api is killed (SIGKILL) a
+//! moment into the run, timing how long until every payment has ended
+//! and `audit --payments` is clean.
+//!
+//! ```text
+//!  per mode, per round:
+//!    orders (published, written by the workers) ─▶ idempotency keys ─▶
+//!    N concurrent POST /orders/{id}/pay ─▶ (message: wait until paid) ─▶ audits
+//!  per mode, once:
+//!    the same with `kill -9 api-0` after 10 % of the answers ─▶ restart it ─▶
+//!    time until the payments audit is quiet and clean
+//! ```
+//!
+//! Payments/s counts paid orders over the time from the first request to
+//! the last order paid (for `message`, to the last settle, not the 202).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use futures::StreamExt;
+use seckill_contracts::config::PaymentMode;
+use seckill_workers::payments::audit as payments_audit;
+use seckill_workers::payments::wallet_client::WalletClient;
+use tokio::sync::Barrier;
+
+use crate::scenarios::Row;
+use crate::stack::{self, BenchStack};
+use crate::wrk::WrkResult;
+
+/// The modes in the order a round runs them (rounds rotate the order).
+pub const MODES: [PaymentMode; 3] = [PaymentMode::Tcc, PaymentMode::Xa, PaymentMode::Message];
+
+/// What each buyer is topped up with: enough for every order of the run.
+const CREDIT_CENTS: i64 = 10_000_000;
+
+/// Calls made at once while preparing (keys, top-ups).
+const PREPARE_CONCURRENCY: usize = 64;
+
+/// What the scenario needs of the suite.
+pub struct PayCtx<'a> {
+    pub stack: &'a mut BenchStack,
+    pub db: sqlx::MySqlPool,
+    pub redis: seckill_contracts::redis_client::RedisConn,
+    pub keys: seckill_contracts::keys::KeySchema,
+    pub tokens: Arc<Vec<String>>,
+    pub http: reqwest::Client,
+    pub orders: u64,
+    pub rounds: usize,
+}
+
+/// One timed run's figures.
+struct PayRun {
+    answered: Duration,
+    settled: Duration,
+    paid: u64,
+    latencies_ms: Vec<f64>,
+    statuses: std::collections::BTreeMap<u16, u64>,
+    errors: u64,
+    audit_ok: bool,
+    audit_note: String,
+    /// What the database server did per paid order: statements, and CPU
+    /// time in microseconds (it is what saturates first here).
+    db_statements_per_payment: f64,
+    db_cpu_us_per_payment: f64,
+}
+
+/// The database server's statement count and CPU time so far.
+async fn db_work(db: &sqlx::MySqlPool) -> anyhow::Result<(u64, Duration)> {
+    let (_, questions): (String, String) = sqlx::query_as("SHOW GLOBAL STATUS LIKE 'Questions'")
+        .fetch_one(db)
+        .await?;
+    let cpu = stack::pid_named(&["mariadbd", "mysqld"])
+        .map(stack::process_cpu_time)
+        .unwrap_or_default();
+    Ok((questions.parse()?, cpu))
+}
+
+/// Runs the scenario; one row per mode: medians over the rounds, and the
+/// crash run's time to consistency.
+pub async fn run(ctx: &mut PayCtx<'_>) -> anyhow::Result<Vec<Row>> {
+    top_up(ctx).await?;
+    let mut runs: Vec<(PaymentMode, PayRun)> = Vec::new();
+    for round in 0..ctx.rounds {
+        for k in 0..MODES.len() {
+            let mode = MODES[(k + round) % MODES.len()];
+            crate::scenarios::progress(&format!("pay: {} round {}", mode.as_str(), round + 1));
+            restart_in(ctx, mode).await?;
+            let run = pay_once(ctx, mode, None).await?;
+            runs.push((mode, run));
+        }
+    }
+    let mut rows: Vec<Row> = MODES
+        .iter()
+        .map(|mode| {
+            let mine: Vec<&PayRun> = runs
+                .iter()
+                .filter(|(m, _)| m == mode)
+                .map(|(_, r)| r)
+                .collect();
+            row(*mode, &mine, ctx.orders)
+        })
+        .collect();
+    for (mode, row) in MODES.iter().zip(rows.iter_mut()) {
+        crate::scenarios::progress(&format!("pay: {} with an api killed", mode.as_str()));
+        restart_in(ctx, *mode).await?;
+        crash(ctx, *mode, row).await?;
+    }
+    restart_in(ctx, PaymentMode::Tcc).await?;
+    Ok(rows)
+}
+
+async fn restart_in(ctx: &mut PayCtx<'_>, mode: PaymentMode) -> anyhow::Result<()> {
+    ctx.stack.restart_payment_services(&mode_env(mode)).await
+}
+
+fn mode_env(mode: PaymentMode) -> Vec<(String, String)> {
+    vec![(
+        format!("{}PAYMENT__MODE", seckill_contracts::config::ENV_PREFIX),
+        mode.as_str().to_string(),
+    )]
+}
+
+/// Every buyer's wallet, topped up through the wallet's admin route.
+async fn top_up(ctx: &PayCtx<'_>) -> anyhow::Result<()> {
+    let wallet = WalletClient::new(&ctx.stack.config);
+    let admin = ctx.stack.admin_token.clone();
+    let wallet = &wallet;
+    let admin = &admin;
+    let failed = futures::stream::iter(1..=ctx.orders)
+        .map(|user| async move { wallet.credit(admin, user, CREDIT_CENTS).await.is_err() })
+        .buffer_unordered(PREPARE_CONCURRENCY)
+        .filter(|failed| std::future::ready(*failed))
+        .count()
+        .await;
+    anyhow::ensure!(failed == 0, "{failed} top-ups failed");
+    Ok(())
+}
+
+/// A sale whose `n` orders (users `1..=n`) are written and unpaid: what
+/// each buyer pays. Returns the sale and (user, order id) pairs.
+async fn unpaid_orders(ctx: &mut PayCtx<'_>) -> anyhow::Result<(u64, Vec<(u64, String)>)> {
+    let n = ctx.orders;
+    let now = Utc::now();
+    let sale = seckill_workers::sales::create(
+        &ctx.db,
+        &mut ctx.redis,
+        &ctx.keys,
+        &seckill_workers::sales::NewSale {
+            title: "Bench payments".into(),
+            price_cents: 1999,
+            sale_price_cents: 999,
+            stock: u32::try_from(n)?,
+            starts_at: now,
+            ends_at: now + chrono::Duration::hours(1),
+        },
+    )
+    .await?
+    .id;
+    // Redis as after n admissions (the sale audit checks it).
+    let _: () = redis::cmd("SET")
+        .arg(ctx.keys.sale(sale).stock())
+        .arg(0)
+        .query_async(&mut ctx.redis)
+        .await?;
+    let messages: Vec<seckill_contracts::OrderMessage> = (1..=n)
+        .map(|u| {
+            seckill_contracts::OrderMessage::new(
+                format!("pay-{sale}-{u}"),
+                sale,
+                u,
+                Utc::now().timestamp_millis(),
+            )
+        })
+        .collect();
+    stack::publish_orders(&ctx.stack.config, &messages).await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let rows: Vec<(u64, String)> =
+            sqlx::query_as("SELECT user_id, id FROM orders WHERE sale_id = ? ORDER BY user_id")
+                .bind(sale)
+                .fetch_all(&ctx.db)
+                .await?;
+        if rows.len() as u64 >= n {
+            return Ok((sale, rows));
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the workers never wrote the orders"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One idempotency key per buyer, through the gateway.
+async fn keys_for(ctx: &PayCtx<'_>, users: &[u64]) -> anyhow::Result<Vec<String>> {
+    let url = ctx.stack.gateway_url("/api/v1/idempotency-key");
+    let (http, tokens, url) = (&ctx.http, &ctx.tokens, &url);
+    let keys: Vec<anyhow::Result<String>> = futures::stream::iter(users.iter().copied())
+        .map(|user| async move {
+            let token = tokens
+                .get((user - 1) as usize)
+                .context("no token for this buyer")?;
+            let body: serde_json::Value = http
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            body["key"]
+                .as_str()
+                .map(str::to_string)
+                .context("no key in the answer")
+        })
+        .buffered(PREPARE_CONCURRENCY)
+        .collect()
+        .await;
+    keys.into_iter().collect()
+}
+
+/// Pays every order of a fresh sale at once; with `kill`, kills that api
+/// after a tenth of the answers and restarts it (the crash run).
+async fn pay_once(
+    ctx: &mut PayCtx<'_>,
+    mode: PaymentMode,
+    kill: Option<&str>,
+) -> anyhow::Result<PayRun> {
+    let (sale, orders) = unpaid_orders(ctx).await?;
+    let users: Vec<u64> = orders.iter().map(|(u, _)| *u).collect();
+    let keys = keys_for(ctx, &users).await?;
+    let barrier = Arc::new(Barrier::new(orders.len() + 1));
+    let answered_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::with_capacity(orders.len());
+    for ((user, order), key) in orders.iter().zip(keys) {
+        let url = ctx
+            .stack
+            .gateway_url(&format!("/api/v1/orders/{order}/pay"));
+        let token = ctx.tokens[(*user - 1) as usize].clone();
+        let (http, barrier, answered_count) =
+            (ctx.http.clone(), barrier.clone(), answered_count.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let sent = Instant::now();
+            let status = http
+                .post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", key)
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .ok();
+            answered_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (status, sent.elapsed())
+        }));
+    }
+    let db_before = db_work(&ctx.db).await?;
+    barrier.wait().await;
+    let start = Instant::now();
+    let mut killed_at = None;
+    if let Some(name) = kill {
+        let tenth = orders.len() / 10;
+        while answered_count.load(std::sync::atomic::Ordering::Relaxed) < tenth {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        ctx.stack.kill_hard(name);
+        killed_at = Some(Instant::now());
+        let index: usize = name.trim_start_matches("api-").parse()?;
+        let health = ctx.stack.spawn_api(index, &mode_env(mode))?;
+        stack::wait_ok(&health, Duration::from_secs(60)).await?;
+    }
+    let mut latencies_ms = Vec::with_capacity(tasks.len());
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (status, took) = t.await?;
+        latencies_ms.push(took.as_secs_f64() * 1000.0);
+        match status {
+            Some(code) => *statuses.entry(code).or_insert(0) += 1,
+            None => errors += 1,
+        }
+    }
+    let answered = start.elapsed();
+    let accepted =
+        statuses.get(&200).copied().unwrap_or(0) + statuses.get(&202).copied().unwrap_or(0);
+    // Settled: every accepted payment paid (the message mode settles after
+    // its 202); the crash run waits for the audit instead.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut paid = 0;
+    while kill.is_none() {
+        paid = paid_count(&ctx.db, sale).await?;
+        if paid >= accepted || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let settled = start.elapsed();
+    let db_after = db_work(&ctx.db).await?;
+    let per_paid = |x: f64| if paid == 0 { 0.0 } else { x / paid as f64 };
+    let db_statements_per_payment = per_paid(db_after.0.saturating_sub(db_before.0) as f64);
+    let db_cpu_us_per_payment =
+        per_paid(db_after.1.saturating_sub(db_before.1).as_secs_f64() * 1e6);
+    let wallet = WalletClient::new(&ctx.stack.config);
+    let report = payments_audit::run(&ctx.db, &wallet, Duration::from_secs(120)).await?;
+    let consistent_after = killed_at.map(|k| k.elapsed());
+    if kill.is_some() {
+        paid = paid_count(&ctx.db, sale).await?;
+    }
+    let sale_audit = seckill_workers::audit::run(
+        &ctx.stack.config,
+        &ctx.db,
+        &mut ctx.redis,
+        sale,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let mut audit_note = format!(
+        "payments audit {} (balances {} + paid {} = top-ups {}), sale audit {}",
+        if report.ok { "clean" } else { "FAILED" },
+        report.balances_cents,
+        report.paid_orders_cents,
+        report.credited_cents,
+        if sale_audit.ok { "clean" } else { "FAILED" },
+    );
+    if !report.ok {
+        audit_note.push_str(&format!(": {:?}", report.violations));
+    }
+    if let Some(t) = consistent_after {
+        audit_note.push_str(&format!(
+            "; consistent {:.2} s after the kill",
+            t.as_secs_f64()
+        ));
+    }
+    Ok(PayRun {
+        answered,
+        settled: consistent_after.unwrap_or(settled),
+        paid,
+        latencies_ms,
+        statuses,
+        errors,
+        audit_ok: report.ok && sale_audit.ok,
+        audit_note,
+        db_statements_per_payment,
+        db_cpu_us_per_payment,
+    })
+}
+
+async fn paid_count(db: &sqlx::MySqlPool, sale: u64) -> anyhow::Result<u64> {
+    let n: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE sale_id = ? AND status = 'paid'")
+            .bind(sale)
+            .fetch_one(db)
+            .await?;
+    Ok(n as u64)
+}
+
+/// The crash run of `mode` (one api killed mid-run), added to its row.
+async fn crash(ctx: &mut PayCtx<'_>, mode: PaymentMode, row: &mut Row) -> anyhow::Result<()> {
+    let run = pay_once(ctx, mode, Some("api-0")).await?;
+    row.consistency_s = Some(run.settled.as_secs_f64());
+    row.audit_ok = Some(row.audit_ok.unwrap_or(true) && run.audit_ok);
+    row.notes.push(format!(
+        "`kill -9` of api-0 after a tenth of the answers, restarted at once: every payment ended and the audits clean {:.2} s after the kill (recovery takes over transactions idle for payment.transaction_timeout_ms); answers {:?}, {} errors; {}",
+        run.settled.as_secs_f64(),
+        run.statuses,
+        run.errors,
+        run.audit_note
+    ));
+    Ok(())
+}
+
+/// A mode's row: medians over its rounds.
+fn row(mode: PaymentMode, runs: &[&PayRun], orders: u64) -> Row {
+    let mut row = Row::new(&format!("pay {}", mode.as_str()));
+    let rates: Vec<f64> = runs
+        .iter()
+        .map(|r| r.paid as f64 / r.settled.as_secs_f64())
+        .collect();
+    let pct = |p: f64| {
+        median(
+            runs.iter()
+                .map(|r| percentile(&r.latencies_ms, p))
+                .collect(),
+        )
+    };
+    let rate = median(rates.clone());
+    row.wrk = Some(WrkResult {
+        requests: orders,
+        seconds: median(runs.iter().map(|r| r.settled.as_secs_f64()).collect()),
+        rps: rate,
+        p50_ms: pct(50.0),
+        p90_ms: pct(90.0),
+        p99_ms: pct(99.0),
+        p999_ms: pct(99.9),
+        socket_errors: runs.iter().map(|r| r.errors).sum(),
+        command: format!(
+            "{orders} buyers paying their orders at once through the gateway, payment.mode = {}",
+            mode.as_str()
+        ),
+        cdf: Vec::new(),
+    });
+    row.rate = rate;
+    row.db_per_payment = Some((
+        median(runs.iter().map(|r| r.db_statements_per_payment).collect()),
+        median(runs.iter().map(|r| r.db_cpu_us_per_payment).collect()),
+    ));
+    row.audit_ok = Some(runs.iter().all(|r| r.audit_ok));
+    row.committed = runs.first().map(|r| r.paid);
+    for (i, r) in runs.iter().enumerate() {
+        row.notes.push(format!(
+            "round {}: {} paid, {:.0} payments/s (all answered in {:.2} s, settled in {:.2} s), answers {:?}; MariaDB per payment: {:.1} statements, {:.0} µs CPU; {}",
+            i + 1,
+            r.paid,
+            rates[i],
+            r.answered.as_secs_f64(),
+            r.settled.as_secs_f64(),
+            r.statuses,
+            r.db_statements_per_payment,
+            r.db_cpu_us_per_payment,
+            r.audit_note
+        ));
+    }
+    row
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[at.min(v.len() - 1)]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_medians_pick_the_ranked_value() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 51.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[], 99.0), 0.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+    }
+}
