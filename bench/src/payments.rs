@@ -51,6 +51,8 @@ pub struct PayCtx<'a> {
     pub http: reqwest::Client,
     pub orders: u64,
     pub rounds: usize,
+    /// Database connections per pool of the apis and the wallet.
+    pub db_connections: u32,
 }
 
 /// One timed run's figures.
@@ -115,14 +117,21 @@ pub async fn run(ctx: &mut PayCtx<'_>) -> anyhow::Result<Vec<Row>> {
 }
 
 async fn restart_in(ctx: &mut PayCtx<'_>, mode: PaymentMode) -> anyhow::Result<()> {
-    ctx.stack.restart_payment_services(&mode_env(mode)).await
+    let env = mode_env(ctx, mode);
+    ctx.stack.restart_payment_services(&env).await
 }
 
-fn mode_env(mode: PaymentMode) -> Vec<(String, String)> {
-    vec![(
-        format!("{}PAYMENT__MODE", seckill_contracts::config::ENV_PREFIX),
-        mode.as_str().to_string(),
-    )]
+/// The environment the apis and the wallet run with: the mode, and the
+/// pool size (every connection is a server thread of MariaDB, which is
+/// what saturates first).
+fn mode_env(ctx: &PayCtx<'_>, mode: PaymentMode) -> Vec<(String, String)> {
+    let prefix = seckill_contracts::config::ENV_PREFIX;
+    let pool = ctx.db_connections.to_string();
+    vec![
+        (format!("{prefix}PAYMENT__MODE"), mode.as_str().to_string()),
+        (format!("{prefix}DATABASE__MAX_CONNECTIONS"), pool.clone()),
+        (format!("{prefix}WALLET__MAX_CONNECTIONS"), pool),
+    ]
 }
 
 /// Every buyer's wallet, topped up through the wallet's admin route.
@@ -264,6 +273,7 @@ async fn pay_once(
     barrier.wait().await;
     let start = Instant::now();
     let mut killed_at = None;
+    let mut open_at_kill = None;
     if let Some(name) = kill {
         let tenth = orders.len() / 10;
         while answered_count.load(std::sync::atomic::Ordering::Relaxed) < tenth {
@@ -271,8 +281,10 @@ async fn pay_once(
         }
         ctx.stack.kill_hard(name);
         killed_at = Some(Instant::now());
+        open_at_kill = Some(open_transactions(&ctx.db).await?);
         let index: usize = name.trim_start_matches("api-").parse()?;
-        let health = ctx.stack.spawn_api(index, &mode_env(mode))?;
+        let env = mode_env(ctx, mode);
+        let health = ctx.stack.spawn_api(index, &env)?;
         stack::wait_ok(&health, Duration::from_secs(60)).await?;
     }
     let mut latencies_ms = Vec::with_capacity(tasks.len());
@@ -332,8 +344,17 @@ async fn pay_once(
         audit_note.push_str(&format!(": {:?}", report.violations));
     }
     if let Some(t) = consistent_after {
+        let by_recovery: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pay_transactions t JOIN orders o ON o.id = t.order_id \
+             WHERE o.sale_id = ? AND t.reason = 'timeout'",
+        )
+        .bind(sale)
+        .fetch_one(&ctx.db)
+        .await?;
         audit_note.push_str(&format!(
-            "; consistent {:.2} s after the kill",
+            "; {} payment transactions open (both apis) right after the kill, {by_recovery} \
+             aborted by recovery; consistent {:.2} s after the kill",
+            open_at_kill.unwrap_or(0),
             t.as_secs_f64()
         ));
     }
@@ -349,6 +370,11 @@ async fn pay_once(
         db_statements_per_payment,
         db_cpu_us_per_payment,
     })
+}
+
+/// Payment transactions not ended yet (any api's).
+async fn open_transactions(db: &sqlx::MySqlPool) -> anyhow::Result<i64> {
+    Ok(seckill_workers::payments::log::open_count(db).await?)
 }
 
 async fn paid_count(db: &sqlx::MySqlPool, sale: u64) -> anyhow::Result<u64> {
