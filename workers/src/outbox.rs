@@ -55,6 +55,22 @@ pub async fn put(
     Ok(())
 }
 
+/// Rows deleted per [`prune`] call (a long backlog goes over several).
+const PRUNE_BATCH: u32 = 1_000;
+
+/// Deletes published rows older than `older_than_secs`; how many.
+pub async fn prune(db: &MySqlPool, older_than_secs: u64) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "DELETE FROM outbox WHERE published_at IS NOT NULL \
+         AND published_at < NOW(3) - INTERVAL ? SECOND LIMIT ?",
+    )
+    .bind(older_than_secs)
+    .bind(PRUNE_BATCH)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
 /// Messages written and not yet published.
 pub async fn pending(db: &MySqlPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
@@ -159,15 +175,17 @@ impl Default for Running {
 
 /// Runs a relay of `db`'s outbox into `queue` until `stop` ends: it
 /// publishes whenever `wake` is notified (after each local transaction
-/// that wrote a row) and every `interval` regardless.
+/// that wrote a row) and every `payment.relay_interval_ms` regardless,
+/// and deletes rows published more than `payment.message_retention_secs`
+/// ago.
 pub fn spawn_relay(
     config: &Config,
     db: MySqlPool,
     queue: String,
-    interval: Duration,
     wake: Arc<Notify>,
     mut stop: watch::Receiver<()>,
 ) {
+    let interval = Duration::from_millis(config.payment.relay_interval_ms);
     let config = config.clone();
     tokio::spawn(async move {
         loop {
@@ -195,12 +213,17 @@ async fn relay_session(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
+    let retention = config.payment.message_retention_secs;
     loop {
         // Drain, then sleep until woken or the interval passes.
         while relay_once(db, &channel, queue).await? == BATCH as usize {}
         tokio::select! {
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(interval) => {
+                if let Err(e) = prune(db, retention).await {
+                    tracing::warn!(error = %e, "pruning the outbox failed");
+                }
+            }
         }
     }
 }

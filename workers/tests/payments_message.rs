@@ -392,3 +392,61 @@ async fn with_the_wallet_down_for_5_s_payments_wait_and_end_consistent() {
     println!("message, wallet down 5 s: {paid} paid, {unpaid} given back after the check-back, audits clean");
     c.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_message_records_are_pruned_and_recent_ones_kept() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Message).await;
+    c.wallet.credit(&[1, 2], 10_000).await;
+    let ids = c.orders(&[1, 2]).await;
+    for (user, id) in [(1, &ids[0]), (2, &ids[1])] {
+        c.pay(user, id).await;
+        assert_eq!(c.wait_status(id, "paid").await, "paid");
+    }
+    // The first payment's records are two days old, the second's fresh.
+    let first: String = sqlx::query_scalar("SELECT tx_id FROM pay_transactions WHERE order_id = ?")
+        .bind(&ids[0])
+        .fetch_one(&c.db)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE consumed_messages SET consumed_at = NOW(3) - INTERVAL 2 DAY \
+         WHERE message_id <> ? ORDER BY consumed_at LIMIT 1",
+    )
+    .bind(&first)
+    .execute(&c.db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE outbox SET published_at = NOW(3) - INTERVAL 2 DAY \
+         WHERE payload LIKE CONCAT('%', ?, '%')",
+    )
+    .bind(&first)
+    .execute(&c.wallet.db)
+    .await
+    .unwrap();
+    let day = 86_400;
+    assert_eq!(message::prune_consumed(&c.payments, day).await.unwrap(), 1);
+    assert_eq!(
+        seckill_workers::outbox::prune(&c.wallet.db, day)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(message::prune_consumed(&c.payments, day).await.unwrap(), 0);
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+        .fetch_one(&c.wallet.db)
+        .await
+        .unwrap();
+    assert_eq!(left, 1, "the recent message stays");
+    // A repeat of the pruned payment's message still changes nothing: the
+    // log's state dedupes it.
+    assert_eq!(
+        message::settle(&c.payments, &first, &new_tx_id())
+            .await
+            .unwrap(),
+        Settled::Duplicate
+    );
+    c.assert_audits_clean().await;
+    c.finish().await;
+}

@@ -94,6 +94,10 @@ pub struct PaymentConfig {
     /// `message` mode: how often an outbox relay looks for messages it
     /// was not woken for (a crash between commit and publish).
     pub relay_interval_ms: u64,
+    /// `message` mode: published outbox rows and the record of consumed
+    /// messages are deleted this long after (a message is acked long
+    /// before; the log's state dedupes any later repeat anyway).
+    pub message_retention_secs: u64,
 }
 
 impl Default for PaymentConfig {
@@ -107,6 +111,7 @@ impl Default for PaymentConfig {
             transaction_timeout_ms: 10_000,
             recovery_interval_ms: 1_000,
             relay_interval_ms: 500,
+            message_retention_secs: 86_400,
         }
     }
 }
@@ -128,6 +133,7 @@ impl PaymentConfig {
             ("wallet_timeout_ms", self.wallet_timeout_ms),
             ("recovery_interval_ms", self.recovery_interval_ms),
             ("relay_interval_ms", self.relay_interval_ms),
+            ("message_retention_secs", self.message_retention_secs),
         ] {
             if value == 0 {
                 return Err(invalid(format!("payment.{key}"), "must be at least 1"));

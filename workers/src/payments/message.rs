@@ -341,6 +341,18 @@ pub async fn on_debited(p: &Payments, body: &[u8]) -> Result<(), SettleError> {
     settle(p, &m.tx_id, &m.message_id).await.map(|_| ())
 }
 
+/// Deletes the records of messages consumed more than `older_than_secs`
+/// ago (at most a batch per call); how many.
+pub async fn prune_consumed(p: &Payments, older_than_secs: u64) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "DELETE FROM consumed_messages WHERE consumed_at < NOW(3) - INTERVAL ? SECOND LIMIT 1000",
+    )
+    .bind(older_than_secs)
+    .execute(p.db())
+    .await?
+    .rows_affected())
+}
+
 /// Recovery of a `message` transaction left open: a `started` one is
 /// checked back with the wallet (settled if debited, given back if not);
 /// an `aborting` one is given back. True once it ended.

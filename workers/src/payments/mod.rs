@@ -166,7 +166,6 @@ impl Payments {
             config,
             self.db.clone(),
             config.amqp.refund_queue.clone(),
-            std::time::Duration::from_millis(config.payment.relay_interval_ms),
             self.refund_wake.clone(),
             running.stopped(),
         );

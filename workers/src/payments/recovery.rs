@@ -13,7 +13,8 @@
 //! rollback for an `xa` one; a `message` one is checked back with the
 //! wallet, see [`message::recover`]). Each pass also ends XA branches left
 //! prepared for a transaction the log has already ended
-//! ([`xa::end_orphans`]).
+//! ([`xa::end_orphans`], in an `xa` deployment); in a `message` one it
+//! deletes consumed-message records past `payment.message_retention_secs`.
 //!
 //! Every api runs the loop; the Redis lock `payments-recovery` lets one
 //! of them work at a time. Correctness never depends on the lock: every
@@ -60,11 +61,18 @@ pub async fn recover_once(p: &Payments, older_than: Duration) -> Result<Recovery
             }
         }
     }
-    match xa::end_orphans(p).await {
-        Ok(n) => report.orphans_ended = n,
-        Err(e) => {
-            tracing::warn!(error = %e, "looking for orphaned XA branches failed");
+    match p.config().mode {
+        PaymentMode::Xa => match xa::end_orphans(p).await {
+            Ok(n) => report.orphans_ended = n,
+            Err(e) => tracing::warn!(error = %e, "looking for orphaned XA branches failed"),
+        },
+        PaymentMode::Message => {
+            let retention = p.config().message_retention_secs;
+            if let Err(e) = message::prune_consumed(p, retention).await {
+                tracing::warn!(error = %e, "pruning consumed payment messages failed");
+            }
         }
+        PaymentMode::Tcc => {}
     }
     if report != RecoveryReport::default() {
         tracing::info!(?report, "payment recovery pass");

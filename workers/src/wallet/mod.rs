@@ -157,7 +157,6 @@ fn start_messaging(
         config,
         db.clone(),
         config.amqp.payment_queue.clone(),
-        std::time::Duration::from_millis(config.payment.relay_interval_ms),
         wake.clone(),
         running.stopped(),
     );
