@@ -121,6 +121,17 @@ pub async fn stale(db: &MySqlPool, older_than_ms: u64, limit: u32) -> Result<Vec
     rows.iter().map(from_row).collect()
 }
 
+/// What changes whenever a payment starts or moves: (transactions,
+/// the latest move). Equal before and after a read of both databases, it
+/// proves no payment ran in between.
+pub async fn fingerprint(db: &MySqlPool) -> Result<(i64, Option<String>), LogError> {
+    let row: (i64, Option<String>) =
+        sqlx::query_as("SELECT COUNT(*), CAST(MAX(updated_at) AS CHAR) FROM pay_transactions")
+            .fetch_one(db)
+            .await?;
+    Ok(row)
+}
+
 /// How many transactions are not finished (any age).
 pub async fn open_count(db: &MySqlPool) -> Result<i64, LogError> {
     let n: i64 =
