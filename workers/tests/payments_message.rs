@@ -12,11 +12,9 @@
 #[path = "payments_support.rs"]
 mod payments;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use payments::support::InProcessWallet;
-use payments::{payments_for, recover_all, Ctx, PRICE};
+use payments::{pay_through_a_wallet_outage, recover_all, Ctx, FaultRun, PRICE};
 use seckill_contracts::config::PaymentMode;
 use seckill_workers::payments::log::new_tx_id;
 use seckill_workers::payments::message::{self, Settled};
@@ -268,53 +266,16 @@ const ABORT_PATH: &[&str] = &["message.after_decide_abort"];
 async fn a_fault_at_every_step_ends_consistent_after_recovery() {
     let scenario = fail::FailScenario::setup();
     let c = Ctx::start(20, PaymentMode::Message).await;
-    let users: Vec<u64> = (1..=(COMMIT_PATH.len() + ABORT_PATH.len()) as u64).collect();
-    let ids = c.orders(&users).await;
-    let (rich, poor) = users.split_at(COMMIT_PATH.len());
-    c.wallet.credit(rich, 10_000).await;
-    c.wallet.credit(poor, PRICE / 2).await;
-    let every_point: HashSet<&str> = message::FAIL_POINTS.iter().copied().collect();
-    let mut covered = HashSet::new();
-
-    let cases = COMMIT_PATH
-        .iter()
-        .zip(rich)
-        .map(|((point, end), u)| (*point, *end, *u))
-        .chain(
-            ABORT_PATH
-                .iter()
-                .zip(poor)
-                .map(|(point, u)| (*point, "unpaid", *u)),
-        );
-    for (point, expected, user) in cases {
-        let order = &ids[(user - 1) as usize];
-        fail::cfg(point, "return").unwrap();
-        let cut = c.payments.pay(&mut c.redis.clone(), user, order).await;
-        // Let the asynchronous half (relay, consumer) meet the fault too.
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        fail::remove(point);
-        covered.insert(point);
-        assert!(
-            !matches!(cut, Ok(PayResult::Paid(_))) || expected == "paid",
-            "{point}: {cut:?}"
-        );
-        let restarted = payments_for(c.config(), &c.db);
-        recover_all(&restarted).await;
-        assert_eq!(c.wait_status(order, expected).await, expected, "{point}");
-        let start = if poor.contains(&user) {
-            PRICE / 2
-        } else {
-            10_000
-        };
-        let spent = if expected == "paid" { PRICE } else { 0 };
-        assert_eq!(c.balance(user).await, (start - spent, 0), "{point}");
-        c.assert_audits_clean().await;
+    FaultRun {
+        commit_path: COMMIT_PATH,
+        abort_path: ABORT_PATH,
+        fail_points: message::FAIL_POINTS,
+        cut_may_report_paid: true,
+        fault_lingers: Duration::from_millis(700),
+        one_pass: false,
     }
-    let missing: Vec<_> = every_point.difference(&covered).collect();
-    assert!(
-        missing.is_empty(),
-        "fail points never exercised: {missing:?}"
-    );
+    .run(&c)
+    .await;
     scenario.teardown();
     c.finish().await;
 }
@@ -323,41 +284,7 @@ async fn a_fault_at_every_step_ends_consistent_after_recovery() {
 async fn with_the_wallet_down_for_5_s_payments_wait_and_end_consistent() {
     let _serial = fail::FailScenario::setup();
     let c = Ctx::start(60, PaymentMode::Message).await;
-    let users: Vec<u64> = (1..=60).collect();
-    let ids = c.orders(&users).await;
-    c.wallet.credit(&users, 10_000).await;
-    let config = c.config().clone();
-    let url = c.wallet.url.clone();
-    let Ctx {
-        env,
-        db,
-        wallet,
-        payments,
-        redis,
-        sale,
-        messaging,
-    } = c;
-
-    let payer = {
-        let (payments, redis, ids) = (payments.clone(), redis.clone(), ids.clone());
-        tokio::spawn(async move {
-            let mut answers = Vec::new();
-            for (i, id) in ids.iter().enumerate() {
-                let r = payments
-                    .pay(&mut redis.clone(), i as u64 + 1, id)
-                    .await
-                    .expect("pay");
-                answers.push(r);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            answers
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    wallet.stop().await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let wallet = InProcessWallet::restart(&config, &url).await;
-    let answers = payer.await.unwrap();
+    let (c, answers, ids) = pay_through_a_wallet_outage(c, 60).await;
 
     // While the wallet is down nothing is known: accepted (202), the
     // order `paying` until the check-back after it returns.
@@ -366,16 +293,7 @@ async fn with_the_wallet_down_for_5_s_payments_wait_and_end_consistent() {
         .filter(|r| matches!(r, PayResult::Paid(_) | PayResult::Settling(_)))
         .count();
     assert_eq!(accepted, answers.len(), "{answers:?}");
-    recover_all(&payments).await;
-    let c = Ctx {
-        env,
-        db,
-        wallet,
-        payments,
-        redis,
-        sale,
-        messaging,
-    };
+    recover_all(&c.payments).await;
     c.assert_audits_clean().await;
     let paid = payments::count_status(&c.db, "paid").await;
     let unpaid = payments::count_status(&c.db, "unpaid").await;

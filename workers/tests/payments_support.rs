@@ -202,3 +202,144 @@ pub async fn count_status(db: &MySqlPool, status: &str) -> i64 {
         .await
         .expect("count orders")
 }
+
+/// A fault-at-every-step run: each case cuts one payment at `point` and
+/// says how its order must end (`paid` if the cut came after the
+/// decision); the abort-path cases are paid by buyers who cannot afford
+/// the order, so they always end unpaid.
+pub struct FaultRun<'a> {
+    pub commit_path: &'a [(&'a str, &'a str)],
+    pub abort_path: &'a [&'a str],
+    /// The mode's fail points: every one must be among the cases.
+    pub fail_points: &'a [&'a str],
+    /// Whether a cut payment may still answer `Paid` when it ends paid
+    /// (the message mode's check-back can settle it within the call).
+    pub cut_may_report_paid: bool,
+    /// How long the fault stays on after the call, so the asynchronous
+    /// half (relay, consumer) meets it too.
+    pub fault_lingers: Duration,
+    /// Whether one recovery pass must end everything (no connection
+    /// left to close, no branch held elsewhere).
+    pub one_pass: bool,
+}
+
+impl FaultRun<'_> {
+    /// Runs every case on `c`; after each: the api restarts (a fresh
+    /// coordinator), recovery runs, the order ends as expected, no money
+    /// stays frozen, the buyer paid exactly when the order is paid, and
+    /// both audits are clean.
+    pub async fn run(&self, c: &Ctx) {
+        let users: Vec<u64> =
+            (1..=(self.commit_path.len() + self.abort_path.len()) as u64).collect();
+        let ids = c.orders(&users).await;
+        let (rich, poor) = users.split_at(self.commit_path.len());
+        c.wallet.credit(rich, 10_000).await;
+        c.wallet.credit(poor, PRICE / 2).await;
+        let cases = self
+            .commit_path
+            .iter()
+            .zip(rich)
+            .map(|((point, end), u)| (*point, *end, *u))
+            .chain(
+                self.abort_path
+                    .iter()
+                    .zip(poor)
+                    .map(|(point, u)| (*point, "unpaid", *u)),
+            );
+        let mut covered = HashSet::new();
+        for (point, expected, user) in cases {
+            let order = &ids[(user - 1) as usize];
+            fail::cfg(point, "return").unwrap();
+            let cut = c.payments.pay(&mut c.redis.clone(), user, order).await;
+            tokio::time::sleep(self.fault_lingers).await;
+            fail::remove(point);
+            covered.insert(point);
+            // The call died (an error) or, for the wallet's own points,
+            // was answered as a wallet that did not answer.
+            let reported_paid = matches!(cut, Ok(PayResult::Paid(_)));
+            assert!(
+                !reported_paid || (self.cut_may_report_paid && expected == "paid"),
+                "{point}: a payment cut short reported paid: {cut:?}"
+            );
+            let restarted = payments_for(c.config(), &c.db);
+            if self.one_pass {
+                let report = recover_once(&restarted, Duration::ZERO)
+                    .await
+                    .expect("recovery");
+                assert_eq!(report.left_open, 0, "{point}: {report:?}");
+            } else {
+                recover_all(&restarted).await;
+            }
+            assert_eq!(c.wait_status(order, expected).await, expected, "{point}");
+            let start = if poor.contains(&user) {
+                PRICE / 2
+            } else {
+                10_000
+            };
+            let spent = if expected == "paid" { PRICE } else { 0 };
+            assert_eq!(c.balance(user).await, (start - spent, 0), "{point}");
+            c.assert_audits_clean().await;
+        }
+        let missing: Vec<_> = self
+            .fail_points
+            .iter()
+            .filter(|p| !covered.contains(*p))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "fail points never exercised: {missing:?}"
+        );
+    }
+}
+
+/// Buyers `1..=n` (topped up) pay their orders one after another, 10 a
+/// second, while the wallet is down from 0.5 s to 5.5 s: stopped, its
+/// connections and any branch it held going with it, then restarted on
+/// the same address. Returns the context (with the restarted wallet), the
+/// answers in buyer order, and the order ids.
+pub async fn pay_through_a_wallet_outage(c: Ctx, n: u64) -> (Ctx, Vec<PayResult>, Vec<String>) {
+    let users: Vec<u64> = (1..=n).collect();
+    let ids = c.orders(&users).await;
+    c.wallet.credit(&users, 10_000).await;
+    let config = c.config().clone();
+    let url = c.wallet.url.clone();
+    let Ctx {
+        env,
+        db,
+        wallet,
+        payments,
+        redis,
+        sale,
+        messaging,
+    } = c;
+    let payer = {
+        let (payments, redis, ids) = (payments.clone(), redis.clone(), ids.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for (i, id) in ids.iter().enumerate() {
+                let r = payments
+                    .pay(&mut redis.clone(), i as u64 + 1, id)
+                    .await
+                    .expect("pay");
+                answers.push(r);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            answers
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wallet.stop().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let wallet = InProcessWallet::restart(&config, &url).await;
+    let answers = payer.await.expect("the payer");
+    let c = Ctx {
+        env,
+        db,
+        wallet,
+        payments,
+        redis,
+        sale,
+        messaging,
+    };
+    (c, answers, ids)
+}

@@ -12,11 +12,10 @@
 #[path = "payments_support.rs"]
 mod payments;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use payments::support::{count, InProcessWallet};
-use payments::{payments_for, Ctx, PRICE};
+use payments::support::count;
+use payments::{pay_through_a_wallet_outage, Ctx, FaultRun, PRICE};
 use seckill_contracts::config::PaymentMode;
 use seckill_workers::payments::fence::EndOutcome;
 use seckill_workers::payments::log::new_tx_id;
@@ -235,60 +234,16 @@ const ABORT_PATH: &[&str] = &[
 async fn a_fault_at_every_step_ends_consistent_after_recovery() {
     let scenario = fail::FailScenario::setup();
     let c = Ctx::start(40, PaymentMode::Tcc).await;
-    let users: Vec<u64> = (1..=(COMMIT_PATH.len() + ABORT_PATH.len()) as u64).collect();
-    let ids = c.orders(&users).await;
-    let (rich, poor) = users.split_at(COMMIT_PATH.len());
-    c.wallet.credit(rich, 10_000).await;
-    c.wallet.credit(poor, PRICE / 2).await;
-    let every_point: HashSet<&str> = tcc::FAIL_POINTS.iter().copied().collect();
-    let mut covered = HashSet::new();
-
-    let cases = COMMIT_PATH
-        .iter()
-        .zip(rich)
-        .map(|((point, end), u)| (*point, *end, *u))
-        .chain(
-            ABORT_PATH
-                .iter()
-                .zip(poor)
-                .map(|(point, u)| (*point, "unpaid", *u)),
-        );
-    for (point, expected, user) in cases {
-        let order = &ids[(user - 1) as usize];
-        fail::cfg(point, "return").unwrap();
-        let cut = c.payments.pay(&mut c.redis.clone(), user, order).await;
-        fail::remove(point);
-        covered.insert(point);
-        // The call died (an error) or, for the wallet's own points, was
-        // answered as a wallet that did not answer.
-        assert!(
-            !matches!(cut, Ok(PayResult::Paid(_))),
-            "{point}: a payment cut short reported paid: {cut:?}"
-        );
-
-        // The api restarts: a fresh coordinator, recovery runs.
-        let restarted = payments_for(c.config(), &c.db);
-        let report = recover_once(&restarted, Duration::ZERO)
-            .await
-            .expect("recovery");
-        assert_eq!(report.left_open, 0, "{point}: {report:?}");
-        assert_eq!(c.status(order).await, expected, "{point}");
-        let (balance, frozen) = c.balance(user).await;
-        assert_eq!(frozen, 0, "{point}: money left frozen");
-        let start = if poor.contains(&user) {
-            PRICE / 2
-        } else {
-            10_000
-        };
-        let spent = if expected == "paid" { PRICE } else { 0 };
-        assert_eq!(balance, start - spent, "{point}");
-        c.assert_audits_clean().await;
+    FaultRun {
+        commit_path: COMMIT_PATH,
+        abort_path: ABORT_PATH,
+        fail_points: tcc::FAIL_POINTS,
+        cut_may_report_paid: false,
+        fault_lingers: Duration::ZERO,
+        one_pass: true,
     }
-    let missing: Vec<_> = every_point.difference(&covered).collect();
-    assert!(
-        missing.is_empty(),
-        "fail points never exercised: {missing:?}"
-    );
+    .run(&c)
+    .await;
     scenario.teardown();
     c.finish().await;
 }
@@ -297,44 +252,7 @@ async fn a_fault_at_every_step_ends_consistent_after_recovery() {
 async fn with_the_wallet_down_for_5_s_payments_are_refused_and_nothing_moves() {
     let _serial = fail::FailScenario::setup();
     let c = Ctx::start(60, PaymentMode::Tcc).await;
-    let users: Vec<u64> = (1..=60).collect();
-    let ids = c.orders(&users).await;
-    c.wallet.credit(&users, 10_000).await;
-    let config = c.config().clone();
-    let url = c.wallet.url.clone();
-    let Ctx {
-        env,
-        db,
-        wallet,
-        payments,
-        redis,
-        sale,
-        messaging,
-    } = c;
-
-    // Buyers pay one after another, 10 per second, for 6 s; the wallet is
-    // down from 0.5 s to 5.5 s.
-    let payer = {
-        let (payments, redis, ids) = (payments.clone(), redis.clone(), ids.clone());
-        tokio::spawn(async move {
-            let mut answers = Vec::new();
-            for (i, id) in ids.iter().enumerate() {
-                let user = i as u64 + 1;
-                let r = payments
-                    .pay(&mut redis.clone(), user, id)
-                    .await
-                    .expect("pay");
-                answers.push(r);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            answers
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    wallet.stop().await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let wallet = InProcessWallet::restart(&config, &url).await;
-    let answers = payer.await.unwrap();
+    let (c, answers, ids) = pay_through_a_wallet_outage(c, 60).await;
 
     let refused = answers
         .iter()
@@ -352,18 +270,9 @@ async fn with_the_wallet_down_for_5_s_payments_are_refused_and_nothing_moves() {
         "only paid or refused: {answers:?}"
     );
     // Whatever the outage left open, recovery ends.
-    recover_once(&payments, Duration::ZERO)
+    recover_once(&c.payments, Duration::ZERO)
         .await
         .expect("recovery");
-    let c = Ctx {
-        env,
-        db,
-        wallet,
-        payments,
-        redis,
-        sale,
-        messaging,
-    };
     for (i, r) in answers.iter().enumerate() {
         let expected = if matches!(r, PayResult::Paid(_)) {
             "paid"

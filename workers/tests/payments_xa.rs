@@ -13,11 +13,10 @@
 #[path = "payments_support.rs"]
 mod payments;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use payments::support::InProcessWallet;
-use payments::{payments_for, recover_all, Ctx, PRICE};
+use payments::{pay_through_a_wallet_outage, recover_all, Ctx, FaultRun, PRICE};
 use seckill_contracts::config::PaymentMode;
 use seckill_workers::payments::fence::EndOutcome;
 use seckill_workers::payments::log::new_tx_id;
@@ -245,54 +244,16 @@ const ABORT_PATH: &[&str] = &[
 async fn a_fault_at_every_step_ends_consistent_after_recovery() {
     let scenario = fail::FailScenario::setup();
     let c = Ctx::start(40, PaymentMode::Xa).await;
-    let users: Vec<u64> = (1..=(COMMIT_PATH.len() + ABORT_PATH.len()) as u64).collect();
-    let ids = c.orders(&users).await;
-    let (rich, poor) = users.split_at(COMMIT_PATH.len());
-    c.wallet.credit(rich, 10_000).await;
-    c.wallet.credit(poor, PRICE / 2).await;
-    let every_point: HashSet<&str> = xa::FAIL_POINTS.iter().copied().collect();
-    let mut covered = HashSet::new();
-
-    let cases = COMMIT_PATH
-        .iter()
-        .zip(rich)
-        .map(|((point, end), u)| (*point, *end, *u))
-        .chain(
-            ABORT_PATH
-                .iter()
-                .zip(poor)
-                .map(|(point, u)| (*point, "unpaid", *u)),
-        );
-    for (point, expected, user) in cases {
-        let order = &ids[(user - 1) as usize];
-        fail::cfg(point, "return").unwrap();
-        let cut = c.payments.pay(&mut c.redis.clone(), user, order).await;
-        fail::remove(point);
-        covered.insert(point);
-        assert!(
-            !matches!(cut, Ok(PayResult::Paid(_))),
-            "{point}: a payment cut short reported paid: {cut:?}"
-        );
-
-        // The api restarts: a fresh coordinator, recovery runs until
-        // nothing is left open.
-        let restarted = payments_for(c.config(), &c.db);
-        recover_all(&restarted).await;
-        assert_eq!(c.status(order).await, expected, "{point}");
-        let start = if poor.contains(&user) {
-            PRICE / 2
-        } else {
-            10_000
-        };
-        let spent = if expected == "paid" { PRICE } else { 0 };
-        assert_eq!(c.balance(user).await, (start - spent, 0), "{point}");
-        c.assert_audits_clean().await;
+    FaultRun {
+        commit_path: COMMIT_PATH,
+        abort_path: ABORT_PATH,
+        fail_points: xa::FAIL_POINTS,
+        cut_may_report_paid: false,
+        fault_lingers: Duration::ZERO,
+        one_pass: false,
     }
-    let missing: Vec<_> = every_point.difference(&covered).collect();
-    assert!(
-        missing.is_empty(),
-        "fail points never exercised: {missing:?}"
-    );
+    .run(&c)
+    .await;
     scenario.teardown();
     c.finish().await;
 }
@@ -350,42 +311,7 @@ async fn a_prepare_that_lands_after_its_abort_is_rolled_back_by_recovery() {
 async fn with_the_wallet_down_for_5_s_payments_are_refused_and_end_consistent() {
     let _serial = fail::FailScenario::setup();
     let c = Ctx::start(60, PaymentMode::Xa).await;
-    let users: Vec<u64> = (1..=60).collect();
-    let ids = c.orders(&users).await;
-    c.wallet.credit(&users, 10_000).await;
-    let config = c.config().clone();
-    let url = c.wallet.url.clone();
-    let Ctx {
-        env,
-        db,
-        wallet,
-        payments,
-        redis,
-        sale,
-        messaging,
-    } = c;
-
-    let payer = {
-        let (payments, redis, ids) = (payments.clone(), redis.clone(), ids.clone());
-        tokio::spawn(async move {
-            let mut answers = Vec::new();
-            for (i, id) in ids.iter().enumerate() {
-                let r = payments
-                    .pay(&mut redis.clone(), i as u64 + 1, id)
-                    .await
-                    .expect("pay");
-                answers.push(r);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            answers
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // The wallet process goes away, connections and held branches with it.
-    wallet.stop().await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let wallet = InProcessWallet::restart(&config, &url).await;
-    let answers = payer.await.unwrap();
+    let (c, answers, ids) = pay_through_a_wallet_outage(c, 60).await;
 
     let refused = answers
         .iter()
@@ -398,16 +324,7 @@ async fn with_the_wallet_down_for_5_s_payments_are_refused_and_end_consistent() 
     assert!(refused > 0, "the wallet was never seen down: {answers:?}");
     assert!(done > 0);
     assert_eq!(refused + done, answers.len(), "{answers:?}");
-    recover_all(&payments).await;
-    let c = Ctx {
-        env,
-        db,
-        wallet,
-        payments,
-        redis,
-        sale,
-        messaging,
-    };
+    recover_all(&c.payments).await;
     for (i, r) in answers.iter().enumerate() {
         let expected = if matches!(r, PayResult::Unavailable) {
             "unpaid"

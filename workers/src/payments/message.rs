@@ -157,23 +157,7 @@ async fn check_back(p: &Payments, tx: &PayTx) -> Result<Option<bool>, PayError> 
 /// wallet has nothing of this transaction (never asked, or resolved
 /// cancelled).
 pub async fn give_back(p: &Payments, tx: &PayTx, reason: AbortReason) -> Result<Step, PayError> {
-    if !log::advance(
-        p.log_db(),
-        &tx.tx_id,
-        TxState::Started,
-        TxState::Aborting,
-        Some(reason),
-    )
-    .await?
-    {
-        let now = log::get(p.log_db(), &tx.tx_id).await?.map(|t| t.state);
-        if now != Some(TxState::Aborting) && now != Some(TxState::Aborted) {
-            return Err(PayError::Inconsistent(format!(
-                "{}: giving back a payment that is {now:?}",
-                tx.tx_id
-            )));
-        }
-    }
+    p.decide_abort(tx, reason).await?;
     fail::fail_point!("message.after_decide_abort", |_| Err(PayError::Injected(
         "message.after_decide_abort"
     )));

@@ -147,6 +147,35 @@ impl Payments {
         &self.config
     }
 
+    /// Decides `aborting` for `tx` (still `started`), unless it is already
+    /// decided so: every mode's abort starts here. Any other state means
+    /// the transaction was decided the other way, which no caller expects.
+    pub(crate) async fn decide_abort(
+        &self,
+        tx: &log::PayTx,
+        reason: AbortReason,
+    ) -> Result<(), PayError> {
+        use crate::statuses::TxState;
+        let moved = log::advance(
+            &self.log_db,
+            &tx.tx_id,
+            TxState::Started,
+            TxState::Aborting,
+            Some(reason),
+        )
+        .await?;
+        if moved {
+            return Ok(());
+        }
+        match log::get(&self.log_db, &tx.tx_id).await?.map(|t| t.state) {
+            Some(TxState::Aborting | TxState::Aborted) => Ok(()),
+            now => Err(PayError::Inconsistent(format!(
+                "{}: aborting a transaction that is {now:?}",
+                tx.tx_id
+            ))),
+        }
+    }
+
     pub(crate) fn wake_refund_relay(&self) {
         self.refund_wake.notify_one();
     }

@@ -128,23 +128,7 @@ pub async fn commit(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
 /// Decides `aborting` (unless already decided so) and cancels both
 /// branches.
 pub async fn abort(p: &Payments, tx: &PayTx, reason: AbortReason) -> Result<Step, PayError> {
-    if !log::advance(
-        p.log_db(),
-        &tx.tx_id,
-        TxState::Started,
-        TxState::Aborting,
-        Some(reason),
-    )
-    .await?
-    {
-        let now = log::get(p.log_db(), &tx.tx_id).await?.map(|t| t.state);
-        if now != Some(TxState::Aborting) && now != Some(TxState::Aborted) {
-            return Err(PayError::Inconsistent(format!(
-                "{}: aborting a transaction that is {now:?}",
-                tx.tx_id
-            )));
-        }
-    }
+    p.decide_abort(tx, reason).await?;
     fail::fail_point!("tcc.after_decide_abort", |_| {
         Err(PayError::Injected("tcc.after_decide_abort"))
     });
