@@ -343,3 +343,22 @@ pub async fn pay_through_a_wallet_outage(c: Ctx, n: u64) -> (Ctx, Vec<PayResult>
     };
     (c, answers, ids)
 }
+
+/// A buyer pays one order with two requests at once, five times over:
+/// at most one of each pair is accepted (paid or settling), the order
+/// ends paid, and the buyer is charged once.
+pub async fn pay_twice_at_once(c: &Ctx) {
+    c.wallet.credit(&[1], 10_000).await;
+    let ids = c.orders(&[1]).await;
+    for _ in 0..5 {
+        let (a, b) = tokio::join!(c.pay(1, &ids[0]), c.pay(1, &ids[0]));
+        let accepted = [&a, &b]
+            .iter()
+            .filter(|r| matches!(r, PayResult::Paid(_) | PayResult::Settling(_)))
+            .count();
+        assert!(accepted <= 1, "{a:?} {b:?}");
+    }
+    assert_eq!(c.wait_status(&ids[0], "paid").await, "paid");
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    c.assert_audits_clean().await;
+}

@@ -38,6 +38,19 @@ pub struct PayTx {
     pub state: TxState,
 }
 
+impl PayTx {
+    /// The wallet branch's first call (a Try, a prepare, a debit): the
+    /// buyer's money for this order in this transaction.
+    pub fn wallet_request(&self) -> crate::wallet::routes::TryRequest {
+        crate::wallet::routes::TryRequest {
+            tx_id: self.tx_id.clone(),
+            user_id: self.user_id,
+            order_id: self.order_id.clone(),
+            amount_cents: self.amount_cents,
+        }
+    }
+}
+
 /// A fresh transaction id: 128 random bits, hex.
 pub fn new_tx_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()

@@ -29,12 +29,11 @@ use super::fence::EndOutcome;
 use super::log::{self, PayTx};
 use super::order_branch::{self, HoldOutcome};
 use super::wallet_client::WalletCallError;
-use super::{PayError, Payments, Step};
+use super::{wallet_failure, PayError, Payments, Step};
 use crate::orders::{retry_on_deadlock, MaybeDeadlock, OrderError};
 use crate::outbox;
 use crate::statuses::{AbortReason, TxState};
 use crate::wallet::message::{DebitOutcome, Resolution};
-use crate::wallet::routes::TryRequest;
 
 /// What a payment message says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,15 +99,7 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
     fail::fail_point!("message.after_hold", |_| Err(PayError::Injected(
         "message.after_hold"
     )));
-    let debit = p
-        .wallet()
-        .message_debit(&TryRequest {
-            tx_id: tx.tx_id.clone(),
-            user_id: tx.user_id,
-            order_id: tx.order_id.clone(),
-            amount_cents: tx.amount_cents,
-        })
-        .await;
+    let debit = p.wallet().message_debit(&tx.wallet_request()).await;
     fail::fail_point!("message.after_debit", |_| Err(PayError::Injected(
         "message.after_debit"
     )));
@@ -116,14 +107,7 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
         Ok(DebitOutcome::Debited | DebitOutcome::Repeat) => return Ok(Step::Decided),
         Ok(DebitOutcome::Cancelled) => return give_back(p, tx, AbortReason::Timeout).await,
         Ok(DebitOutcome::InsufficientFunds) => AbortReason::InsufficientFunds,
-        Err(WalletCallError::Unavailable(why)) => {
-            tracing::warn!(tx_id = %tx.tx_id, %why, "wallet debit unanswered; checking back");
-            AbortReason::WalletUnavailable
-        }
-        Err(e @ WalletCallError::Refused { .. }) => {
-            tracing::error!(tx_id = %tx.tx_id, error = %e, "wallet refused a debit; checking back");
-            AbortReason::WalletRefused
-        }
+        Err(e) => wallet_failure(tx, "debit", e),
     };
     // The debit did not happen, or we do not know: ask, which also makes
     // sure it never happens later.

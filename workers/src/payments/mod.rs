@@ -97,6 +97,22 @@ pub enum PayResult {
     NotFound,
 }
 
+/// Why a wallet branch call that got no usable answer ends its payment,
+/// logged: silent (it may or may not have acted; the branch's end call
+/// settles that) or refused (it did nothing). `step` names the call.
+pub(crate) fn wallet_failure(tx: &log::PayTx, step: &str, e: WalletCallError) -> AbortReason {
+    match e {
+        WalletCallError::Unavailable(why) => {
+            tracing::warn!(tx_id = %tx.tx_id, %why, "wallet {step} unanswered");
+            AbortReason::WalletUnavailable
+        }
+        e @ WalletCallError::Refused { .. } => {
+            tracing::error!(tx_id = %tx.tx_id, error = %e, "wallet refused a {step}");
+            AbortReason::WalletRefused
+        }
+    }
+}
+
 /// The coordinator: the order database, the wallet client, the mode.
 pub struct Payments {
     db: MySqlPool,

@@ -21,9 +21,8 @@ use super::fence::EndOutcome;
 use super::log::{self, PayTx};
 use super::order_branch::{self, HoldOutcome};
 use super::wallet_client::WalletCallError;
-use super::{PayError, Payments, Step};
+use super::{wallet_failure, PayError, Payments, Step};
 use crate::statuses::{AbortReason, TxState};
-use crate::wallet::routes::TryRequest;
 use crate::wallet::tcc::TryOutcome;
 
 /// Pays `tx` (already logged as `started`).
@@ -38,15 +37,7 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
     fail::fail_point!("tcc.after_try_order", |_| Err(PayError::Injected(
         "tcc.after_try_order"
     )));
-    let tried = p
-        .wallet()
-        .tcc_try(&TryRequest {
-            tx_id: tx.tx_id.clone(),
-            user_id: tx.user_id,
-            order_id: tx.order_id.clone(),
-            amount_cents: tx.amount_cents,
-        })
-        .await;
+    let tried = p.wallet().tcc_try(&tx.wallet_request()).await;
     fail::fail_point!("tcc.after_try_wallet", |_| Err(PayError::Injected(
         "tcc.after_try_wallet"
     )));
@@ -55,14 +46,7 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
         Ok(TryOutcome::InsufficientFunds) => Some(AbortReason::InsufficientFunds),
         // Recovery cancelled this transaction while its Try was on the way.
         Ok(TryOutcome::Suspended) => Some(AbortReason::Timeout),
-        Err(WalletCallError::Unavailable(why)) => {
-            tracing::warn!(tx_id = %tx.tx_id, %why, "wallet Try unanswered; aborting");
-            Some(AbortReason::WalletUnavailable)
-        }
-        Err(e @ WalletCallError::Refused { .. }) => {
-            tracing::error!(tx_id = %tx.tx_id, error = %e, "wallet refused a Try; aborting");
-            Some(AbortReason::WalletRefused)
-        }
+        Err(e) => Some(wallet_failure(tx, "Try", e)),
     };
     if let Some(reason) = refused {
         return abort(p, tx, reason).await;

@@ -31,9 +31,8 @@ use super::log::{self, PayTx};
 use super::order_branch::{self, BRANCH as ORDER};
 use super::wallet_client::WalletCallError;
 use super::xa_branch::{self, BranchConn, Detached, Xid};
-use super::{PayError, Payments, Step};
+use super::{wallet_failure, PayError, Payments, Step};
 use crate::statuses::{AbortReason, OrderStatus, TxState};
-use crate::wallet::routes::PrepareRequest;
 use crate::wallet::xa::PrepareOutcome;
 
 /// Pays `tx` (already logged as `started`).
@@ -48,29 +47,14 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
     fail::fail_point!("xa.after_prepare_order", |_| Err(PayError::Injected(
         "xa.after_prepare_order"
     )));
-    let wallet = p
-        .wallet()
-        .xa_prepare(&PrepareRequest {
-            tx_id: tx.tx_id.clone(),
-            user_id: tx.user_id,
-            order_id: tx.order_id.clone(),
-            amount_cents: tx.amount_cents,
-        })
-        .await;
+    let wallet = p.wallet().xa_prepare(&tx.wallet_request()).await;
     fail::fail_point!("xa.after_prepare_wallet", |_| Err(PayError::Injected(
         "xa.after_prepare_wallet"
     )));
     let refused = match wallet {
         Ok(PrepareOutcome::Prepared | PrepareOutcome::Repeat) => None,
         Ok(PrepareOutcome::InsufficientFunds) => Some(AbortReason::InsufficientFunds),
-        Err(WalletCallError::Unavailable(why)) => {
-            tracing::warn!(tx_id = %tx.tx_id, %why, "wallet prepare unanswered; aborting");
-            Some(AbortReason::WalletUnavailable)
-        }
-        Err(e @ WalletCallError::Refused { .. }) => {
-            tracing::error!(tx_id = %tx.tx_id, error = %e, "wallet refused a prepare; aborting");
-            Some(AbortReason::WalletRefused)
-        }
+        Err(e) => Some(wallet_failure(tx, "prepare", e)),
     };
     if let Some(reason) = refused {
         return abort(p, tx, reason, Some(order)).await;
