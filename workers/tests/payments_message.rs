@@ -235,7 +235,6 @@ async fn a_debit_landing_on_a_payment_given_up_is_refunded_once() {
 
 /// Where each fail point leaves the order once everything has settled.
 const COMMIT_PATH: &[(&str, &str)] = &[
-    ("message.after_begin", "unpaid"),
     ("message.after_hold", "unpaid"),
     // The debit happened; its message settles the order anyway.
     ("message.after_debit", "paid"),
@@ -258,7 +257,6 @@ async fn a_fault_at_every_step_ends_consistent_after_recovery() {
         commit_path: COMMIT_PATH,
         abort_path: ABORT_PATH,
         fail_points: message::FAIL_POINTS,
-        cut_may_report_paid: true,
         fault_lingers: Duration::from_millis(700),
         one_pass: false,
     }

@@ -212,9 +212,6 @@ pub struct FaultRun<'a> {
     pub abort_path: &'a [&'a str],
     /// The mode's fail points: every one must be among the cases.
     pub fail_points: &'a [&'a str],
-    /// Whether a cut payment may still answer `Paid` when it ends paid
-    /// (the message mode's check-back can settle it within the call).
-    pub cut_may_report_paid: bool,
     /// How long the fault stays on after the call, so the asynchronous
     /// half (relay, consumer) meets it too.
     pub fault_lingers: Duration,
@@ -255,10 +252,12 @@ impl FaultRun<'_> {
             fail::remove(point);
             covered.insert(point);
             // The call died (an error) or, for the wallet's own points,
-            // was answered as a wallet that did not answer.
+            // was answered as a wallet that did not answer. It may still
+            // answer `Paid` once the order is paid (the decision is
+            // logged, recovery finishes the wallet), never otherwise.
             let reported_paid = matches!(cut, Ok(PayResult::Paid(_)));
             assert!(
-                !reported_paid || (self.cut_may_report_paid && expected == "paid"),
+                !reported_paid || expected == "paid",
                 "{point}: a payment cut short reported paid: {cut:?}"
             );
             let restarted = payments_for(c.config(), &c.db);

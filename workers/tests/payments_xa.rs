@@ -236,7 +236,6 @@ async fn a_fault_at_every_step_ends_consistent_after_recovery() {
         commit_path: COMMIT_PATH,
         abort_path: ABORT_PATH,
         fail_points: xa::FAIL_POINTS,
-        cut_may_report_paid: false,
         fault_lingers: Duration::ZERO,
         one_pass: false,
     }

@@ -42,6 +42,9 @@ pub struct Held {
     /// The branch's resource (the user id of a wallet, an order id).
     pub resource: String,
     pub amount_cents: i64,
+    /// The order it is held for (`None` on fences written before the
+    /// column existed).
+    pub order_id: Option<String>,
 }
 
 /// What a Try may do.
@@ -103,14 +106,15 @@ pub async fn begin_try(
     held: &Held,
 ) -> Result<TryStart, FenceError> {
     let inserted = sqlx::query(
-        "INSERT IGNORE INTO tcc_fences (tx_id, branch, phase, resource, amount_cents) \
-         VALUES (?, ?, ?, ?, ?)",
+        "INSERT IGNORE INTO tcc_fences (tx_id, branch, phase, resource, amount_cents, order_id) \
+         VALUES (?, ?, ?, ?, ?, ?)",
     )
     .bind(tx_id)
     .bind(branch)
     .bind(FencePhase::Try)
     .bind(&held.resource)
     .bind(held.amount_cents)
+    .bind(&held.order_id)
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -204,7 +208,7 @@ async fn locked_phase(
     branch: &str,
 ) -> Result<Option<(FencePhase, Held)>, FenceError> {
     let row = sqlx::query(
-        "SELECT phase, resource, amount_cents FROM tcc_fences \
+        "SELECT phase, resource, amount_cents, order_id FROM tcc_fences \
          WHERE tx_id = ? AND branch = ? FOR UPDATE",
     )
     .bind(tx_id)
@@ -218,6 +222,7 @@ async fn locked_phase(
         Held {
             resource: row.try_get("resource")?,
             amount_cents: row.try_get("amount_cents")?,
+            order_id: row.try_get("order_id")?,
         },
     )))
 }

@@ -61,27 +61,34 @@ pub fn valid_tx_id(id: &str) -> bool {
     id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Records a new transaction as `started`.
-pub async fn begin(db: &MySqlPool, tx: &PayTx) -> Result<(), LogError> {
+/// Records a new transaction in `tx.state` (`started`; `aborted` for one
+/// that ended before holding anything), in `db`'s transaction or alone.
+pub async fn begin<'e>(
+    db: impl sqlx::MySqlExecutor<'e>,
+    tx: &PayTx,
+    reason: Option<AbortReason>,
+) -> Result<(), LogError> {
     sqlx::query(
-        "INSERT INTO pay_transactions (tx_id, order_id, user_id, amount_cents, mode, state) \
-         VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO pay_transactions (tx_id, order_id, user_id, amount_cents, mode, state, reason) \
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&tx.tx_id)
     .bind(&tx.order_id)
     .bind(tx.user_id)
     .bind(tx.amount_cents)
     .bind(tx.mode.as_str())
-    .bind(TxState::Started)
+    .bind(tx.state)
+    .bind(reason)
     .execute(db)
     .await?;
     Ok(())
 }
 
 /// Moves `tx_id` from `from` to `to`; true when this call did (false: the
-/// transaction was elsewhere, someone else moved it).
-pub async fn advance(
-    db: &MySqlPool,
+/// transaction was elsewhere, someone else moved it). In `db`'s
+/// transaction or alone.
+pub async fn advance<'e>(
+    db: impl sqlx::MySqlExecutor<'e>,
     tx_id: &str,
     from: TxState,
     to: TxState,

@@ -87,14 +87,12 @@ impl PaymentMessage {
     }
 }
 
-/// Pays `tx` (already logged as `started`).
+/// Pays `tx`: logs it together with the order's hold.
 pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
-    fail::fail_point!("message.after_begin", |_| Err(PayError::Injected(
-        "message.after_begin"
-    )));
-    let held = order_branch::hold(p.db(), &tx.tx_id, tx.user_id, &tx.order_id, tx.sale_id).await?;
+    let held = order_branch::log_and_hold(p.db(), tx).await?;
     if held == HoldOutcome::Refused {
-        return give_back(p, tx, AbortReason::OrderNotPayable).await;
+        // Logged `aborted`; nothing was held, the wallet never asked.
+        return Ok(Step::Aborted(AbortReason::OrderNotPayable));
     }
     fail::fail_point!("message.after_hold", |_| Err(PayError::Injected(
         "message.after_hold"
@@ -341,7 +339,6 @@ pub async fn recover(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
 
 /// Every fail point of this mode, in the order a payment passes them.
 pub const FAIL_POINTS: &[&str] = &[
-    "message.after_begin",
     "message.after_hold",
     "message.after_debit",
     "message.after_decide_abort",

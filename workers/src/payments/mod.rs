@@ -249,7 +249,7 @@ impl Payments {
             mode: self.config.mode,
             state: crate::statuses::TxState::Started,
         };
-        log::begin(&self.log_db, &tx).await?;
+        // Each mode logs the transaction before it touches a branch.
         let step = match tx.mode {
             PaymentMode::Tcc => tcc::pay(self, &tx).await?,
             PaymentMode::Xa => xa::pay(self, &tx).await?,
@@ -291,6 +291,9 @@ impl Payments {
         };
         Ok(match step {
             Step::Committed => PayResult::Paid(now),
+            // TCC confirms the order with its decision: paid for the
+            // buyer, though the wallet's debit is still on its way.
+            Step::Decided if now.status == OrderStatus::Paid => PayResult::Paid(now),
             Step::Decided => PayResult::Settling(now),
             Step::Aborted(AbortReason::InsufficientFunds) => PayResult::InsufficientFunds,
             Step::Aborted(AbortReason::OrderNotPayable) => {

@@ -16,9 +16,10 @@
 use sqlx::{MySqlConnection, MySqlPool};
 
 use super::fence::{self, CancelStart, ConfirmStart, EndOutcome, FenceError, Held, TryStart};
+use super::log::{self, LogError, PayTx};
 use super::xa_branch::{BranchConn, XaError, Xid};
 use crate::orders::{retry_on_deadlock, MaybeDeadlock};
-use crate::statuses::{FencePhase, OrderStatus};
+use crate::statuses::{AbortReason, FencePhase, OrderStatus, TxState};
 
 /// This branch's name in the fence.
 pub const BRANCH: &str = "order";
@@ -32,6 +33,11 @@ pub enum BranchError {
     Db(#[from] sqlx::Error),
     #[error(transparent)]
     Xa(#[from] XaError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// A decision to commit came too late: the log had moved on.
+    #[error("the transaction is no longer `started`")]
+    NotDecided,
     /// The fence says the order is held, the order row says otherwise.
     #[error("order {order_id}: {what}")]
     Inconsistent { order_id: String, what: String },
@@ -42,7 +48,8 @@ impl MaybeDeadlock for BranchError {
         match self {
             BranchError::Db(e)
             | BranchError::Fence(FenceError::Db(e))
-            | BranchError::Xa(XaError::Db(e)) => e.is_deadlock(),
+            | BranchError::Xa(XaError::Db(e))
+            | BranchError::Log(LogError::Db(e)) => e.is_deadlock(),
             _ => false,
         }
     }
@@ -68,23 +75,61 @@ pub async fn hold(
     order_id: &str,
     sale_id: u64,
 ) -> Result<HoldOutcome, BranchError> {
-    retry_on_deadlock(|| hold_once(db, tx_id, user_id, order_id, sale_id)).await
+    let tx = Try {
+        tx_id,
+        user_id,
+        order_id,
+        sale_id,
+        log: None,
+    };
+    retry_on_deadlock(|| hold_once(db, &tx)).await
 }
 
-async fn hold_once(
-    db: &MySqlPool,
-    tx_id: &str,
-    user_id: u64,
-    order_id: &str,
-    sale_id: u64,
-) -> Result<HoldOutcome, BranchError> {
-    let mut tx = db.begin().await?;
-    lock_sale(&mut tx, sale_id).await?;
-    let held = Held {
-        resource: order_id.to_string(),
-        amount_cents: 0,
+/// Logs `tx` as `started` and holds its order, in one local transaction
+/// (the coordinator's log lives in this database): a logged transaction
+/// has always held its order, and a refused one is logged `aborted` with
+/// nothing held anywhere, so nobody has anything to cancel.
+pub async fn log_and_hold(db: &MySqlPool, tx: &PayTx) -> Result<HoldOutcome, BranchError> {
+    let attempt = Try {
+        tx_id: &tx.tx_id,
+        user_id: tx.user_id,
+        order_id: &tx.order_id,
+        sale_id: tx.sale_id,
+        log: Some(tx),
     };
-    let outcome = match fence::begin_try(&mut tx, tx_id, BRANCH, &held).await? {
+    let outcome = retry_on_deadlock(|| hold_once(db, &attempt)).await?;
+    if outcome == HoldOutcome::Refused {
+        let ended = PayTx {
+            state: TxState::Aborted,
+            ..tx.clone()
+        };
+        log::begin(db, &ended, Some(AbortReason::OrderNotPayable)).await?;
+    }
+    Ok(outcome)
+}
+
+/// One Try's arguments.
+struct Try<'a> {
+    tx_id: &'a str,
+    user_id: u64,
+    order_id: &'a str,
+    sale_id: u64,
+    /// The transaction to log as `started` with the hold, if any.
+    log: Option<&'a PayTx>,
+}
+
+async fn hold_once(db: &MySqlPool, t: &Try<'_>) -> Result<HoldOutcome, BranchError> {
+    let mut tx = db.begin().await?;
+    lock_sale(&mut tx, t.sale_id).await?;
+    if let Some(logged) = t.log {
+        log::begin(&mut *tx, logged, None).await?;
+    }
+    let held = Held {
+        resource: t.order_id.to_string(),
+        amount_cents: 0,
+        order_id: Some(t.order_id.to_string()),
+    };
+    let outcome = match fence::begin_try(&mut tx, t.tx_id, BRANCH, &held).await? {
         TryStart::Repeat => HoldOutcome::Repeat,
         TryStart::Suspended => HoldOutcome::Refused,
         TryStart::Fresh => {
@@ -93,8 +138,8 @@ async fn hold_once(
                  WHERE id = ? AND user_id = ? AND status = ? AND expires_at > NOW(3)",
             )
             .bind(OrderStatus::Paying)
-            .bind(order_id)
-            .bind(user_id)
+            .bind(t.order_id)
+            .bind(t.user_id)
             .bind(OrderStatus::Unpaid)
             .execute(&mut *tx)
             .await?
@@ -113,22 +158,46 @@ async fn hold_once(
 
 /// Confirm: the held order is paid.
 pub async fn confirm(db: &MySqlPool, tx_id: &str, sale_id: u64) -> Result<EndOutcome, BranchError> {
-    retry_on_deadlock(|| end_once(db, tx_id, sale_id, FencePhase::Confirm)).await
+    retry_on_deadlock(|| end_once(db, tx_id, sale_id, FencePhase::Confirm, false)).await
+}
+
+/// The coordinator's decision to commit (`started → committing` in the
+/// log) and the Confirm of the order's branch, in one local transaction;
+/// `None` (nothing done) when the transaction was no longer `started`:
+/// recovery decided first.
+pub async fn decide_and_confirm(
+    db: &MySqlPool,
+    tx_id: &str,
+    sale_id: u64,
+) -> Result<Option<EndOutcome>, BranchError> {
+    match retry_on_deadlock(|| end_once(db, tx_id, sale_id, FencePhase::Confirm, true)).await {
+        Err(BranchError::NotDecided) => Ok(None),
+        other => other.map(Some),
+    }
 }
 
 /// Cancel: the held order is unpaid again (or, with no Try before it, the
 /// Cancel is recorded so a late Try is refused).
 pub async fn cancel(db: &MySqlPool, tx_id: &str, sale_id: u64) -> Result<EndOutcome, BranchError> {
-    retry_on_deadlock(|| end_once(db, tx_id, sale_id, FencePhase::Cancel)).await
+    retry_on_deadlock(|| end_once(db, tx_id, sale_id, FencePhase::Cancel, false)).await
 }
 
+/// One Confirm or Cancel; with `decide`, first the log's `started →
+/// committing` (its row locked before the sale's: nothing else that
+/// takes the sale's lock touches the log).
 async fn end_once(
     db: &MySqlPool,
     tx_id: &str,
     sale_id: u64,
     phase: FencePhase,
+    decide: bool,
 ) -> Result<EndOutcome, BranchError> {
     let mut tx = db.begin().await?;
+    if decide && !log::advance(&mut *tx, tx_id, TxState::Started, TxState::Committing, None).await?
+    {
+        tx.rollback().await?;
+        return Err(BranchError::NotDecided);
+    }
     lock_sale(&mut tx, sale_id).await?;
     let held = match phase {
         FencePhase::Confirm => match fence::begin_confirm(&mut tx, tx_id, BRANCH).await? {

@@ -2,15 +2,18 @@
 //! Confirm or Cancel on both, with its decision in the log first.
 //!
 //! ```text
-//!  log started ─▶ Try order (unpaid→paying) ─▶ Try wallet (freeze)
+//!  [log started + Try order (unpaid→paying)] ─▶ Try wallet (freeze)
 //!     │ both held                                 │ either refused / silent
 //!     ▼                                           ▼
-//!  log committing ─▶ Confirm wallet (debit) ─▶ Confirm order (paid) ─▶ log committed
+//!  [log committing + Confirm order (paid)] ─▶ Confirm wallet (debit) ─▶ log committed
 //!                    log aborting ─▶ Cancel wallet ─▶ Cancel order ─▶ log aborted
 //! ```
 //!
 //! The order branch goes first so a second payment of the same order is
-//! refused before it freezes any money. A crash anywhere leaves the log
+//! refused before it freezes any money. The log lives in the order's
+//! database, so the steps in brackets are each one local transaction: a
+//! payment costs the database five commits, not seven, and a refused
+//! order is logged `aborted` without anything to cancel. A crash anywhere leaves the log
 //! saying what is left to do; [`super::recovery`] does it (a `started`
 //! transaction it aborts; the fences make a late Try refused and every
 //! repeated Confirm or Cancel harmless). Named fail points (the `fail`
@@ -25,14 +28,12 @@ use super::{wallet_failure, PayError, Payments, Step};
 use crate::statuses::{AbortReason, TxState};
 use crate::wallet::tcc::TryOutcome;
 
-/// Pays `tx` (already logged as `started`).
+/// Pays `tx`: logs it together with the order's Try.
 pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
-    fail::fail_point!("tcc.after_begin", |_| Err(PayError::Injected(
-        "tcc.after_begin"
-    )));
-    let held = order_branch::hold(p.db(), &tx.tx_id, tx.user_id, &tx.order_id, tx.sale_id).await?;
+    let held = order_branch::log_and_hold(p.db(), tx).await?;
     if held == HoldOutcome::Refused {
-        return abort(p, tx, AbortReason::OrderNotPayable).await;
+        // Logged `aborted`; nothing was held, the wallet never asked.
+        return Ok(Step::Aborted(AbortReason::OrderNotPayable));
     }
     fail::fail_point!("tcc.after_try_order", |_| Err(PayError::Injected(
         "tcc.after_try_order"
@@ -51,34 +52,40 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
     if let Some(reason) = refused {
         return abort(p, tx, reason).await;
     }
-    if !log::advance(
-        p.log_db(),
-        &tx.tx_id,
-        TxState::Started,
-        TxState::Committing,
-        None,
-    )
-    .await?
-    {
-        // Recovery decided first (the transaction outlived its timeout).
-        return finish_abort(p, tx)
-            .await
-            .map(|_| Step::Aborted(AbortReason::Timeout));
+    match order_branch::decide_and_confirm(p.db(), &tx.tx_id, tx.sale_id).await? {
+        Some(EndOutcome::Done | EndOutcome::Repeat) => {}
+        Some(other) => return Err(inconsistent(tx, "order Confirm", other)),
+        None => {
+            // Recovery decided first (the transaction outlived its timeout).
+            return finish_abort(p, tx)
+                .await
+                .map(|_| Step::Aborted(AbortReason::Timeout));
+        }
     }
     fail::fail_point!("tcc.after_decide", |_| Err(PayError::Injected(
         "tcc.after_decide"
     )));
-    Ok(if commit(p, tx).await? {
+    Ok(if confirm_wallet(p, tx).await? {
         Step::Committed
     } else {
         Step::Decided
     })
 }
 
-/// Confirms both branches of a transaction decided `committing`; true
-/// once the log says `committed`, false when a branch did not answer
-/// (recovery confirms it later).
+/// Confirms both branches of a transaction decided `committing` (what
+/// recovery does; the coordinator has confirmed the order with its
+/// decision); true once the log says `committed`, false when the wallet
+/// did not answer (the next pass confirms it).
 pub async fn commit(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
+    match order_branch::confirm(p.db(), &tx.tx_id, tx.sale_id).await? {
+        EndOutcome::Done | EndOutcome::Repeat => {}
+        other => return Err(inconsistent(tx, "order Confirm", other)),
+    }
+    confirm_wallet(p, tx).await
+}
+
+/// The wallet's Confirm, then the log `committed`.
+async fn confirm_wallet(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
     match p.wallet().tcc_confirm(&tx.tx_id).await {
         Ok(EndOutcome::Done | EndOutcome::Repeat) => {}
         Ok(other) => return Err(inconsistent(tx, "wallet Confirm", other)),
@@ -90,13 +97,6 @@ pub async fn commit(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
     }
     fail::fail_point!("tcc.after_confirm_wallet", |_| {
         Err(PayError::Injected("tcc.after_confirm_wallet"))
-    });
-    match order_branch::confirm(p.db(), &tx.tx_id, tx.sale_id).await? {
-        EndOutcome::Done | EndOutcome::Repeat => {}
-        other => return Err(inconsistent(tx, "order Confirm", other)),
-    }
-    fail::fail_point!("tcc.after_confirm_order", |_| {
-        Err(PayError::Injected("tcc.after_confirm_order"))
     });
     log::advance(
         p.log_db(),
@@ -165,12 +165,10 @@ fn inconsistent(tx: &PayTx, step: &str, outcome: EndOutcome) -> PayError {
 
 /// Every fail point of this mode, in the order a payment passes them.
 pub const FAIL_POINTS: &[&str] = &[
-    "tcc.after_begin",
     "tcc.after_try_order",
     "tcc.after_try_wallet",
     "tcc.after_decide",
     "tcc.after_confirm_wallet",
-    "tcc.after_confirm_order",
     "tcc.after_decide_abort",
     "tcc.after_cancel_wallet",
     "tcc.after_cancel_order",

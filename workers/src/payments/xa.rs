@@ -35,8 +35,10 @@ use super::{wallet_failure, PayError, Payments, Step};
 use crate::statuses::{AbortReason, OrderStatus, TxState};
 use crate::wallet::xa::PrepareOutcome;
 
-/// Pays `tx` (already logged as `started`).
+/// Pays `tx`: logs it `started` (through the log's own connections:
+/// an XA branch cannot share its session), then prepares both branches.
 pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
+    log::begin(p.log_db(), tx, None).await?;
     fail::fail_point!("xa.after_begin", |_| Err(PayError::Injected(
         "xa.after_begin"
     )));

@@ -109,23 +109,18 @@ pub async fn apply(
             return Ok(false);
         }
     }
-    let (balance_after, frozen_after): (i64, i64) =
-        sqlx::query_as("SELECT balance_cents, frozen_cents FROM wallets WHERE user_id = ?")
-            .bind(m.user_id)
-            .fetch_one(&mut *conn)
-            .await?;
+    // The ledger row reads the balances this same transaction just wrote
+    // (the row is locked by the update above), in one round trip.
     sqlx::query(
         "INSERT INTO wallet_ledger \
          (user_id, kind, amount_cents, balance_after, frozen_after, order_id, tx_id) \
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+         SELECT user_id, ?, ?, balance_cents, frozen_cents, ?, ? FROM wallets WHERE user_id = ?",
     )
-    .bind(m.user_id)
     .bind(m.kind)
     .bind(m.amount_cents)
-    .bind(balance_after)
-    .bind(frozen_after)
     .bind(m.order_id)
     .bind(m.tx_id)
+    .bind(m.user_id)
     .execute(&mut *conn)
     .await?;
     Ok(true)

@@ -62,6 +62,7 @@ pub async fn debit(
     let held = Held {
         resource: user_id.to_string(),
         amount_cents,
+        order_id: Some(order_id.to_string()),
     };
     match fence::begin_try(&mut tx, tx_id, BRANCH, &held).await? {
         TryStart::Repeat => return Ok(DebitOutcome::Repeat),

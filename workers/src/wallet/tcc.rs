@@ -40,6 +40,7 @@ pub async fn try_freeze(
     let held = Held {
         resource: user_id.to_string(),
         amount_cents,
+        order_id: Some(order_id.to_string()),
     };
     let outcome = match fence::begin_try(&mut tx, tx_id, BRANCH, &held).await? {
         TryStart::Repeat => TryOutcome::Repeat,
@@ -113,13 +114,18 @@ async fn move_held(
             user_id: 0,
             what: format!("fence of {tx_id} holds {:?}, not a user id", held.resource),
         })?;
-    let order_id: Option<String> =
-        sqlx::query_scalar("SELECT order_id FROM wallet_ledger WHERE tx_id = ? AND kind = ?")
-            .bind(tx_id)
-            .bind(LedgerKind::Freeze)
-            .fetch_optional(&mut *conn)
-            .await?
-            .flatten();
+    let order_id = match &held.order_id {
+        Some(id) => Some(id.clone()),
+        // A fence written before it kept the order: the Try's ledger row has it.
+        None => {
+            sqlx::query_scalar("SELECT order_id FROM wallet_ledger WHERE tx_id = ? AND kind = ?")
+                .bind(tx_id)
+                .bind(LedgerKind::Freeze)
+                .fetch_optional(&mut *conn)
+                .await?
+                .flatten()
+        }
+    };
     let movement = Movement {
         user_id,
         kind,
