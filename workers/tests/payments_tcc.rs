@@ -135,7 +135,7 @@ async fn each_fence_rolls_back_empty_refuses_a_suspended_try_and_ignores_repeats
         EndOutcome::EmptyRollback
     );
     assert_eq!(
-        order_branch::cancel(&c.db, &tx, c.sale).await.unwrap(),
+        order_branch::cancel(&c.db, &tx).await.unwrap(),
         EndOutcome::EmptyRollback
     );
     // ...then the late Try is refused (suspension): nothing held.
@@ -144,9 +144,7 @@ async fn each_fence_rolls_back_empty_refuses_a_suspended_try_and_ignores_repeats
         TryOutcome::Suspended
     );
     assert_eq!(
-        order_branch::hold(&c.db, &tx, 1, &ids[0], c.sale)
-            .await
-            .unwrap(),
+        order_branch::hold(&c.db, &tx, 1, &ids[0]).await.unwrap(),
         order_branch::HoldOutcome::Refused
     );
     assert_eq!(c.balance(1).await, (10_000, 0));
@@ -184,30 +182,26 @@ async fn each_fence_rolls_back_empty_refuses_a_suspended_try_and_ignores_repeats
     );
     // The order's branch the same way.
     let tx = new_tx_id();
-    let held = order_branch::hold(&c.db, &tx, 1, &ids[0], c.sale)
-        .await
-        .unwrap();
+    let held = order_branch::hold(&c.db, &tx, 1, &ids[0]).await.unwrap();
     assert_eq!(held, order_branch::HoldOutcome::Held);
     assert_eq!(c.status(&ids[0]).await, "paying");
-    let again = order_branch::hold(&c.db, &tx, 1, &ids[0], c.sale)
-        .await
-        .unwrap();
+    let again = order_branch::hold(&c.db, &tx, 1, &ids[0]).await.unwrap();
     assert_eq!(again, order_branch::HoldOutcome::Repeat);
     // Another transaction cannot hold the same order.
-    let other = order_branch::hold(&c.db, &new_tx_id(), 1, &ids[0], c.sale)
+    let other = order_branch::hold(&c.db, &new_tx_id(), 1, &ids[0])
         .await
         .unwrap();
     assert_eq!(other, order_branch::HoldOutcome::Refused);
     assert_eq!(
-        order_branch::cancel(&c.db, &tx, c.sale).await.unwrap(),
+        order_branch::cancel(&c.db, &tx).await.unwrap(),
         EndOutcome::Done
     );
     assert_eq!(
-        order_branch::cancel(&c.db, &tx, c.sale).await.unwrap(),
+        order_branch::cancel(&c.db, &tx).await.unwrap(),
         EndOutcome::Repeat
     );
     assert_eq!(
-        order_branch::confirm(&c.db, &tx, c.sale).await.unwrap(),
+        order_branch::confirm(&c.db, &tx).await.unwrap(),
         EndOutcome::Refused
     );
     assert_eq!(c.status(&ids[0]).await, "unpaid");

@@ -150,7 +150,7 @@ pub async fn give_back(p: &Payments, tx: &PayTx, reason: AbortReason) -> Result<
 /// The order back to `unpaid` (a Cancel of its branch) and the log
 /// `aborted`; true when done.
 pub async fn finish_give_back(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
-    if order_branch::cancel(p.db(), &tx.tx_id, tx.sale_id).await? == EndOutcome::Refused {
+    if order_branch::cancel(p.db(), &tx.tx_id).await? == EndOutcome::Refused {
         return Err(PayError::Inconsistent(format!(
             "{}: the order's branch refused to give the order back",
             tx.tx_id

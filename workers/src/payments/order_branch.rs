@@ -4,8 +4,10 @@
 //! before it expires), Confirm marks it paid, Cancel gives it back
 //! (`paying → unpaid`; an expired one is then closed by the closer as
 //! usual). Each step is one local transaction with its fence step
-//! ([`super::fence`]); like every order transition it takes the sale's
-//! row lock (shared) before the order's, the order writer's lock order.
+//! ([`super::fence`]). It locks one order row and no sale row: the order
+//! writer and the closer lock the sale first, then orders, and a step
+//! that waits on nothing after its order row cannot close a cycle with
+//! them (nor queue behind a batch write of the sale).
 //!
 //! XA: [`xa_prepare`] marks the order paid inside a prepared XA branch;
 //! the order row stays locked until phase two, so neither the closer nor
@@ -73,13 +75,11 @@ pub async fn hold(
     tx_id: &str,
     user_id: u64,
     order_id: &str,
-    sale_id: u64,
 ) -> Result<HoldOutcome, BranchError> {
     let tx = Try {
         tx_id,
         user_id,
         order_id,
-        sale_id,
         log: None,
     };
     retry_on_deadlock(|| hold_once(db, &tx)).await
@@ -94,7 +94,6 @@ pub async fn log_and_hold(db: &MySqlPool, tx: &PayTx) -> Result<HoldOutcome, Bra
         tx_id: &tx.tx_id,
         user_id: tx.user_id,
         order_id: &tx.order_id,
-        sale_id: tx.sale_id,
         log: Some(tx),
     };
     let outcome = retry_on_deadlock(|| hold_once(db, &attempt)).await?;
@@ -113,14 +112,12 @@ struct Try<'a> {
     tx_id: &'a str,
     user_id: u64,
     order_id: &'a str,
-    sale_id: u64,
     /// The transaction to log as `started` with the hold, if any.
     log: Option<&'a PayTx>,
 }
 
 async fn hold_once(db: &MySqlPool, t: &Try<'_>) -> Result<HoldOutcome, BranchError> {
     let mut tx = db.begin().await?;
-    lock_sale(&mut tx, t.sale_id).await?;
     if let Some(logged) = t.log {
         log::begin(&mut *tx, logged, None).await?;
     }
@@ -157,8 +154,8 @@ async fn hold_once(db: &MySqlPool, t: &Try<'_>) -> Result<HoldOutcome, BranchErr
 }
 
 /// Confirm: the held order is paid.
-pub async fn confirm(db: &MySqlPool, tx_id: &str, sale_id: u64) -> Result<EndOutcome, BranchError> {
-    retry_on_deadlock(|| end_once(db, tx_id, sale_id, FencePhase::Confirm, false)).await
+pub async fn confirm(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, BranchError> {
+    retry_on_deadlock(|| end_once(db, tx_id, FencePhase::Confirm, false)).await
 }
 
 /// The coordinator's decision to commit (`started → committing` in the
@@ -168,9 +165,8 @@ pub async fn confirm(db: &MySqlPool, tx_id: &str, sale_id: u64) -> Result<EndOut
 pub async fn decide_and_confirm(
     db: &MySqlPool,
     tx_id: &str,
-    sale_id: u64,
 ) -> Result<Option<EndOutcome>, BranchError> {
-    match retry_on_deadlock(|| end_once(db, tx_id, sale_id, FencePhase::Confirm, true)).await {
+    match retry_on_deadlock(|| end_once(db, tx_id, FencePhase::Confirm, true)).await {
         Err(BranchError::NotDecided) => Ok(None),
         other => other.map(Some),
     }
@@ -178,17 +174,15 @@ pub async fn decide_and_confirm(
 
 /// Cancel: the held order is unpaid again (or, with no Try before it, the
 /// Cancel is recorded so a late Try is refused).
-pub async fn cancel(db: &MySqlPool, tx_id: &str, sale_id: u64) -> Result<EndOutcome, BranchError> {
-    retry_on_deadlock(|| end_once(db, tx_id, sale_id, FencePhase::Cancel, false)).await
+pub async fn cancel(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, BranchError> {
+    retry_on_deadlock(|| end_once(db, tx_id, FencePhase::Cancel, false)).await
 }
 
 /// One Confirm or Cancel; with `decide`, first the log's `started →
-/// committing` (its row locked before the sale's: nothing else that
-/// takes the sale's lock touches the log).
+/// committing`.
 async fn end_once(
     db: &MySqlPool,
     tx_id: &str,
-    sale_id: u64,
     phase: FencePhase,
     decide: bool,
 ) -> Result<EndOutcome, BranchError> {
@@ -198,7 +192,6 @@ async fn end_once(
         tx.rollback().await?;
         return Err(BranchError::NotDecided);
     }
-    lock_sale(&mut tx, sale_id).await?;
     let held = match phase {
         FencePhase::Confirm => match fence::begin_confirm(&mut tx, tx_id, BRANCH).await? {
             ConfirmStart::Apply(held) => Some(held),

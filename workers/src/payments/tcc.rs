@@ -52,7 +52,7 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
     if let Some(reason) = refused {
         return abort(p, tx, reason).await;
     }
-    match order_branch::decide_and_confirm(p.db(), &tx.tx_id, tx.sale_id).await? {
+    match order_branch::decide_and_confirm(p.db(), &tx.tx_id).await? {
         Some(EndOutcome::Done | EndOutcome::Repeat) => {}
         Some(other) => return Err(inconsistent(tx, "order Confirm", other)),
         None => {
@@ -77,7 +77,7 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
 /// decision); true once the log says `committed`, false when the wallet
 /// did not answer (the next pass confirms it).
 pub async fn commit(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
-    match order_branch::confirm(p.db(), &tx.tx_id, tx.sale_id).await? {
+    match order_branch::confirm(p.db(), &tx.tx_id).await? {
         EndOutcome::Done | EndOutcome::Repeat => {}
         other => return Err(inconsistent(tx, "order Confirm", other)),
     }
@@ -139,7 +139,7 @@ pub async fn finish_abort(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
     fail::fail_point!("tcc.after_cancel_wallet", |_| {
         Err(PayError::Injected("tcc.after_cancel_wallet"))
     });
-    if order_branch::cancel(p.db(), &tx.tx_id, tx.sale_id).await? == EndOutcome::Refused {
+    if order_branch::cancel(p.db(), &tx.tx_id).await? == EndOutcome::Refused {
         return Err(inconsistent(tx, "order Cancel", EndOutcome::Refused));
     }
     fail::fail_point!("tcc.after_cancel_order", |_| {
