@@ -97,7 +97,14 @@ pub async fn relay_once(
     channel: &Channel,
     queue: &str,
 ) -> Result<usize, RelayError> {
-    let mut tx = db.begin().await?;
+    // Read committed: the scan then locks the rows it takes and no gaps,
+    // so writers appending messages meanwhile (a debit and its message in
+    // one transaction) never wait on the relay, nor deadlock with it.
+    let mut conn = db.acquire().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .execute(&mut *conn)
+        .await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let rows = sqlx::query(
         "SELECT id, message_id, payload FROM outbox WHERE published_at IS NULL \
          ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED",

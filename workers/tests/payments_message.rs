@@ -354,3 +354,53 @@ async fn old_message_records_are_pruned_and_recent_ones_kept() {
     c.assert_audits_clean().await;
     c.finish().await;
 }
+
+/// The relay keeps the rows it publishes locked until the broker has
+/// confirmed them; a debit writing its own message meanwhile must not wait
+/// for the relay (under repeatable read its scan also locked the gap new
+/// messages go into: under load such debits waited, and some deadlocked
+/// with the relay's mark and were refused as a wallet failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debit_never_waits_for_the_relay_publishing_before_it() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Message).await;
+    c.wallet.credit(&[1, 2], 10_000).await;
+    let ids = c.orders(&[1, 2]).await;
+    // Every relay pass now holds its transaction open for 3 s after the
+    // broker's confirms, before it marks what it published. (The pause
+    // blocks the relay's thread: nothing here waits on what that thread
+    // would run next, such as the consumer settling the first order.)
+    fail::cfg("outbox.after_publish", "sleep(3000)").unwrap();
+    let first = c.pay(1, &ids[0]).await;
+    assert!(
+        matches!(first, PayResult::Settling(_) | PayResult::Paid(_)),
+        "{first:?}"
+    );
+    // Woken by that debit, the relay publishes its message (milliseconds)
+    // and sits in its pause, holding the row.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let unpublished = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
+            .fetch_one(&c.wallet.db)
+            .await
+            .unwrap()
+    };
+    assert_eq!(unpublished().await, 1);
+
+    let second = c.pay(2, &ids[1]).await;
+    assert!(
+        matches!(second, PayResult::Settling(_) | PayResult::Paid(_)),
+        "{second:?}"
+    );
+    assert_eq!(
+        unpublished().await,
+        2,
+        "the second debit and its message went in while the relay still held the first"
+    );
+    fail::remove("outbox.after_publish");
+    for id in &ids {
+        assert_eq!(c.wait_status(id, "paid").await, "paid");
+    }
+    c.assert_audits_clean().await;
+    c.finish().await;
+}

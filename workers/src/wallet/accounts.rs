@@ -41,6 +41,19 @@ pub enum WalletError {
     Inconsistent { user_id: u64, what: String },
 }
 
+/// A wallet step InnoDB chose as a deadlock victim rolled back whole:
+/// safe to run again (its fence makes a repeat harmless anyway).
+impl crate::orders::MaybeDeadlock for WalletError {
+    fn is_deadlock(&self) -> bool {
+        match self {
+            WalletError::Db(e) | WalletError::Fence(crate::payments::fence::FenceError::Db(e)) => {
+                e.is_deadlock()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Whether `e` is MySQL refusing a duplicate key (1062): the ledger's
 /// one movement of each kind per transaction, already there.
 pub(crate) fn is_duplicate_key(e: &sqlx::Error) -> bool {

@@ -16,6 +16,8 @@
 use serde::{Deserialize, Serialize};
 use sqlx::MySqlPool;
 
+use crate::orders::retry_on_deadlock;
+
 use super::accounts::{self, Movement, WalletError};
 use crate::outbox;
 use crate::payments::fence::{self, CancelStart, Held, TryStart};
@@ -58,6 +60,16 @@ pub async fn debit(
     order_id: &str,
     amount_cents: i64,
 ) -> Result<DebitOutcome, WalletError> {
+    retry_on_deadlock(|| debit_once(db, tx_id, user_id, order_id, amount_cents)).await
+}
+
+async fn debit_once(
+    db: &MySqlPool,
+    tx_id: &str,
+    user_id: u64,
+    order_id: &str,
+    amount_cents: i64,
+) -> Result<DebitOutcome, WalletError> {
     let mut tx = db.begin().await?;
     let held = Held {
         resource: user_id.to_string(),
@@ -91,6 +103,10 @@ pub async fn debit(
 /// The check-back: what became of `tx_id`'s debit (a cancel is recorded
 /// when there was none).
 pub async fn resolve(db: &MySqlPool, tx_id: &str) -> Result<Resolution, WalletError> {
+    retry_on_deadlock(|| resolve_once(db, tx_id)).await
+}
+
+async fn resolve_once(db: &MySqlPool, tx_id: &str) -> Result<Resolution, WalletError> {
     let mut tx = db.begin().await?;
     let resolution = match fence::begin_cancel(&mut tx, tx_id, BRANCH).await? {
         CancelStart::Empty | CancelStart::Repeat => Resolution::Cancelled,
@@ -111,6 +127,10 @@ pub async fn resolve(db: &MySqlPool, tx_id: &str) -> Result<Resolution, WalletEr
 /// unique (transaction, kind) makes a repeat do nothing. False when there
 /// was nothing to refund (refunded before, or no such debit).
 pub async fn refund(db: &MySqlPool, tx_id: &str) -> Result<bool, WalletError> {
+    retry_on_deadlock(|| refund_once(db, tx_id)).await
+}
+
+async fn refund_once(db: &MySqlPool, tx_id: &str) -> Result<bool, WalletError> {
     let mut tx = db.begin().await?;
     let debit: Option<(u64, i64, Option<String>)> = sqlx::query_as(
         "SELECT user_id, amount_cents, order_id FROM wallet_ledger WHERE tx_id = ? AND kind = ?",

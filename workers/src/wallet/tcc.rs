@@ -7,6 +7,8 @@
 use serde::{Deserialize, Serialize};
 use sqlx::MySqlPool;
 
+use crate::orders::retry_on_deadlock;
+
 use super::accounts::{self, Movement, WalletError};
 use crate::payments::fence::{self, CancelStart, ConfirmStart, EndOutcome, Held, TryStart};
 use crate::statuses::{FencePhase, LedgerKind};
@@ -30,6 +32,16 @@ pub enum TryOutcome {
 
 /// Try: freeze `amount_cents` of `user_id`'s balance for `order_id`.
 pub async fn try_freeze(
+    db: &MySqlPool,
+    tx_id: &str,
+    user_id: u64,
+    order_id: &str,
+    amount_cents: i64,
+) -> Result<TryOutcome, WalletError> {
+    retry_on_deadlock(|| try_freeze_once(db, tx_id, user_id, order_id, amount_cents)).await
+}
+
+async fn try_freeze_once(
     db: &MySqlPool,
     tx_id: &str,
     user_id: u64,
@@ -67,6 +79,10 @@ pub async fn try_freeze(
 
 /// Confirm: the frozen amount is spent on the order.
 pub async fn confirm(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletError> {
+    retry_on_deadlock(|| confirm_once(db, tx_id)).await
+}
+
+async fn confirm_once(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletError> {
     let mut tx = db.begin().await?;
     let outcome = match fence::begin_confirm(&mut tx, tx_id, BRANCH).await? {
         ConfirmStart::Repeat => EndOutcome::Repeat,
@@ -84,6 +100,10 @@ pub async fn confirm(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletEr
 /// Cancel: the frozen amount goes back to the balance (or, with no Try
 /// before it, the Cancel is recorded so a late Try is refused).
 pub async fn cancel(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletError> {
+    retry_on_deadlock(|| cancel_once(db, tx_id)).await
+}
+
+async fn cancel_once(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletError> {
     let mut tx = db.begin().await?;
     let outcome = match fence::begin_cancel(&mut tx, tx_id, BRANCH).await? {
         CancelStart::Empty => EndOutcome::EmptyRollback,
