@@ -291,8 +291,10 @@ impl Payments {
         };
         Ok(match step {
             Step::Committed => PayResult::Paid(now),
-            // TCC confirms the order with its decision: paid for the
-            // buyer, though the wallet's debit is still on its way.
+            // Decided, and the order's branch already ended paid (TCC
+            // confirms it with the decision; XA may commit it before the
+            // wallet's branch): paid for the buyer, though the wallet's
+            // side is still being finished, by recovery if need be.
             Step::Decided if now.status == OrderStatus::Paid => PayResult::Paid(now),
             Step::Decided => PayResult::Settling(now),
             Step::Aborted(AbortReason::InsufficientFunds) => PayResult::InsufficientFunds,
