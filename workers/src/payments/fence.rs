@@ -21,6 +21,13 @@
 //! Concurrent steps of one branch serialize on the row: the first step
 //! inserts it (`INSERT IGNORE`: the loser of a race sees the winner's row
 //! once it commits), every step then reads it `FOR UPDATE`.
+//!
+//! The table is implemented once, as stored procedures
+//! (`migrations/*_fence_procedures.sql`, the same file in both databases),
+//! so that a branch's whole step (fence, business change, commit) is one
+//! procedure call: one round trip where it took five or six. The steps
+//! call them inside the database; the functions here call them for a
+//! caller that runs its own transaction (the message mode).
 
 use serde::{Deserialize, Serialize};
 use sqlx::{MySqlConnection, Row};
@@ -64,10 +71,9 @@ pub enum ConfirmStart {
     /// Apply the held change, then [`finish`] with `Confirm`.
     Apply(Held),
     Repeat,
-    /// No Try to confirm.
-    NotTried,
-    /// Cancelled: the coordinator decided the other way.
-    Cancelled,
+    /// No Try to confirm, or cancelled: the coordinator decided the
+    /// other way.
+    Refused,
 }
 
 /// What a Cancel may do.
@@ -97,6 +103,23 @@ pub enum EndOutcome {
     Refused,
 }
 
+impl EndOutcome {
+    /// A step procedure's `outcome` column (`done`, `empty_rollback`,
+    /// `repeat`, `refused`).
+    pub fn from_procedure(
+        procedure: &'static str,
+        outcome: Option<&str>,
+    ) -> Result<EndOutcome, FenceError> {
+        Ok(match outcome {
+            Some("done") => EndOutcome::Done,
+            Some("empty_rollback") => EndOutcome::EmptyRollback,
+            Some("repeat") => EndOutcome::Repeat,
+            Some("refused") => EndOutcome::Refused,
+            other => return Err(unexpected(procedure, other)),
+        })
+    }
+}
+
 /// Starts a Try of `branch` in `tx_id`, holding `held` (inside the
 /// caller's transaction).
 pub async fn begin_try(
@@ -105,25 +128,19 @@ pub async fn begin_try(
     branch: &str,
     held: &Held,
 ) -> Result<TryStart, FenceError> {
-    let inserted = sqlx::query(
-        "INSERT IGNORE INTO tcc_fences (tx_id, branch, phase, resource, amount_cents, order_id) \
-         VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(tx_id)
-    .bind(branch)
-    .bind(FencePhase::Try)
-    .bind(&held.resource)
-    .bind(held.amount_cents)
-    .bind(&held.order_id)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        return Ok(TryStart::Fresh);
-    }
-    Ok(match locked_phase(conn, tx_id, branch).await? {
-        Some((FencePhase::Cancel, _)) => TryStart::Suspended,
-        _ => TryStart::Repeat,
+    let start: Option<String> = sqlx::query_scalar("CALL fence_try_row(?, ?, ?, ?, ?)")
+        .bind(tx_id)
+        .bind(branch)
+        .bind(&held.resource)
+        .bind(held.amount_cents)
+        .bind(&held.order_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(match start.as_deref() {
+        Some("fresh") => TryStart::Fresh,
+        Some("suspended") => TryStart::Suspended,
+        Some("repeat") => TryStart::Repeat,
+        other => return Err(unexpected("fence_try outcome", other)),
     })
 }
 
@@ -133,11 +150,12 @@ pub async fn begin_confirm(
     tx_id: &str,
     branch: &str,
 ) -> Result<ConfirmStart, FenceError> {
-    Ok(match locked_phase(conn, tx_id, branch).await? {
-        None => ConfirmStart::NotTried,
-        Some((FencePhase::Try, held)) => ConfirmStart::Apply(held),
-        Some((FencePhase::Confirm, _)) => ConfirmStart::Repeat,
-        Some((FencePhase::Cancel, _)) => ConfirmStart::Cancelled,
+    let (start, held) = begin_end(conn, tx_id, branch, FencePhase::Confirm).await?;
+    Ok(match (start.as_str(), held) {
+        ("apply", Some(held)) => ConfirmStart::Apply(held),
+        ("repeat", _) => ConfirmStart::Repeat,
+        ("refused", _) => ConfirmStart::Refused,
+        (other, _) => return Err(unexpected("fence_end outcome", Some(other))),
     })
 }
 
@@ -147,25 +165,13 @@ pub async fn begin_cancel(
     tx_id: &str,
     branch: &str,
 ) -> Result<CancelStart, FenceError> {
-    let inserted = sqlx::query(
-        "INSERT IGNORE INTO tcc_fences (tx_id, branch, phase, empty_rollback) \
-         VALUES (?, ?, ?, 1)",
-    )
-    .bind(tx_id)
-    .bind(branch)
-    .bind(FencePhase::Cancel)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        return Ok(CancelStart::Empty);
-    }
-    Ok(match locked_phase(conn, tx_id, branch).await? {
-        Some((FencePhase::Try, held)) => CancelStart::Undo(held),
-        Some((FencePhase::Confirm, _)) => CancelStart::Confirmed,
-        // The row exists (the insert lost), so `None` cannot happen; a
-        // Cancel of a branch nobody knows is a Cancel already recorded.
-        Some((FencePhase::Cancel, _)) | None => CancelStart::Repeat,
+    let (start, held) = begin_end(conn, tx_id, branch, FencePhase::Cancel).await?;
+    Ok(match (start.as_str(), held) {
+        ("apply", Some(held)) => CancelStart::Undo(held),
+        ("empty_rollback", _) => CancelStart::Empty,
+        ("repeat", _) => CancelStart::Repeat,
+        ("refused", _) => CancelStart::Confirmed,
+        (other, _) => return Err(unexpected("fence_end outcome", Some(other))),
     })
 }
 
@@ -176,10 +182,10 @@ pub async fn finish(
     branch: &str,
     phase: FencePhase,
 ) -> Result<(), FenceError> {
-    sqlx::query("UPDATE tcc_fences SET phase = ? WHERE tx_id = ? AND branch = ?")
-        .bind(phase)
+    sqlx::query("CALL fence_finish(?, ?, ?)")
         .bind(tx_id)
         .bind(branch)
+        .bind(phase)
         .execute(conn)
         .await?;
     Ok(())
@@ -202,27 +208,39 @@ pub async fn open_branches(
     Ok(n)
 }
 
-async fn locked_phase(
+/// `fence_end`'s answer, with what the Try held when there is one.
+async fn begin_end(
     conn: &mut MySqlConnection,
     tx_id: &str,
     branch: &str,
-) -> Result<Option<(FencePhase, Held)>, FenceError> {
-    let row = sqlx::query(
-        "SELECT phase, resource, amount_cents, order_id FROM tcc_fences \
-         WHERE tx_id = ? AND branch = ? FOR UPDATE",
-    )
-    .bind(tx_id)
-    .bind(branch)
-    .fetch_optional(conn)
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    let phase: String = row.try_get("phase")?;
-    Ok(Some((
-        phase.parse()?,
-        Held {
-            resource: row.try_get("resource")?,
-            amount_cents: row.try_get("amount_cents")?,
-            order_id: row.try_get("order_id")?,
-        },
-    )))
+    phase: FencePhase,
+) -> Result<(String, Option<Held>), FenceError> {
+    let row = sqlx::query("CALL fence_end_row(?, ?, ?)")
+        .bind(tx_id)
+        .bind(branch)
+        .bind(phase)
+        .fetch_one(conn)
+        .await?;
+    // By position: sqlx names a row's columns from the prepared
+    // statement, and a prepared CALL announces none.
+    let start: Option<String> = row.try_get(0)?;
+    let resource: Option<String> = row.try_get(1)?;
+    let held = match (resource, row.try_get::<Option<i64>, _>(2)?) {
+        (Some(resource), Some(amount_cents)) => Some(Held {
+            resource,
+            amount_cents,
+            order_id: row.try_get(3)?,
+        }),
+        _ => None,
+    };
+    Ok((start.unwrap_or_default(), held))
+}
+
+/// A procedure answered something this code does not know: the database
+/// runs other migrations than this binary was built with.
+fn unexpected(procedure: &'static str, answer: Option<&str>) -> FenceError {
+    FenceError::Stored(UnknownValue {
+        kind: procedure,
+        value: answer.unwrap_or("NULL").to_string(),
+    })
 }

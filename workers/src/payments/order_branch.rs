@@ -17,11 +17,11 @@
 
 use sqlx::{MySqlConnection, MySqlPool};
 
-use super::fence::{self, CancelStart, ConfirmStart, EndOutcome, FenceError, Held, TryStart};
-use super::log::{self, LogError, PayTx};
+use super::fence::{EndOutcome, FenceError};
+use super::log::{LogError, PayTx};
 use super::xa_branch::{BranchConn, XaError, Xid};
 use crate::orders::{retry_on_deadlock, MaybeDeadlock};
-use crate::statuses::{AbortReason, FencePhase, OrderStatus, TxState};
+use crate::statuses::{AbortReason, FencePhase, OrderStatus};
 
 /// This branch's name in the fence.
 pub const BRANCH: &str = "order";
@@ -82,7 +82,7 @@ pub async fn hold(
         order_id,
         log: None,
     };
-    retry_on_deadlock(|| hold_once(db, &tx)).await
+    retry_on_deadlock(|| try_once(db, &tx)).await
 }
 
 /// Logs `tx` as `started` and holds its order, in one local transaction
@@ -96,15 +96,7 @@ pub async fn log_and_hold(db: &MySqlPool, tx: &PayTx) -> Result<HoldOutcome, Bra
         order_id: &tx.order_id,
         log: Some(tx),
     };
-    let outcome = retry_on_deadlock(|| hold_once(db, &attempt)).await?;
-    if outcome == HoldOutcome::Refused {
-        let ended = PayTx {
-            state: TxState::Aborted,
-            ..tx.clone()
-        };
-        log::begin(db, &ended, Some(AbortReason::OrderNotPayable)).await?;
-    }
-    Ok(outcome)
+    retry_on_deadlock(|| try_once(db, &attempt)).await
 }
 
 /// One Try's arguments.
@@ -116,41 +108,25 @@ struct Try<'a> {
     log: Option<&'a PayTx>,
 }
 
-async fn hold_once(db: &MySqlPool, t: &Try<'_>) -> Result<HoldOutcome, BranchError> {
-    let mut tx = db.begin().await?;
-    if let Some(logged) = t.log {
-        log::begin(&mut *tx, logged, None).await?;
-    }
-    let held = Held {
-        resource: t.order_id.to_string(),
-        amount_cents: 0,
-        order_id: Some(t.order_id.to_string()),
-    };
-    let outcome = match fence::begin_try(&mut tx, t.tx_id, BRANCH, &held).await? {
-        TryStart::Repeat => HoldOutcome::Repeat,
-        TryStart::Suspended => HoldOutcome::Refused,
-        TryStart::Fresh => {
-            let changed = sqlx::query(
-                "UPDATE orders SET status = ? \
-                 WHERE id = ? AND user_id = ? AND status = ? AND expires_at > NOW(3)",
-            )
-            .bind(OrderStatus::Paying)
-            .bind(t.order_id)
-            .bind(t.user_id)
-            .bind(OrderStatus::Unpaid)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if changed != 1 {
-                // Nothing held, not even the fence: a later Cancel is empty.
-                tx.rollback().await?;
-                return Ok(HoldOutcome::Refused);
-            }
-            HoldOutcome::Held
-        }
-    };
-    tx.commit().await?;
-    Ok(outcome)
+/// The `order_try` procedure: fence, hold and log in one local
+/// transaction, one round trip.
+async fn try_once(db: &MySqlPool, t: &Try<'_>) -> Result<HoldOutcome, BranchError> {
+    let outcome: Option<String> = sqlx::query_scalar("CALL order_try(?, ?, ?, ?, ?, ?, ?)")
+        .bind(t.tx_id)
+        .bind(t.user_id)
+        .bind(t.order_id)
+        .bind(t.log.is_some())
+        .bind(t.log.map_or(0, |l| l.amount_cents))
+        .bind(t.log.map(|l| l.mode.as_str()))
+        .bind(AbortReason::OrderNotPayable)
+        .fetch_one(db)
+        .await?;
+    Ok(match outcome.as_deref() {
+        Some("held") => HoldOutcome::Held,
+        Some("repeat") => HoldOutcome::Repeat,
+        Some("refused") => HoldOutcome::Refused,
+        other => return Err(unexpected_outcome("order_try outcome", other)),
+    })
 }
 
 /// Confirm: the held order is paid.
@@ -178,76 +154,48 @@ pub async fn cancel(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, BranchErr
     retry_on_deadlock(|| end_once(db, tx_id, FencePhase::Cancel, false)).await
 }
 
-/// One Confirm or Cancel; with `decide`, first the log's `started →
-/// committing`.
+/// One Confirm or Cancel (the `order_end` procedure); with `decide`,
+/// first the log's `started → committing`.
 async fn end_once(
     db: &MySqlPool,
     tx_id: &str,
     phase: FencePhase,
     decide: bool,
 ) -> Result<EndOutcome, BranchError> {
-    let mut tx = db.begin().await?;
-    if decide && !log::advance(&mut *tx, tx_id, TxState::Started, TxState::Committing, None).await?
-    {
-        tx.rollback().await?;
+    let outcome: Option<String> = sqlx::query_scalar("CALL order_end(?, ?, ?)")
+        .bind(tx_id)
+        .bind(phase)
+        .bind(decide)
+        .fetch_one(db)
+        .await
+        .map_err(|e| inconsistent_order(e, tx_id))?;
+    if outcome.as_deref() == Some("not_decided") {
         return Err(BranchError::NotDecided);
     }
-    let held = match phase {
-        FencePhase::Confirm => match fence::begin_confirm(&mut tx, tx_id, BRANCH).await? {
-            ConfirmStart::Apply(held) => Some(held),
-            ConfirmStart::Repeat => return finish(tx, EndOutcome::Repeat).await,
-            ConfirmStart::NotTried | ConfirmStart::Cancelled => {
-                return finish(tx, EndOutcome::Refused).await
-            }
-        },
-        _ => match fence::begin_cancel(&mut tx, tx_id, BRANCH).await? {
-            CancelStart::Undo(held) => Some(held),
-            CancelStart::Empty => return finish(tx, EndOutcome::EmptyRollback).await,
-            CancelStart::Repeat => return finish(tx, EndOutcome::Repeat).await,
-            CancelStart::Confirmed => return finish(tx, EndOutcome::Refused).await,
-        },
-    };
-    if let Some(held) = held {
-        move_order(&mut tx, &held.resource, phase).await?;
-        fence::finish(&mut tx, tx_id, BRANCH, phase).await?;
-    }
-    finish(tx, EndOutcome::Done).await
+    Ok(EndOutcome::from_procedure(
+        "order_end outcome",
+        outcome.as_deref(),
+    )?)
 }
 
-async fn finish(
-    tx: sqlx::Transaction<'_, sqlx::MySql>,
-    outcome: EndOutcome,
-) -> Result<EndOutcome, BranchError> {
-    tx.commit().await?;
-    Ok(outcome)
+/// The procedures refuse a fence that says `held` over an order row that
+/// is not `paying` with SQLSTATE 45000: that is [`BranchError::Inconsistent`].
+fn inconsistent_order(e: sqlx::Error, tx_id: &str) -> BranchError {
+    const SIGNALLED: &str = "45000";
+    match e.as_database_error() {
+        Some(d) if d.code().as_deref() == Some(SIGNALLED) => BranchError::Inconsistent {
+            order_id: format!("(payment {tx_id})"),
+            what: d.message().to_string(),
+        },
+        _ => BranchError::Db(e),
+    }
 }
 
-/// `paying → paid` (Confirm) or `paying → unpaid` (Cancel).
-async fn move_order(
-    conn: &mut MySqlConnection,
-    order_id: &str,
-    phase: FencePhase,
-) -> Result<(), BranchError> {
-    let (to, paid_at) = match phase {
-        FencePhase::Confirm => (OrderStatus::Paid, "NOW(3)"),
-        _ => (OrderStatus::Unpaid, "NULL"),
-    };
-    let sql =
-        format!("UPDATE orders SET status = ?, paid_at = {paid_at} WHERE id = ? AND status = ?");
-    let changed = sqlx::query(&sql)
-        .bind(to)
-        .bind(order_id)
-        .bind(OrderStatus::Paying)
-        .execute(conn)
-        .await?
-        .rows_affected();
-    if changed != 1 {
-        return Err(BranchError::Inconsistent {
-            order_id: order_id.to_string(),
-            what: format!("held by a payment, but not `paying` when moving it to {to}"),
-        });
-    }
-    Ok(())
+fn unexpected_outcome(kind: &'static str, answer: Option<&str>) -> BranchError {
+    BranchError::Log(LogError::Stored(crate::statuses::UnknownValue {
+        kind,
+        value: answer.unwrap_or("NULL").to_string(),
+    }))
 }
 
 /// XA: the order paid inside a prepared branch named (`tx_id`, `order`),
@@ -286,17 +234,16 @@ pub(crate) async fn confirm_in(
     conn: &mut MySqlConnection,
     tx_id: &str,
 ) -> Result<EndOutcome, BranchError> {
-    Ok(
-        match fence::begin_confirm(&mut *conn, tx_id, BRANCH).await? {
-            ConfirmStart::Apply(held) => {
-                move_order(&mut *conn, &held.resource, FencePhase::Confirm).await?;
-                fence::finish(&mut *conn, tx_id, BRANCH, FencePhase::Confirm).await?;
-                EndOutcome::Done
-            }
-            ConfirmStart::Repeat => EndOutcome::Repeat,
-            ConfirmStart::NotTried | ConfirmStart::Cancelled => EndOutcome::Refused,
-        },
-    )
+    let outcome: Option<String> = sqlx::query_scalar("CALL order_end_in_row(?, ?)")
+        .bind(tx_id)
+        .bind(FencePhase::Confirm)
+        .fetch_one(conn)
+        .await
+        .map_err(|e| inconsistent_order(e, tx_id))?;
+    Ok(EndOutcome::from_procedure(
+        "order_end_in outcome",
+        outcome.as_deref(),
+    )?)
 }
 
 pub(crate) async fn lock_sale(conn: &mut MySqlConnection, sale_id: u64) -> Result<(), sqlx::Error> {

@@ -73,70 +73,27 @@ pub struct Movement<'a> {
     pub tx_id: Option<&'a str>,
 }
 
-impl Movement<'_> {
-    /// (balance change, frozen change) of this movement. A debit takes
-    /// from frozen money when `from_frozen` (TCC), else from the balance.
-    fn deltas(&self, from_frozen: bool) -> (i64, i64) {
-        let x = self.amount_cents;
-        match self.kind {
-            LedgerKind::Credit | LedgerKind::Refund => (x, 0),
-            LedgerKind::Freeze => (-x, x),
-            LedgerKind::Unfreeze => (x, -x),
-            LedgerKind::Debit if from_frozen => (0, -x),
-            LedgerKind::Debit => (-x, 0),
-        }
-    }
-}
-
 /// Applies `m` in `conn`'s transaction; `false` (nothing written) when
 /// the wallet lacks the money. A debit of frozen money is a TCC Confirm.
+/// The movement is the database's `wallet_move` procedure (what each kind
+/// does to the balance and the frozen money, the guard, the ledger row
+/// with the balances after it), which the TCC steps call too: one owner,
+/// one round trip.
 pub async fn apply(
     conn: &mut MySqlConnection,
     m: &Movement<'_>,
     from_frozen: bool,
 ) -> Result<bool, WalletError> {
-    let (balance, frozen) = m.deltas(from_frozen);
-    if m.kind == LedgerKind::Credit || m.kind == LedgerKind::Refund {
-        sqlx::query(
-            "INSERT INTO wallets (user_id, balance_cents) VALUES (?, ?) \
-             ON DUPLICATE KEY UPDATE balance_cents = balance_cents + VALUES(balance_cents)",
-        )
+    let moved: Option<i8> = sqlx::query_scalar("CALL wallet_move_row(?, ?, ?, ?, ?, ?)")
         .bind(m.user_id)
-        .bind(balance)
-        .execute(&mut *conn)
+        .bind(m.kind)
+        .bind(m.amount_cents)
+        .bind(from_frozen)
+        .bind(m.order_id)
+        .bind(m.tx_id)
+        .fetch_one(&mut *conn)
         .await?;
-    } else {
-        let changed = sqlx::query(
-            "UPDATE wallets SET balance_cents = balance_cents + ?, frozen_cents = frozen_cents + ? \
-             WHERE user_id = ? AND balance_cents + ? >= 0 AND frozen_cents + ? >= 0",
-        )
-        .bind(balance)
-        .bind(frozen)
-        .bind(m.user_id)
-        .bind(balance)
-        .bind(frozen)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if changed != 1 {
-            return Ok(false);
-        }
-    }
-    // The ledger row reads the balances this same transaction just wrote
-    // (the row is locked by the update above), in one round trip.
-    sqlx::query(
-        "INSERT INTO wallet_ledger \
-         (user_id, kind, amount_cents, balance_after, frozen_after, order_id, tx_id) \
-         SELECT user_id, ?, ?, balance_cents, frozen_cents, ?, ? FROM wallets WHERE user_id = ?",
-    )
-    .bind(m.kind)
-    .bind(m.amount_cents)
-    .bind(m.order_id)
-    .bind(m.tx_id)
-    .bind(m.user_id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(true)
+    Ok(moved == Some(1))
 }
 
 /// A top-up of `amount_cents` (> 0) for `user_id`, in its own transaction.
@@ -300,29 +257,4 @@ pub async fn figures(db: &MySqlPool, open_after_ms: u64) -> Result<WalletFigures
         prepared_xa: Vec::new(),
         outbox_pending: 0,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn movement(kind: LedgerKind) -> Movement<'static> {
-        Movement {
-            user_id: 1,
-            kind,
-            amount_cents: 5,
-            order_id: None,
-            tx_id: None,
-        }
-    }
-
-    #[test]
-    fn every_movement_keeps_balance_plus_frozen_or_moves_it_in_or_out() {
-        assert_eq!(movement(LedgerKind::Credit).deltas(false), (5, 0));
-        assert_eq!(movement(LedgerKind::Freeze).deltas(false), (-5, 5));
-        assert_eq!(movement(LedgerKind::Unfreeze).deltas(false), (5, -5));
-        assert_eq!(movement(LedgerKind::Debit).deltas(true), (0, -5));
-        assert_eq!(movement(LedgerKind::Debit).deltas(false), (-5, 0));
-        assert_eq!(movement(LedgerKind::Refund).deltas(false), (5, 0));
-    }
 }

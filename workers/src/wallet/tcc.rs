@@ -3,15 +3,18 @@
 //! it back. Each step is one local transaction of the wallet's database
 //! holding the fence step ([`crate::payments::fence`]) and the movement
 //! it allows, so the coordinator may repeat, reorder or lose any call.
+//! Each step is a stored procedure (`migrations/wallet/*_wallet_branch_steps.sql`)
+//! called once: the database runs the step's five or six statements
+//! without a round trip between them.
 
 use serde::{Deserialize, Serialize};
 use sqlx::MySqlPool;
 
 use crate::orders::retry_on_deadlock;
 
-use super::accounts::{self, Movement, WalletError};
-use crate::payments::fence::{self, CancelStart, ConfirmStart, EndOutcome, Held, TryStart};
-use crate::statuses::{FencePhase, LedgerKind};
+use super::accounts::WalletError;
+use crate::payments::fence::EndOutcome;
+use crate::statuses::{FencePhase, UnknownValue};
 
 /// This branch's name in the fence.
 pub const BRANCH: &str = "wallet";
@@ -41,6 +44,8 @@ pub async fn try_freeze(
     retry_on_deadlock(|| try_freeze_once(db, tx_id, user_id, order_id, amount_cents)).await
 }
 
+/// The `wallet_try` procedure: fence and freeze in one local
+/// transaction, one round trip.
 async fn try_freeze_once(
     db: &MySqlPool,
     tx_id: &str,
@@ -48,119 +53,62 @@ async fn try_freeze_once(
     order_id: &str,
     amount_cents: i64,
 ) -> Result<TryOutcome, WalletError> {
-    let mut tx = db.begin().await?;
-    let held = Held {
-        resource: user_id.to_string(),
-        amount_cents,
-        order_id: Some(order_id.to_string()),
-    };
-    let outcome = match fence::begin_try(&mut tx, tx_id, BRANCH, &held).await? {
-        TryStart::Repeat => TryOutcome::Repeat,
-        TryStart::Suspended => TryOutcome::Suspended,
-        TryStart::Fresh => {
-            let freeze = Movement {
-                user_id,
-                kind: LedgerKind::Freeze,
-                amount_cents,
-                order_id: Some(order_id),
-                tx_id: Some(tx_id),
-            };
-            if !accounts::apply(&mut tx, &freeze, false).await? {
-                // Not even the fence row stays: a later Cancel is empty.
-                tx.rollback().await?;
-                return Ok(TryOutcome::InsufficientFunds);
-            }
-            TryOutcome::Frozen
+    let outcome: Option<String> = sqlx::query_scalar("CALL wallet_try(?, ?, ?, ?)")
+        .bind(tx_id)
+        .bind(user_id)
+        .bind(order_id)
+        .bind(amount_cents)
+        .fetch_one(db)
+        .await?;
+    Ok(match outcome.as_deref() {
+        Some("frozen") => TryOutcome::Frozen,
+        Some("repeat") => TryOutcome::Repeat,
+        Some("suspended") => TryOutcome::Suspended,
+        Some("insufficient_funds") => TryOutcome::InsufficientFunds,
+        other => {
+            return Err(WalletError::Stored(UnknownValue {
+                kind: "wallet_try outcome",
+                value: other.unwrap_or("NULL").to_string(),
+            }))
         }
-    };
-    tx.commit().await?;
-    Ok(outcome)
+    })
 }
 
 /// Confirm: the frozen amount is spent on the order.
 pub async fn confirm(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletError> {
-    retry_on_deadlock(|| confirm_once(db, tx_id)).await
-}
-
-async fn confirm_once(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletError> {
-    let mut tx = db.begin().await?;
-    let outcome = match fence::begin_confirm(&mut tx, tx_id, BRANCH).await? {
-        ConfirmStart::Repeat => EndOutcome::Repeat,
-        ConfirmStart::NotTried | ConfirmStart::Cancelled => EndOutcome::Refused,
-        ConfirmStart::Apply(held) => {
-            move_held(&mut tx, tx_id, &held, LedgerKind::Debit).await?;
-            fence::finish(&mut tx, tx_id, BRANCH, FencePhase::Confirm).await?;
-            EndOutcome::Done
-        }
-    };
-    tx.commit().await?;
-    Ok(outcome)
+    retry_on_deadlock(|| end_once(db, tx_id, FencePhase::Confirm)).await
 }
 
 /// Cancel: the frozen amount goes back to the balance (or, with no Try
 /// before it, the Cancel is recorded so a late Try is refused).
 pub async fn cancel(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletError> {
-    retry_on_deadlock(|| cancel_once(db, tx_id)).await
+    retry_on_deadlock(|| end_once(db, tx_id, FencePhase::Cancel)).await
 }
 
-async fn cancel_once(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletError> {
-    let mut tx = db.begin().await?;
-    let outcome = match fence::begin_cancel(&mut tx, tx_id, BRANCH).await? {
-        CancelStart::Empty => EndOutcome::EmptyRollback,
-        CancelStart::Repeat => EndOutcome::Repeat,
-        CancelStart::Confirmed => EndOutcome::Refused,
-        CancelStart::Undo(held) => {
-            move_held(&mut tx, tx_id, &held, LedgerKind::Unfreeze).await?;
-            fence::finish(&mut tx, tx_id, BRANCH, FencePhase::Cancel).await?;
-            EndOutcome::Done
-        }
-    };
-    tx.commit().await?;
-    Ok(outcome)
-}
-
-/// Moves what the Try froze (debit or unfreeze), for the order the Try
-/// recorded in its freeze row.
-async fn move_held(
-    conn: &mut sqlx::MySqlConnection,
+/// The `wallet_end` procedure: fence and the movement of what the Try
+/// froze (for the order its fence recorded), one round trip. It refuses a
+/// fence whose frozen money is not there with SQLSTATE 45000: the
+/// database disagrees with its own fence, [`WalletError::Inconsistent`].
+async fn end_once(
+    db: &MySqlPool,
     tx_id: &str,
-    held: &Held,
-    kind: LedgerKind,
-) -> Result<(), WalletError> {
-    let user_id: u64 = held
-        .resource
-        .parse()
-        .map_err(|_| WalletError::Inconsistent {
-            user_id: 0,
-            what: format!("fence of {tx_id} holds {:?}, not a user id", held.resource),
+    phase: FencePhase,
+) -> Result<EndOutcome, WalletError> {
+    const SIGNALLED: &str = "45000";
+    let outcome: Option<String> = sqlx::query_scalar("CALL wallet_end(?, ?)")
+        .bind(tx_id)
+        .bind(phase)
+        .fetch_one(db)
+        .await
+        .map_err(|e| match e.as_database_error() {
+            Some(d) if d.code().as_deref() == Some(SIGNALLED) => WalletError::Inconsistent {
+                user_id: 0,
+                what: format!("{tx_id}: {}", d.message()),
+            },
+            _ => WalletError::Db(e),
         })?;
-    let order_id = match &held.order_id {
-        Some(id) => Some(id.clone()),
-        // A fence written before it kept the order: the Try's ledger row has it.
-        None => {
-            sqlx::query_scalar("SELECT order_id FROM wallet_ledger WHERE tx_id = ? AND kind = ?")
-                .bind(tx_id)
-                .bind(LedgerKind::Freeze)
-                .fetch_optional(&mut *conn)
-                .await?
-                .flatten()
-        }
-    };
-    let movement = Movement {
-        user_id,
-        kind,
-        amount_cents: held.amount_cents,
-        order_id: order_id.as_deref(),
-        tx_id: Some(tx_id),
-    };
-    if !accounts::apply(conn, &movement, true).await? {
-        return Err(WalletError::Inconsistent {
-            user_id,
-            what: format!(
-                "{tx_id}: the frozen {} cents are not there",
-                held.amount_cents
-            ),
-        });
-    }
-    Ok(())
+    Ok(EndOutcome::from_procedure(
+        "wallet_end outcome",
+        outcome.as_deref(),
+    )?)
 }
