@@ -10,12 +10,12 @@
 -- fence row (a later Cancel is empty); with a log it is logged `aborted`
 -- for `p_refused_reason` instead.
 CREATE PROCEDURE order_try(
-    IN p_tx_id CHAR(32), IN p_user_id BIGINT UNSIGNED, IN p_order_id CHAR(36),
-    IN p_log TINYINT, IN p_amount_cents BIGINT, IN p_mode VARCHAR(8),
-    IN p_refused_reason VARCHAR(64))
+    IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_user_id BIGINT UNSIGNED, IN p_order_id CHAR(36) CHARACTER SET ascii,
+    IN p_log TINYINT, IN p_amount_cents BIGINT, IN p_mode VARCHAR(8) CHARACTER SET ascii,
+    IN p_refused_reason VARCHAR(64) CHARACTER SET ascii)
 BEGIN
-    DECLARE v_start VARCHAR(16);
-    DECLARE v_outcome VARCHAR(16);
+    DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
+    DECLARE v_outcome VARCHAR(16) CHARACTER SET ascii;
     DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
     START TRANSACTION;
     IF p_log THEN
@@ -48,12 +48,12 @@ END;
 -- held order, inside the caller's transaction: `done`, `repeat`,
 -- `empty_rollback` or `refused` (see fence_end). The message mode calls it
 -- in its own transaction with the message that settles the payment.
-CREATE PROCEDURE order_end_in(IN p_tx_id CHAR(32), IN p_phase VARCHAR(8), OUT p_outcome VARCHAR(16))
+CREATE PROCEDURE order_end_in(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii, OUT p_outcome VARCHAR(16) CHARACTER SET ascii)
 BEGIN
-    DECLARE v_start VARCHAR(16);
-    DECLARE v_resource VARCHAR(64);
+    DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
+    DECLARE v_resource VARCHAR(64) CHARACTER SET ascii;
     DECLARE v_amount_cents BIGINT;
-    DECLARE v_order_id CHAR(36);
+    DECLARE v_order_id CHAR(36) CHARACTER SET ascii;
     CALL fence_end(p_tx_id, 'order', p_phase, v_start, v_resource, v_amount_cents, v_order_id);
     IF v_start = 'apply' THEN
         UPDATE orders
@@ -73,9 +73,9 @@ END;
 -- Confirm or Cancel as a step of its own; with `p_decide`, first the
 -- coordinator's decision `started → committing`, in the same transaction
 -- (`not_decided`, nothing done, when the log had moved on).
-CREATE PROCEDURE order_end(IN p_tx_id CHAR(32), IN p_phase VARCHAR(8), IN p_decide TINYINT)
+CREATE PROCEDURE order_end(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii, IN p_decide TINYINT)
 step: BEGIN
-    DECLARE v_outcome VARCHAR(16);
+    DECLARE v_outcome VARCHAR(16) CHARACTER SET ascii;
     DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
     START TRANSACTION;
     IF p_decide THEN
@@ -93,9 +93,9 @@ step: BEGIN
 END;
 
 -- order_end_in for a client inside its own transaction.
-CREATE PROCEDURE order_end_in_row(IN p_tx_id CHAR(32), IN p_phase VARCHAR(8))
+CREATE PROCEDURE order_end_in_row(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii)
 BEGIN
-    DECLARE v_outcome VARCHAR(16);
+    DECLARE v_outcome VARCHAR(16) CHARACTER SET ascii;
     CALL order_end_in(p_tx_id, p_phase, v_outcome);
     SELECT v_outcome AS outcome;
 END;

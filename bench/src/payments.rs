@@ -65,7 +65,8 @@ struct PayRun {
     errors: u64,
     audit_ok: bool,
     audit_note: String,
-    /// What the database server did per paid order: statements, and CPU
+    /// What the database server did per paid order: statements clients
+    /// sent (round trips: a procedure call counts once), and CPU
     /// time in microseconds (it is what saturates first here).
     db_statements_per_payment: f64,
     db_cpu_us_per_payment: f64,
@@ -440,7 +441,7 @@ fn row(mode: PaymentMode, runs: &[&PayRun], orders: u64) -> Row {
     row.committed = runs.first().map(|r| r.paid);
     for (i, r) in runs.iter().enumerate() {
         row.notes.push(format!(
-            "round {}: {} paid, {:.0} payments/s (all answered in {:.2} s, settled in {:.2} s), answers {:?}; MariaDB per payment: {:.1} statements, {:.0} µs CPU; {}",
+            "round {}: {} paid, {:.0} payments/s (all answered in {:.2} s, settled in {:.2} s), answers {:?}; MariaDB per payment: {:.1} statements sent, {:.0} µs CPU; {}",
             i + 1,
             r.paid,
             rates[i],

@@ -124,7 +124,7 @@ pub fn payments_table(rows: &[Row]) -> Option<String> {
     }
     let mut s = String::new();
     s.push_str(
-        "| mode | payments/s | p50 ms | p99 ms | MariaDB statements / CPU per payment | consistent after an api's kill -9 | audits |\n",
+        "| mode | payments/s | p50 ms | p99 ms | MariaDB statements sent / CPU per payment | consistent after an api's kill -9 | audits |\n",
     );
     s.push_str("|---|---:|---:|---:|---:|---:|---|\n");
     for r in pay {

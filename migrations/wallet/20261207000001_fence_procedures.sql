@@ -8,10 +8,10 @@
 -- Try: `fresh` (this call inserted the row: hold the resource now),
 -- `repeat` (tried or confirmed before) or `suspended` (cancelled first).
 CREATE PROCEDURE fence_try(
-    IN p_tx_id CHAR(32), IN p_branch VARCHAR(16), IN p_resource VARCHAR(64),
-    IN p_amount_cents BIGINT, IN p_order_id CHAR(36), OUT p_start VARCHAR(16))
+    IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_resource VARCHAR(64) CHARACTER SET ascii,
+    IN p_amount_cents BIGINT, IN p_order_id CHAR(36) CHARACTER SET ascii, OUT p_start VARCHAR(16) CHARACTER SET ascii)
 BEGIN
-    DECLARE v_phase VARCHAR(8) DEFAULT NULL;
+    DECLARE v_phase VARCHAR(8) CHARACTER SET ascii DEFAULT NULL;
     INSERT IGNORE INTO tcc_fences (tx_id, branch, phase, resource, amount_cents, order_id)
         VALUES (p_tx_id, p_branch, 'try', p_resource, p_amount_cents, p_order_id);
     IF ROW_COUNT() = 1 THEN
@@ -28,11 +28,11 @@ END;
 -- (a Cancel with no Try before it, recorded) or `refused` (decided the
 -- other way, or a Confirm with no Try).
 CREATE PROCEDURE fence_end(
-    IN p_tx_id CHAR(32), IN p_branch VARCHAR(16), IN p_phase VARCHAR(8),
-    OUT p_start VARCHAR(16), OUT p_resource VARCHAR(64), OUT p_amount_cents BIGINT,
-    OUT p_order_id CHAR(36))
+    IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii,
+    OUT p_start VARCHAR(16) CHARACTER SET ascii, OUT p_resource VARCHAR(64) CHARACTER SET ascii, OUT p_amount_cents BIGINT,
+    OUT p_order_id CHAR(36) CHARACTER SET ascii)
 fence: BEGIN
-    DECLARE v_phase VARCHAR(8) DEFAULT NULL;
+    DECLARE v_phase VARCHAR(8) CHARACTER SET ascii DEFAULT NULL;
     IF p_phase = 'cancel' THEN
         INSERT IGNORE INTO tcc_fences (tx_id, branch, phase, empty_rollback)
             VALUES (p_tx_id, p_branch, 'cancel', 1);
@@ -54,7 +54,7 @@ fence: BEGIN
 END;
 
 -- The phase the branch reached, after `apply`.
-CREATE PROCEDURE fence_finish(IN p_tx_id CHAR(32), IN p_branch VARCHAR(16), IN p_phase VARCHAR(8))
+CREATE PROCEDURE fence_finish(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii)
 BEGIN
     UPDATE tcc_fences SET phase = p_phase WHERE tx_id = p_tx_id AND branch = p_branch;
 END;
@@ -62,20 +62,20 @@ END;
 -- fence_try and fence_end for a client inside its own transaction: the
 -- outcome as a one-row result.
 CREATE PROCEDURE fence_try_row(
-    IN p_tx_id CHAR(32), IN p_branch VARCHAR(16), IN p_resource VARCHAR(64),
-    IN p_amount_cents BIGINT, IN p_order_id CHAR(36))
+    IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_resource VARCHAR(64) CHARACTER SET ascii,
+    IN p_amount_cents BIGINT, IN p_order_id CHAR(36) CHARACTER SET ascii)
 BEGIN
-    DECLARE v_start VARCHAR(16);
+    DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
     CALL fence_try(p_tx_id, p_branch, p_resource, p_amount_cents, p_order_id, v_start);
     SELECT v_start AS start;
 END;
 
-CREATE PROCEDURE fence_end_row(IN p_tx_id CHAR(32), IN p_branch VARCHAR(16), IN p_phase VARCHAR(8))
+CREATE PROCEDURE fence_end_row(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii)
 BEGIN
-    DECLARE v_start VARCHAR(16);
-    DECLARE v_resource VARCHAR(64);
+    DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
+    DECLARE v_resource VARCHAR(64) CHARACTER SET ascii;
     DECLARE v_amount_cents BIGINT;
-    DECLARE v_order_id CHAR(36);
+    DECLARE v_order_id CHAR(36) CHARACTER SET ascii;
     CALL fence_end(p_tx_id, p_branch, p_phase, v_start, v_resource, v_amount_cents, v_order_id);
     SELECT v_start AS start, v_resource AS resource, v_amount_cents AS amount_cents,
         v_order_id AS order_id;

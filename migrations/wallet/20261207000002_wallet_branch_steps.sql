@@ -13,8 +13,8 @@
 --   unfreeze        balance + x, frozen - x        (TCC Cancel)
 --   debit           frozen - x when p_from_frozen (TCC Confirm), else balance - x
 CREATE PROCEDURE wallet_move(
-    IN p_user_id BIGINT UNSIGNED, IN p_kind VARCHAR(16), IN p_amount_cents BIGINT,
-    IN p_from_frozen TINYINT, IN p_order_id CHAR(36), IN p_tx_id CHAR(32),
+    IN p_user_id BIGINT UNSIGNED, IN p_kind VARCHAR(16) CHARACTER SET ascii, IN p_amount_cents BIGINT,
+    IN p_from_frozen TINYINT, IN p_order_id CHAR(36) CHARACTER SET ascii, IN p_tx_id CHAR(32) CHARACTER SET ascii,
     OUT p_moved TINYINT)
 BEGIN
     DECLARE v_balance BIGINT;
@@ -51,8 +51,8 @@ END;
 -- wallet_move for a client inside its own transaction (an XA branch, a
 -- message-mode debit, a top-up).
 CREATE PROCEDURE wallet_move_row(
-    IN p_user_id BIGINT UNSIGNED, IN p_kind VARCHAR(16), IN p_amount_cents BIGINT,
-    IN p_from_frozen TINYINT, IN p_order_id CHAR(36), IN p_tx_id CHAR(32))
+    IN p_user_id BIGINT UNSIGNED, IN p_kind VARCHAR(16) CHARACTER SET ascii, IN p_amount_cents BIGINT,
+    IN p_from_frozen TINYINT, IN p_order_id CHAR(36) CHARACTER SET ascii, IN p_tx_id CHAR(32) CHARACTER SET ascii)
 BEGIN
     DECLARE v_moved TINYINT;
     CALL wallet_move(p_user_id, p_kind, p_amount_cents, p_from_frozen, p_order_id, p_tx_id, v_moved);
@@ -63,10 +63,10 @@ END;
 -- `insufficient_funds` (nothing kept, not even the fence row: a later
 -- Cancel is empty).
 CREATE PROCEDURE wallet_try(
-    IN p_tx_id CHAR(32), IN p_user_id BIGINT UNSIGNED, IN p_order_id CHAR(36),
+    IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_user_id BIGINT UNSIGNED, IN p_order_id CHAR(36) CHARACTER SET ascii,
     IN p_amount_cents BIGINT)
 BEGIN
-    DECLARE v_start VARCHAR(16);
+    DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
     DECLARE v_moved TINYINT DEFAULT 0;
     DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
     START TRANSACTION;
@@ -89,12 +89,12 @@ END;
 -- Confirm (the frozen amount is spent: the order's one debit) or Cancel
 -- (it goes back to the balance): `done`, `repeat`, `empty_rollback` or
 -- `refused` (see fence_end).
-CREATE PROCEDURE wallet_end(IN p_tx_id CHAR(32), IN p_phase VARCHAR(8))
+CREATE PROCEDURE wallet_end(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii)
 BEGIN
-    DECLARE v_start VARCHAR(16);
-    DECLARE v_resource VARCHAR(64);
+    DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
+    DECLARE v_resource VARCHAR(64) CHARACTER SET ascii;
     DECLARE v_amount_cents BIGINT;
-    DECLARE v_order_id CHAR(36);
+    DECLARE v_order_id CHAR(36) CHARACTER SET ascii;
     DECLARE v_moved TINYINT DEFAULT 0;
     DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
     START TRANSACTION;

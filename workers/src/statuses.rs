@@ -13,11 +13,14 @@
 //! | [`FencePhase`] | `tcc_fences.phase` (both databases) | `try`, `confirm`, `cancel` |
 //! | [`LedgerKind`] | `wallet_ledger.kind` (the wallet's database) | `credit`, `freeze`, `unfreeze`, `debit`, `refund` |
 //!
-//! SQL never spells these out: the values are bound as parameters
+//! SQL in Rust never spells these out: the values are bound as parameters
 //! (`.bind(OrderStatus::Unpaid)`), so a renamed value cannot leave a stale
-//! literal behind in some query. An unknown stored value (a newer build's,
-//! or a hand-edited row) is an [`UnknownValue`] error, never read as
-//! something else.
+//! literal behind in some query. The stored procedures of the payment
+//! steps (`migrations/*_procedures.sql`, `*_steps.sql`) must, as the
+//! columns' `ENUM`s do; a test checks every word they quote against these
+//! enums and the procedures' own outcomes. An unknown stored value (a
+//! newer build's, or a hand-edited row) is an [`UnknownValue`] error,
+//! never read as something else.
 
 use std::fmt;
 use std::str::FromStr;
@@ -262,6 +265,59 @@ mod tests {
         assert_eq!(OrderStatus::Unpaid.as_str(), "unpaid");
         assert_eq!(CloseReason::Timeout.as_str(), "timeout");
         assert_eq!(FailReason::UnknownSale.as_str(), "unknown_sale");
+    }
+
+    /// A value renamed here, or a typo in a procedure, fails here rather
+    /// than in a payment.
+    #[test]
+    fn every_word_the_procedures_quote_is_a_known_value() {
+        let procedures = [
+            include_str!("../../migrations/20261207000001_fence_procedures.sql"),
+            include_str!("../../migrations/20261207000002_order_branch_steps.sql"),
+            include_str!("../../migrations/wallet/20261207000002_wallet_branch_steps.sql"),
+        ];
+        // What the procedures answer (their own vocabulary, parsed in
+        // `fence`, `order_branch` and `wallet::tcc`) and the branch names.
+        let own = [
+            "fresh",
+            "suspended",
+            "apply",
+            "repeat",
+            "empty_rollback",
+            "refused",
+            "done",
+            "held",
+            "not_decided",
+            "frozen",
+            "insufficient_funds",
+            "order",
+            "wallet",
+        ];
+        let mut known: Vec<String> = own.iter().map(|w| w.to_string()).collect();
+        known.extend(OrderStatus::ALL.iter().map(|v| v.to_string()));
+        known.extend(TxState::ALL.iter().map(|v| v.to_string()));
+        known.extend(FencePhase::ALL.iter().map(|v| v.to_string()));
+        known.extend(LedgerKind::ALL.iter().map(|v| v.to_string()));
+        let mut checked = 0;
+        for sql in procedures {
+            // Comments may hold apostrophes: code only.
+            let code: String = sql
+                .lines()
+                .map(|line| line.split("--").next().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("\n");
+            for quoted in code.split('\'').skip(1).step_by(2) {
+                let is_word = quoted.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+                if is_word {
+                    assert!(
+                        known.iter().any(|k| k == quoted),
+                        "unknown value '{quoted}'"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 30, "only {checked} quoted words found");
     }
 
     #[test]

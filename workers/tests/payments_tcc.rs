@@ -295,3 +295,172 @@ async fn with_the_wallet_down_for_5_s_payments_are_refused_and_nothing_moves() {
     println!("wallet down 5 s: {paid} paid, {refused} refused (503), audits clean");
     c.finish().await;
 }
+
+/// What each kind of movement does to a wallet (the `wallet_move`
+/// procedure): a freeze, unfreeze or debit of frozen money keeps balance
+/// plus frozen or spends it; a movement the wallet cannot afford writes
+/// nothing, not even its ledger row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_movement_moves_the_balances_its_kind_says_and_no_more() {
+    use seckill_workers::statuses::LedgerKind;
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Tcc).await;
+    // (kind, from frozen money, amount, moves, (balance, frozen) after)
+    let steps: &[(LedgerKind, bool, i64, bool, (i64, i64))] = &[
+        (LedgerKind::Credit, false, 100, true, (100, 0)),
+        (LedgerKind::Freeze, false, 30, true, (70, 30)),
+        (LedgerKind::Unfreeze, false, 10, true, (80, 20)),
+        (LedgerKind::Debit, true, 20, true, (80, 0)),
+        (LedgerKind::Debit, false, 50, true, (30, 0)),
+        (LedgerKind::Refund, false, 5, true, (35, 0)),
+        // Not affordable: nothing moves.
+        (LedgerKind::Debit, false, 36, false, (35, 0)),
+        (LedgerKind::Freeze, false, 36, false, (35, 0)),
+        (LedgerKind::Debit, true, 1, false, (35, 0)),
+        (LedgerKind::Unfreeze, false, 1, false, (35, 0)),
+    ];
+    for (i, &(kind, from_frozen, amount_cents, moves, after)) in steps.iter().enumerate() {
+        let tx_id = format!("{i:032x}");
+        let movement = accounts::Movement {
+            user_id: 7,
+            kind,
+            amount_cents,
+            order_id: None,
+            tx_id: Some(&tx_id),
+        };
+        let mut conn = c.wallet.db.acquire().await.unwrap();
+        let moved = accounts::apply(&mut conn, &movement, from_frozen)
+            .await
+            .unwrap();
+        assert_eq!(moved, moves, "step {i}: {kind:?} {amount_cents}");
+        drop(conn);
+        assert_eq!(
+            c.balance(7).await,
+            after,
+            "step {i}: {kind:?} {amount_cents}"
+        );
+    }
+    let ledger = accounts::statement(&c.wallet.db, 7).await.unwrap().ledger;
+    assert_eq!(ledger.len(), 6, "one row per movement that happened");
+    assert_eq!(
+        (ledger[0].balance_after_cents, ledger[0].frozen_after_cents),
+        (35, 0)
+    );
+    c.finish().await;
+}
+
+/// A step the database refuses halfway (a fence that holds money the
+/// wallet does not have) rolls back whole: the fence is still `try`, no
+/// ledger row was written, and the connection is fit for the next step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_refused_halfway_rolls_back_whole() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Tcc).await;
+    c.wallet.credit(&[1], 10_000).await;
+    let tx_id = new_tx_id();
+    let order_id = uuid::Uuid::new_v4().to_string();
+    let frozen = seckill_workers::wallet::tcc::try_freeze(&c.wallet.db, &tx_id, 1, &order_id, 500)
+        .await
+        .unwrap();
+    assert_eq!(frozen, TryOutcome::Frozen);
+    // The frozen money vanishes behind the fence's back.
+    sqlx::query("UPDATE wallets SET frozen_cents = 0, balance_cents = balance_cents + 500 WHERE user_id = 1")
+        .execute(&c.wallet.db)
+        .await
+        .unwrap();
+    let ledger_rows = count(&c.wallet.db, "SELECT COUNT(*) FROM wallet_ledger").await;
+
+    let refused = seckill_workers::wallet::tcc::confirm(&c.wallet.db, &tx_id).await;
+    assert!(
+        matches!(refused, Err(accounts::WalletError::Inconsistent { .. })),
+        "{refused:?}"
+    );
+    let phase: String =
+        sqlx::query_scalar("SELECT CAST(phase AS CHAR) FROM tcc_fences WHERE tx_id = ?")
+            .bind(&tx_id)
+            .fetch_one(&c.wallet.db)
+            .await
+            .unwrap();
+    assert_eq!(phase, "try");
+    assert_eq!(
+        count(&c.wallet.db, "SELECT COUNT(*) FROM wallet_ledger").await,
+        ledger_rows
+    );
+    let open: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.innodb_trx WHERE trx_mysql_thread_id IN \
+         (SELECT id FROM information_schema.processlist WHERE db = DATABASE())",
+    )
+    .fetch_one(&c.wallet.db)
+    .await
+    .unwrap();
+    assert_eq!(open, 0, "no transaction left open on any connection");
+    // Once the money is back where the fence says, its Cancel gives it back.
+    sqlx::query("UPDATE wallets SET frozen_cents = 500, balance_cents = balance_cents - 500 WHERE user_id = 1")
+        .execute(&c.wallet.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        seckill_workers::wallet::tcc::cancel(&c.wallet.db, &tx_id)
+            .await
+            .unwrap(),
+        EndOutcome::Done
+    );
+    assert_eq!(c.balance(1).await, (10_000, 0));
+    c.finish().await;
+}
+
+/// Every step finds its rows by key: a procedure's parameters compared
+/// with a column of another character set would scan (and lock, `FOR
+/// UPDATE`) the whole table instead, which under load is a deadlock per
+/// payment. Checked with the server's own counter of rows read by scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_step_reads_its_rows_by_key_never_by_scan() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Tcc).await;
+    c.wallet.credit(&[1], 10_000).await;
+    let ids = c.orders(&[1]).await;
+    let filler = "INSERT INTO tcc_fences (tx_id, branch, phase) \
+                  SELECT LPAD(HEX(seq), 32, '0'), 'filler', 'try' FROM seq_1_to_2000";
+    for db in [&c.db, &c.wallet.db] {
+        sqlx::query(filler).execute(db).await.unwrap();
+    }
+    let tx_id = new_tx_id();
+    let order_steps = [
+        format!(
+            "CALL order_try('{tx_id}', 1, '{}', 1, {PRICE}, 'tcc', 'order_not_payable')",
+            ids[0]
+        ),
+        format!("CALL order_end('{tx_id}', 'confirm', 1)"),
+    ];
+    let wallet_steps = [
+        format!("CALL wallet_try('{tx_id}', 1, '{}', {PRICE})", ids[0]),
+        format!("CALL wallet_end('{tx_id}', 'confirm')"),
+    ];
+    for (db, steps) in [(&c.db, &order_steps), (&c.wallet.db, &wallet_steps)] {
+        let mut conn = db.acquire().await.unwrap();
+        for step in steps.iter() {
+            let before = rows_scanned(&mut conn).await;
+            let outcome: Option<String> = sqlx::query_scalar(step.as_str())
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            let scanned = rows_scanned(&mut conn).await - before;
+            assert_eq!(
+                scanned, 0,
+                "{step} answered {outcome:?} scanning {scanned} rows"
+            );
+        }
+    }
+    assert_eq!(c.status(&ids[0]).await, "paid");
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    c.finish().await;
+}
+
+async fn rows_scanned(conn: &mut sqlx::MySqlConnection) -> i64 {
+    let (_, n): (String, String) =
+        sqlx::query_as("SHOW SESSION STATUS LIKE 'Handler_read_rnd_next'")
+            .fetch_one(conn)
+            .await
+            .unwrap();
+    n.parse().unwrap()
+}

@@ -244,3 +244,16 @@ fn unexpected(procedure: &'static str, answer: Option<&str>) -> FenceError {
         value: answer.unwrap_or("NULL").to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    /// Both databases run the same fence: one text, two migrations (a
+    /// migrator reads one folder per database).
+    #[test]
+    fn both_databases_get_the_same_fence_procedures() {
+        assert_eq!(
+            include_str!("../../../migrations/20261207000001_fence_procedures.sql"),
+            include_str!("../../../migrations/wallet/20261207000001_fence_procedures.sql"),
+        );
+    }
+}

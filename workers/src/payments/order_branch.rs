@@ -4,7 +4,10 @@
 //! before it expires), Confirm marks it paid, Cancel gives it back
 //! (`paying → unpaid`; an expired one is then closed by the closer as
 //! usual). Each step is one local transaction with its fence step
-//! ([`super::fence`]). It locks one order row and no sale row: the order
+//! ([`super::fence`]), run as one stored procedure call (`order_try`,
+//! `order_end` in `migrations/*_order_branch_steps.sql`): the database
+//! runs the step's statements without a round trip between them. It
+//! locks one order row and no sale row: the order
 //! writer and the closer lock the sale first, then orders, and a step
 //! that waits on nothing after its order row cannot close a cycle with
 //! them (nor queue behind a batch write of the sale).
