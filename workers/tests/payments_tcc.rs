@@ -305,8 +305,9 @@ async fn every_movement_moves_the_balances_its_kind_says_and_no_more() {
     use seckill_workers::statuses::LedgerKind;
     let _serial = fail::FailScenario::setup();
     let c = Ctx::start(10, PaymentMode::Tcc).await;
-    // (kind, from frozen money, amount, moves, (balance, frozen) after)
-    let steps: &[(LedgerKind, bool, i64, bool, (i64, i64))] = &[
+    /// (kind, from frozen money, amount, moves, (balance, frozen) after)
+    type Movement = (LedgerKind, bool, i64, bool, (i64, i64));
+    let steps: &[Movement] = &[
         (LedgerKind::Credit, false, 100, true, (100, 0)),
         (LedgerKind::Freeze, false, 30, true, (70, 30)),
         (LedgerKind::Unfreeze, false, 10, true, (80, 20)),
