@@ -13,6 +13,7 @@ CREATE PROCEDURE order_try(
     IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_user_id BIGINT UNSIGNED, IN p_order_id CHAR(36) CHARACTER SET ascii,
     IN p_log TINYINT, IN p_amount_cents BIGINT, IN p_mode VARCHAR(8) CHARACTER SET ascii,
     IN p_refused_reason VARCHAR(64) CHARACTER SET ascii)
+SQL SECURITY INVOKER
 BEGIN
     DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
     DECLARE v_outcome VARCHAR(16) CHARACTER SET ascii;
@@ -49,6 +50,7 @@ END;
 -- `empty_rollback` or `refused` (see fence_end). The message mode calls it
 -- in its own transaction with the message that settles the payment.
 CREATE PROCEDURE order_end_in(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii, OUT p_outcome VARCHAR(16) CHARACTER SET ascii)
+SQL SECURITY INVOKER
 BEGIN
     DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
     DECLARE v_resource VARCHAR(64) CHARACTER SET ascii;
@@ -74,6 +76,7 @@ END;
 -- coordinator's decision `started → committing`, in the same transaction
 -- (`not_decided`, nothing done, when the log had moved on).
 CREATE PROCEDURE order_end(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii, IN p_decide TINYINT)
+SQL SECURITY INVOKER
 step: BEGIN
     DECLARE v_outcome VARCHAR(16) CHARACTER SET ascii;
     DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
@@ -94,6 +97,7 @@ END;
 
 -- order_end_in for a client inside its own transaction.
 CREATE PROCEDURE order_end_in_row(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii)
+SQL SECURITY INVOKER
 BEGIN
     DECLARE v_outcome VARCHAR(16) CHARACTER SET ascii;
     CALL order_end_in(p_tx_id, p_phase, v_outcome);

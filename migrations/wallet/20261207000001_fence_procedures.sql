@@ -3,13 +3,19 @@
 -- database in one round trip instead of one per statement. The wallet's
 -- database holds the same file (migrations/wallet/); a unit test keeps
 -- the two identical. None of these procedures starts or ends a
--- transaction: they run inside their caller's.
+-- transaction: they run inside their caller's. Every procedure of the
+-- payment steps runs with its caller's privileges (SQL SECURITY INVOKER),
+-- so a database restored under another account keeps working. Text
+-- parameters and variables are ascii, the key columns' character set: a
+-- utf8mb4 value compared with an ascii key cannot use its index, and the
+-- step would scan and lock the whole table (a test counts scanned rows).
 
 -- Try: `fresh` (this call inserted the row: hold the resource now),
 -- `repeat` (tried or confirmed before) or `suspended` (cancelled first).
 CREATE PROCEDURE fence_try(
     IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_resource VARCHAR(64) CHARACTER SET ascii,
     IN p_amount_cents BIGINT, IN p_order_id CHAR(36) CHARACTER SET ascii, OUT p_start VARCHAR(16) CHARACTER SET ascii)
+SQL SECURITY INVOKER
 BEGIN
     DECLARE v_phase VARCHAR(8) CHARACTER SET ascii DEFAULT NULL;
     INSERT IGNORE INTO tcc_fences (tx_id, branch, phase, resource, amount_cents, order_id)
@@ -31,6 +37,7 @@ CREATE PROCEDURE fence_end(
     IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii,
     OUT p_start VARCHAR(16) CHARACTER SET ascii, OUT p_resource VARCHAR(64) CHARACTER SET ascii, OUT p_amount_cents BIGINT,
     OUT p_order_id CHAR(36) CHARACTER SET ascii)
+SQL SECURITY INVOKER
 fence: BEGIN
     DECLARE v_phase VARCHAR(8) CHARACTER SET ascii DEFAULT NULL;
     IF p_phase = 'cancel' THEN
@@ -55,6 +62,7 @@ END;
 
 -- The phase the branch reached, after `apply`.
 CREATE PROCEDURE fence_finish(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii)
+SQL SECURITY INVOKER
 BEGIN
     UPDATE tcc_fences SET phase = p_phase WHERE tx_id = p_tx_id AND branch = p_branch;
 END;
@@ -64,6 +72,7 @@ END;
 CREATE PROCEDURE fence_try_row(
     IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_resource VARCHAR(64) CHARACTER SET ascii,
     IN p_amount_cents BIGINT, IN p_order_id CHAR(36) CHARACTER SET ascii)
+SQL SECURITY INVOKER
 BEGIN
     DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
     CALL fence_try(p_tx_id, p_branch, p_resource, p_amount_cents, p_order_id, v_start);
@@ -71,6 +80,7 @@ BEGIN
 END;
 
 CREATE PROCEDURE fence_end_row(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii)
+SQL SECURITY INVOKER
 BEGIN
     DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
     DECLARE v_resource VARCHAR(64) CHARACTER SET ascii;

@@ -16,6 +16,7 @@ CREATE PROCEDURE wallet_move(
     IN p_user_id BIGINT UNSIGNED, IN p_kind VARCHAR(16) CHARACTER SET ascii, IN p_amount_cents BIGINT,
     IN p_from_frozen TINYINT, IN p_order_id CHAR(36) CHARACTER SET ascii, IN p_tx_id CHAR(32) CHARACTER SET ascii,
     OUT p_moved TINYINT)
+SQL SECURITY INVOKER
 BEGIN
     DECLARE v_balance BIGINT;
     DECLARE v_frozen BIGINT;
@@ -53,6 +54,7 @@ END;
 CREATE PROCEDURE wallet_move_row(
     IN p_user_id BIGINT UNSIGNED, IN p_kind VARCHAR(16) CHARACTER SET ascii, IN p_amount_cents BIGINT,
     IN p_from_frozen TINYINT, IN p_order_id CHAR(36) CHARACTER SET ascii, IN p_tx_id CHAR(32) CHARACTER SET ascii)
+SQL SECURITY INVOKER
 BEGIN
     DECLARE v_moved TINYINT;
     CALL wallet_move(p_user_id, p_kind, p_amount_cents, p_from_frozen, p_order_id, p_tx_id, v_moved);
@@ -65,6 +67,7 @@ END;
 CREATE PROCEDURE wallet_try(
     IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_user_id BIGINT UNSIGNED, IN p_order_id CHAR(36) CHARACTER SET ascii,
     IN p_amount_cents BIGINT)
+SQL SECURITY INVOKER
 BEGIN
     DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
     DECLARE v_moved TINYINT DEFAULT 0;
@@ -90,6 +93,7 @@ END;
 -- (it goes back to the balance): `done`, `repeat`, `empty_rollback` or
 -- `refused` (see fence_end).
 CREATE PROCEDURE wallet_end(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii)
+SQL SECURITY INVOKER
 BEGIN
     DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
     DECLARE v_resource VARCHAR(64) CHARACTER SET ascii;
