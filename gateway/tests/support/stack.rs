@@ -379,6 +379,33 @@ impl Stack {
         n
     }
 
+    /// `kill -9` of the wallet service, then a new one on the same
+    /// configuration, healthy before this returns.
+    pub async fn kill_and_restart_wallet(&mut self) {
+        self.wallet.signal("KILL");
+        assert!(
+            self.wallet
+                .wait_exit(Duration::from_secs(10))
+                .await
+                .is_some(),
+            "the wallet outlived kill -9"
+        );
+        let config = self.config_path.to_str().unwrap().to_string();
+        self.wallet = Process::spawn(
+            &sibling_binary("seckill-wallet"),
+            &["--config", &config],
+            &[("RUST_LOG".to_string(), "warn".to_string())],
+        );
+        assert!(
+            wait_ok(
+                &format!("{}/healthz", self.wallet_url),
+                Duration::from_secs(30)
+            )
+            .await,
+            "the restarted wallet never became healthy"
+        );
+    }
+
     /// Tops `user`'s wallet up with `cents` (the wallet's admin route).
     pub async fn credit(&self, user: u64, cents: i64) {
         let resp = self
