@@ -72,10 +72,7 @@ async fn demo_pays_in(mode: PaymentMode) {
     .unwrap();
     assert_eq!(logged, PAYING as i64);
     if mode == PaymentMode::Message {
-        let consumed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM consumed_messages")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+        let consumed = count(&db, "SELECT COUNT(*) FROM consumed_messages").await;
         assert!(consumed >= PAYING as i64, "{consumed} messages consumed");
     }
     stack.cleanup().await;
@@ -117,6 +114,10 @@ async fn pay(http: reqwest::Client, base: String, token: String, order: String) 
         Ok(r) => r.status().as_u16(),
         Err(_) => 0,
     }
+}
+
+async fn count(db: &sqlx::MySqlPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(db).await.unwrap()
 }
 
 /// How many of `tx_ids`' wallet branches the server holds prepared
@@ -231,12 +232,11 @@ async fn the_wallet_killed_mid_payment_ends_consistent(mode: PaymentMode) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let audit = loop {
         let (ok, audit) = seckillctl(&stack.config_path, &["audit", "--payments"]).await;
-        let open: i64 = sqlx::query_scalar(
+        let open = count(
+            &db,
             "SELECT COUNT(*) FROM pay_transactions WHERE state NOT IN ('committed', 'aborted')",
         )
-        .fetch_one(&db)
-        .await
-        .unwrap();
+        .await;
         if ok && open == 0 {
             break audit;
         }
@@ -246,15 +246,9 @@ async fn the_wallet_killed_mid_payment_ends_consistent(mode: PaymentMode) {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let paying: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE status = 'paying'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let paying = count(&db, "SELECT COUNT(*) FROM orders WHERE status = 'paying'").await;
     assert_eq!(paying, 0, "{mode:?}: {audit}");
-    let paid: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE status = 'paid'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let paid = count(&db, "SELECT COUNT(*) FROM orders WHERE status = 'paid'").await;
     for order in &answered_paid {
         let status: String =
             sqlx::query_scalar("SELECT CAST(status AS CHAR) FROM orders WHERE id = ?")
