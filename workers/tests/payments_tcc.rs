@@ -373,7 +373,7 @@ async fn a_step_refused_halfway_rolls_back_whole() {
 
     let refused = seckill_workers::wallet::tcc::confirm(&c.wallet.db, &tx_id).await;
     assert!(
-        matches!(refused, Err(accounts::WalletError::Inconsistent { .. })),
+        matches!(refused, Err(accounts::WalletError::Inconsistent(_))),
         "{refused:?}"
     );
     let phase: String =

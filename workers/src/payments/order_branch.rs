@@ -20,7 +20,7 @@
 
 use sqlx::{MySqlConnection, MySqlPool};
 
-use super::fence::{EndOutcome, FenceError};
+use super::fence::{self, EndOutcome, FenceError};
 use super::log::{LogError, PayTx};
 use super::xa_branch::{BranchConn, XaError, Xid};
 use crate::orders::{retry_on_deadlock, MaybeDeadlock};
@@ -44,8 +44,8 @@ pub enum BranchError {
     #[error("the transaction is no longer `started`")]
     NotDecided,
     /// The fence says the order is held, the order row says otherwise.
-    #[error("order {order_id}: {what}")]
-    Inconsistent { order_id: String, what: String },
+    #[error("{0}")]
+    Inconsistent(String),
 }
 
 impl MaybeDeadlock for BranchError {
@@ -181,16 +181,12 @@ async fn end_once(
     )?)
 }
 
-/// The procedures refuse a fence that says `held` over an order row that
-/// is not `paying` with SQLSTATE 45000: that is [`BranchError::Inconsistent`].
+/// A fence that says `held` over an order row that is not `paying` is
+/// [`BranchError::Inconsistent`].
 fn inconsistent_order(e: sqlx::Error, tx_id: &str) -> BranchError {
-    const SIGNALLED: &str = "45000";
-    match e.as_database_error() {
-        Some(d) if d.code().as_deref() == Some(SIGNALLED) => BranchError::Inconsistent {
-            order_id: format!("(payment {tx_id})"),
-            what: d.message().to_string(),
-        },
-        _ => BranchError::Db(e),
+    match fence::contradicted(&e, tx_id) {
+        Some(what) => BranchError::Inconsistent(what),
+        None => BranchError::Db(e),
     }
 }
 

@@ -37,8 +37,8 @@ pub enum WalletError {
     /// A movement the fence says is due found the money not there: the
     /// database disagrees with its own fence. Never expected; refused
     /// loudly rather than papered over.
-    #[error("wallet {user_id}: {what}")]
-    Inconsistent { user_id: u64, what: String },
+    #[error("{0}")]
+    Inconsistent(String),
 }
 
 /// A wallet step InnoDB chose as a deadlock victim rolled back whole:

@@ -112,10 +112,9 @@ async fn resolve_once(db: &MySqlPool, tx_id: &str) -> Result<Resolution, WalletE
         CancelStart::Empty | CancelStart::Repeat => Resolution::Cancelled,
         CancelStart::Confirmed => Resolution::Debited,
         CancelStart::Undo(_) => {
-            return Err(WalletError::Inconsistent {
-                user_id: 0,
-                what: format!("{tx_id}: a message-mode debit left half done"),
-            })
+            return Err(WalletError::Inconsistent(format!(
+                "{tx_id}: a message-mode debit left half done"
+            )))
         }
     };
     tx.commit().await?;

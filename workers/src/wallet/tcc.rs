@@ -13,7 +13,7 @@ use sqlx::MySqlPool;
 use crate::orders::retry_on_deadlock;
 
 use super::accounts::WalletError;
-use crate::payments::fence::EndOutcome;
+use crate::payments::fence::{self, EndOutcome};
 use crate::statuses::{FencePhase, UnknownValue};
 
 /// This branch's name in the fence.
@@ -86,26 +86,21 @@ pub async fn cancel(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletErr
 }
 
 /// The `wallet_end` procedure: fence and the movement of what the Try
-/// froze (for the order its fence recorded), one round trip. It refuses a
-/// fence whose frozen money is not there with SQLSTATE 45000: the
-/// database disagrees with its own fence, [`WalletError::Inconsistent`].
+/// froze (for the order its fence recorded), one round trip. A fence whose
+/// frozen money is not there is [`WalletError::Inconsistent`].
 async fn end_once(
     db: &MySqlPool,
     tx_id: &str,
     phase: FencePhase,
 ) -> Result<EndOutcome, WalletError> {
-    const SIGNALLED: &str = "45000";
     let outcome: Option<String> = sqlx::query_scalar("CALL wallet_end(?, ?)")
         .bind(tx_id)
         .bind(phase)
         .fetch_one(db)
         .await
-        .map_err(|e| match e.as_database_error() {
-            Some(d) if d.code().as_deref() == Some(SIGNALLED) => WalletError::Inconsistent {
-                user_id: 0,
-                what: format!("{tx_id}: {}", d.message()),
-            },
-            _ => WalletError::Db(e),
+        .map_err(|e| match fence::contradicted(&e, tx_id) {
+            Some(what) => WalletError::Inconsistent(what),
+            None => WalletError::Db(e),
         })?;
     Ok(EndOutcome::from_procedure(
         "wallet_end outcome",
