@@ -10,9 +10,14 @@
 -- fence row (a later Cancel is empty); with a log it is logged `aborted`
 -- for `p_refused_reason` instead.
 CREATE PROCEDURE order_try(
-    IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_user_id BIGINT UNSIGNED, IN p_order_id CHAR(36) CHARACTER SET ascii,
-    IN p_log TINYINT, IN p_amount_cents BIGINT, IN p_mode VARCHAR(8) CHARACTER SET ascii,
-    IN p_refused_reason VARCHAR(64) CHARACTER SET ascii)
+    IN p_tx_id CHAR(32) CHARACTER SET ascii,
+    IN p_user_id BIGINT UNSIGNED,
+    IN p_order_id CHAR(36) CHARACTER SET ascii,
+    IN p_log TINYINT,
+    IN p_amount_cents BIGINT,
+    IN p_mode VARCHAR(8) CHARACTER SET ascii,
+    IN p_refused_reason VARCHAR(64) CHARACTER SET ascii
+)
 SQL SECURITY INVOKER
 BEGIN
     DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
@@ -35,7 +40,8 @@ BEGIN
     IF v_outcome = 'refused' AND v_start = 'fresh' THEN
         ROLLBACK;
         IF p_log THEN
-            INSERT INTO pay_transactions (tx_id, order_id, user_id, amount_cents, mode, state, reason)
+            INSERT INTO pay_transactions
+                (tx_id, order_id, user_id, amount_cents, mode, state, reason)
                 VALUES (p_tx_id, p_order_id, p_user_id, p_amount_cents, p_mode, 'aborted',
                         p_refused_reason);
         END IF;
@@ -49,7 +55,11 @@ END;
 -- held order, inside the caller's transaction: `done`, `repeat`,
 -- `empty_rollback` or `refused` (see fence_end). The message mode calls it
 -- in its own transaction with the message that settles the payment.
-CREATE PROCEDURE order_end_in(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii, OUT p_outcome VARCHAR(16) CHARACTER SET ascii)
+CREATE PROCEDURE order_end_in(
+    IN p_tx_id CHAR(32) CHARACTER SET ascii,
+    IN p_phase VARCHAR(8) CHARACTER SET ascii,
+    OUT p_outcome VARCHAR(16) CHARACTER SET ascii
+)
 SQL SECURITY INVOKER
 BEGIN
     DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
@@ -63,7 +73,8 @@ BEGIN
                 paid_at = IF(p_phase = 'confirm', NOW(3), NULL)
             WHERE id = v_resource AND status = 'paying';
         IF ROW_COUNT() <> 1 THEN
-            SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'inconsistent: the order is held by a payment, but not paying';
+            SIGNAL SQLSTATE '45000'
+                SET MESSAGE_TEXT = 'inconsistent: the order is held by a payment, but not paying';
         END IF;
         CALL fence_finish(p_tx_id, 'order', p_phase);
         SET p_outcome = 'done';
@@ -75,7 +86,11 @@ END;
 -- Confirm or Cancel as a step of its own; with `p_decide`, first the
 -- coordinator's decision `started → committing`, in the same transaction
 -- (`not_decided`, nothing done, when the log had moved on).
-CREATE PROCEDURE order_end(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii, IN p_decide TINYINT)
+CREATE PROCEDURE order_end(
+    IN p_tx_id CHAR(32) CHARACTER SET ascii,
+    IN p_phase VARCHAR(8) CHARACTER SET ascii,
+    IN p_decide TINYINT
+)
 SQL SECURITY INVOKER
 step: BEGIN
     DECLARE v_outcome VARCHAR(16) CHARACTER SET ascii;
@@ -96,7 +111,10 @@ step: BEGIN
 END;
 
 -- order_end_in for a client inside its own transaction.
-CREATE PROCEDURE order_end_in_row(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii)
+CREATE PROCEDURE order_end_in_row(
+    IN p_tx_id CHAR(32) CHARACTER SET ascii,
+    IN p_phase VARCHAR(8) CHARACTER SET ascii
+)
 SQL SECURITY INVOKER
 BEGIN
     DECLARE v_outcome VARCHAR(16) CHARACTER SET ascii;

@@ -13,8 +13,13 @@
 -- Try: `fresh` (this call inserted the row: hold the resource now),
 -- `repeat` (tried or confirmed before) or `suspended` (cancelled first).
 CREATE PROCEDURE fence_try(
-    IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_resource VARCHAR(64) CHARACTER SET ascii,
-    IN p_amount_cents BIGINT, IN p_order_id CHAR(36) CHARACTER SET ascii, OUT p_start VARCHAR(16) CHARACTER SET ascii)
+    IN p_tx_id CHAR(32) CHARACTER SET ascii,
+    IN p_branch VARCHAR(16) CHARACTER SET ascii,
+    IN p_resource VARCHAR(64) CHARACTER SET ascii,
+    IN p_amount_cents BIGINT,
+    IN p_order_id CHAR(36) CHARACTER SET ascii,
+    OUT p_start VARCHAR(16) CHARACTER SET ascii
+)
 SQL SECURITY INVOKER
 BEGIN
     DECLARE v_phase VARCHAR(8) CHARACTER SET ascii DEFAULT NULL;
@@ -34,9 +39,14 @@ END;
 -- (a Cancel with no Try before it, recorded) or `refused` (decided the
 -- other way, or a Confirm with no Try).
 CREATE PROCEDURE fence_end(
-    IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii,
-    OUT p_start VARCHAR(16) CHARACTER SET ascii, OUT p_resource VARCHAR(64) CHARACTER SET ascii, OUT p_amount_cents BIGINT,
-    OUT p_order_id CHAR(36) CHARACTER SET ascii)
+    IN p_tx_id CHAR(32) CHARACTER SET ascii,
+    IN p_branch VARCHAR(16) CHARACTER SET ascii,
+    IN p_phase VARCHAR(8) CHARACTER SET ascii,
+    OUT p_start VARCHAR(16) CHARACTER SET ascii,
+    OUT p_resource VARCHAR(64) CHARACTER SET ascii,
+    OUT p_amount_cents BIGINT,
+    OUT p_order_id CHAR(36) CHARACTER SET ascii
+)
 SQL SECURITY INVOKER
 fence: BEGIN
     DECLARE v_phase VARCHAR(8) CHARACTER SET ascii DEFAULT NULL;
@@ -61,7 +71,11 @@ fence: BEGIN
 END;
 
 -- The phase the branch reached, after `apply`.
-CREATE PROCEDURE fence_finish(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii)
+CREATE PROCEDURE fence_finish(
+    IN p_tx_id CHAR(32) CHARACTER SET ascii,
+    IN p_branch VARCHAR(16) CHARACTER SET ascii,
+    IN p_phase VARCHAR(8) CHARACTER SET ascii
+)
 SQL SECURITY INVOKER
 BEGIN
     UPDATE tcc_fences SET phase = p_phase WHERE tx_id = p_tx_id AND branch = p_branch;
@@ -70,8 +84,12 @@ END;
 -- fence_try and fence_end for a client inside its own transaction: the
 -- outcome as a one-row result.
 CREATE PROCEDURE fence_try_row(
-    IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_resource VARCHAR(64) CHARACTER SET ascii,
-    IN p_amount_cents BIGINT, IN p_order_id CHAR(36) CHARACTER SET ascii)
+    IN p_tx_id CHAR(32) CHARACTER SET ascii,
+    IN p_branch VARCHAR(16) CHARACTER SET ascii,
+    IN p_resource VARCHAR(64) CHARACTER SET ascii,
+    IN p_amount_cents BIGINT,
+    IN p_order_id CHAR(36) CHARACTER SET ascii
+)
 SQL SECURITY INVOKER
 BEGIN
     DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
@@ -79,7 +97,11 @@ BEGIN
     SELECT v_start AS start;
 END;
 
-CREATE PROCEDURE fence_end_row(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_branch VARCHAR(16) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii)
+CREATE PROCEDURE fence_end_row(
+    IN p_tx_id CHAR(32) CHARACTER SET ascii,
+    IN p_branch VARCHAR(16) CHARACTER SET ascii,
+    IN p_phase VARCHAR(8) CHARACTER SET ascii
+)
 SQL SECURITY INVOKER
 BEGIN
     DECLARE v_start VARCHAR(16) CHARACTER SET ascii;

@@ -13,9 +13,14 @@
 --   unfreeze        balance + x, frozen - x        (TCC Cancel)
 --   debit           frozen - x when p_from_frozen (TCC Confirm), else balance - x
 CREATE PROCEDURE wallet_move(
-    IN p_user_id BIGINT UNSIGNED, IN p_kind VARCHAR(16) CHARACTER SET ascii, IN p_amount_cents BIGINT,
-    IN p_from_frozen TINYINT, IN p_order_id CHAR(36) CHARACTER SET ascii, IN p_tx_id CHAR(32) CHARACTER SET ascii,
-    OUT p_moved TINYINT)
+    IN p_user_id BIGINT UNSIGNED,
+    IN p_kind VARCHAR(16) CHARACTER SET ascii,
+    IN p_amount_cents BIGINT,
+    IN p_from_frozen TINYINT,
+    IN p_order_id CHAR(36) CHARACTER SET ascii,
+    IN p_tx_id CHAR(32) CHARACTER SET ascii,
+    OUT p_moved TINYINT
+)
 SQL SECURITY INVOKER
 BEGIN
     DECLARE v_balance BIGINT;
@@ -52,12 +57,18 @@ END;
 -- wallet_move for a client inside its own transaction (an XA branch, a
 -- message-mode debit, a top-up).
 CREATE PROCEDURE wallet_move_row(
-    IN p_user_id BIGINT UNSIGNED, IN p_kind VARCHAR(16) CHARACTER SET ascii, IN p_amount_cents BIGINT,
-    IN p_from_frozen TINYINT, IN p_order_id CHAR(36) CHARACTER SET ascii, IN p_tx_id CHAR(32) CHARACTER SET ascii)
+    IN p_user_id BIGINT UNSIGNED,
+    IN p_kind VARCHAR(16) CHARACTER SET ascii,
+    IN p_amount_cents BIGINT,
+    IN p_from_frozen TINYINT,
+    IN p_order_id CHAR(36) CHARACTER SET ascii,
+    IN p_tx_id CHAR(32) CHARACTER SET ascii
+)
 SQL SECURITY INVOKER
 BEGIN
     DECLARE v_moved TINYINT;
-    CALL wallet_move(p_user_id, p_kind, p_amount_cents, p_from_frozen, p_order_id, p_tx_id, v_moved);
+    CALL wallet_move(p_user_id, p_kind, p_amount_cents, p_from_frozen, p_order_id, p_tx_id,
+                     v_moved);
     SELECT v_moved AS moved;
 END;
 
@@ -65,8 +76,11 @@ END;
 -- `insufficient_funds` (nothing kept, not even the fence row: a later
 -- Cancel is empty).
 CREATE PROCEDURE wallet_try(
-    IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_user_id BIGINT UNSIGNED, IN p_order_id CHAR(36) CHARACTER SET ascii,
-    IN p_amount_cents BIGINT)
+    IN p_tx_id CHAR(32) CHARACTER SET ascii,
+    IN p_user_id BIGINT UNSIGNED,
+    IN p_order_id CHAR(36) CHARACTER SET ascii,
+    IN p_amount_cents BIGINT
+)
 SQL SECURITY INVOKER
 BEGIN
     DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
@@ -92,7 +106,10 @@ END;
 -- Confirm (the frozen amount is spent: the order's one debit) or Cancel
 -- (it goes back to the balance): `done`, `repeat`, `empty_rollback` or
 -- `refused` (see fence_end).
-CREATE PROCEDURE wallet_end(IN p_tx_id CHAR(32) CHARACTER SET ascii, IN p_phase VARCHAR(8) CHARACTER SET ascii)
+CREATE PROCEDURE wallet_end(
+    IN p_tx_id CHAR(32) CHARACTER SET ascii,
+    IN p_phase VARCHAR(8) CHARACTER SET ascii
+)
 SQL SECURITY INVOKER
 BEGIN
     DECLARE v_start VARCHAR(16) CHARACTER SET ascii;
@@ -115,7 +132,8 @@ BEGIN
         CALL wallet_move(CAST(v_resource AS UNSIGNED), IF(p_phase = 'confirm', 'debit', 'unfreeze'),
                          v_amount_cents, 1, v_order_id, p_tx_id, v_moved);
         IF v_moved <> 1 THEN
-            SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'inconsistent: the frozen amount is not there';
+            SIGNAL SQLSTATE '45000'
+                SET MESSAGE_TEXT = 'inconsistent: the frozen amount is not there';
         END IF;
         CALL fence_finish(p_tx_id, 'wallet', p_phase);
         SET v_start = 'done';
