@@ -38,6 +38,13 @@ const BATCH: i64 = 200;
 /// A consumer's unacked deliveries at once.
 const PREFETCH: u16 = 64;
 
+/// Messages a consumer acts on at once. One at a time, settling was what
+/// limited the message mode (each settlement is a few round trips and a
+/// commit); each one holds a database connection, so this stays well
+/// below a pool's size and payments keep theirs. Acting on messages
+/// out of order is safe: every receiver dedupes and locks what it moves.
+const ACTING_AT_ONCE: usize = 4;
+
 /// How long a session waits before reconnecting to the broker.
 const RECONNECT: Duration = Duration::from_millis(500);
 
@@ -283,29 +290,52 @@ where
             FieldTable::default(),
         )
         .await?;
-    while let Some(delivery) = consumer.next().await {
-        let delivery = delivery?;
-        let handled = handle(delivery.data.clone())
-            .await
-            .map_err(|e| e.to_string());
-        match handled {
-            Ok(()) => {
-                delivery.acker.ack(BasicAckOptions::default()).await?;
+    let mut acting = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            next = consumer.next(), if acting.len() < ACTING_AT_ONCE => {
+                let Some(delivery) = next else { break };
+                acting.push(act_and_ack(handle, queue, delivery?));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, %queue, "payment message not settled; requeued");
-                tokio::time::sleep(RECONNECT).await;
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await?;
-            }
+            Some(done) = acting.next(), if !acting.is_empty() => done?,
         }
     }
+    while let Some(done) = acting.next().await {
+        done?;
+    }
     anyhow::bail!("the broker cancelled the consumer")
+}
+
+/// Acts on one delivery, then acks it; requeues it (after a pause) when
+/// acting failed.
+async fn act_and_ack<H, Fut, E>(
+    handle: &H,
+    queue: &str,
+    delivery: lapin::message::Delivery,
+) -> anyhow::Result<()>
+where
+    H: Fn(Vec<u8>) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    // The error as text at once: it need not be `Send` across the pause.
+    match handle(delivery.data.clone()).await.map_err(|e| e.to_string()) {
+        Ok(()) => {
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, %queue, "payment message not settled; requeued");
+            tokio::time::sleep(RECONNECT).await;
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// A fresh connection and a channel on it, the whole topology declared.
