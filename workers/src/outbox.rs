@@ -319,7 +319,10 @@ where
     E: std::fmt::Display,
 {
     // The error as text at once: it need not be `Send` across the pause.
-    match handle(delivery.data.clone()).await.map_err(|e| e.to_string()) {
+    match handle(delivery.data.clone())
+        .await
+        .map_err(|e| e.to_string())
+    {
         Ok(()) => {
             delivery.acker.ack(BasicAckOptions::default()).await?;
         }
