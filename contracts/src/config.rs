@@ -851,6 +851,14 @@ impl Config {
         self.gateway.jwks.validate()?;
         self.wallet.validate()?;
         self.payment.validate()?;
+        // Groups hold connections while they run: leave some for the rest.
+        let groups = self.payment.group_commits_in_flight;
+        if groups >= self.database.max_connections || groups >= self.wallet.max_connections {
+            return Err(invalid(
+                "payment.group_commits_in_flight",
+                "must be below database.max_connections and wallet.max_connections",
+            ));
+        }
         if self.gateway.bundles.poll_ms == 0 {
             return Err(invalid("gateway.bundles.poll_ms", "must be at least 1"));
         }

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod connections;
 pub mod demo;
 pub mod fleet_report;
+pub mod group_commit;
 pub mod keyring;
 pub mod lock;
 pub mod orders;

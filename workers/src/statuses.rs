@@ -45,7 +45,7 @@ macro_rules! stored_enum {
         }
     ) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub enum $name {
             $( $(#[$vmeta])* $variant, )+
         }
@@ -275,6 +275,8 @@ mod tests {
             include_str!("../../migrations/20261207000001_fence_procedures.sql"),
             include_str!("../../migrations/20261207000002_order_branch_steps.sql"),
             include_str!("../../migrations/wallet/20261207000002_wallet_branch_steps.sql"),
+            include_str!("../../migrations/20261208000001_order_step_groups.sql"),
+            include_str!("../../migrations/wallet/20261208000001_wallet_step_groups.sql"),
         ];
         // What the procedures answer (their own vocabulary, parsed in
         // `fence`, `order_branch` and `wallet::tcc`) and the branch names.

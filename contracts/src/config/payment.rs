@@ -98,6 +98,13 @@ pub struct PaymentConfig {
     /// messages are deleted this long after (a message is acked long
     /// before; the log's state dedupes any later repeat anyway).
     pub message_retention_secs: u64,
+    /// TCC steps of concurrent payments run together, up to this many in
+    /// one local transaction (group commit; 1 runs each alone). The api
+    /// groups the order branch's steps, the wallet its own.
+    pub group_commit_max: u32,
+    /// Groups in the database at once, per api or wallet instance; each
+    /// holds a connection of its pool while it runs.
+    pub group_commits_in_flight: u32,
 }
 
 impl Default for PaymentConfig {
@@ -112,6 +119,8 @@ impl Default for PaymentConfig {
             recovery_interval_ms: 1_000,
             relay_interval_ms: 500,
             message_retention_secs: 86_400,
+            group_commit_max: 32,
+            group_commits_in_flight: 4,
         }
     }
 }
@@ -134,6 +143,11 @@ impl PaymentConfig {
             ("recovery_interval_ms", self.recovery_interval_ms),
             ("relay_interval_ms", self.relay_interval_ms),
             ("message_retention_secs", self.message_retention_secs),
+            ("group_commit_max", u64::from(self.group_commit_max)),
+            (
+                "group_commits_in_flight",
+                u64::from(self.group_commits_in_flight),
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(format!("payment.{key}"), "must be at least 1"));

@@ -236,6 +236,10 @@ async fn begin_end(
     Ok((start.unwrap_or_default(), held))
 }
 
+/// How a procedure's refusal (SQLSTATE 45000) begins: a group of steps
+/// answers an item it refused with the refusal's text.
+pub const CONTRADICTED: &str = "inconsistent: ";
+
 /// The step procedures refuse a fence their own database contradicts
 /// (money or an order held by the fence, not there) with SQLSTATE 45000:
 /// its message, for the caller's `Inconsistent` error. Never expected;

@@ -89,7 +89,7 @@ impl PaymentMessage {
 
 /// Pays `tx`: logs it together with the order's hold.
 pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
-    let held = order_branch::log_and_hold(p.db(), tx).await?;
+    let held = p.order_steps().log_and_hold(tx).await?;
     if held == HoldOutcome::Refused {
         // Logged `aborted`; nothing was held, the wallet never asked.
         return Ok(Step::Aborted(AbortReason::OrderNotPayable));
@@ -150,7 +150,7 @@ pub async fn give_back(p: &Payments, tx: &PayTx, reason: AbortReason) -> Result<
 /// The order back to `unpaid` (a Cancel of its branch) and the log
 /// `aborted`; true when done.
 pub async fn finish_give_back(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
-    if order_branch::cancel(p.db(), &tx.tx_id).await? == EndOutcome::Refused {
+    if p.order_steps().cancel(&tx.tx_id).await? == EndOutcome::Refused {
         return Err(PayError::Inconsistent(format!(
             "{}: the order's branch refused to give the order back",
             tx.tx_id

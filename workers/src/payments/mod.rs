@@ -123,6 +123,8 @@ pub struct Payments {
     keys: KeySchema,
     config: PaymentConfig,
     wallet: WalletClient,
+    /// The order branch's steps, run in groups.
+    order_steps: order_branch::OrderSteps,
     /// Wakes the refund relay (`message` mode) after a settle wrote one.
     refund_wake: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -136,9 +138,14 @@ impl Payments {
         let log_db = sqlx::mysql::MySqlPoolOptions::new()
             .max_connections(config.database.max_connections)
             .connect_lazy_with((*db.connect_options()).clone());
+        let order_steps = order_branch::OrderSteps::start(
+            &db,
+            crate::group_commit::GroupLimits::from_config(&config.payment),
+        );
         Payments {
             db,
             log_db,
+            order_steps,
             keys,
             config: config.payment.clone(),
             wallet: WalletClient::new(config),
@@ -153,6 +160,11 @@ impl Payments {
     /// The pool the coordinator's log is written through.
     pub fn log_db(&self) -> &MySqlPool {
         &self.log_db
+    }
+
+    /// The order branch's TCC steps (grouped with other payments').
+    pub fn order_steps(&self) -> &order_branch::OrderSteps {
+        &self.order_steps
     }
 
     pub fn wallet(&self) -> &WalletClient {

@@ -3,14 +3,15 @@
 //! TCC: Try holds the order (`unpaid → paying`, only the buyer's own, only
 //! before it expires), Confirm marks it paid, Cancel gives it back
 //! (`paying → unpaid`; an expired one is then closed by the closer as
-//! usual). Each step is one local transaction with its fence step
-//! ([`super::fence`]), run as one stored procedure call (`order_try`,
-//! `order_end` in `migrations/*_order_branch_steps.sql`): the database
-//! runs the step's statements without a round trip between them. It
-//! locks one order row and no sale row: the order
-//! writer and the closer lock the sale first, then orders, and a step
-//! that waits on nothing after its order row cannot close a cycle with
-//! them (nor queue behind a batch write of the sale).
+//! usual). Each step is its fence step ([`super::fence`]) and the change
+//! it guards, run by a stored procedure (`order_try_group`,
+//! `order_end_group` in `migrations/*_order_step_groups.sql`) together
+//! with the same step of other payments ([`crate::group_commit`]): the
+//! database runs the steps' statements without a round trip between them
+//! and commits them once. A step locks its order row and no sale row, so
+//! it never queues behind a batch write of the sale. A group holds several
+//! order rows, and the closer (sale first, then its orders) can meet it
+//! in a cycle; InnoDB then rolls one back and the group runs again.
 //!
 //! XA: [`xa_prepare`] marks the order paid inside a prepared XA branch;
 //! the order row stays locked until phase two, so neither the closer nor
@@ -18,11 +19,14 @@
 //! branch may stay prepared for as long as a payment is in doubt, and the
 //! order writer needs the sale row.
 
+use std::sync::Arc;
+
 use sqlx::{MySqlConnection, MySqlPool};
 
 use super::fence::{self, EndOutcome, FenceError};
 use super::log::{LogError, PayTx};
 use super::xa_branch::{BranchConn, XaError, Xid};
+use crate::group_commit::{self, GroupCommit, GroupLimits, RunGroup};
 use crate::orders::{retry_on_deadlock, MaybeDeadlock};
 use crate::statuses::{AbortReason, FencePhase, OrderStatus};
 
@@ -72,6 +76,62 @@ pub enum HoldOutcome {
     Refused,
 }
 
+/// The order branch's TCC steps as the coordinator runs them under load:
+/// each joins a group of the same step of other payments, run as one
+/// local transaction ([`crate::group_commit`]). The free functions below
+/// run a step alone, as a group of one (tools, tests).
+pub struct OrderSteps {
+    tries: GroupCommit<TryItem, HoldOutcome, BranchError>,
+    ends: GroupCommit<EndItem, EndOutcome, BranchError>,
+}
+
+impl OrderSteps {
+    /// Starts the steps' runners on the current runtime.
+    pub fn start(db: &MySqlPool, limits: GroupLimits) -> OrderSteps {
+        OrderSteps {
+            tries: GroupCommit::start(limits, run_tries(db.clone())),
+            ends: GroupCommit::start(limits, run_ends(db.clone())),
+        }
+    }
+
+    /// Logs `tx` as `started` and holds its order, in one local transaction
+    /// (the coordinator's log lives in this database): a logged transaction
+    /// has always held its order, and a refused one is logged `aborted` with
+    /// nothing held anywhere, so nobody has anything to cancel.
+    pub async fn log_and_hold(&self, tx: &PayTx) -> Result<HoldOutcome, BranchError> {
+        self.tries.run(TryItem::logged(tx)).await
+    }
+
+    /// See [`confirm`].
+    pub async fn confirm(&self, tx_id: &str) -> Result<EndOutcome, BranchError> {
+        self.ends
+            .run(EndItem::new(tx_id, FencePhase::Confirm, false))
+            .await
+    }
+
+    /// The coordinator's decision to commit (`started → committing` in the
+    /// log) and the Confirm of the order's branch, in one local transaction;
+    /// `None` (nothing done) when the transaction was no longer `started`:
+    /// recovery decided first.
+    pub async fn decide_and_confirm(&self, tx_id: &str) -> Result<Option<EndOutcome>, BranchError> {
+        match self
+            .ends
+            .run(EndItem::new(tx_id, FencePhase::Confirm, true))
+            .await
+        {
+            Err(BranchError::NotDecided) => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    /// See [`cancel`].
+    pub async fn cancel(&self, tx_id: &str) -> Result<EndOutcome, BranchError> {
+        self.ends
+            .run(EndItem::new(tx_id, FencePhase::Cancel, false))
+            .await
+    }
+}
+
 /// Try: hold `order_id` (the buyer's, unpaid, not expired) for `tx_id`.
 pub async fn hold(
     db: &MySqlPool,
@@ -79,106 +139,136 @@ pub async fn hold(
     user_id: u64,
     order_id: &str,
 ) -> Result<HoldOutcome, BranchError> {
-    let tx = Try {
-        tx_id,
+    let item = TryItem {
+        order_id: order_id.to_string(),
+        tx_id: tx_id.to_string(),
         user_id,
-        order_id,
         log: None,
     };
-    retry_on_deadlock(|| try_once(db, &tx)).await
-}
-
-/// Logs `tx` as `started` and holds its order, in one local transaction
-/// (the coordinator's log lives in this database): a logged transaction
-/// has always held its order, and a refused one is logged `aborted` with
-/// nothing held anywhere, so nobody has anything to cancel.
-pub async fn log_and_hold(db: &MySqlPool, tx: &PayTx) -> Result<HoldOutcome, BranchError> {
-    let attempt = Try {
-        tx_id: &tx.tx_id,
-        user_id: tx.user_id,
-        order_id: &tx.order_id,
-        log: Some(tx),
-    };
-    retry_on_deadlock(|| try_once(db, &attempt)).await
-}
-
-/// One Try's arguments.
-struct Try<'a> {
-    tx_id: &'a str,
-    user_id: u64,
-    order_id: &'a str,
-    /// The transaction to log as `started` with the hold, if any.
-    log: Option<&'a PayTx>,
-}
-
-/// The `order_try` procedure: fence, hold and log in one local
-/// transaction, one round trip.
-async fn try_once(db: &MySqlPool, t: &Try<'_>) -> Result<HoldOutcome, BranchError> {
-    let outcome: Option<String> = sqlx::query_scalar("CALL order_try(?, ?, ?, ?, ?, ?, ?)")
-        .bind(t.tx_id)
-        .bind(t.user_id)
-        .bind(t.order_id)
-        .bind(t.log.is_some())
-        .bind(t.log.map_or(0, |l| l.amount_cents))
-        .bind(t.log.map(|l| l.mode.as_str()))
-        .bind(AbortReason::OrderNotPayable)
-        .fetch_one(db)
-        .await?;
-    Ok(match outcome.as_deref() {
-        Some("held") => HoldOutcome::Held,
-        Some("repeat") => HoldOutcome::Repeat,
-        Some("refused") => HoldOutcome::Refused,
-        other => return Err(unexpected_outcome("order_try outcome", other)),
-    })
+    group_commit::alone(&run_tries(db.clone()), item).await
 }
 
 /// Confirm: the held order is paid.
 pub async fn confirm(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, BranchError> {
-    retry_on_deadlock(|| end_once(db, tx_id, FencePhase::Confirm, false)).await
-}
-
-/// The coordinator's decision to commit (`started → committing` in the
-/// log) and the Confirm of the order's branch, in one local transaction;
-/// `None` (nothing done) when the transaction was no longer `started`:
-/// recovery decided first.
-pub async fn decide_and_confirm(
-    db: &MySqlPool,
-    tx_id: &str,
-) -> Result<Option<EndOutcome>, BranchError> {
-    match retry_on_deadlock(|| end_once(db, tx_id, FencePhase::Confirm, true)).await {
-        Err(BranchError::NotDecided) => Ok(None),
-        other => other.map(Some),
-    }
+    let item = EndItem::new(tx_id, FencePhase::Confirm, false);
+    group_commit::alone(&run_ends(db.clone()), item).await
 }
 
 /// Cancel: the held order is unpaid again (or, with no Try before it, the
 /// Cancel is recorded so a late Try is refused).
 pub async fn cancel(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, BranchError> {
-    retry_on_deadlock(|| end_once(db, tx_id, FencePhase::Cancel, false)).await
+    let item = EndItem::new(tx_id, FencePhase::Cancel, false);
+    group_commit::alone(&run_ends(db.clone()), item).await
 }
 
-/// One Confirm or Cancel (the `order_end` procedure); with `decide`,
-/// first the log's `started → committing`.
-async fn end_once(
-    db: &MySqlPool,
-    tx_id: &str,
+/// One Try of a group. Groups run in this order: by order, the row a Try
+/// locks.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct TryItem {
+    order_id: String,
+    tx_id: String,
+    user_id: u64,
+    /// The transaction's amount and mode, to log it as `started` with
+    /// the hold, if it is to be logged.
+    log: Option<(i64, &'static str)>,
+}
+
+impl TryItem {
+    fn logged(tx: &PayTx) -> TryItem {
+        TryItem {
+            order_id: tx.order_id.clone(),
+            tx_id: tx.tx_id.clone(),
+            user_id: tx.user_id,
+            log: Some((tx.amount_cents, tx.mode.as_str())),
+        }
+    }
+}
+
+/// The `order_try_group` procedure: for each Try, fence, hold and log.
+fn run_tries(db: MySqlPool) -> RunGroup<TryItem, HoldOutcome, BranchError> {
+    Arc::new(move |items: Vec<TryItem>| {
+        let db = db.clone();
+        Box::pin(async move {
+            let args: Vec<serde_json::Value> = items
+                .iter()
+                .map(|t| {
+                    let (amount_cents, mode) = t.log.unzip();
+                    serde_json::json!([
+                        t.tx_id,
+                        t.user_id,
+                        t.order_id,
+                        u8::from(t.log.is_some()),
+                        amount_cents.unwrap_or(0),
+                        mode
+                    ])
+                })
+                .collect();
+            let reason = [AbortReason::OrderNotPayable.as_str()];
+            let outcomes = retry_on_deadlock(|| {
+                group_commit::call_procedure(&db, "CALL order_try_group(?, ?)", &args, &reason)
+            })
+            .await?;
+            Ok(outcomes
+                .into_iter()
+                .map(|o| match o.as_deref() {
+                    Some("held") => Ok(HoldOutcome::Held),
+                    Some("repeat") => Ok(HoldOutcome::Repeat),
+                    Some("refused") => Ok(HoldOutcome::Refused),
+                    other => Err(unexpected_outcome("order_try outcome", other)),
+                })
+                .collect())
+        })
+    })
+}
+
+/// One Confirm or Cancel of a group; with `decide`, first the log's
+/// `started → committing`. Groups run in this order: by transaction, the
+/// fence row an end locks first.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct EndItem {
+    tx_id: String,
     phase: FencePhase,
     decide: bool,
-) -> Result<EndOutcome, BranchError> {
-    let outcome: Option<String> = sqlx::query_scalar("CALL order_end(?, ?, ?)")
-        .bind(tx_id)
-        .bind(phase)
-        .bind(decide)
-        .fetch_one(db)
-        .await
-        .map_err(|e| inconsistent_order(e, tx_id))?;
-    if outcome.as_deref() == Some("not_decided") {
-        return Err(BranchError::NotDecided);
+}
+
+impl EndItem {
+    fn new(tx_id: &str, phase: FencePhase, decide: bool) -> EndItem {
+        EndItem {
+            tx_id: tx_id.to_string(),
+            phase,
+            decide,
+        }
     }
-    Ok(EndOutcome::from_procedure(
-        "order_end outcome",
-        outcome.as_deref(),
-    )?)
+}
+
+/// The `order_end_group` procedure. A fence that says `held` over an
+/// order row that is not `paying` is [`BranchError::Inconsistent`], for
+/// that item alone.
+fn run_ends(db: MySqlPool) -> RunGroup<EndItem, EndOutcome, BranchError> {
+    Arc::new(move |items: Vec<EndItem>| {
+        let db = db.clone();
+        Box::pin(async move {
+            let args: Vec<serde_json::Value> = items
+                .iter()
+                .map(|e| serde_json::json!([e.tx_id, e.phase.as_str(), u8::from(e.decide)]))
+                .collect();
+            let outcomes = retry_on_deadlock(|| {
+                group_commit::call_procedure(&db, "CALL order_end_group(?)", &args, &[])
+            })
+            .await?;
+            Ok(items
+                .iter()
+                .zip(outcomes)
+                .map(|(item, o)| match o.as_deref() {
+                    Some("not_decided") => Err(BranchError::NotDecided),
+                    Some(text) if text.starts_with(fence::CONTRADICTED) => {
+                        Err(BranchError::Inconsistent(format!("{}: {text}", item.tx_id)))
+                    }
+                    other => Ok(EndOutcome::from_procedure("order_end outcome", other)?),
+                })
+                .collect())
+        })
+    })
 }
 
 /// A fence that says `held` over an order row that is not `paying` is

@@ -22,7 +22,7 @@
 
 use super::fence::EndOutcome;
 use super::log::{self, PayTx};
-use super::order_branch::{self, HoldOutcome};
+use super::order_branch::HoldOutcome;
 use super::wallet_client::WalletCallError;
 use super::{wallet_failure, PayError, Payments, Step};
 use crate::statuses::{AbortReason, TxState};
@@ -30,7 +30,7 @@ use crate::wallet::tcc::TryOutcome;
 
 /// Pays `tx`: logs it together with the order's Try.
 pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
-    let held = order_branch::log_and_hold(p.db(), tx).await?;
+    let held = p.order_steps().log_and_hold(tx).await?;
     if held == HoldOutcome::Refused {
         // Logged `aborted`; nothing was held, the wallet never asked.
         return Ok(Step::Aborted(AbortReason::OrderNotPayable));
@@ -52,7 +52,7 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
     if let Some(reason) = refused {
         return abort(p, tx, reason).await;
     }
-    match order_branch::decide_and_confirm(p.db(), &tx.tx_id).await? {
+    match p.order_steps().decide_and_confirm(&tx.tx_id).await? {
         Some(EndOutcome::Done | EndOutcome::Repeat) => {}
         Some(other) => return Err(inconsistent(tx, "order Confirm", other)),
         None => {
@@ -77,7 +77,7 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
 /// decision); true once the log says `committed`, false when the wallet
 /// did not answer (the next pass confirms it).
 pub async fn commit(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
-    match order_branch::confirm(p.db(), &tx.tx_id).await? {
+    match p.order_steps().confirm(&tx.tx_id).await? {
         EndOutcome::Done | EndOutcome::Repeat => {}
         other => return Err(inconsistent(tx, "order Confirm", other)),
     }
@@ -139,7 +139,7 @@ pub async fn finish_abort(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
     fail::fail_point!("tcc.after_cancel_wallet", |_| {
         Err(PayError::Injected("tcc.after_cancel_wallet"))
     });
-    if order_branch::cancel(p.db(), &tx.tx_id).await? == EndOutcome::Refused {
+    if p.order_steps().cancel(&tx.tx_id).await? == EndOutcome::Refused {
         return Err(inconsistent(tx, "order Cancel", EndOutcome::Refused));
     }
     fail::fail_point!("tcc.after_cancel_order", |_| {

@@ -56,6 +56,8 @@ pub async fn migrate(config: &Config) -> Result<(), ConnectError> {
 
 struct Inner {
     db: MySqlPool,
+    /// The TCC branch's steps, run in groups.
+    tcc: tcc::WalletSteps,
     xa: Arc<xa::PreparedBranches>,
     /// Wakes this instance's outbox relay (`message` mode).
     relay_wake: Arc<tokio::sync::Notify>,
@@ -103,6 +105,10 @@ impl WalletState {
             inner: Arc::new(Inner {
                 relay_wake,
                 _messaging: messaging,
+                tcc: tcc::WalletSteps::start(
+                    &db,
+                    crate::group_commit::GroupLimits::from_config(&config.payment),
+                ),
                 db,
                 xa: xa::PreparedBranches::new(std::time::Duration::from_millis(
                     config.wallet.xa_hold_ms,
@@ -116,6 +122,11 @@ impl WalletState {
 
     pub fn db(&self) -> &MySqlPool {
         &self.inner.db
+    }
+
+    /// The TCC branch's steps (grouped with other payments').
+    pub fn tcc(&self) -> &tcc::WalletSteps {
+        &self.inner.tcc
     }
 
     pub(crate) fn wake_relay(&self) {

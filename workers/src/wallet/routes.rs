@@ -23,7 +23,7 @@ use utoipa_axum::routes;
 
 use super::accounts::{self, Wallet, WalletFigures};
 use super::message::{self, DebitOutcome, Resolution};
-use super::tcc::{self, TryOutcome};
+use super::tcc::TryOutcome;
 use super::xa::{self, PrepareOutcome};
 use super::WalletState;
 use crate::api::admin::check_secret;
@@ -151,7 +151,9 @@ async fn tcc_try(
     let ApiJson(r) = body?;
     check_branch_request(&r)?;
     fail::fail_point!("wallet.tcc.before_try", |_| Err(injected()));
-    let outcome = tcc::try_freeze(state.db(), &r.tx_id, r.user_id, &r.order_id, r.amount_cents)
+    let outcome = state
+        .tcc()
+        .try_freeze(&r.tx_id, r.user_id, &r.order_id, r.amount_cents)
         .await
         .map_err(Problem::internal)?;
     fail::fail_point!("wallet.tcc.after_try", |_| Err(injected()));
@@ -304,9 +306,9 @@ async fn end(
         return Err(Problem::bad_request("malformed transaction id"));
     }
     let outcome = if confirm {
-        tcc::confirm(state.db(), &r.tx_id).await
+        state.tcc().confirm(&r.tx_id).await
     } else {
-        tcc::cancel(state.db(), &r.tx_id).await
+        state.tcc().cancel(&r.tx_id).await
     }
     .map_err(Problem::internal)?;
     fail::fail_point!("wallet.tcc.after_end", |_| Err(injected()));

@@ -3,13 +3,18 @@
 //! it back. Each step is one local transaction of the wallet's database
 //! holding the fence step ([`crate::payments::fence`]) and the movement
 //! it allows, so the coordinator may repeat, reorder or lose any call.
-//! Each step is a stored procedure (`migrations/wallet/*_wallet_branch_steps.sql`)
-//! called once: the database runs the step's five or six statements
-//! without a round trip between them.
+//! Each step runs in a stored procedure
+//! (`migrations/wallet/*_wallet_step_groups.sql`) together with the same
+//! step of other payments ([`crate::group_commit`]): the database runs the
+//! steps' statements without a round trip between them and commits them
+//! once.
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sqlx::MySqlPool;
 
+use crate::group_commit::{self, GroupCommit, GroupLimits, RunGroup};
 use crate::orders::retry_on_deadlock;
 
 use super::accounts::WalletError;
@@ -33,6 +38,50 @@ pub enum TryOutcome {
     InsufficientFunds,
 }
 
+/// The wallet branch's TCC steps as the service runs them under load:
+/// each joins a group of the same step of other payments, run as one
+/// local transaction ([`crate::group_commit`]). The free functions below
+/// run a step alone, as a group of one (tools, tests).
+pub struct WalletSteps {
+    tries: GroupCommit<TryItem, TryOutcome, WalletError>,
+    ends: GroupCommit<EndItem, EndOutcome, WalletError>,
+}
+
+impl WalletSteps {
+    /// Starts the steps' runners on the current runtime.
+    pub fn start(db: &MySqlPool, limits: GroupLimits) -> WalletSteps {
+        WalletSteps {
+            tries: GroupCommit::start(limits, run_tries(db.clone())),
+            ends: GroupCommit::start(limits, run_ends(db.clone())),
+        }
+    }
+
+    /// See [`try_freeze`].
+    pub async fn try_freeze(
+        &self,
+        tx_id: &str,
+        user_id: u64,
+        order_id: &str,
+        amount_cents: i64,
+    ) -> Result<TryOutcome, WalletError> {
+        self.tries
+            .run(TryItem::new(tx_id, user_id, order_id, amount_cents))
+            .await
+    }
+
+    /// See [`confirm`].
+    pub async fn confirm(&self, tx_id: &str) -> Result<EndOutcome, WalletError> {
+        self.ends
+            .run(EndItem::new(tx_id, FencePhase::Confirm))
+            .await
+    }
+
+    /// See [`cancel`].
+    pub async fn cancel(&self, tx_id: &str) -> Result<EndOutcome, WalletError> {
+        self.ends.run(EndItem::new(tx_id, FencePhase::Cancel)).await
+    }
+}
+
 /// Try: freeze `amount_cents` of `user_id`'s balance for `order_id`.
 pub async fn try_freeze(
     db: &MySqlPool,
@@ -41,69 +90,127 @@ pub async fn try_freeze(
     order_id: &str,
     amount_cents: i64,
 ) -> Result<TryOutcome, WalletError> {
-    retry_on_deadlock(|| try_freeze_once(db, tx_id, user_id, order_id, amount_cents)).await
-}
-
-/// The `wallet_try` procedure: fence and freeze in one local
-/// transaction, one round trip.
-async fn try_freeze_once(
-    db: &MySqlPool,
-    tx_id: &str,
-    user_id: u64,
-    order_id: &str,
-    amount_cents: i64,
-) -> Result<TryOutcome, WalletError> {
-    let outcome: Option<String> = sqlx::query_scalar("CALL wallet_try(?, ?, ?, ?)")
-        .bind(tx_id)
-        .bind(user_id)
-        .bind(order_id)
-        .bind(amount_cents)
-        .fetch_one(db)
-        .await?;
-    Ok(match outcome.as_deref() {
-        Some("frozen") => TryOutcome::Frozen,
-        Some("repeat") => TryOutcome::Repeat,
-        Some("suspended") => TryOutcome::Suspended,
-        Some("insufficient_funds") => TryOutcome::InsufficientFunds,
-        other => {
-            return Err(WalletError::Stored(UnknownValue {
-                kind: "wallet_try outcome",
-                value: other.unwrap_or("NULL").to_string(),
-            }))
-        }
-    })
+    let item = TryItem::new(tx_id, user_id, order_id, amount_cents);
+    group_commit::alone(&run_tries(db.clone()), item).await
 }
 
 /// Confirm: the frozen amount is spent on the order.
 pub async fn confirm(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletError> {
-    retry_on_deadlock(|| end_once(db, tx_id, FencePhase::Confirm)).await
+    group_commit::alone(
+        &run_ends(db.clone()),
+        EndItem::new(tx_id, FencePhase::Confirm),
+    )
+    .await
 }
 
 /// Cancel: the frozen amount goes back to the balance (or, with no Try
 /// before it, the Cancel is recorded so a late Try is refused).
 pub async fn cancel(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletError> {
-    retry_on_deadlock(|| end_once(db, tx_id, FencePhase::Cancel)).await
+    group_commit::alone(
+        &run_ends(db.clone()),
+        EndItem::new(tx_id, FencePhase::Cancel),
+    )
+    .await
 }
 
-/// The `wallet_end` procedure: fence and the movement of what the Try
-/// froze (for the order its fence recorded), one round trip. A fence whose
-/// frozen money is not there is [`WalletError::Inconsistent`].
-async fn end_once(
-    db: &MySqlPool,
-    tx_id: &str,
+/// One Try of a group. Groups run in this order: by user, the wallet row
+/// a Try locks.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct TryItem {
+    user_id: u64,
+    tx_id: String,
+    order_id: String,
+    amount_cents: i64,
+}
+
+impl TryItem {
+    fn new(tx_id: &str, user_id: u64, order_id: &str, amount_cents: i64) -> TryItem {
+        TryItem {
+            user_id,
+            tx_id: tx_id.to_string(),
+            order_id: order_id.to_string(),
+            amount_cents,
+        }
+    }
+}
+
+/// The `wallet_try_group` procedure: for each Try, fence and freeze.
+fn run_tries(db: MySqlPool) -> RunGroup<TryItem, TryOutcome, WalletError> {
+    Arc::new(move |items: Vec<TryItem>| {
+        let db = db.clone();
+        Box::pin(async move {
+            let args: Vec<serde_json::Value> = items
+                .iter()
+                .map(|t| serde_json::json!([t.tx_id, t.user_id, t.order_id, t.amount_cents]))
+                .collect();
+            let outcomes = retry_on_deadlock(|| {
+                group_commit::call_procedure(&db, "CALL wallet_try_group(?)", &args, &[])
+            })
+            .await?;
+            Ok(outcomes
+                .into_iter()
+                .map(|o| match o.as_deref() {
+                    Some("frozen") => Ok(TryOutcome::Frozen),
+                    Some("repeat") => Ok(TryOutcome::Repeat),
+                    Some("suspended") => Ok(TryOutcome::Suspended),
+                    Some("insufficient_funds") => Ok(TryOutcome::InsufficientFunds),
+                    other => Err(unknown("wallet_try outcome", other)),
+                })
+                .collect())
+        })
+    })
+}
+
+/// One Confirm or Cancel of a group. Groups run in this order: by
+/// transaction, the fence row an end locks first.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct EndItem {
+    tx_id: String,
     phase: FencePhase,
-) -> Result<EndOutcome, WalletError> {
-    let outcome: Option<String> = sqlx::query_scalar("CALL wallet_end(?, ?)")
-        .bind(tx_id)
-        .bind(phase)
-        .fetch_one(db)
-        .await
-        .map_err(|e| match fence::contradicted(&e, tx_id) {
-            Some(what) => WalletError::Inconsistent(what),
-            None => WalletError::Db(e),
-        })?;
-    Ok(EndOutcome::from_procedure(
-        "wallet_end outcome",
-        outcome.as_deref(),
-    )?)
+}
+
+impl EndItem {
+    fn new(tx_id: &str, phase: FencePhase) -> EndItem {
+        EndItem {
+            tx_id: tx_id.to_string(),
+            phase,
+        }
+    }
+}
+
+/// The `wallet_end_group` procedure: for each end, the fence and the
+/// movement of what the Try froze (for the order its fence recorded). A
+/// fence whose frozen money is not there is [`WalletError::Inconsistent`],
+/// for that item alone.
+fn run_ends(db: MySqlPool) -> RunGroup<EndItem, EndOutcome, WalletError> {
+    Arc::new(move |items: Vec<EndItem>| {
+        let db = db.clone();
+        Box::pin(async move {
+            let args: Vec<serde_json::Value> = items
+                .iter()
+                .map(|e| serde_json::json!([e.tx_id, e.phase.as_str()]))
+                .collect();
+            let outcomes = retry_on_deadlock(|| {
+                group_commit::call_procedure(&db, "CALL wallet_end_group(?)", &args, &[])
+            })
+            .await?;
+            Ok(items
+                .iter()
+                .zip(outcomes)
+                .map(|(item, o)| match o.as_deref() {
+                    Some(text) if text.starts_with(fence::CONTRADICTED) => {
+                        Err(WalletError::Inconsistent(format!("{}: {text}", item.tx_id)))
+                    }
+                    other => Ok(EndOutcome::from_procedure("wallet_end outcome", other)?),
+                })
+                .collect())
+        })
+    })
+}
+
+fn unknown(kind: &'static str, answer: Option<&str>) -> WalletError {
+    WalletError::Stored(UnknownValue {
+        kind,
+        value: answer.unwrap_or("NULL").to_string(),
+    })
 }
