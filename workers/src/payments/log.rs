@@ -9,8 +9,12 @@
 //!      └──────▶ aborting ────▶ aborted
 //! ```
 
+use std::sync::Arc;
+
 use sqlx::{MySqlPool, Row};
 
+use crate::group_commit::{GroupCommit, GroupLimits, RunGroup};
+use crate::orders::retry_on_deadlock;
 use crate::statuses::{AbortReason, TxState, UnknownValue};
 use seckill_contracts::config::PaymentMode;
 
@@ -106,6 +110,69 @@ pub async fn advance<'e>(
     .await?
     .rows_affected();
     Ok(changed == 1)
+}
+
+/// A transaction's last move (`committing → committed`, `aborting →
+/// aborted`), run in groups with other payments' ([`crate::group_commit`]):
+/// one `UPDATE` and one commit for all of a group's, since no caller acts
+/// on whether its own call was the one that moved the row.
+pub struct LogEnds(GroupCommit<LogEnd, (), LogError>);
+
+impl LogEnds {
+    /// Starts the runners on the current runtime.
+    pub fn start(db: &MySqlPool, limits: GroupLimits) -> LogEnds {
+        LogEnds(GroupCommit::start(limits, run_ends(db.clone())))
+    }
+
+    /// Moves `tx_id` from `from` to `to`, if it is still at `from`.
+    pub async fn end(&self, tx_id: &str, from: TxState, to: TxState) -> Result<(), LogError> {
+        let item = LogEnd {
+            tx_id: tx_id.to_string(),
+            from,
+            to,
+        };
+        self.0.run(item).await
+    }
+}
+
+/// One last move of a group; by transaction, the row it locks.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct LogEnd {
+    tx_id: String,
+    from: TxState,
+    to: TxState,
+}
+
+/// One guarded `UPDATE` per kind of move in the group (rows in key order).
+fn run_ends(db: MySqlPool) -> RunGroup<LogEnd, (), LogError> {
+    Arc::new(move |items: Vec<LogEnd>| {
+        let db = db.clone();
+        Box::pin(async move {
+            let mut moves: Vec<(TxState, TxState)> = items.iter().map(|e| (e.from, e.to)).collect();
+            moves.sort();
+            moves.dedup();
+            for (from, to) in moves {
+                let ids: Vec<&str> = items
+                    .iter()
+                    .filter(|e| (e.from, e.to) == (from, to))
+                    .map(|e| e.tx_id.as_str())
+                    .collect();
+                let sql = format!(
+                    "UPDATE pay_transactions SET state = ? WHERE state = ? AND tx_id IN ({})",
+                    vec!["?"; ids.len()].join(", ")
+                );
+                retry_on_deadlock(|| {
+                    let mut query = sqlx::query(&sql).bind(to).bind(from);
+                    for id in &ids {
+                        query = query.bind(*id);
+                    }
+                    query.execute(&db)
+                })
+                .await?;
+            }
+            Ok(items.iter().map(|_| Ok(())).collect())
+        })
+    })
 }
 
 const TX_COLUMNS: &str =

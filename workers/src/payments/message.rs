@@ -156,14 +156,7 @@ pub async fn finish_give_back(p: &Payments, tx: &PayTx) -> Result<bool, PayError
             tx.tx_id
         )));
     }
-    log::advance(
-        p.log_db(),
-        &tx.tx_id,
-        TxState::Aborting,
-        TxState::Aborted,
-        None,
-    )
-    .await?;
+    p.end_log(tx, TxState::Aborting, TxState::Aborted).await?;
     Ok(true)
 }
 

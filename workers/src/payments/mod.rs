@@ -125,6 +125,8 @@ pub struct Payments {
     wallet: WalletClient,
     /// The order branch's steps, run in groups.
     order_steps: order_branch::OrderSteps,
+    /// The log's last moves, run in groups (through `log_db`).
+    log_ends: log::LogEnds,
     /// Wakes the refund relay (`message` mode) after a settle wrote one.
     refund_wake: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -138,14 +140,14 @@ impl Payments {
         let log_db = sqlx::mysql::MySqlPoolOptions::new()
             .max_connections(config.database.max_connections)
             .connect_lazy_with((*db.connect_options()).clone());
-        let order_steps = order_branch::OrderSteps::start(
-            &db,
-            crate::group_commit::GroupLimits::from_config(&config.payment),
-        );
+        let groups = crate::group_commit::GroupLimits::from_config(&config.payment);
+        let order_steps = order_branch::OrderSteps::start(&db, groups);
+        let log_ends = log::LogEnds::start(&log_db, groups);
         Payments {
             db,
             log_db,
             order_steps,
+            log_ends,
             keys,
             config: config.payment.clone(),
             wallet: WalletClient::new(config),
@@ -165,6 +167,16 @@ impl Payments {
     /// The order branch's TCC steps (grouped with other payments').
     pub fn order_steps(&self) -> &order_branch::OrderSteps {
         &self.order_steps
+    }
+
+    /// A transaction's last move in the log (`committed`, `aborted`).
+    pub(crate) async fn end_log(
+        &self,
+        tx: &log::PayTx,
+        from: crate::statuses::TxState,
+        to: crate::statuses::TxState,
+    ) -> Result<(), PayError> {
+        Ok(self.log_ends.end(&tx.tx_id, from, to).await?)
     }
 
     pub fn wallet(&self) -> &WalletClient {

@@ -21,7 +21,7 @@
 //! step, where the tests cut the call short as a dying process would.
 
 use super::fence::EndOutcome;
-use super::log::{self, PayTx};
+use super::log::PayTx;
 use super::order_branch::HoldOutcome;
 use super::wallet_client::WalletCallError;
 use super::{wallet_failure, PayError, Payments, Step};
@@ -98,14 +98,8 @@ async fn confirm_wallet(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
     fail::fail_point!("tcc.after_confirm_wallet", |_| {
         Err(PayError::Injected("tcc.after_confirm_wallet"))
     });
-    log::advance(
-        p.log_db(),
-        &tx.tx_id,
-        TxState::Committing,
-        TxState::Committed,
-        None,
-    )
-    .await?;
+    p.end_log(tx, TxState::Committing, TxState::Committed)
+        .await?;
     Ok(true)
 }
 
@@ -148,14 +142,7 @@ pub async fn finish_abort(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
     if !wallet_done {
         return Ok(false);
     }
-    log::advance(
-        p.log_db(),
-        &tx.tx_id,
-        TxState::Aborting,
-        TxState::Aborted,
-        None,
-    )
-    .await?;
+    p.end_log(tx, TxState::Aborting, TxState::Aborted).await?;
     Ok(true)
 }
 

@@ -115,14 +115,8 @@ pub async fn commit(p: &Payments, tx: &PayTx, order: Option<BranchConn>) -> Resu
     if !(wallet_done && order_done) {
         return Ok(false);
     }
-    log::advance(
-        p.log_db(),
-        &tx.tx_id,
-        TxState::Committing,
-        TxState::Committed,
-        None,
-    )
-    .await?;
+    p.end_log(tx, TxState::Committing, TxState::Committed)
+        .await?;
     Ok(true)
 }
 
@@ -176,14 +170,7 @@ pub async fn finish_abort(
     if !(wallet_done && order_done) {
         return Ok(false);
     }
-    log::advance(
-        p.log_db(),
-        &tx.tx_id,
-        TxState::Aborting,
-        TxState::Aborted,
-        None,
-    )
-    .await?;
+    p.end_log(tx, TxState::Aborting, TxState::Aborted).await?;
     Ok(true)
 }
 
