@@ -23,6 +23,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use super::log::{self, PayTx};
 use super::{message, tcc, xa, PayError, Payments};
 use crate::lock::RedisLock;
@@ -50,8 +52,16 @@ pub struct RecoveryReport {
 pub async fn recover_once(p: &Payments, older_than: Duration) -> Result<RecoveryReport, PayError> {
     let ms = u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX);
     let mut report = RecoveryReport::default();
-    for tx in log::stale(p.log_db(), ms, BATCH).await? {
-        match drive(p, &tx).await {
+    // Several at once, so their steps share groups as live payments' do:
+    // after an api dies, its hundreds of payments end in a few groups
+    // rather than one round trip after another.
+    let at_once = p.config().group_commit_max.max(1) as usize;
+    let stale = log::stale(p.log_db(), ms, BATCH).await?;
+    let mut driven = futures::stream::iter(stale)
+        .map(|tx| async move { (drive(p, &tx).await, tx) })
+        .buffer_unordered(at_once);
+    while let Some((outcome, tx)) = driven.next().await {
+        match outcome {
             Ok(Some(TxState::Committed)) => report.committed += 1,
             Ok(Some(_)) => report.aborted += 1,
             Ok(None) => report.left_open += 1,
