@@ -35,7 +35,7 @@
 //! units. A closed order keeps its buyer marker: a buyer has at most one
 //! order per sale whatever its status (SPEC invariant 2).
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionLike;
@@ -45,6 +45,7 @@ use serde::Serialize;
 use sqlx::mysql::MySqlRow;
 use sqlx::{MySqlPool, Row};
 
+use crate::group_commit::{GroupCommit, GroupLimits};
 use crate::statuses::{CloseReason, OrderStatus, UnknownValue};
 
 /// The script that gives a closed order's unit back to Redis.
@@ -156,6 +157,69 @@ pub async fn get_for_user(
         .fetch_optional(db)
         .await?;
     row.as_ref().map(Order::from_row).transpose()
+}
+
+/// [`get_for_user`] for many callers at once: a paying buyer's order is
+/// read before and after the payment, and under a burst those reads share
+/// one `SELECT … WHERE id IN (…)` per group ([`crate::group_commit`]).
+pub struct OrderReads(GroupCommit<OrderOf, Option<Order>, OrderError>);
+
+/// One read: (order id, its buyer).
+type OrderOf = (String, u64);
+
+impl OrderReads {
+    /// Starts the runners on the current runtime.
+    pub fn start(db: &MySqlPool, limits: GroupLimits) -> OrderReads {
+        let db = db.clone();
+        OrderReads(GroupCommit::start(
+            limits,
+            Arc::new(move |items: Vec<OrderOf>| {
+                let db = db.clone();
+                Box::pin(async move { read_many(&db, &items).await })
+            }),
+        ))
+    }
+
+    /// See [`get_for_user`].
+    pub async fn get_for_user(
+        &self,
+        user_id: u64,
+        order_id: &str,
+    ) -> Result<Option<Order>, OrderError> {
+        if !valid_order_id(order_id) {
+            return Ok(None);
+        }
+        self.0.run((order_id.to_string(), user_id)).await
+    }
+}
+
+async fn read_many(
+    db: &MySqlPool,
+    items: &[OrderOf],
+) -> Result<Vec<Result<Option<Order>, OrderError>>, OrderError> {
+    let sql = format!(
+        "SELECT {ORDER_COLUMNS}, user_id FROM orders WHERE id IN ({})",
+        vec!["?"; items.len()].join(", ")
+    );
+    let mut query = sqlx::query(&sql);
+    for (order_id, _) in items {
+        query = query.bind(order_id);
+    }
+    let rows = query.fetch_all(db).await?;
+    let mut found = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let user_id: u64 = row.try_get("user_id")?;
+        found.push((Order::from_row(row)?, user_id));
+    }
+    Ok(items
+        .iter()
+        .map(|(order_id, user_id)| {
+            Ok(found
+                .iter()
+                .find(|(o, owner)| &o.id == order_id && owner == user_id)
+                .map(|(o, _)| o.clone()))
+        })
+        .collect())
 }
 
 /// What a cancel found.

@@ -626,3 +626,44 @@ async fn one_order_group_answers_each_item_as_it_would_alone() {
     assert_eq!(c.status(&ids[1]).await, "unpaid");
     c.finish().await;
 }
+
+/// Grouped order reads answer each buyer only their own order: someone
+/// else's, an unknown id and an SQL-looking one are all `None`, whatever
+/// group they share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_order_reads_answer_each_buyer_only_their_own() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Tcc).await;
+    let ids = c.orders(&[1, 2]).await;
+    let limits = seckill_workers::group_commit::GroupLimits {
+        max_items: 8,
+        in_flight: 1,
+    };
+    let reads = std::sync::Arc::new(seckill_workers::orders::OrderReads::start(&c.db, limits));
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let asks = [
+        (1, ids[0].clone(), true),
+        (1, ids[1].clone(), false),
+        (2, ids[1].clone(), true),
+        (2, ids[0].clone(), false),
+        (1, unknown, false),
+        (1, "x' OR '1'='1".to_string(), false),
+    ];
+    let calls: Vec<_> = asks
+        .iter()
+        .cloned()
+        .map(|(user, id, _)| {
+            let reads = reads.clone();
+            tokio::spawn(async move { reads.get_for_user(user, &id).await })
+        })
+        .collect();
+    for ((user, id, own), call) in asks.iter().zip(calls) {
+        let found = call.await.unwrap().unwrap();
+        assert_eq!(
+            found.as_ref().map(|o| o.id.as_str()),
+            own.then_some(id.as_str()),
+            "user {user} asking for {id}"
+        );
+    }
+    c.finish().await;
+}

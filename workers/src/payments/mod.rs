@@ -127,6 +127,8 @@ pub struct Payments {
     order_steps: order_branch::OrderSteps,
     /// The log's last moves, run in groups (through `log_db`).
     log_ends: log::LogEnds,
+    /// The order read before and after paying, in groups.
+    order_reads: orders::OrderReads,
     /// Wakes the refund relay (`message` mode) after a settle wrote one.
     refund_wake: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -143,7 +145,9 @@ impl Payments {
         let groups = crate::group_commit::GroupLimits::from_config(&config.payment);
         let order_steps = order_branch::OrderSteps::start(&db, groups);
         let log_ends = log::LogEnds::start(&log_db, groups);
+        let order_reads = orders::OrderReads::start(&db, groups);
         Payments {
+            order_reads,
             db,
             log_db,
             order_steps,
@@ -258,7 +262,7 @@ impl Payments {
         user_id: u64,
         order_id: &str,
     ) -> Result<PayResult, PayError> {
-        let Some(order) = orders::get_for_user(&self.db, user_id, order_id).await? else {
+        let Some(order) = self.order_reads.get_for_user(user_id, order_id).await? else {
             return Ok(PayResult::NotFound);
         };
         if let Some(settled) = self.not_payable(redis, &order).await? {
@@ -309,7 +313,7 @@ impl Payments {
         order: &Order,
         step: Step,
     ) -> Result<PayResult, PayError> {
-        let now = orders::get_for_user(&self.db, user_id, &order.id).await?;
+        let now = self.order_reads.get_for_user(user_id, &order.id).await?;
         let Some(now) = now else {
             return Ok(PayResult::NotFound);
         };
