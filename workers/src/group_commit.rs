@@ -53,6 +53,17 @@ pub type RunGroup<I, O, E> = Arc<
         + Sync,
 >;
 
+/// The usual [`RunGroup`]: `step`, an async fn of the pool and the
+/// group's items, run on `db`.
+pub fn on_pool<I, O, E, F, Fut>(db: &MySqlPool, step: F) -> RunGroup<I, O, E>
+where
+    F: Fn(MySqlPool, Vec<I>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<Result<O, E>>, E>> + Send + 'static,
+{
+    let db = db.clone();
+    Arc::new(move |items| Box::pin(step(db.clone(), items)))
+}
+
 struct Job<I, O, E> {
     item: I,
     answer: oneshot::Sender<Result<O, E>>,

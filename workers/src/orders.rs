@@ -35,7 +35,7 @@
 //! units. A closed order keeps its buyer marker: a buyer has at most one
 //! order per sale whatever its status (SPEC invariant 2).
 
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionLike;
@@ -45,7 +45,7 @@ use serde::Serialize;
 use sqlx::mysql::MySqlRow;
 use sqlx::{MySqlPool, Row};
 
-use crate::group_commit::{GroupCommit, GroupLimits};
+use crate::group_commit::{self, GroupCommit, GroupLimits};
 use crate::statuses::{CloseReason, OrderStatus, UnknownValue};
 
 /// The script that gives a closed order's unit back to Redis.
@@ -170,13 +170,9 @@ type OrderOf = (String, u64);
 impl OrderReads {
     /// Starts the runners on the current runtime.
     pub fn start(db: &MySqlPool, limits: GroupLimits) -> OrderReads {
-        let db = db.clone();
         OrderReads(GroupCommit::start(
             limits,
-            Arc::new(move |items: Vec<OrderOf>| {
-                let db = db.clone();
-                Box::pin(async move { read_many(&db, &items).await })
-            }),
+            group_commit::on_pool(db, read_many),
         ))
     }
 
@@ -194,18 +190,18 @@ impl OrderReads {
 }
 
 async fn read_many(
-    db: &MySqlPool,
-    items: &[OrderOf],
+    db: MySqlPool,
+    items: Vec<OrderOf>,
 ) -> Result<Vec<Result<Option<Order>, OrderError>>, OrderError> {
     let sql = format!(
         "SELECT {ORDER_COLUMNS}, user_id FROM orders WHERE id IN ({})",
         vec!["?"; items.len()].join(", ")
     );
     let mut query = sqlx::query(&sql);
-    for (order_id, _) in items {
+    for (order_id, _) in &items {
         query = query.bind(order_id);
     }
-    let rows = query.fetch_all(db).await?;
+    let rows = query.fetch_all(&db).await?;
     let mut found = Vec::with_capacity(rows.len());
     for row in &rows {
         let user_id: u64 = row.try_get("user_id")?;

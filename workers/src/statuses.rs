@@ -277,6 +277,7 @@ mod tests {
             include_str!("../../migrations/wallet/20261207000002_wallet_branch_steps.sql"),
             include_str!("../../migrations/20261208000001_order_step_groups.sql"),
             include_str!("../../migrations/wallet/20261208000001_wallet_step_groups.sql"),
+            include_str!("../../migrations/20261208000002_log_move_group.sql"),
         ];
         // What the procedures answer (their own vocabulary, parsed in
         // `fence`, `order_branch` and `wallet::tcc`) and the branch names.
@@ -292,6 +293,10 @@ mod tests {
             "not_decided",
             "frozen",
             "insufficient_funds",
+            "moved",
+            "stayed",
+            // No abort reason given: the row keeps its own.
+            "",
             "order",
             "wallet",
         ];

@@ -667,3 +667,49 @@ async fn grouped_order_reads_answer_each_buyer_only_their_own() {
     }
     c.finish().await;
 }
+
+/// The log's grouped moves are each the guarded move they were alone: of
+/// two moves of one transaction from the same state in one group (a
+/// decision racing recovery's abort), the first moves it and the second
+/// stays; an abort's reason is recorded, an empty one keeps the row's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_log_group_moves_each_transaction_once() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Tcc).await;
+    let ids = c.orders(&[1, 2]).await;
+    let (a, b) = (new_tx_id(), new_tx_id());
+    let tries = serde_json::json!([
+        [a, 1, ids[0], 1, PRICE, "tcc"],
+        [b, 2, ids[1], 1, PRICE, "tcc"]
+    ]);
+    sqlx::query("CALL order_try_group(?, 'order_not_payable')")
+        .bind(tries.to_string())
+        .execute(&c.db)
+        .await
+        .unwrap();
+    let moves = serde_json::json!([
+        [a, "started", "committing", ""],
+        [a, "started", "aborting", "timeout"],
+        [b, "started", "aborting", "timeout"],
+        [b, "aborting", "aborted", ""],
+    ]);
+    let answer: String = sqlx::query_scalar("CALL log_move_group(?)")
+        .bind(moves.to_string())
+        .fetch_one(&c.db)
+        .await
+        .unwrap();
+    let outcomes: Vec<String> = serde_json::from_str(&answer).unwrap();
+    assert_eq!(outcomes, ["moved", "stayed", "moved", "moved"]);
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT tx_id, CAST(state AS CHAR), CAST(reason AS CHAR) FROM pay_transactions ORDER BY tx_id",
+    )
+    .fetch_all(&c.db)
+    .await
+    .unwrap();
+    let row = |tx: &str| rows.iter().find(|r| r.0 == tx).cloned().unwrap();
+    assert_eq!(row(&a).1, "committing");
+    assert_eq!(row(&a).2, None);
+    assert_eq!(row(&b).1, "aborted");
+    assert_eq!(row(&b).2.as_deref(), Some("timeout"));
+    c.finish().await;
+}

@@ -9,11 +9,9 @@
 //!      └──────▶ aborting ────▶ aborted
 //! ```
 
-use std::sync::Arc;
-
 use sqlx::{MySqlPool, Row};
 
-use crate::group_commit::{GroupCommit, GroupLimits, RunGroup};
+use crate::group_commit::{self, GroupCommit, GroupLimits};
 use crate::orders::retry_on_deadlock;
 use crate::statuses::{AbortReason, TxState, UnknownValue};
 use seckill_contracts::config::PaymentMode;
@@ -65,114 +63,141 @@ pub fn valid_tx_id(id: &str) -> bool {
     id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Records a new transaction in `tx.state` (`started`; `aborted` for one
-/// that ended before holding anything), in `db`'s transaction or alone.
-pub async fn begin<'e>(
-    db: impl sqlx::MySqlExecutor<'e>,
-    tx: &PayTx,
-    reason: Option<AbortReason>,
-) -> Result<(), LogError> {
-    sqlx::query(
-        "INSERT INTO pay_transactions (tx_id, order_id, user_id, amount_cents, mode, state, reason) \
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&tx.tx_id)
-    .bind(&tx.order_id)
-    .bind(tx.user_id)
-    .bind(tx.amount_cents)
-    .bind(tx.mode.as_str())
-    .bind(tx.state)
-    .bind(reason)
-    .execute(db)
-    .await?;
-    Ok(())
-}
+/// The log's guarded moves (`UPDATE … WHERE state = from`: the call that
+/// changed the row decided), run for many payments at once: the moves of
+/// concurrent payments (a decision, a last move) share one call of the
+/// `log_move_group` procedure, one transaction and one commit
+/// ([`crate::group_commit`]); each is the guarded `UPDATE` it was alone.
+pub struct LogMoves(GroupCommit<LogMove, bool, LogError>);
 
-/// Moves `tx_id` from `from` to `to`; true when this call did (false: the
-/// transaction was elsewhere, someone else moved it). In `db`'s
-/// transaction or alone.
-pub async fn advance<'e>(
-    db: impl sqlx::MySqlExecutor<'e>,
-    tx_id: &str,
-    from: TxState,
-    to: TxState,
-    reason: Option<AbortReason>,
-) -> Result<bool, LogError> {
-    let changed = sqlx::query(
-        "UPDATE pay_transactions SET state = ?, reason = COALESCE(?, reason) \
-         WHERE tx_id = ? AND state = ?",
-    )
-    .bind(to)
-    .bind(reason)
-    .bind(tx_id)
-    .bind(from)
-    .execute(db)
-    .await?
-    .rows_affected();
-    Ok(changed == 1)
-}
-
-/// A transaction's last move (`committing → committed`, `aborting →
-/// aborted`), run in groups with other payments' ([`crate::group_commit`]):
-/// one `UPDATE` and one commit for all of a group's, since no caller acts
-/// on whether its own call was the one that moved the row.
-pub struct LogEnds(GroupCommit<LogEnd, (), LogError>);
-
-impl LogEnds {
+impl LogMoves {
     /// Starts the runners on the current runtime.
-    pub fn start(db: &MySqlPool, limits: GroupLimits) -> LogEnds {
-        LogEnds(GroupCommit::start(limits, run_ends(db.clone())))
+    pub fn start(db: &MySqlPool, limits: GroupLimits) -> LogMoves {
+        LogMoves(GroupCommit::start(
+            limits,
+            group_commit::on_pool(db, move_group),
+        ))
     }
 
-    /// Moves `tx_id` from `from` to `to`, if it is still at `from`.
-    pub async fn end(&self, tx_id: &str, from: TxState, to: TxState) -> Result<(), LogError> {
-        let item = LogEnd {
+    /// Moves `tx_id` from `from` to `to` (with `reason`, when given); true
+    /// when this call did (false: the transaction was elsewhere, someone
+    /// else moved it).
+    pub async fn advance(
+        &self,
+        tx_id: &str,
+        from: TxState,
+        to: TxState,
+        reason: Option<AbortReason>,
+    ) -> Result<bool, LogError> {
+        let item = LogMove {
             tx_id: tx_id.to_string(),
             from,
             to,
+            reason,
         };
         self.0.run(item).await
     }
 }
 
-/// One last move of a group; by transaction, the row it locks.
+/// One move of a group; by transaction, the row it locks.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct LogEnd {
+struct LogMove {
     tx_id: String,
     from: TxState,
     to: TxState,
+    reason: Option<AbortReason>,
 }
 
-/// One guarded `UPDATE` per kind of move in the group (rows in key order).
-fn run_ends(db: MySqlPool) -> RunGroup<LogEnd, (), LogError> {
-    Arc::new(move |items: Vec<LogEnd>| {
-        let db = db.clone();
-        Box::pin(async move {
-            let mut moves: Vec<(TxState, TxState)> = items.iter().map(|e| (e.from, e.to)).collect();
-            moves.sort();
-            moves.dedup();
-            for (from, to) in moves {
-                let ids: Vec<&str> = items
-                    .iter()
-                    .filter(|e| (e.from, e.to) == (from, to))
-                    .map(|e| e.tx_id.as_str())
-                    .collect();
-                let sql = format!(
-                    "UPDATE pay_transactions SET state = ? WHERE state = ? AND tx_id IN ({})",
-                    vec!["?"; ids.len()].join(", ")
-                );
-                retry_on_deadlock(|| {
-                    let mut query = sqlx::query(&sql).bind(to).bind(from);
-                    for id in &ids {
-                        query = query.bind(*id);
-                    }
-                    query.execute(&db)
-                })
-                .await?;
-            }
-            Ok(items.iter().map(|_| Ok(())).collect())
+async fn move_group(
+    db: MySqlPool,
+    items: Vec<LogMove>,
+) -> Result<Vec<Result<bool, LogError>>, LogError> {
+    let args: Vec<serde_json::Value> = items
+        .iter()
+        .map(|m| {
+            let reason = m.reason.map_or("", AbortReason::as_str);
+            serde_json::json!([m.tx_id, m.from.as_str(), m.to.as_str(), reason])
         })
+        .collect();
+    let outcomes = retry_on_deadlock(|| {
+        group_commit::call_procedure(&db, "CALL log_move_group(?)", &args, &[])
     })
+    .await?;
+    Ok(outcomes
+        .into_iter()
+        .map(|o| match o.as_deref() {
+            Some("moved") => Ok(true),
+            Some("stayed") => Ok(false),
+            other => Err(LogError::Stored(UnknownValue {
+                kind: "log_move_group outcome",
+                value: other.unwrap_or("NULL").to_string(),
+            })),
+        })
+        .collect())
+}
+
+/// Logs transactions as `started` (XA, which cannot log inside its order
+/// branch), many payments at once: one multi-row
+/// `INSERT` and one commit per group ([`crate::group_commit`]). A group
+/// the database refuses whole (a duplicate id) runs again item by item.
+pub struct LogBegins(GroupCommit<Begin, (), LogError>);
+
+impl LogBegins {
+    /// Starts the runners on the current runtime.
+    pub fn start(db: &MySqlPool, limits: GroupLimits) -> LogBegins {
+        LogBegins(GroupCommit::start(
+            limits,
+            group_commit::on_pool(db, begin_group),
+        ))
+    }
+
+    /// Logs `tx` as `started`.
+    pub async fn begin(&self, tx: &PayTx) -> Result<(), LogError> {
+        let item = Begin {
+            tx_id: tx.tx_id.clone(),
+            order_id: tx.order_id.clone(),
+            user_id: tx.user_id,
+            amount_cents: tx.amount_cents,
+            mode: tx.mode.as_str(),
+        };
+        self.0.run(item).await
+    }
+}
+
+/// One transaction to log `started`; by its id, the row it inserts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Begin {
+    tx_id: String,
+    order_id: String,
+    user_id: u64,
+    amount_cents: i64,
+    mode: &'static str,
+}
+
+async fn begin_group(
+    db: MySqlPool,
+    items: Vec<Begin>,
+) -> Result<Vec<Result<(), LogError>>, LogError> {
+    let sql = format!(
+        "INSERT INTO pay_transactions (tx_id, order_id, user_id, amount_cents, mode, state) \
+         VALUES {}",
+        vec!["(?, ?, ?, ?, ?, ?)"; items.len()].join(", ")
+    );
+    retry_on_deadlock(|| {
+        let mut query = sqlx::query(&sql);
+        for b in &items {
+            query = query
+                .bind(&b.tx_id)
+                .bind(&b.order_id)
+                .bind(b.user_id)
+                .bind(b.amount_cents)
+                .bind(b.mode)
+                .bind(TxState::Started);
+        }
+        query.execute(&db)
+    })
+    .await?;
+    Ok(items.iter().map(|_| Ok(())).collect())
 }
 
 const TX_COLUMNS: &str =

@@ -125,8 +125,11 @@ pub struct Payments {
     wallet: WalletClient,
     /// The order branch's steps, run in groups.
     order_steps: order_branch::OrderSteps,
-    /// The log's last moves, run in groups (through `log_db`).
-    log_ends: log::LogEnds,
+    /// The log's moves (decisions, last moves), run in groups (through
+    /// `log_db`).
+    log_moves: log::LogMoves,
+    /// XA's `started` rows, in groups (through `log_db`).
+    log_begins: log::LogBegins,
     /// The order read before and after paying, in groups.
     order_reads: orders::OrderReads,
     /// Wakes the refund relay (`message` mode) after a settle wrote one.
@@ -144,14 +147,16 @@ impl Payments {
             .connect_lazy_with((*db.connect_options()).clone());
         let groups = crate::group_commit::GroupLimits::from_config(&config.payment);
         let order_steps = order_branch::OrderSteps::start(&db, groups);
-        let log_ends = log::LogEnds::start(&log_db, groups);
+        let log_moves = log::LogMoves::start(&log_db, groups);
+        let log_begins = log::LogBegins::start(&log_db, groups);
         let order_reads = orders::OrderReads::start(&db, groups);
         Payments {
             order_reads,
             db,
             log_db,
             order_steps,
-            log_ends,
+            log_moves,
+            log_begins,
             keys,
             config: config.payment.clone(),
             wallet: WalletClient::new(config),
@@ -173,14 +178,33 @@ impl Payments {
         &self.order_steps
     }
 
-    /// A transaction's last move in the log (`committed`, `aborted`).
+    /// A transaction's last move in the log (`committed`, `aborted`): no
+    /// caller acts on whether its own call moved the row.
     pub(crate) async fn end_log(
         &self,
         tx: &log::PayTx,
         from: crate::statuses::TxState,
         to: crate::statuses::TxState,
     ) -> Result<(), PayError> {
-        Ok(self.log_ends.end(&tx.tx_id, from, to).await?)
+        self.log_moves.advance(&tx.tx_id, from, to, None).await?;
+        Ok(())
+    }
+
+    /// Logs `tx` as `started`, in a group with other payments'.
+    pub(crate) async fn begin_log(&self, tx: &log::PayTx) -> Result<(), PayError> {
+        Ok(self.log_begins.begin(tx).await?)
+    }
+
+    /// A move of `tx` in the log, in a group with other payments'; true
+    /// when this call moved it (see [`log::LogMoves`]).
+    pub(crate) async fn advance_log(
+        &self,
+        tx: &log::PayTx,
+        from: crate::statuses::TxState,
+        to: crate::statuses::TxState,
+        reason: Option<AbortReason>,
+    ) -> Result<bool, PayError> {
+        Ok(self.log_moves.advance(&tx.tx_id, from, to, reason).await?)
     }
 
     pub fn wallet(&self) -> &WalletClient {
@@ -200,14 +224,9 @@ impl Payments {
         reason: AbortReason,
     ) -> Result<(), PayError> {
         use crate::statuses::TxState;
-        let moved = log::advance(
-            &self.log_db,
-            &tx.tx_id,
-            TxState::Started,
-            TxState::Aborting,
-            Some(reason),
-        )
-        .await?;
+        let moved = self
+            .advance_log(tx, TxState::Started, TxState::Aborting, Some(reason))
+            .await?;
         if moved {
             return Ok(());
         }

@@ -19,14 +19,12 @@
 //! branch may stay prepared for as long as a payment is in doubt, and the
 //! order writer needs the sale row.
 
-use std::sync::Arc;
-
 use sqlx::{MySqlConnection, MySqlPool};
 
 use super::fence::{self, EndOutcome, FenceError};
 use super::log::{LogError, PayTx};
 use super::xa_branch::{BranchConn, XaError, Xid};
-use crate::group_commit::{self, GroupCommit, GroupLimits, RunGroup};
+use crate::group_commit::{self, GroupCommit, GroupLimits};
 use crate::orders::{retry_on_deadlock, MaybeDeadlock};
 use crate::statuses::{AbortReason, FencePhase, OrderStatus};
 
@@ -89,8 +87,8 @@ impl OrderSteps {
     /// Starts the steps' runners on the current runtime.
     pub fn start(db: &MySqlPool, limits: GroupLimits) -> OrderSteps {
         OrderSteps {
-            tries: GroupCommit::start(limits, run_tries(db.clone())),
-            ends: GroupCommit::start(limits, run_ends(db.clone())),
+            tries: GroupCommit::start(limits, group_commit::on_pool(db, try_group)),
+            ends: GroupCommit::start(limits, group_commit::on_pool(db, end_group)),
         }
     }
 
@@ -145,20 +143,20 @@ pub async fn hold(
         user_id,
         log: None,
     };
-    group_commit::alone(&run_tries(db.clone()), item).await
+    group_commit::alone(&group_commit::on_pool(db, try_group), item).await
 }
 
 /// Confirm: the held order is paid.
 pub async fn confirm(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, BranchError> {
     let item = EndItem::new(tx_id, FencePhase::Confirm, false);
-    group_commit::alone(&run_ends(db.clone()), item).await
+    group_commit::alone(&group_commit::on_pool(db, end_group), item).await
 }
 
 /// Cancel: the held order is unpaid again (or, with no Try before it, the
 /// Cancel is recorded so a late Try is refused).
 pub async fn cancel(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, BranchError> {
     let item = EndItem::new(tx_id, FencePhase::Cancel, false);
-    group_commit::alone(&run_ends(db.clone()), item).await
+    group_commit::alone(&group_commit::on_pool(db, end_group), item).await
 }
 
 /// One Try of a group. Groups run in this order: by order, the row a Try
@@ -185,40 +183,38 @@ impl TryItem {
 }
 
 /// The `order_try_group` procedure: for each Try, fence, hold and log.
-fn run_tries(db: MySqlPool) -> RunGroup<TryItem, HoldOutcome, BranchError> {
-    Arc::new(move |items: Vec<TryItem>| {
-        let db = db.clone();
-        Box::pin(async move {
-            let args: Vec<serde_json::Value> = items
-                .iter()
-                .map(|t| {
-                    let (amount_cents, mode) = t.log.unzip();
-                    serde_json::json!([
-                        t.tx_id,
-                        t.user_id,
-                        t.order_id,
-                        u8::from(t.log.is_some()),
-                        amount_cents.unwrap_or(0),
-                        mode
-                    ])
-                })
-                .collect();
-            let reason = [AbortReason::OrderNotPayable.as_str()];
-            let outcomes = retry_on_deadlock(|| {
-                group_commit::call_procedure(&db, "CALL order_try_group(?, ?)", &args, &reason)
-            })
-            .await?;
-            Ok(outcomes
-                .into_iter()
-                .map(|o| match o.as_deref() {
-                    Some("held") => Ok(HoldOutcome::Held),
-                    Some("repeat") => Ok(HoldOutcome::Repeat),
-                    Some("refused") => Ok(HoldOutcome::Refused),
-                    other => Err(unexpected_outcome("order_try outcome", other)),
-                })
-                .collect())
+async fn try_group(
+    db: MySqlPool,
+    items: Vec<TryItem>,
+) -> Result<Vec<Result<HoldOutcome, BranchError>>, BranchError> {
+    let args: Vec<serde_json::Value> = items
+        .iter()
+        .map(|t| {
+            let (amount_cents, mode) = t.log.unzip();
+            serde_json::json!([
+                t.tx_id,
+                t.user_id,
+                t.order_id,
+                u8::from(t.log.is_some()),
+                amount_cents.unwrap_or(0),
+                mode
+            ])
         })
+        .collect();
+    let reason = [AbortReason::OrderNotPayable.as_str()];
+    let outcomes = retry_on_deadlock(|| {
+        group_commit::call_procedure(&db, "CALL order_try_group(?, ?)", &args, &reason)
     })
+    .await?;
+    Ok(outcomes
+        .into_iter()
+        .map(|o| match o.as_deref() {
+            Some("held") => Ok(HoldOutcome::Held),
+            Some("repeat") => Ok(HoldOutcome::Repeat),
+            Some("refused") => Ok(HoldOutcome::Refused),
+            other => Err(unexpected_outcome("order_try outcome", other)),
+        })
+        .collect())
 }
 
 /// One Confirm or Cancel of a group; with `decide`, first the log's
@@ -244,31 +240,29 @@ impl EndItem {
 /// The `order_end_group` procedure. A fence that says `held` over an
 /// order row that is not `paying` is [`BranchError::Inconsistent`], for
 /// that item alone.
-fn run_ends(db: MySqlPool) -> RunGroup<EndItem, EndOutcome, BranchError> {
-    Arc::new(move |items: Vec<EndItem>| {
-        let db = db.clone();
-        Box::pin(async move {
-            let args: Vec<serde_json::Value> = items
-                .iter()
-                .map(|e| serde_json::json!([e.tx_id, e.phase.as_str(), u8::from(e.decide)]))
-                .collect();
-            let outcomes = retry_on_deadlock(|| {
-                group_commit::call_procedure(&db, "CALL order_end_group(?)", &args, &[])
-            })
-            .await?;
-            Ok(items
-                .iter()
-                .zip(outcomes)
-                .map(|(item, o)| match o.as_deref() {
-                    Some("not_decided") => Err(BranchError::NotDecided),
-                    Some(text) if text.starts_with(fence::CONTRADICTED) => {
-                        Err(BranchError::Inconsistent(format!("{}: {text}", item.tx_id)))
-                    }
-                    other => Ok(EndOutcome::from_procedure("order_end outcome", other)?),
-                })
-                .collect())
-        })
+async fn end_group(
+    db: MySqlPool,
+    items: Vec<EndItem>,
+) -> Result<Vec<Result<EndOutcome, BranchError>>, BranchError> {
+    let args: Vec<serde_json::Value> = items
+        .iter()
+        .map(|e| serde_json::json!([e.tx_id, e.phase.as_str(), u8::from(e.decide)]))
+        .collect();
+    let outcomes = retry_on_deadlock(|| {
+        group_commit::call_procedure(&db, "CALL order_end_group(?)", &args, &[])
     })
+    .await?;
+    Ok(items
+        .iter()
+        .zip(outcomes)
+        .map(|(item, o)| match o.as_deref() {
+            Some("not_decided") => Err(BranchError::NotDecided),
+            Some(text) if text.starts_with(fence::CONTRADICTED) => {
+                Err(BranchError::Inconsistent(format!("{}: {text}", item.tx_id)))
+            }
+            other => Ok(EndOutcome::from_procedure("order_end outcome", other)?),
+        })
+        .collect())
 }
 
 /// A fence that says `held` over an order row that is not `paying` is

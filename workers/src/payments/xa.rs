@@ -38,7 +38,7 @@ use crate::wallet::xa::PrepareOutcome;
 /// Pays `tx`: logs it `started` (through the log's own connections:
 /// an XA branch cannot share its session), then prepares both branches.
 pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
-    log::begin(p.log_db(), tx, None).await?;
+    p.begin_log(tx).await?;
     fail::fail_point!("xa.after_begin", |_| Err(PayError::Injected(
         "xa.after_begin"
     )));
@@ -61,14 +61,9 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
     if let Some(reason) = refused {
         return abort(p, tx, reason, Some(order)).await;
     }
-    if !log::advance(
-        p.log_db(),
-        &tx.tx_id,
-        TxState::Started,
-        TxState::Committing,
-        None,
-    )
-    .await?
+    if !p
+        .advance_log(tx, TxState::Started, TxState::Committing, None)
+        .await?
     {
         // Recovery decided first (the transaction outlived its timeout).
         return finish_abort(p, tx, Some(order))

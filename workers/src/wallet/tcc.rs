@@ -9,12 +9,10 @@
 //! steps' statements without a round trip between them and commits them
 //! once.
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 use sqlx::MySqlPool;
 
-use crate::group_commit::{self, GroupCommit, GroupLimits, RunGroup};
+use crate::group_commit::{self, GroupCommit, GroupLimits};
 use crate::orders::retry_on_deadlock;
 
 use super::accounts::WalletError;
@@ -51,8 +49,8 @@ impl WalletSteps {
     /// Starts the steps' runners on the current runtime.
     pub fn start(db: &MySqlPool, limits: GroupLimits) -> WalletSteps {
         WalletSteps {
-            tries: GroupCommit::start(limits, run_tries(db.clone())),
-            ends: GroupCommit::start(limits, run_ends(db.clone())),
+            tries: GroupCommit::start(limits, group_commit::on_pool(db, try_group)),
+            ends: GroupCommit::start(limits, group_commit::on_pool(db, end_group)),
         }
     }
 
@@ -91,13 +89,13 @@ pub async fn try_freeze(
     amount_cents: i64,
 ) -> Result<TryOutcome, WalletError> {
     let item = TryItem::new(tx_id, user_id, order_id, amount_cents);
-    group_commit::alone(&run_tries(db.clone()), item).await
+    group_commit::alone(&group_commit::on_pool(db, try_group), item).await
 }
 
 /// Confirm: the frozen amount is spent on the order.
 pub async fn confirm(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletError> {
     group_commit::alone(
-        &run_ends(db.clone()),
+        &group_commit::on_pool(db, end_group),
         EndItem::new(tx_id, FencePhase::Confirm),
     )
     .await
@@ -107,7 +105,7 @@ pub async fn confirm(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletEr
 /// before it, the Cancel is recorded so a late Try is refused).
 pub async fn cancel(db: &MySqlPool, tx_id: &str) -> Result<EndOutcome, WalletError> {
     group_commit::alone(
-        &run_ends(db.clone()),
+        &group_commit::on_pool(db, end_group),
         EndItem::new(tx_id, FencePhase::Cancel),
     )
     .await
@@ -135,30 +133,28 @@ impl TryItem {
 }
 
 /// The `wallet_try_group` procedure: for each Try, fence and freeze.
-fn run_tries(db: MySqlPool) -> RunGroup<TryItem, TryOutcome, WalletError> {
-    Arc::new(move |items: Vec<TryItem>| {
-        let db = db.clone();
-        Box::pin(async move {
-            let args: Vec<serde_json::Value> = items
-                .iter()
-                .map(|t| serde_json::json!([t.tx_id, t.user_id, t.order_id, t.amount_cents]))
-                .collect();
-            let outcomes = retry_on_deadlock(|| {
-                group_commit::call_procedure(&db, "CALL wallet_try_group(?)", &args, &[])
-            })
-            .await?;
-            Ok(outcomes
-                .into_iter()
-                .map(|o| match o.as_deref() {
-                    Some("frozen") => Ok(TryOutcome::Frozen),
-                    Some("repeat") => Ok(TryOutcome::Repeat),
-                    Some("suspended") => Ok(TryOutcome::Suspended),
-                    Some("insufficient_funds") => Ok(TryOutcome::InsufficientFunds),
-                    other => Err(unknown("wallet_try outcome", other)),
-                })
-                .collect())
-        })
+async fn try_group(
+    db: MySqlPool,
+    items: Vec<TryItem>,
+) -> Result<Vec<Result<TryOutcome, WalletError>>, WalletError> {
+    let args: Vec<serde_json::Value> = items
+        .iter()
+        .map(|t| serde_json::json!([t.tx_id, t.user_id, t.order_id, t.amount_cents]))
+        .collect();
+    let outcomes = retry_on_deadlock(|| {
+        group_commit::call_procedure(&db, "CALL wallet_try_group(?)", &args, &[])
     })
+    .await?;
+    Ok(outcomes
+        .into_iter()
+        .map(|o| match o.as_deref() {
+            Some("frozen") => Ok(TryOutcome::Frozen),
+            Some("repeat") => Ok(TryOutcome::Repeat),
+            Some("suspended") => Ok(TryOutcome::Suspended),
+            Some("insufficient_funds") => Ok(TryOutcome::InsufficientFunds),
+            other => Err(unknown("wallet_try outcome", other)),
+        })
+        .collect())
 }
 
 /// One Confirm or Cancel of a group. Groups run in this order: by
@@ -182,30 +178,28 @@ impl EndItem {
 /// movement of what the Try froze (for the order its fence recorded). A
 /// fence whose frozen money is not there is [`WalletError::Inconsistent`],
 /// for that item alone.
-fn run_ends(db: MySqlPool) -> RunGroup<EndItem, EndOutcome, WalletError> {
-    Arc::new(move |items: Vec<EndItem>| {
-        let db = db.clone();
-        Box::pin(async move {
-            let args: Vec<serde_json::Value> = items
-                .iter()
-                .map(|e| serde_json::json!([e.tx_id, e.phase.as_str()]))
-                .collect();
-            let outcomes = retry_on_deadlock(|| {
-                group_commit::call_procedure(&db, "CALL wallet_end_group(?)", &args, &[])
-            })
-            .await?;
-            Ok(items
-                .iter()
-                .zip(outcomes)
-                .map(|(item, o)| match o.as_deref() {
-                    Some(text) if text.starts_with(fence::CONTRADICTED) => {
-                        Err(WalletError::Inconsistent(format!("{}: {text}", item.tx_id)))
-                    }
-                    other => Ok(EndOutcome::from_procedure("wallet_end outcome", other)?),
-                })
-                .collect())
-        })
+async fn end_group(
+    db: MySqlPool,
+    items: Vec<EndItem>,
+) -> Result<Vec<Result<EndOutcome, WalletError>>, WalletError> {
+    let args: Vec<serde_json::Value> = items
+        .iter()
+        .map(|e| serde_json::json!([e.tx_id, e.phase.as_str()]))
+        .collect();
+    let outcomes = retry_on_deadlock(|| {
+        group_commit::call_procedure(&db, "CALL wallet_end_group(?)", &args, &[])
     })
+    .await?;
+    Ok(items
+        .iter()
+        .zip(outcomes)
+        .map(|(item, o)| match o.as_deref() {
+            Some(text) if text.starts_with(fence::CONTRADICTED) => {
+                Err(WalletError::Inconsistent(format!("{}: {text}", item.tx_id)))
+            }
+            other => Ok(EndOutcome::from_procedure("wallet_end outcome", other)?),
+        })
+        .collect())
 }
 
 fn unknown(kind: &'static str, answer: Option<&str>) -> WalletError {
