@@ -12,8 +12,9 @@
 //! The order branch goes first so a second payment of the same order is
 //! refused before it freezes any money. The log lives in the order's
 //! database, so the steps in brackets are each one local transaction: a
-//! payment costs the database five commits, not seven, and a refused
-//! order is logged `aborted` without anything to cancel. A crash anywhere leaves the log
+//! payment costs the database five commits, not seven (and under a burst
+//! each is shared with other payments' same step, [`crate::group_commit`]),
+//! and a refused order is logged `aborted` without anything to cancel. A crash anywhere leaves the log
 //! saying what is left to do; [`super::recovery`] does it (a `started`
 //! transaction it aborts; the fences make a late Try refused and every
 //! repeated Confirm or Cancel harmless). Named fail points (the `fail`
