@@ -660,6 +660,11 @@ pub struct ApiConfig {
     /// Password hashes and captcha renders running at once (0: one per
     /// core); a burst beyond it queues instead of starving the machine.
     pub cpu_jobs: usize,
+    /// Connections the kernel queues for the api before it accepts them
+    /// (capped by `net.core.somaxconn`): a burst of buyers opens more at
+    /// once than a busy api accepts, and a full queue drops them until the
+    /// gateway's connect timeout answers 504.
+    pub listen_backlog: u32,
 }
 
 impl Default for ApiConfig {
@@ -674,6 +679,7 @@ impl Default for ApiConfig {
             idempotency_key_ttl_secs: 600,
             jwt_cache_entries: 10_000,
             cpu_jobs: 0,
+            listen_backlog: 4096,
         }
     }
 }
@@ -849,6 +855,9 @@ impl Config {
             return Err(invalid("jwt.keyring_reload_secs", "must be at least 1"));
         }
         self.gateway.jwks.validate()?;
+        if self.api.listen_backlog == 0 {
+            return Err(invalid("api.listen_backlog", "must be at least 1"));
+        }
         self.wallet.validate()?;
         self.payment.validate()?;
         // Groups hold connections while they run: leave some for the rest.

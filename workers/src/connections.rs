@@ -1,6 +1,7 @@
 //! Opening the stores from configuration, with the timeouts and pool sizes
 //! the config names, so every binary and test connects the same way.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use seckill_contracts::config::{Config, DatabaseConfig};
@@ -8,6 +9,7 @@ use seckill_contracts::db::MIGRATOR;
 use seckill_contracts::redis_client::RedisConn;
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::MySqlPool;
+use tokio::net::{TcpListener, TcpSocket};
 
 /// Failure to reach a store at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +25,22 @@ pub enum ConnectError {
         url: String,
         source: redis::RedisError,
     },
+}
+
+/// The listening socket of a service at `addr`, with room for `backlog`
+/// connections the service has not accepted yet (the kernel caps it at
+/// `net.core.somaxconn`). Tokio's own `bind` queues 1,024, fewer than a
+/// burst of buyers opens at once against a busy instance; the ones that do
+/// not fit are dropped and retried by the client a second later.
+pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// A MySQL pool per `database` config; every connection gets the idle
@@ -157,5 +175,30 @@ mod tests {
         );
         assert_eq!(redact("mysql://root@h:3306/db"), "mysql://root@h:3306/db");
         assert_eq!(redact("redis://h:6379/"), "redis://h:6379/");
+    }
+
+    /// Connections the kernel completes for a listener that accepts none:
+    /// its backlog (plus one), whatever tokio's default would be.
+    async fn queued_without_accepting(backlog: u32, attempts: usize) -> usize {
+        let listener = super::listen(([127, 0, 0, 1], 0).into(), backlog).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut open = Vec::new();
+        for _ in 0..attempts {
+            let connect = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(std::time::Duration::from_millis(300), connect).await {
+                Ok(Ok(stream)) => open.push(stream),
+                _ => break,
+            }
+        }
+        open.len()
+    }
+
+    #[tokio::test]
+    async fn a_listener_queues_as_many_connections_as_its_backlog_says() {
+        let small = queued_without_accepting(4, 20).await;
+        assert!((4..=6).contains(&small), "backlog 4 queued {small}");
+        // (tokio's own bind would have queued all 20 above.)
+        let larger = queued_without_accepting(64, 50).await;
+        assert_eq!(larger, 50, "backlog 64 queued {larger}");
     }
 }

@@ -23,6 +23,9 @@ pub struct WalletConfig {
     /// connection waiting for phase two. After that it lets the branch go
     /// (it stays prepared) so that any instance, or recovery, can end it.
     pub xa_hold_ms: u64,
+    /// Connections the kernel queues before the wallet accepts them (see
+    /// `api.listen_backlog`).
+    pub listen_backlog: u32,
 }
 
 impl Default for WalletConfig {
@@ -32,6 +35,7 @@ impl Default for WalletConfig {
             database_url: "mysql://root@127.0.0.1:3306/seckill_wallet".into(),
             max_connections: 16,
             xa_hold_ms: 5_000,
+            listen_backlog: 4096,
         }
     }
 }
@@ -174,6 +178,9 @@ impl WalletConfig {
         }
         if self.xa_hold_ms == 0 {
             return Err(invalid("wallet.xa_hold_ms", "must be at least 1"));
+        }
+        if self.listen_backlog == 0 {
+            return Err(invalid("wallet.listen_backlog", "must be at least 1"));
         }
         Ok(())
     }

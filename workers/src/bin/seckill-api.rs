@@ -32,8 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let config = args.config.load()?;
     telemetry::init_logging(&config.log);
     let addr = args.listen.unwrap_or(config.api.listen);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = seckill_workers::connections::listen(addr, config.api.listen_backlog)
         .with_context(|| format!("binding {addr}"))?;
     let state = api::ApiState::connect(&config)
         .await

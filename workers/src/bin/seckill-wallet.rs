@@ -31,8 +31,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("migrating the wallet database")?;
     let addr = args.listen.unwrap_or(config.wallet.listen);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = seckill_workers::connections::listen(addr, config.wallet.listen_backlog)
         .with_context(|| format!("binding {addr}"))?;
     let state = wallet::WalletState::connect(&config)
         .await
