@@ -183,8 +183,19 @@ pub async fn alone<I, O, E: From<sqlx::Error>>(run: &RunGroup<I, O, E>, item: I)
 /// Calls a `*_group` procedure with `items` (a JSON array, its first
 /// argument) and `extra` arguments after it; its one-row answer is a JSON
 /// array of outcomes, one per item. An answer of any other shape is a
-/// decode error: the database runs other migrations than this binary.
+/// decode error: the database runs other migrations than this binary. A
+/// group InnoDB rolled back as a deadlock victim is called again (it
+/// changed nothing, and every item is guarded).
 pub async fn call_procedure(
+    db: &MySqlPool,
+    call: &str,
+    items: &[serde_json::Value],
+    extra: &[&str],
+) -> Result<Vec<Option<String>>, sqlx::Error> {
+    crate::orders::retry_on_deadlock(|| call_once(db, call, items, extra)).await
+}
+
+async fn call_once(
     db: &MySqlPool,
     call: &str,
     items: &[serde_json::Value],

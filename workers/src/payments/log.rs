@@ -119,10 +119,7 @@ async fn move_group(
             serde_json::json!([m.tx_id, m.from.as_str(), m.to.as_str(), reason])
         })
         .collect();
-    let outcomes = retry_on_deadlock(|| {
-        group_commit::call_procedure(&db, "CALL log_move_group(?)", &args, &[])
-    })
-    .await?;
+    let outcomes = group_commit::call_procedure(&db, "CALL log_move_group(?)", &args, &[]).await?;
     Ok(outcomes
         .into_iter()
         .map(|o| match o.as_deref() {

@@ -25,7 +25,7 @@ use super::fence::{self, EndOutcome, FenceError};
 use super::log::{LogError, PayTx};
 use super::xa_branch::{BranchConn, XaError, Xid};
 use crate::group_commit::{self, GroupCommit, GroupLimits};
-use crate::orders::{retry_on_deadlock, MaybeDeadlock};
+use crate::orders::MaybeDeadlock;
 use crate::statuses::{AbortReason, FencePhase, OrderStatus};
 
 /// This branch's name in the fence.
@@ -202,10 +202,8 @@ async fn try_group(
         })
         .collect();
     let reason = [AbortReason::OrderNotPayable.as_str()];
-    let outcomes = retry_on_deadlock(|| {
-        group_commit::call_procedure(&db, "CALL order_try_group(?, ?)", &args, &reason)
-    })
-    .await?;
+    let outcomes =
+        group_commit::call_procedure(&db, "CALL order_try_group(?, ?)", &args, &reason).await?;
     Ok(outcomes
         .into_iter()
         .map(|o| match o.as_deref() {
@@ -248,10 +246,7 @@ async fn end_group(
         .iter()
         .map(|e| serde_json::json!([e.tx_id, e.phase.as_str(), u8::from(e.decide)]))
         .collect();
-    let outcomes = retry_on_deadlock(|| {
-        group_commit::call_procedure(&db, "CALL order_end_group(?)", &args, &[])
-    })
-    .await?;
+    let outcomes = group_commit::call_procedure(&db, "CALL order_end_group(?)", &args, &[]).await?;
     Ok(items
         .iter()
         .zip(outcomes)

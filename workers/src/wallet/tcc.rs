@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use sqlx::MySqlPool;
 
 use crate::group_commit::{self, GroupCommit, GroupLimits};
-use crate::orders::retry_on_deadlock;
 
 use super::accounts::WalletError;
 use crate::payments::fence::{self, EndOutcome};
@@ -141,10 +140,8 @@ async fn try_group(
         .iter()
         .map(|t| serde_json::json!([t.tx_id, t.user_id, t.order_id, t.amount_cents]))
         .collect();
-    let outcomes = retry_on_deadlock(|| {
-        group_commit::call_procedure(&db, "CALL wallet_try_group(?)", &args, &[])
-    })
-    .await?;
+    let outcomes =
+        group_commit::call_procedure(&db, "CALL wallet_try_group(?)", &args, &[]).await?;
     Ok(outcomes
         .into_iter()
         .map(|o| match o.as_deref() {
@@ -186,10 +183,8 @@ async fn end_group(
         .iter()
         .map(|e| serde_json::json!([e.tx_id, e.phase.as_str()]))
         .collect();
-    let outcomes = retry_on_deadlock(|| {
-        group_commit::call_procedure(&db, "CALL wallet_end_group(?)", &args, &[])
-    })
-    .await?;
+    let outcomes =
+        group_commit::call_procedure(&db, "CALL wallet_end_group(?)", &args, &[]).await?;
     Ok(items
         .iter()
         .zip(outcomes)
