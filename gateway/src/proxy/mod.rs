@@ -131,7 +131,8 @@ impl EdgeProxy {
             return answer(a);
         }
         steps::strip_untrusted(session.req_header_mut());
-        if let Some(a) = steps::health(session.req_header(), self.rules.services().broker_state()) {
+        let broker = || self.rules.services().broker_state();
+        if let Some(a) = steps::health(session.req_header(), broker) {
             ctx.route = "healthz".into();
             return answer(a);
         }
