@@ -278,9 +278,11 @@ mod tests {
             include_str!("../../migrations/20261208000001_order_step_groups.sql"),
             include_str!("../../migrations/wallet/20261208000001_wallet_step_groups.sql"),
             include_str!("../../migrations/20261208000002_log_move_group.sql"),
+            include_str!("../../migrations/wallet/20261209000001_message_debit_group.sql"),
         ];
         // What the procedures answer (their own vocabulary, parsed in
-        // `fence`, `order_branch` and `wallet::tcc`) and the branch names.
+        // `fence`, `order_branch`, `wallet::tcc` and `wallet::message`) and
+        // the branch names.
         let own = [
             "fresh",
             "suspended",
@@ -295,10 +297,13 @@ mod tests {
             "insufficient_funds",
             "moved",
             "stayed",
+            "debited",
+            "cancelled",
             // No abort reason given: the row keeps its own.
             "",
             "order",
             "wallet",
+            "message",
         ];
         let mut known: Vec<String> = own.iter().map(|w| w.to_string()).collect();
         known.extend(OrderStatus::ALL.iter().map(|v| v.to_string()));

@@ -14,6 +14,7 @@ mod payments;
 
 use std::time::Duration;
 
+use payments::support::count;
 use payments::{pay_through_a_wallet_outage, pay_twice_at_once, recover_all, Ctx, FaultRun, PRICE};
 use seckill_contracts::config::PaymentMode;
 use seckill_workers::payments::log::new_tx_id;
@@ -402,5 +403,102 @@ async fn a_debit_never_waits_for_the_relay_publishing_before_it() {
         assert_eq!(c.wait_status(id, "paid").await, "paid");
     }
     c.assert_audits_clean().await;
+    c.finish().await;
+}
+
+/// The debit's group procedure: in one group, a debit, one the balance
+/// does not cover (nothing kept, not even its fence), a repeat of the
+/// first, one whose check-back came first (cancelled) and another user's;
+/// each answered as it would be alone, with exactly one ledger row and one
+/// outbox message per debit. Then a burst through the service's grouped
+/// path debits every payment once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_debit_group_answers_each_item_as_it_would_alone() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Message).await;
+    c.wallet.credit(&[1, 3], 10_000).await;
+    let db = &c.wallet.db;
+    let (a, b, d, f) = (new_tx_id(), new_tx_id(), new_tx_id(), new_tx_id());
+    let resolved = seckill_workers::wallet::message::resolve(db, &d)
+        .await
+        .unwrap();
+    assert_eq!(resolved, Resolution::Cancelled);
+    let ledger_before = count(db, "SELECT COUNT(*) FROM wallet_ledger").await;
+    let item = |tx: &str, user: u64, amount: i64| {
+        let order = uuid::Uuid::new_v4().to_string();
+        let m =
+            message::PaymentMessage::new(message::MessageKind::Debited, tx, &order, user, amount);
+        serde_json::json!([tx, user, order, amount, m.message_id, m.to_json()])
+    };
+    let items = serde_json::json!([
+        item(&a, 1, 500),
+        item(&b, 2, 500),
+        item(&a, 1, 500),
+        item(&d, 1, 500),
+        item(&f, 3, 700),
+    ]);
+    let answer: String = sqlx::query_scalar("CALL wallet_debit_group(?)")
+        .bind(items.to_string())
+        .fetch_one(db)
+        .await
+        .unwrap();
+    let outcomes: Vec<String> = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            "debited",
+            "insufficient_funds",
+            "repeat",
+            "cancelled",
+            "debited"
+        ]
+    );
+    assert_eq!(c.balance(1).await, (9_500, 0));
+    assert_eq!(c.balance(3).await, (9_300, 0));
+    assert_eq!(
+        count(db, "SELECT COUNT(*) FROM wallet_ledger").await,
+        ledger_before + 2,
+        "one ledger row per debit"
+    );
+    let outbox_for = |tx: &str| {
+        format!("SELECT COUNT(*) FROM outbox WHERE JSON_VALUE(payload, '$.tx_id') = '{tx}'")
+    };
+    for (tx, messages) in [(&a, 1), (&b, 0), (&d, 0), (&f, 1)] {
+        assert_eq!(count(db, &outbox_for(tx)).await, messages, "{tx}");
+    }
+    let fences = |tx: &str| {
+        format!("SELECT COUNT(*) FROM tcc_fences WHERE tx_id = '{tx}' AND branch = 'message'")
+    };
+    assert_eq!(
+        count(db, &fences(&b)).await,
+        0,
+        "the refused debit kept no fence"
+    );
+
+    // The service's path: concurrent debits share groups, each done once.
+    let users: Vec<u64> = (10..40).collect();
+    c.wallet.credit(&users, 1_000).await;
+    let limits = seckill_workers::group_commit::GroupLimits {
+        max_items: 8,
+        in_flight: 2,
+    };
+    let debits = std::sync::Arc::new(seckill_workers::wallet::message::Debits::start(db, limits));
+    let runs = users.iter().map(|&user| {
+        let debits = debits.clone();
+        async move {
+            let order = uuid::Uuid::new_v4().to_string();
+            debits.debit(&new_tx_id(), user, &order, 300).await
+        }
+    });
+    for outcome in futures::future::join_all(runs).await {
+        assert_eq!(outcome.unwrap(), DebitOutcome::Debited);
+    }
+    for &user in &users {
+        assert_eq!(c.balance(user).await, (700, 0), "user {user}");
+    }
+    // (These debits were never logged by a coordinator: their messages are
+    // for unknown payments, which the api ignores. Only the sale audit is
+    // meaningful here.)
+    c.assert_sale_audit_clean().await;
     c.finish().await;
 }

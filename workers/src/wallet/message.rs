@@ -16,13 +16,13 @@
 use serde::{Deserialize, Serialize};
 use sqlx::MySqlPool;
 
+use crate::group_commit::{self, GroupCommit, GroupLimits};
 use crate::orders::retry_on_deadlock;
 
 use super::accounts::{self, Movement, WalletError};
-use crate::outbox;
-use crate::payments::fence::{self, CancelStart, Held, TryStart};
+use crate::payments::fence::{self, CancelStart};
 use crate::payments::message::{MessageKind, PaymentMessage};
-use crate::statuses::{FencePhase, LedgerKind};
+use crate::statuses::LedgerKind;
 
 /// This branch's name in the fence.
 pub const BRANCH: &str = "message";
@@ -51,8 +51,38 @@ pub enum Resolution {
     Cancelled,
 }
 
+/// The message mode's debits as the service runs them under load: each
+/// joins a group of other payments' debits, run as one local transaction
+/// (`wallet_debit_group`, [`crate::group_commit`]). [`debit`] runs one
+/// alone, as a group of one (tools, tests).
+pub struct Debits {
+    debits: GroupCommit<DebitItem, DebitOutcome, WalletError>,
+}
+
+impl Debits {
+    /// Starts the runner on the current runtime.
+    pub fn start(db: &MySqlPool, limits: GroupLimits) -> Debits {
+        Debits {
+            debits: GroupCommit::start(limits, group_commit::on_pool(db, debit_group)),
+        }
+    }
+
+    /// See [`debit`].
+    pub async fn debit(
+        &self,
+        tx_id: &str,
+        user_id: u64,
+        order_id: &str,
+        amount_cents: i64,
+    ) -> Result<DebitOutcome, WalletError> {
+        self.debits
+            .run(DebitItem::new(tx_id, user_id, order_id, amount_cents))
+            .await
+    }
+}
+
 /// Debits `amount_cents` from `user_id` for `order_id` in transaction
-/// `tx_id`, with its message in the outbox.
+/// `tx_id`, with its message in the outbox, in one local transaction.
 pub async fn debit(
     db: &MySqlPool,
     tx_id: &str,
@@ -60,44 +90,72 @@ pub async fn debit(
     order_id: &str,
     amount_cents: i64,
 ) -> Result<DebitOutcome, WalletError> {
-    retry_on_deadlock(|| debit_once(db, tx_id, user_id, order_id, amount_cents)).await
+    let item = DebitItem::new(tx_id, user_id, order_id, amount_cents);
+    group_commit::alone(&group_commit::on_pool(db, debit_group), item).await
 }
 
-async fn debit_once(
-    db: &MySqlPool,
-    tx_id: &str,
+/// One debit of a group. Groups run in this order: by user, the wallet
+/// row a debit locks.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct DebitItem {
     user_id: u64,
-    order_id: &str,
+    tx_id: String,
+    order_id: String,
     amount_cents: i64,
-) -> Result<DebitOutcome, WalletError> {
-    let mut tx = db.begin().await?;
-    let held = Held {
-        resource: user_id.to_string(),
-        amount_cents,
-        order_id: Some(order_id.to_string()),
-    };
-    match fence::begin_try(&mut tx, tx_id, BRANCH, &held).await? {
-        TryStart::Repeat => return Ok(DebitOutcome::Repeat),
-        TryStart::Suspended => return Ok(DebitOutcome::Cancelled),
-        TryStart::Fresh => {}
+}
+
+impl DebitItem {
+    fn new(tx_id: &str, user_id: u64, order_id: &str, amount_cents: i64) -> DebitItem {
+        DebitItem {
+            user_id,
+            tx_id: tx_id.to_string(),
+            order_id: order_id.to_string(),
+            amount_cents,
+        }
     }
-    let movement = Movement {
-        user_id,
-        kind: LedgerKind::Debit,
-        amount_cents,
-        order_id: Some(order_id),
-        tx_id: Some(tx_id),
-    };
-    if !accounts::apply(&mut tx, &movement, false).await? {
-        // Not even the fence row stays.
-        tx.rollback().await?;
-        return Ok(DebitOutcome::InsufficientFunds);
-    }
-    let message = PaymentMessage::new(MessageKind::Debited, tx_id, order_id, user_id, amount_cents);
-    outbox::put(&mut tx, &message.message_id, &message.to_json()).await?;
-    fence::finish(&mut tx, tx_id, BRANCH, FencePhase::Confirm).await?;
-    tx.commit().await?;
-    Ok(DebitOutcome::Debited)
+}
+
+/// The `wallet_debit_group` procedure: for each debit, the fence, the
+/// movement, the "debited" message in the outbox and the fence's phase.
+/// Each item carries its message, made here: a group run again after a
+/// deadlock writes new message ids, which is fine, since nothing of the
+/// rolled-back run was kept.
+async fn debit_group(
+    db: MySqlPool,
+    items: Vec<DebitItem>,
+) -> Result<Vec<Result<DebitOutcome, WalletError>>, WalletError> {
+    let args: Vec<serde_json::Value> = items
+        .iter()
+        .map(|d| {
+            let message = PaymentMessage::new(
+                MessageKind::Debited,
+                &d.tx_id,
+                &d.order_id,
+                d.user_id,
+                d.amount_cents,
+            );
+            serde_json::json!([
+                d.tx_id,
+                d.user_id,
+                d.order_id,
+                d.amount_cents,
+                message.message_id,
+                message.to_json()
+            ])
+        })
+        .collect();
+    let outcomes =
+        group_commit::call_procedure(&db, "CALL wallet_debit_group(?)", &args, &[]).await?;
+    Ok(outcomes
+        .into_iter()
+        .map(|o| match o.as_deref() {
+            Some("debited") => Ok(DebitOutcome::Debited),
+            Some("repeat") => Ok(DebitOutcome::Repeat),
+            Some("cancelled") => Ok(DebitOutcome::Cancelled),
+            Some("insufficient_funds") => Ok(DebitOutcome::InsufficientFunds),
+            other => Err(super::tcc::unknown("wallet_debit outcome", other)),
+        })
+        .collect())
 }
 
 /// The check-back: what became of `tx_id`'s debit (a cancel is recorded

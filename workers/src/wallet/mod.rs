@@ -58,6 +58,8 @@ struct Inner {
     db: MySqlPool,
     /// The TCC branch's steps, run in groups.
     tcc: tcc::WalletSteps,
+    /// The message mode's debits, run in groups.
+    debits: message::Debits,
     xa: Arc<xa::PreparedBranches>,
     /// Wakes this instance's outbox relay (`message` mode).
     relay_wake: Arc<tokio::sync::Notify>,
@@ -101,14 +103,13 @@ impl WalletState {
         );
         let relay_wake = Arc::new(tokio::sync::Notify::new());
         let messaging = start_messaging(config, &db, &relay_wake);
+        let groups = crate::group_commit::GroupLimits::from_config(&config.payment);
         Ok(WalletState {
             inner: Arc::new(Inner {
                 relay_wake,
                 _messaging: messaging,
-                tcc: tcc::WalletSteps::start(
-                    &db,
-                    crate::group_commit::GroupLimits::from_config(&config.payment),
-                ),
+                tcc: tcc::WalletSteps::start(&db, groups),
+                debits: message::Debits::start(&db, groups),
                 db,
                 xa: xa::PreparedBranches::new(std::time::Duration::from_millis(
                     config.wallet.xa_hold_ms,
@@ -127,6 +128,11 @@ impl WalletState {
     /// The TCC branch's steps (grouped with other payments').
     pub fn tcc(&self) -> &tcc::WalletSteps {
         &self.inner.tcc
+    }
+
+    /// The message mode's debits (grouped with other payments').
+    pub fn debits(&self) -> &message::Debits {
+        &self.inner.debits
     }
 
     pub(crate) fn wake_relay(&self) {

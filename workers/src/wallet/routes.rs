@@ -241,7 +241,9 @@ async fn message_debit(
     check_secret(state.service_digest(), &headers, "service")?;
     let ApiJson(r) = body?;
     check_branch_request(&r)?;
-    let outcome = message::debit(state.db(), &r.tx_id, r.user_id, &r.order_id, r.amount_cents)
+    let outcome = state
+        .debits()
+        .debit(&r.tx_id, r.user_id, &r.order_id, r.amount_cents)
         .await
         .map_err(Problem::internal)?;
     if outcome == DebitOutcome::Debited {

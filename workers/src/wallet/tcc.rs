@@ -197,7 +197,8 @@ async fn end_group(
         .collect())
 }
 
-fn unknown(kind: &'static str, answer: Option<&str>) -> WalletError {
+/// A procedure's answer that is none of the outcomes it may give.
+pub(super) fn unknown(kind: &'static str, answer: Option<&str>) -> WalletError {
     WalletError::Stored(UnknownValue {
         kind,
         value: answer.unwrap_or("NULL").to_string(),
