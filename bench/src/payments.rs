@@ -70,6 +70,32 @@ struct PayRun {
     /// time in microseconds (it is what saturates first here).
     db_statements_per_payment: f64,
     db_cpu_us_per_payment: f64,
+    /// CPU per paid order of each of the stack's own processes (and of
+    /// the buyers, this process), in microseconds: where the rest of a
+    /// payment's cost goes. Left out of the crash run, whose killed api
+    /// takes its CPU count with it.
+    cpu_us_per_payment: Vec<(&'static str, f64)>,
+}
+
+/// The processes [`PayRun::cpu_us_per_payment`] counts: a report label
+/// and the stack's name prefix (`None`: the buyers, this process).
+const CPU_SHARES: [(&str, Option<&str>); 5] = [
+    ("gateway", Some("gateway")),
+    ("apis", Some("api-")),
+    ("wallet", Some("wallet")),
+    ("workers", Some("worker-")),
+    ("buyers", None),
+];
+
+/// CPU used so far by each of [`CPU_SHARES`].
+fn cpu_by_process(stack: &BenchStack) -> Vec<Duration> {
+    CPU_SHARES
+        .iter()
+        .map(|(_, prefix)| match prefix {
+            Some(p) => stack.cpu_time(p),
+            None => stack::process_cpu_time(std::process::id()),
+        })
+        .collect()
 }
 
 /// The database server's statement count and CPU time so far.
@@ -271,6 +297,7 @@ async fn pay_once(
         }));
     }
     let db_before = db_work(&ctx.db).await?;
+    let cpu_before = cpu_by_process(ctx.stack);
     barrier.wait().await;
     let start = Instant::now();
     let mut killed_at = None;
@@ -319,6 +346,18 @@ async fn pay_once(
     let db_statements_per_payment = per_paid(db_after.0.saturating_sub(db_before.0) as f64);
     let db_cpu_us_per_payment =
         per_paid(db_after.1.saturating_sub(db_before.1).as_secs_f64() * 1e6);
+    let cpu_us_per_payment = if kill.is_none() {
+        let after = cpu_by_process(ctx.stack);
+        CPU_SHARES
+            .iter()
+            .zip(after.iter().zip(&cpu_before))
+            .map(|((label, _), (a, b))| {
+                (*label, per_paid(a.saturating_sub(*b).as_secs_f64() * 1e6))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let wallet = WalletClient::new(&ctx.stack.config);
     let report = payments_audit::run(&ctx.db, &wallet, Duration::from_secs(120)).await?;
     let consistent_after = killed_at.map(|k| k.elapsed());
@@ -370,6 +409,7 @@ async fn pay_once(
         audit_note,
         db_statements_per_payment,
         db_cpu_us_per_payment,
+        cpu_us_per_payment,
     })
 }
 
@@ -452,6 +492,18 @@ fn row(mode: PaymentMode, runs: &[&PayRun], orders: u64) -> Row {
             r.db_cpu_us_per_payment,
             r.audit_note
         ));
+        if !r.cpu_us_per_payment.is_empty() {
+            let shares: Vec<String> = r
+                .cpu_us_per_payment
+                .iter()
+                .map(|(label, us)| format!("{label} {us:.0} µs"))
+                .collect();
+            row.notes.push(format!(
+                "round {}: CPU per payment of the other processes (from /proc): {}",
+                i + 1,
+                shares.join(", ")
+            ));
+        }
     }
     row
 }
