@@ -35,15 +35,18 @@ use tokio::sync::{watch, Notify};
 /// Rows one relay pass publishes.
 const BATCH: i64 = 200;
 
-/// A consumer's unacked deliveries at once.
+/// A consumer's unacked deliveries at once, at least (more when it acts
+/// on more at once).
 const PREFETCH: u16 = 64;
 
-/// Messages a consumer acts on at once. One at a time, settling was what
-/// limited the message mode (each settlement is a few round trips and a
-/// commit); each one holds a database connection, so this stays well
-/// below a pool's size and payments keep theirs. Acting on messages
-/// out of order is safe: every receiver dedupes and locks what it moves.
-const ACTING_AT_ONCE: usize = 4;
+/// Messages a consumer whose handler holds a database connection acts on
+/// at once ([`spawn_consumer`]'s `at_once`): one at a time, that was what
+/// limited the message mode, and each holds a connection, so this stays
+/// well below a pool's size and payments keep theirs. A handler that
+/// joins a group commit holds none, and may act on a whole group's worth.
+/// Acting on messages out of order is safe: every receiver dedupes and
+/// locks what it moves.
+pub const ACTING_AT_ONCE: usize = 4;
 
 /// How long a session waits before reconnecting to the broker.
 const RECONNECT: Duration = Duration::from_millis(500);
@@ -243,12 +246,14 @@ async fn relay_session(
 }
 
 /// Consumes `queue` until `stop` ends, calling `handle` with each
-/// message's body: acked when it returns `Ok`, requeued (after a pause)
-/// when it returns `Err`. A body `handle` cannot read should be answered
-/// `Ok` by it (and logged): requeueing it would only repeat it forever.
+/// message's body, on up to `at_once` messages at a time: acked when it
+/// returns `Ok`, requeued (after a pause) when it returns `Err`. A body
+/// `handle` cannot read should be answered `Ok` by it (and logged):
+/// requeueing it would only repeat it forever.
 pub fn spawn_consumer<H, Fut, E>(
     config: &Config,
     queue: String,
+    at_once: usize,
     handle: H,
     mut stop: watch::Receiver<()>,
 ) where
@@ -261,7 +266,7 @@ pub fn spawn_consumer<H, Fut, E>(
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
-                ended = consume_session(&config, &queue, &handle) => {
+                ended = consume_session(&config, &queue, at_once, &handle) => {
                     if let Err(e) = ended {
                         tracing::warn!(error = %e, %queue, "payment consumer session ended; reconnecting");
                     }
@@ -272,7 +277,12 @@ pub fn spawn_consumer<H, Fut, E>(
     });
 }
 
-async fn consume_session<H, Fut, E>(config: &Config, queue: &str, handle: &H) -> anyhow::Result<()>
+async fn consume_session<H, Fut, E>(
+    config: &Config,
+    queue: &str,
+    at_once: usize,
+    handle: &H,
+) -> anyhow::Result<()>
 where
     H: Fn(Vec<u8>) -> Fut,
     Fut: Future<Output = Result<(), E>>,
@@ -280,7 +290,10 @@ where
 {
     let (_conn, channel) = open(config).await?;
     channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .basic_qos(
+            PREFETCH.max(u16::try_from(at_once).unwrap_or(u16::MAX)),
+            BasicQosOptions::default(),
+        )
         .await?;
     let mut consumer = channel
         .basic_consume(
@@ -293,7 +306,7 @@ where
     let mut acting = futures::stream::FuturesUnordered::new();
     loop {
         tokio::select! {
-            next = consumer.next(), if acting.len() < ACTING_AT_ONCE => {
+            next = consumer.next(), if acting.len() < at_once.max(1) => {
                 let Some(delivery) = next else { break };
                 acting.push(act_and_ack(handle, queue, delivery?));
             }

@@ -279,6 +279,7 @@ mod tests {
             include_str!("../../migrations/wallet/20261208000001_wallet_step_groups.sql"),
             include_str!("../../migrations/20261208000002_log_move_group.sql"),
             include_str!("../../migrations/wallet/20261209000001_message_debit_group.sql"),
+            include_str!("../../migrations/20261210000001_message_settle_group.sql"),
         ];
         // What the procedures answer (their own vocabulary, parsed in
         // `fence`, `order_branch`, `wallet::tcc` and `wallet::message`) and
@@ -299,6 +300,9 @@ mod tests {
             "stayed",
             "debited",
             "cancelled",
+            "duplicate",
+            "unknown",
+            "given_up",
             // No abort reason given: the row keeps its own.
             "",
             "order",

@@ -17,10 +17,12 @@ use std::time::Duration;
 use payments::support::count;
 use payments::{pay_through_a_wallet_outage, pay_twice_at_once, recover_all, Ctx, FaultRun, PRICE};
 use seckill_contracts::config::PaymentMode;
-use seckill_workers::payments::log::new_tx_id;
+use seckill_workers::payments::log::{new_tx_id, PayTx};
 use seckill_workers::payments::message::{self, Settled};
+use seckill_workers::payments::order_branch::{self, HoldOutcome};
 use seckill_workers::payments::wallet_client::{WalletCallError, WalletClient};
 use seckill_workers::payments::PayResult;
+use seckill_workers::statuses::{AbortReason, TxState};
 use seckill_workers::wallet::accounts;
 use seckill_workers::wallet::message::{DebitOutcome, Resolution};
 use seckill_workers::wallet::routes::TryRequest;
@@ -500,5 +502,144 @@ async fn one_debit_group_answers_each_item_as_it_would_alone() {
     // for unknown payments, which the api ignores. Only the sale audit is
     // meaningful here.)
     c.assert_sale_audit_clean().await;
+    c.finish().await;
+}
+
+/// The settle's group procedure: in one group, a payment whose debit
+/// lands (paid), one given up before its debit landed (nothing kept: the
+/// caller refunds), an unknown payment, the first message again and a
+/// second message for the paid payment (duplicates), and one whose order
+/// branch was cancelled under a `started` log (inconsistent: nothing
+/// kept); each answered as it would be alone. Then the refund, recovery,
+/// the consumer's redeliveries and a burst through the grouped consumer
+/// all end consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_settle_group_answers_each_item_as_it_would_alone() {
+    let _serial = fail::FailScenario::setup();
+    let mut c = Ctx::start(40, PaymentMode::Message).await;
+    // The api's consumer (and refund relay) stopped: the wallet's own
+    // messages wait in the queue until it runs again, so only this test
+    // settles.
+    drop(std::mem::take(&mut c.messaging));
+    c.wallet.credit(&[1, 2, 3], 10_000).await;
+    let ids = c.orders(&[1, 2, 3]).await;
+    let held = |user: u64, order: &str| PayTx {
+        tx_id: new_tx_id(),
+        order_id: order.to_string(),
+        user_id: user,
+        sale_id: c.sale,
+        amount_cents: PRICE,
+        mode: PaymentMode::Message,
+        state: TxState::Started,
+    };
+    let (paid, given_up, broken) = (held(1, &ids[0]), held(2, &ids[1]), held(3, &ids[2]));
+    let wallet_db = &c.wallet.db;
+    for tx in [&paid, &given_up, &broken] {
+        let hold = c.payments.order_steps().log_and_hold(tx).await.unwrap();
+        assert_eq!(hold, HoldOutcome::Held);
+    }
+    // Given up first (the wallet never asked), then its debit lands anyway.
+    message::give_back(&c.payments, &given_up, AbortReason::Timeout)
+        .await
+        .unwrap();
+    for tx in [&paid, &given_up] {
+        let debit = seckill_workers::wallet::message::debit(
+            wallet_db,
+            &tx.tx_id,
+            tx.user_id,
+            &tx.order_id,
+            PRICE,
+        )
+        .await
+        .unwrap();
+        assert_eq!(debit, DebitOutcome::Debited);
+    }
+    // The third's order branch is cancelled while its log says `started`.
+    order_branch::cancel(&c.db, &broken.tx_id).await.unwrap();
+
+    let (m1, m2, m_given_up, m_unknown, m_broken) = (
+        new_tx_id(),
+        new_tx_id(),
+        new_tx_id(),
+        new_tx_id(),
+        new_tx_id(),
+    );
+    let items = serde_json::json!([
+        [paid.tx_id, m1],
+        [given_up.tx_id, m_given_up],
+        [new_tx_id(), m_unknown],
+        [paid.tx_id, m1],
+        [paid.tx_id, m2],
+        [broken.tx_id, m_broken],
+    ]);
+    let answer: String = sqlx::query_scalar("CALL order_settle_group(?)")
+        .bind(items.to_string())
+        .fetch_one(&c.db)
+        .await
+        .unwrap();
+    let outcomes: Vec<String> = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        outcomes[..5],
+        ["paid", "given_up", "unknown", "duplicate", "duplicate"]
+    );
+    assert!(outcomes[5].starts_with("inconsistent: "), "{}", outcomes[5]);
+    let consumed =
+        |m: &str| format!("SELECT COUNT(*) FROM consumed_messages WHERE message_id = '{m}'");
+    for (m, kept) in [
+        (&m1, 1),
+        (&m2, 1),
+        (&m_given_up, 0),
+        (&m_unknown, 0),
+        (&m_broken, 0),
+    ] {
+        assert_eq!(count(&c.db, &consumed(m)).await, kept, "{m}");
+    }
+    let state = |tx: &str| {
+        format!(
+            "SELECT COUNT(*) FROM pay_transactions WHERE tx_id = '{tx}' AND state = 'committed'"
+        )
+    };
+    assert_eq!(count(&c.db, &state(&paid.tx_id)).await, 1);
+    assert_eq!(c.status(&ids[0]).await, "paid");
+    assert_eq!(c.status(&ids[1]).await, "unpaid");
+    assert_eq!(count(&c.db, "SELECT COUNT(*) FROM outbox").await, 0);
+
+    // The consumer and the refund relay again: the wallet's waiting
+    // messages change nothing more (the refund below is sent once).
+    c.messaging = c.payments.start_messaging(c.config());
+    // The given-up debit through `settle`: refunded once.
+    let settled = message::settle(&c.payments, &given_up.tx_id, &m_given_up).await;
+    assert_eq!(settled.unwrap(), Settled::Refunded);
+    let again = message::settle(&c.payments, &given_up.tx_id, &m_given_up).await;
+    assert_eq!(again.unwrap(), Settled::Duplicate);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.balance(2).await != (10_000, 0) {
+        assert!(tokio::time::Instant::now() < deadline, "never refunded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Recovery ends the broken one (nothing was debited for it).
+    let report = recover_all(&c.payments).await;
+    assert_eq!(report.aborted, 1, "{report:?}");
+    assert_eq!(c.status(&ids[2]).await, "unpaid");
+    assert_eq!(c.balance(3).await, (10_000, 0));
+
+    // A burst of payments settles through the consumer's groups.
+    let users: Vec<u64> = (10..40).collect();
+    c.wallet.credit(&users, 10_000).await;
+    let orders = c.orders(&users).await;
+    let pays = users.iter().zip(&orders).map(|(&u, o)| c.pay(u, o));
+    for result in futures::future::join_all(pays).await {
+        // Accepted: settling, or settled already by the time it answered.
+        assert!(
+            matches!(result, PayResult::Settling(_) | PayResult::Paid(_)),
+            "{result:?}"
+        );
+    }
+    for order in &orders {
+        assert_eq!(c.wait_status(order, "paid").await, "paid");
+    }
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    assert_eq!(c.balance(2).await, (10_000, 0));
+    c.assert_audits_clean().await;
     c.finish().await;
 }

@@ -139,9 +139,12 @@ async fn snapshot(
         .map(|m| m.order_id.clone())
         .collect();
 
-    let refunds_asked: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
-        .fetch_one(db)
-        .await?;
+    // Per transaction: two debited messages of one given-up payment each
+    // ask for its refund, and the wallet makes it once.
+    let refunds_asked: i64 =
+        sqlx::query_scalar("SELECT COUNT(DISTINCT JSON_VALUE(payload, '$.tx_id')) FROM outbox")
+            .fetch_one(db)
+            .await?;
     let refunds_made: i64 = money.orders.iter().map(|m| m.refunds).sum();
     let messages_in_flight = crate::outbox::pending(db).await?
         + money.outbox_pending

@@ -240,17 +240,6 @@ async fn begin_end(
 /// answers an item it refused with the refusal's text.
 pub const CONTRADICTED: &str = "inconsistent: ";
 
-/// The step procedures refuse a fence their own database contradicts
-/// (money or an order held by the fence, not there) with SQLSTATE 45000:
-/// its message, for the caller's `Inconsistent` error. Never expected;
-/// refused loudly rather than papered over.
-pub fn contradicted(e: &sqlx::Error, tx_id: &str) -> Option<String> {
-    const SIGNALLED: &str = "45000";
-    e.as_database_error()
-        .filter(|d| d.code().as_deref() == Some(SIGNALLED))
-        .map(|d| format!("{tx_id}: {}", d.message()))
-}
-
 /// A procedure answered something this code does not know: the database
 /// runs other migrations than this binary was built with.
 fn unexpected(procedure: &'static str, answer: Option<&str>) -> FenceError {

@@ -8,7 +8,8 @@
 //!  log started ─▶ hold order (unpaid→paying) ─▶ wallet: debit + outbox ─▶ 202
 //!                                                  │ relay, queue
 //!                                                  ▼
-//!       settle { consumed message, order paid, log committed }  (one local transaction)
+//!       settle { consumed message, order paid, log committed }  (one local transaction,
+//!                                          with the other messages of its group: Settles)
 //!
 //!  refused / silent wallet ─▶ check-back (resolve): cancelled ─▶ order back to unpaid, log aborted
 //!                                                   debited   ─▶ settle
@@ -23,13 +24,14 @@
 //! and by the log's state, so a repeat changes nothing.
 
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
+use sqlx::{MySqlPool, Row};
 
 use super::fence::EndOutcome;
 use super::log::{self, PayTx};
 use super::order_branch::{self, HoldOutcome};
 use super::wallet_client::WalletCallError;
 use super::{wallet_failure, PayError, Payments, Step};
+use crate::group_commit::{self, GroupCommit, GroupLimits};
 use crate::orders::{retry_on_deadlock, MaybeDeadlock, OrderError};
 use crate::outbox;
 use crate::statuses::{AbortReason, TxState};
@@ -204,32 +206,137 @@ impl From<SettleError> for PayError {
     }
 }
 
+/// The settles as the consumer runs them under load: each debited message
+/// joins a group of the others the consumer holds, settled as one local
+/// transaction (`order_settle_group`, [`crate::group_commit`]). [`settle`]
+/// runs one alone, as a group of one (the check-back, tools, tests).
+pub struct Settles {
+    settles: GroupCommit<SettleItem, GroupOutcome, SettleError>,
+}
+
+impl Settles {
+    /// Starts the runner on the current runtime.
+    pub fn start(db: &MySqlPool, limits: GroupLimits) -> Settles {
+        Settles {
+            settles: GroupCommit::start(limits, group_commit::on_pool(db, settle_group)),
+        }
+    }
+
+    /// See [`settle`].
+    pub async fn settle(
+        &self,
+        p: &Payments,
+        tx_id: &str,
+        message_id: &str,
+    ) -> Result<Settled, SettleError> {
+        let outcome = self.settles.run(SettleItem::new(tx_id, message_id)).await?;
+        after_settle(p, tx_id, message_id, outcome).await
+    }
+}
+
 /// Settles transaction `tx_id` on message `message_id` (the check-back
 /// uses the transaction id as its message id), in one local transaction
 /// with the record that the message was consumed.
 pub async fn settle(p: &Payments, tx_id: &str, message_id: &str) -> Result<Settled, SettleError> {
-    let settled = retry_on_deadlock(|| settle_once(p, tx_id, message_id)).await?;
+    let run = group_commit::on_pool(p.db(), settle_group);
+    let outcome = group_commit::alone(&run, SettleItem::new(tx_id, message_id)).await?;
+    after_settle(p, tx_id, message_id, outcome).await
+}
+
+/// What the group's answer leaves to do: a debit that landed on a payment
+/// given up is refunded (rare, so in a transaction of its own).
+async fn after_settle(
+    p: &Payments,
+    tx_id: &str,
+    message_id: &str,
+    outcome: GroupOutcome,
+) -> Result<Settled, SettleError> {
+    let settled = match outcome {
+        GroupOutcome::Settled(settled) => return Ok(settled),
+        GroupOutcome::GivenUp => {
+            retry_on_deadlock(|| refund_given_up(p, tx_id, message_id)).await?
+        }
+    };
     if settled == Settled::Refunded {
         p.wake_refund_relay();
     }
     Ok(settled)
 }
 
-async fn settle_once(p: &Payments, tx_id: &str, message_id: &str) -> Result<Settled, SettleError> {
-    // The sale row first (shared), as every order transition does.
-    let sale: Option<u64> = sqlx::query_scalar(
-        "SELECT o.sale_id FROM pay_transactions t JOIN orders o ON o.id = t.order_id \
-         WHERE t.tx_id = ?",
-    )
-    .bind(tx_id)
-    .fetch_optional(p.db())
-    .await?;
-    let Some(sale_id) = sale else {
-        tracing::error!(%tx_id, %message_id, "a debited message for an unknown payment; ignored");
-        return Ok(Settled::Unknown);
-    };
+/// What one item of a settle group came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GroupOutcome {
+    Settled(Settled),
+    /// The payment had been given up: nothing kept, the refund is left to
+    /// [`after_settle`].
+    GivenUp,
+}
+
+/// One settle of a group. Groups run in this order: by transaction, the
+/// log row each locks.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct SettleItem {
+    tx_id: String,
+    message_id: String,
+}
+
+impl SettleItem {
+    fn new(tx_id: &str, message_id: &str) -> SettleItem {
+        SettleItem {
+            tx_id: tx_id.to_string(),
+            message_id: message_id.to_string(),
+        }
+    }
+}
+
+/// The `order_settle_group` procedure: for each message, the sale's row,
+/// the consumed record, the order's Confirm and the log `committed`.
+async fn settle_group(
+    db: MySqlPool,
+    items: Vec<SettleItem>,
+) -> Result<Vec<Result<GroupOutcome, SettleError>>, SettleError> {
+    fail::fail_point!("message.before_settle_commit", |_| Err(
+        SettleError::Inconsistent("fault injected at message.before_settle_commit".into())
+    ));
+    let args: Vec<serde_json::Value> = items
+        .iter()
+        .map(|s| serde_json::json!([s.tx_id, s.message_id]))
+        .collect();
+    let outcomes =
+        group_commit::call_procedure(&db, "CALL order_settle_group(?)", &args, &[]).await?;
+    Ok(items
+        .iter()
+        .zip(outcomes)
+        .map(|(item, o)| match o.as_deref() {
+            Some("paid") => Ok(GroupOutcome::Settled(Settled::Paid)),
+            Some("duplicate") => Ok(GroupOutcome::Settled(Settled::Duplicate)),
+            Some("given_up") => Ok(GroupOutcome::GivenUp),
+            Some("unknown") => {
+                tracing::error!(tx_id = %item.tx_id, message_id = %item.message_id,
+                    "a debited message for an unknown payment; ignored");
+                Ok(GroupOutcome::Settled(Settled::Unknown))
+            }
+            Some(other) => Err(SettleError::Inconsistent(format!(
+                "{}: {other}",
+                item.tx_id
+            ))),
+            None => Err(SettleError::Inconsistent(format!(
+                "{}: order_settle_group answered nothing",
+                item.tx_id
+            ))),
+        })
+        .collect())
+}
+
+/// A debit that landed on a payment given up: a refund message enters
+/// the outbox, in one local transaction with the record that the message
+/// was consumed (so a redelivery refunds nothing twice).
+async fn refund_given_up(
+    p: &Payments,
+    tx_id: &str,
+    message_id: &str,
+) -> Result<Settled, SettleError> {
     let mut t = p.db().begin().await?;
-    order_branch::lock_sale(&mut t, sale_id).await?;
     let fresh = sqlx::query("INSERT IGNORE INTO consumed_messages (message_id) VALUES (?)")
         .bind(message_id)
         .execute(&mut *t)
@@ -248,43 +355,28 @@ async fn settle_once(p: &Payments, tx_id: &str, message_id: &str) -> Result<Sett
     .fetch_one(&mut *t)
     .await?;
     let state: String = row.try_get("state")?;
-    let settled = match state.parse::<TxState>() {
-        Ok(TxState::Started | TxState::Committing) => {
-            match order_branch::confirm_in(&mut t, tx_id).await? {
-                EndOutcome::Done | EndOutcome::Repeat => {}
-                other => {
-                    return Err(SettleError::Inconsistent(format!(
-                        "{tx_id}: the order's branch answered {other:?} to a debit"
-                    )))
-                }
-            }
-            sqlx::query("UPDATE pay_transactions SET state = ? WHERE tx_id = ?")
-                .bind(TxState::Committed)
-                .bind(tx_id)
-                .execute(&mut *t)
-                .await?;
-            Settled::Paid
-        }
-        Ok(TxState::Committed) => Settled::Duplicate,
-        Ok(TxState::Aborting | TxState::Aborted) => {
-            let refund = PaymentMessage::new(
-                MessageKind::Refund,
-                tx_id,
-                &row.try_get::<String, _>("order_id")?,
-                row.try_get("user_id")?,
-                row.try_get("amount_cents")?,
-            );
-            outbox::put(&mut t, &refund.message_id, &refund.to_json()).await?;
-            tracing::warn!(%tx_id, "a debit landed on a payment given up; refunding");
-            Settled::Refunded
-        }
-        Err(e) => return Err(SettleError::Inconsistent(e.to_string())),
-    };
+    if !matches!(
+        state.parse::<TxState>(),
+        Ok(TxState::Aborting | TxState::Aborted)
+    ) {
+        return Err(SettleError::Inconsistent(format!(
+            "{tx_id}: refunding a debit of a payment that is {state}"
+        )));
+    }
+    let refund = PaymentMessage::new(
+        MessageKind::Refund,
+        tx_id,
+        &row.try_get::<String, _>("order_id")?,
+        row.try_get("user_id")?,
+        row.try_get("amount_cents")?,
+    );
+    outbox::put(&mut t, &refund.message_id, &refund.to_json()).await?;
+    tracing::warn!(%tx_id, "a debit landed on a payment given up; refunding");
     fail::fail_point!("message.before_settle_commit", |_| Err(
         SettleError::Inconsistent("fault injected at message.before_settle_commit".into())
     ));
     t.commit().await?;
-    Ok(settled)
+    Ok(Settled::Refunded)
 }
 
 /// The consumer of the payment queue: settles each debited message.
@@ -297,7 +389,10 @@ pub async fn on_debited(p: &Payments, body: &[u8]) -> Result<(), SettleError> {
         tracing::error!(message_id = %m.message_id, "a {:?} message on the payment queue; dropped", m.kind);
         return Ok(());
     }
-    settle(p, &m.tx_id, &m.message_id).await.map(|_| ())
+    p.settles()
+        .settle(p, &m.tx_id, &m.message_id)
+        .await
+        .map(|_| ())
 }
 
 /// Deletes the records of messages consumed more than `older_than_secs`

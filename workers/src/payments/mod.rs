@@ -132,6 +132,8 @@ pub struct Payments {
     log_begins: log::LogBegins,
     /// The order read before and after paying, in groups.
     order_reads: orders::OrderReads,
+    /// `message` mode: the consumer's settles, in groups.
+    settles: message::Settles,
     /// Wakes the refund relay (`message` mode) after a settle wrote one.
     refund_wake: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -150,8 +152,10 @@ impl Payments {
         let log_moves = log::LogMoves::start(&log_db, groups);
         let log_begins = log::LogBegins::start(&log_db, groups);
         let order_reads = orders::OrderReads::start(&db, groups);
+        let settles = message::Settles::start(&db, groups);
         Payments {
             order_reads,
+            settles,
             db,
             log_db,
             order_steps,
@@ -171,6 +175,11 @@ impl Payments {
     /// The pool the coordinator's log is written through.
     pub fn log_db(&self) -> &MySqlPool {
         &self.log_db
+    }
+
+    /// `message` mode: the consumer's settles (grouped).
+    pub fn settles(&self) -> &message::Settles {
+        &self.settles
     }
 
     /// The order branch's TCC steps (grouped with other payments').
@@ -262,9 +271,13 @@ impl Payments {
             running.stopped(),
         );
         let payments = self.clone();
+        let groups = crate::group_commit::GroupLimits::from_config(&config.payment);
         crate::outbox::spawn_consumer(
             config,
             config.amqp.payment_queue.clone(),
+            // Settles join groups and hold no connection while they wait:
+            // enough at once to fill every group in flight.
+            groups.max_items * groups.in_flight,
             move |body| {
                 let payments = payments.clone();
                 async move { message::on_debited(&payments, &body).await }

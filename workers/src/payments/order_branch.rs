@@ -19,7 +19,7 @@
 //! branch may stay prepared for as long as a payment is in doubt, and the
 //! order writer needs the sale row.
 
-use sqlx::{MySqlConnection, MySqlPool};
+use sqlx::MySqlPool;
 
 use super::fence::{self, EndOutcome, FenceError};
 use super::log::{LogError, PayTx};
@@ -260,15 +260,6 @@ async fn end_group(
         .collect())
 }
 
-/// A fence that says `held` over an order row that is not `paying` is
-/// [`BranchError::Inconsistent`].
-fn inconsistent_order(e: sqlx::Error, tx_id: &str) -> BranchError {
-    match fence::contradicted(&e, tx_id) {
-        Some(what) => BranchError::Inconsistent(what),
-        None => BranchError::Db(e),
-    }
-}
-
 fn unexpected_outcome(kind: &'static str, answer: Option<&str>) -> BranchError {
     BranchError::Log(LogError::Stored(crate::statuses::UnknownValue {
         kind,
@@ -303,31 +294,4 @@ pub async fn xa_prepare(
     }
     branch.prepare().await?;
     Ok(Some(branch))
-}
-
-/// Confirm inside the caller's transaction (which has locked the sale's
-/// row already): the `message` mode settles a payment together with the
-/// message that announced it.
-pub(crate) async fn confirm_in(
-    conn: &mut MySqlConnection,
-    tx_id: &str,
-) -> Result<EndOutcome, BranchError> {
-    let outcome: Option<String> = sqlx::query_scalar("CALL order_end_in_row(?, ?)")
-        .bind(tx_id)
-        .bind(FencePhase::Confirm)
-        .fetch_one(conn)
-        .await
-        .map_err(|e| inconsistent_order(e, tx_id))?;
-    Ok(EndOutcome::from_procedure(
-        "order_end_in outcome",
-        outcome.as_deref(),
-    )?)
-}
-
-pub(crate) async fn lock_sale(conn: &mut MySqlConnection, sale_id: u64) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT id FROM sales WHERE id = ? LOCK IN SHARE MODE")
-        .bind(sale_id)
-        .execute(conn)
-        .await?;
-    Ok(())
 }

@@ -181,6 +181,7 @@ fn start_messaging(
     crate::outbox::spawn_consumer(
         config,
         config.amqp.refund_queue.clone(),
+        crate::outbox::ACTING_AT_ONCE,
         move |body| {
             let db = refunds.clone();
             async move { message::on_refund(&db, &body).await }
