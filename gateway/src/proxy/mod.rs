@@ -394,13 +394,8 @@ impl ProxyHttp for EdgeProxy {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
-        metrics::REQUESTS
-            .with_label_values(&[ctx.route.as_str(), &status.to_string()])
-            .inc();
         let elapsed = ctx.started.elapsed();
-        metrics::LATENCY
-            .with_label_values(&[ctx.route.as_str()])
-            .observe(elapsed.as_secs_f64());
+        metrics::observe_request(&ctx.route, status, elapsed.as_secs_f64());
         if let Some(e) = e {
             tracing::warn!(request_id = %ctx.request_id, route = %ctx.route, status, error = %e, "request failed");
         }
