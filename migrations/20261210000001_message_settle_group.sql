@@ -3,10 +3,11 @@
 -- api's consumer holds at once settle as one local transaction in one round
 -- trip, so a burst of payments pays one commit per group instead of one
 -- transaction of seven statements per message. Each item is the settle it
--- was on its own, behind its own savepoint: the sale's row (shared, first,
--- as every order transition takes it), the record that the message was
--- consumed, the order's Confirm (order_end_in) and the log `committed`, in
--- that transaction. Any error rolls the whole group back and reaches the
+-- was on its own, behind its own savepoint: the log's row, the record that
+-- the message was consumed, the order's Confirm (order_end_in) and the log
+-- `committed`. Like the TCC Confirm it leaves the sale's row alone: a
+-- `paying` order is no closer's to take, so no lock order needs it, and a
+-- group holding it would stall the sale's order writer meanwhile. Any error rolls the whole group back and reaches the
 -- caller, who runs it again; the message is acked only after. Items are
 -- taken in the order given (the caller sorts them by transaction). The
 -- answer is one row: a JSON array of outcomes, one per item, in order.
@@ -26,7 +27,6 @@ BEGIN
     DECLARE v_outcomes LONGTEXT DEFAULT '[]';
     DECLARE v_tx_id CHAR(32) CHARACTER SET ascii;
     DECLARE v_message_id CHAR(32) CHARACTER SET ascii;
-    DECLARE v_sale_id BIGINT UNSIGNED;
     DECLARE v_state VARCHAR(16) CHARACTER SET ascii;
     DECLARE v_outcome VARCHAR(255) CHARACTER SET utf8mb4;
     DECLARE items CURSOR FOR
@@ -44,41 +44,37 @@ BEGIN
         SET v_left = v_left - 1;
         SET v_outcome = NULL;
         SAVEPOINT item;
-        SET v_sale_id = (SELECT o.sale_id FROM pay_transactions t
-                         JOIN orders o ON o.id = t.order_id WHERE t.tx_id = v_tx_id);
-        IF v_sale_id IS NULL THEN
+        SET v_state = NULL;
+        SELECT CAST(state AS CHAR) INTO v_state FROM pay_transactions
+            WHERE tx_id = v_tx_id FOR UPDATE;
+        IF v_state IS NULL THEN
             SET v_outcome = 'unknown';
         ELSE
-            SELECT id INTO v_sale_id FROM sales WHERE id = v_sale_id LOCK IN SHARE MODE;
             INSERT IGNORE INTO consumed_messages (message_id) VALUES (v_message_id);
             IF ROW_COUNT() = 0 THEN
                 SET v_outcome = 'duplicate';
-            ELSE
-                SELECT CAST(state AS CHAR) INTO v_state FROM pay_transactions
-                    WHERE tx_id = v_tx_id FOR UPDATE;
-                IF v_state IN ('started', 'committing') THEN
-                    step: BEGIN
-                        DECLARE EXIT HANDLER FOR SQLSTATE '45000' BEGIN
-                            GET DIAGNOSTICS CONDITION 1 v_outcome = MESSAGE_TEXT;
-                        END;
-                        CALL order_end_in(v_tx_id, 'confirm', v_outcome);
-                    END step;
-                    IF v_outcome IN ('done', 'repeat') THEN
-                        UPDATE pay_transactions SET state = 'committed' WHERE tx_id = v_tx_id;
-                        SET v_outcome = 'paid';
-                    ELSE
-                        ROLLBACK TO SAVEPOINT item;
-                        IF v_outcome NOT LIKE 'inconsistent:%' THEN
-                            SET v_outcome = CONCAT('inconsistent: the order branch answered ',
-                                                   v_outcome, ' to a debit');
-                        END IF;
-                    END IF;
-                ELSEIF v_state = 'committed' THEN
-                    SET v_outcome = 'duplicate';
+            ELSEIF v_state IN ('started', 'committing') THEN
+                step: BEGIN
+                    DECLARE EXIT HANDLER FOR SQLSTATE '45000' BEGIN
+                        GET DIAGNOSTICS CONDITION 1 v_outcome = MESSAGE_TEXT;
+                    END;
+                    CALL order_end_in(v_tx_id, 'confirm', v_outcome);
+                END step;
+                IF v_outcome IN ('done', 'repeat') THEN
+                    UPDATE pay_transactions SET state = 'committed' WHERE tx_id = v_tx_id;
+                    SET v_outcome = 'paid';
                 ELSE
                     ROLLBACK TO SAVEPOINT item;
-                    SET v_outcome = 'given_up';
+                    IF v_outcome NOT LIKE 'inconsistent:%' THEN
+                        SET v_outcome = CONCAT('inconsistent: the order branch answered ',
+                                               v_outcome, ' to a debit');
+                    END IF;
                 END IF;
+            ELSEIF v_state = 'committed' THEN
+                SET v_outcome = 'duplicate';
+            ELSE
+                ROLLBACK TO SAVEPOINT item;
+                SET v_outcome = 'given_up';
             END IF;
         END IF;
         SET v_outcomes = JSON_ARRAY_APPEND(v_outcomes, '$', v_outcome);

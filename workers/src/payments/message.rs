@@ -289,7 +289,7 @@ impl SettleItem {
     }
 }
 
-/// The `order_settle_group` procedure: for each message, the sale's row,
+/// The `order_settle_group` procedure: for each message, the log's row,
 /// the consumed record, the order's Confirm and the log `committed`.
 async fn settle_group(
     db: MySqlPool,
@@ -337,6 +337,14 @@ async fn refund_given_up(
     message_id: &str,
 ) -> Result<Settled, SettleError> {
     let mut t = p.db().begin().await?;
+    // The log's row first, as the group procedure takes it.
+    let row = sqlx::query(
+        "SELECT CAST(state AS CHAR) AS state, order_id, user_id, amount_cents \
+         FROM pay_transactions WHERE tx_id = ? FOR UPDATE",
+    )
+    .bind(tx_id)
+    .fetch_one(&mut *t)
+    .await?;
     let fresh = sqlx::query("INSERT IGNORE INTO consumed_messages (message_id) VALUES (?)")
         .bind(message_id)
         .execute(&mut *t)
@@ -347,13 +355,6 @@ async fn refund_given_up(
         t.commit().await?;
         return Ok(Settled::Duplicate);
     }
-    let row = sqlx::query(
-        "SELECT CAST(state AS CHAR) AS state, order_id, user_id, amount_cents \
-         FROM pay_transactions WHERE tx_id = ? FOR UPDATE",
-    )
-    .bind(tx_id)
-    .fetch_one(&mut *t)
-    .await?;
     let state: String = row.try_get("state")?;
     if !matches!(
         state.parse::<TxState>(),
