@@ -127,3 +127,49 @@ async fn late_message_of_a_rolled_back_admission_is_refused_and_a_claimed_one_st
     assert!(result.contains("failed"), "{result}");
     env.cleanup().await;
 }
+
+/// A Redis failover can lose an admission's writes (admit.lua's decrement,
+/// buyer marker and reservation, all in one script) while its message
+/// reached the broker. The worker writes the order anyway (MySQL's guards
+/// decide), and then takes the unit from the counter, once: Redis stock +
+/// unclosed orders = stock again, with the buyer marked. A redelivery of
+/// the same message takes nothing more.
+#[tokio::test]
+async fn an_order_whose_admission_redis_lost_takes_its_unit_once() {
+    let env = TestEnv::new().await;
+    let db = env.db().await;
+    let sale = create_sale(&env, &db, 10).await;
+    let k = env.keys().sale(sale.id);
+    let kept = admit(&env, sale.id, 1).await;
+    let lost = admit(&env, sale.id, 2).await;
+    // The failover: user 2's admission never reached the new master.
+    let mut r = env.redis().await;
+    let _: () = r.incr(k.stock(), 1).await.unwrap();
+    let _: () = r.hdel(k.reservations(), 2).await.unwrap();
+    let _: () = r.srem(k.buyers(), 2).await.unwrap();
+    let stock: i64 = r.get(k.stock()).await.unwrap();
+    assert_eq!(stock, 9, "Redis counts only user 1's unit now");
+
+    let msgs = vec![message(&kept, sale.id, 1), message(&lost, sale.id, 2)];
+    publish(&env.config, &msgs).await;
+    // The same message of the lost admission once more (a redelivery).
+    publish(&env.config, &msgs[1..]).await;
+    let w = InProcessWorker::start(&env.config).await;
+    let done = wait_for(Duration::from_secs(30), || async {
+        settled(&db).await >= 2 && queue_depth(&env.config, &env.config.amqp.queue).await == 0
+    })
+    .await;
+    w.stop().await;
+    assert!(done, "both settled");
+
+    let orders = count(&db, "SELECT COUNT(*) FROM orders").await;
+    assert_eq!(orders, 2);
+    let stock: i64 = r.get(k.stock()).await.unwrap();
+    assert_eq!(stock + orders, 10, "invariant 4: the lost unit taken once");
+    assert_eq!(stock_left(&db, sale.id).await, 8);
+    let marked: bool = r.sismember(k.buyers(), 2).await.unwrap();
+    assert!(marked, "the buyer with an order is marked again");
+    let resv: i64 = r.hlen(k.reservations()).await.unwrap();
+    assert_eq!(resv, 0, "no stuck reservation");
+    env.cleanup().await;
+}

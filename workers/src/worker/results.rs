@@ -13,7 +13,11 @@
 //!   reservation was still this request's, which makes a redelivery harmless;
 //! * a `duplicate` keeps the buyer marker (the buyer really has an order),
 //!   reports the existing order as the buyer's result, and gives back only
-//!   the unit its own reservation took.
+//!   the unit its own reservation took;
+//! * an order this batch wrote whose admission Redis no longer knows (no
+//!   reservation, no buyer marker: a failover lost admit.lua's writes, or
+//!   a rebuild from MySQL came before this order) takes its unit from the
+//!   counter now, so Redis stock + unclosed orders = stock again.
 //!
 //! If Redis fails here the deliveries are not acked; the redelivery finds
 //! the batch settled in MySQL and runs this step again.
@@ -48,6 +52,9 @@ pub struct ResultRecord {
 enum SettleMode {
     /// The order exists: clear the reservation.
     Success,
+    /// The order was written by this batch: as `Success`, and take its
+    /// unit from the counter if its admission's Redis writes were lost.
+    Created,
     /// Failed: clear it, give the unit back, unmark the buyer.
     Release,
     /// The buyer has another order: clear it, give back only its unit.
@@ -58,6 +65,7 @@ impl SettleMode {
     fn as_str(self) -> &'static str {
         match self {
             SettleMode::Success => "success",
+            SettleMode::Created => "created",
             SettleMode::Release => "release",
             SettleMode::Duplicate => "duplicate",
         }
@@ -92,8 +100,11 @@ impl ResultRecord {
     /// What the buyer of `outcome` should see, and the settle mode.
     fn of(outcome: &Outcome) -> (ResultRecord, SettleMode) {
         match &outcome.settlement {
-            Settlement::Success { order_id } => {
+            Settlement::Success { order_id } if outcome.already_settled => {
                 (ResultRecord::success(order_id), SettleMode::Success)
+            }
+            Settlement::Success { order_id } => {
+                (ResultRecord::success(order_id), SettleMode::Created)
             }
             // The buyer has an order; the poll shows it.
             Settlement::Failed {
@@ -140,8 +151,16 @@ pub async fn publish<C: ConnectionLike>(
                 .arg(record.to_json())
                 .arg(mode.as_str());
         }
-        let n: u64 = inv.invoke_async(redis).await?;
-        given_back += n;
+        let (back, taken): (u64, u64) = inv.invoke_async(redis).await?;
+        given_back += back;
+        if taken > 0 {
+            tracing::warn!(
+                sale_id,
+                taken,
+                "orders whose admission Redis had lost (a failover or a rebuild): \
+                 their units taken from the stock counter now"
+            );
+        }
     }
     Ok(given_back)
 }
@@ -152,10 +171,14 @@ mod tests {
     use seckill_contracts::OrderMessage;
 
     fn of(settlement: Settlement) -> (String, SettleMode) {
+        of_settled(settlement, false)
+    }
+
+    fn of_settled(settlement: Settlement, already_settled: bool) -> (String, SettleMode) {
         let outcome = Outcome {
             message: OrderMessage::new("m".into(), 1, 2, 0),
             settlement,
-            already_settled: false,
+            already_settled,
         };
         let (record, mode) = ResultRecord::of(&outcome);
         (record.to_json(), mode)
@@ -167,11 +190,19 @@ mod tests {
             order_id: "o1".into(),
         };
         assert_eq!(
-            of(success),
+            of(success.clone()),
+            (
+                r#"{"status":"success","order_id":"o1"}"#.into(),
+                SettleMode::Created
+            )
+        );
+        assert_eq!(
+            of_settled(success, true),
             (
                 r#"{"status":"success","order_id":"o1"}"#.into(),
                 SettleMode::Success
-            )
+            ),
+            "a redelivery wrote nothing: nothing to take"
         );
         let duplicate = Settlement::Failed {
             reason: FailReason::Duplicate,
