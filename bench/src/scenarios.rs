@@ -1027,15 +1027,41 @@ fn comparison_rows(runs: &BTreeMap<(&str, &str), Vec<Measured>>) -> Vec<Row> {
 /// Stops the workers, queues `drain_orders` admitted orders (as the
 /// gateway would after admitting them), starts the workers and times how
 /// long MySQL takes to hold them all.
-async fn drain(ctx: &mut Ctx) -> anyhow::Result<Row> {
-    let n = ctx.opts.drain_orders;
-    let sale = ctx.create_sale(n, Duration::ZERO).await?;
-    // Redis as after n admissions: stock taken (the audit checks it).
+/// Redis as after these admissions (what admit.lua writes): the stock
+/// taken, each buyer marked and each reservation held, so the workers
+/// settle them as they would a sale's (the audit checks the stock).
+async fn admitted_in_redis(
+    ctx: &mut Ctx,
+    sale: u64,
+    messages: &[seckill_contracts::OrderMessage],
+) -> anyhow::Result<()> {
+    let k = ctx.keys.sale(sale);
     let _: () = redis::cmd("SET")
-        .arg(ctx.keys.sale(sale).stock())
+        .arg(k.stock())
         .arg(0)
         .query_async(&mut ctx.redis)
         .await?;
+    let admitted_ms = Utc::now().timestamp_millis();
+    for chunk in messages.chunks(1000) {
+        let mut reservations = redis::cmd("HSET");
+        reservations.arg(k.reservations());
+        let mut buyers = redis::cmd("SADD");
+        buyers.arg(k.buyers());
+        for m in chunk {
+            reservations
+                .arg(m.user_id)
+                .arg(format!("{}:{admitted_ms}", m.message_id));
+            buyers.arg(m.user_id);
+        }
+        let _: () = reservations.query_async(&mut ctx.redis).await?;
+        let _: () = buyers.query_async(&mut ctx.redis).await?;
+    }
+    Ok(())
+}
+
+async fn drain(ctx: &mut Ctx) -> anyhow::Result<Row> {
+    let n = ctx.opts.drain_orders;
+    let sale = ctx.create_sale(n, Duration::ZERO).await?;
     ctx.stack.stop_matching("worker-");
     let messages: Vec<seckill_contracts::OrderMessage> = (1..=u64::from(n))
         .map(|u| {
@@ -1047,6 +1073,7 @@ async fn drain(ctx: &mut Ctx) -> anyhow::Result<Row> {
             )
         })
         .collect();
+    admitted_in_redis(ctx, sale, &messages).await?;
     stack::publish_orders(&ctx.stack.config, &messages).await?;
     let started = Instant::now();
     ctx.stack.start_workers(ctx.opts.workers).await?;
