@@ -280,6 +280,8 @@ mod tests {
             include_str!("../../migrations/20261208000002_log_move_group.sql"),
             include_str!("../../migrations/wallet/20261209000001_message_debit_group.sql"),
             include_str!("../../migrations/20261210000001_message_settle_group.sql"),
+            include_str!("../../migrations/20261211000001_set_based_steps.sql"),
+            include_str!("../../migrations/wallet/20261211000001_wallet_set_steps.sql"),
         ];
         // What the procedures answer (their own vocabulary, parsed in
         // `fence`, `order_branch`, `wallet::tcc` and `wallet::message`) and

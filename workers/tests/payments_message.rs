@@ -15,7 +15,10 @@ mod payments;
 use std::time::Duration;
 
 use payments::support::count;
-use payments::{pay_through_a_wallet_outage, pay_twice_at_once, recover_all, Ctx, FaultRun, PRICE};
+use payments::{
+    counted, pay_through_a_wallet_outage, pay_twice_at_once, recover_all, Ctx, FaultRun, PRICE,
+    SET_STATEMENTS,
+};
 use seckill_contracts::config::PaymentMode;
 use seckill_workers::payments::log::{new_tx_id, PayTx};
 use seckill_workers::payments::message::{self, Settled};
@@ -408,7 +411,8 @@ async fn a_debit_never_waits_for_the_relay_publishing_before_it() {
     c.finish().await;
 }
 
-/// The debit's group procedure: in one group, a debit, one the balance
+/// The debit's procedure, with a group not all plain (so item by item):
+/// in one group, a debit, one the balance
 /// does not cover (nothing kept, not even its fence), a repeat of the
 /// first, one whose check-back came first (cancelled) and another user's;
 /// each answered as it would be alone, with exactly one ledger row and one
@@ -439,7 +443,7 @@ async fn one_debit_group_answers_each_item_as_it_would_alone() {
         item(&d, 1, 500),
         item(&f, 3, 700),
     ]);
-    let answer: String = sqlx::query_scalar("CALL wallet_debit_group(?)")
+    let answer: String = sqlx::query_scalar("CALL wallet_debit_set(?)")
         .bind(items.to_string())
         .fetch_one(db)
         .await
@@ -505,7 +509,8 @@ async fn one_debit_group_answers_each_item_as_it_would_alone() {
     c.finish().await;
 }
 
-/// The settle's group procedure: in one group, a payment whose debit
+/// The settle's procedure, with a group not all plain (so item by
+/// item): in one group, a payment whose debit
 /// lands (paid), one given up before its debit landed (nothing kept: the
 /// caller refunds), an unknown payment, the first message again and a
 /// second message for the paid payment (duplicates), and one whose order
@@ -572,7 +577,7 @@ async fn one_settle_group_answers_each_item_as_it_would_alone() {
         [paid.tx_id, m2],
         [broken.tx_id, m_broken],
     ]);
-    let answer: String = sqlx::query_scalar("CALL order_settle_group(?)")
+    let answer: String = sqlx::query_scalar("CALL order_settle_set(?)")
         .bind(items.to_string())
         .fetch_one(&c.db)
         .await
@@ -640,6 +645,132 @@ async fn one_settle_group_answers_each_item_as_it_would_alone() {
     }
     assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
     assert_eq!(c.balance(2).await, (10_000, 0));
+    c.assert_audits_clean().await;
+    c.finish().await;
+}
+
+/// Plain groups run as set statements and move what their items would:
+/// six payments logged and held, their debits in one group (the fence
+/// confirmed, one ledger row each with the balance after it, one outbox
+/// message each), their settles in one group (the message consumed, the
+/// order paid, the log `committed`). The same groups again are repeats
+/// and duplicates that change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_debit_and_settle_groups_run_as_set_statements() {
+    let _serial = fail::FailScenario::setup();
+    let mut c = Ctx::start(10, PaymentMode::Message).await;
+    // Only this test settles (see one_settle_group_answers_each_item_as_it_would_alone).
+    drop(std::mem::take(&mut c.messaging));
+    let users: Vec<u64> = (1..=6).collect();
+    c.wallet.credit(&users, 10_000).await;
+    let ids = c.orders(&users).await;
+    let txs: Vec<PayTx> = users
+        .iter()
+        .zip(&ids)
+        .map(|(&user, order)| PayTx {
+            tx_id: new_tx_id(),
+            order_id: order.clone(),
+            user_id: user,
+            sale_id: c.sale,
+            amount_cents: PRICE,
+            mode: PaymentMode::Message,
+            state: TxState::Started,
+        })
+        .collect();
+    for tx in &txs {
+        let hold = c.payments.order_steps().log_and_hold(tx).await.unwrap();
+        assert_eq!(hold, HoldOutcome::Held);
+    }
+    let messages: Vec<message::PaymentMessage> = txs
+        .iter()
+        .map(|tx| {
+            let kind = message::MessageKind::Debited;
+            message::PaymentMessage::new(kind, &tx.tx_id, &tx.order_id, tx.user_id, PRICE)
+        })
+        .collect();
+    let debits = serde_json::json!(txs
+        .iter()
+        .zip(&messages)
+        .map(|(tx, m)| serde_json::json!([
+            tx.tx_id,
+            tx.user_id,
+            tx.order_id,
+            PRICE,
+            m.message_id,
+            m.to_json()
+        ]))
+        .collect::<Vec<_>>());
+    let wallet_db = &c.wallet.db;
+    let (outcomes, statements) = counted(wallet_db, "wallet_debit_set(?)", &debits).await;
+    assert_eq!(outcomes, ["debited"; 6]);
+    assert!(
+        statements <= SET_STATEMENTS,
+        "debits: {statements} statements"
+    );
+    let settles = serde_json::json!(txs
+        .iter()
+        .zip(&messages)
+        .map(|(tx, m)| serde_json::json!([tx.tx_id, m.message_id]))
+        .collect::<Vec<_>>());
+    let (outcomes, statements) = counted(&c.db, "order_settle_set(?)", &settles).await;
+    assert_eq!(outcomes, ["paid"; 6]);
+    assert!(
+        statements <= SET_STATEMENTS,
+        "settles: {statements} statements"
+    );
+    let check = |tx: &str, sql: &str| sql.replace("{tx}", tx);
+    for (tx, m) in txs.iter().zip(&messages) {
+        assert_eq!(c.balance(tx.user_id).await, (10_000 - PRICE, 0));
+        assert_eq!(c.status(&tx.order_id).await, "paid");
+        let ledger: Vec<(String, i64, i64, i64, Option<String>)> = sqlx::query_as(
+            "SELECT CAST(kind AS CHAR), amount_cents, balance_after, frozen_after, order_id \
+             FROM wallet_ledger WHERE tx_id = ?",
+        )
+        .bind(&tx.tx_id)
+        .fetch_all(wallet_db)
+        .await
+        .unwrap();
+        let debit = (
+            "debit".to_string(),
+            PRICE,
+            10_000 - PRICE,
+            0,
+            Some(tx.order_id.clone()),
+        );
+        assert_eq!(ledger, [debit]);
+        for (db, sql) in [
+            (wallet_db, "SELECT COUNT(*) FROM outbox WHERE JSON_VALUE(payload, '$.tx_id') = '{tx}'"),
+            (wallet_db, "SELECT COUNT(*) FROM tcc_fences WHERE tx_id = '{tx}' AND phase = 'confirm'"),
+            (&c.db, "SELECT COUNT(*) FROM pay_transactions WHERE tx_id = '{tx}' AND state = 'committed'"),
+            (&c.db, "SELECT COUNT(*) FROM tcc_fences WHERE tx_id = '{tx}' AND phase = 'confirm'"),
+            (&c.db, "SELECT COUNT(*) FROM orders o JOIN pay_transactions p ON p.order_id = o.id \
+                     WHERE p.tx_id = '{tx}' AND o.paid_at IS NOT NULL"),
+        ] {
+            assert_eq!(count(db, &check(&tx.tx_id, sql)).await, 1, "{sql} for {}", tx.tx_id);
+        }
+        let consumed = format!(
+            "SELECT COUNT(*) FROM consumed_messages WHERE message_id = '{}'",
+            m.message_id
+        );
+        assert_eq!(count(&c.db, &consumed).await, 1);
+    }
+    // The same groups again: item by item, and nothing moves.
+    let rows = "SELECT (SELECT COUNT(*) FROM wallet_ledger) + (SELECT COUNT(*) FROM outbox)";
+    let before = count(wallet_db, rows).await;
+    let (outcomes, _) = counted(wallet_db, "wallet_debit_set(?)", &debits).await;
+    assert_eq!(outcomes, ["repeat"; 6]);
+    let (outcomes, _) = counted(&c.db, "order_settle_set(?)", &settles).await;
+    assert_eq!(outcomes, ["duplicate"; 6]);
+    assert_eq!(count(wallet_db, rows).await, before);
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    // The wallet's messages reach the consumer again: duplicates.
+    c.messaging = c.payments.start_messaging(c.config());
+    let published = "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while count(wallet_db, published).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     c.assert_audits_clean().await;
     c.finish().await;
 }

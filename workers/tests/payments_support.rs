@@ -361,3 +361,37 @@ pub async fn pay_twice_at_once(c: &Ctx) {
     assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
     c.assert_audits_clean().await;
 }
+
+/// At most this many statements for a set procedure's group of up to
+/// eight plain items (each of its statements once, whatever the group's
+/// size); item by item a group of eight takes over forty.
+pub const SET_STATEMENTS: i64 = 24;
+
+/// Calls `procedure` (its arguments written in, the first `?` the items)
+/// on one connection; its outcomes and the statements the server ran for
+/// it, its procedures' included.
+pub async fn counted(
+    db: &sqlx::MySqlPool,
+    procedure: &str,
+    items: &serde_json::Value,
+) -> (Vec<String>, i64) {
+    let mut conn = db.acquire().await.unwrap();
+    let before = session_status(&mut conn, "Queries").await;
+    let answer: String = sqlx::query_scalar(&format!("CALL {procedure}"))
+        .bind(items.to_string())
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    // Less the status query itself.
+    let statements = session_status(&mut conn, "Queries").await - before - 1;
+    (serde_json::from_str(&answer).unwrap(), statements)
+}
+
+/// One of this connection's status counters.
+pub async fn session_status(conn: &mut sqlx::MySqlConnection, name: &str) -> i64 {
+    let (_, n): (String, String) = sqlx::query_as(&format!("SHOW SESSION STATUS LIKE '{name}'"))
+        .fetch_one(conn)
+        .await
+        .unwrap();
+    n.parse().unwrap()
+}

@@ -15,7 +15,10 @@ mod payments;
 use std::time::Duration;
 
 use payments::support::count;
-use payments::{pay_through_a_wallet_outage, pay_twice_at_once, Ctx, FaultRun, PRICE};
+use payments::{
+    counted, pay_through_a_wallet_outage, pay_twice_at_once, session_status, Ctx, FaultRun, PRICE,
+    SET_STATEMENTS,
+};
 use seckill_contracts::config::PaymentMode;
 use seckill_workers::payments::fence::EndOutcome;
 use seckill_workers::payments::log::new_tx_id;
@@ -413,57 +416,56 @@ async fn a_step_refused_halfway_rolls_back_whole() {
 /// Every step finds its rows by key: a procedure's parameters compared
 /// with a column of another character set would scan (and lock, `FOR
 /// UPDATE`) the whole table instead, which under load is a deadlock per
-/// payment. Checked with the server's own counter of rows read by scan.
+/// payment. Checked with the server's own counter of rows read by scan,
+/// for the set statements (`*_set`) and for the item-by-item loops
+/// (`*_group`) alike, one payment each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_step_reads_its_rows_by_key_never_by_scan() {
     let _serial = fail::FailScenario::setup();
     let c = Ctx::start(10, PaymentMode::Tcc).await;
-    c.wallet.credit(&[1], 10_000).await;
-    let ids = c.orders(&[1]).await;
+    c.wallet.credit(&[1, 2], 10_000).await;
+    let ids = c.orders(&[1, 2]).await;
     let filler = "INSERT INTO tcc_fences (tx_id, branch, phase) \
                   SELECT LPAD(HEX(seq), 32, '0'), 'filler', 'try' FROM seq_1_to_2000";
     for db in [&c.db, &c.wallet.db] {
         sqlx::query(filler).execute(db).await.unwrap();
     }
-    let tx_id = new_tx_id();
-    let order_steps = [
-        format!(
-            "CALL order_try_group('[[\"{tx_id}\", 1, \"{}\", 1, {PRICE}, \"tcc\"]]', \
-             'order_not_payable')",
-            ids[0]
-        ),
-        format!("CALL order_end_group('[[\"{tx_id}\", \"confirm\", 1]]')"),
-    ];
-    let wallet_steps = [
-        format!(
-            "CALL wallet_try_group('[[\"{tx_id}\", 1, \"{}\", {PRICE}]]')",
-            ids[0]
-        ),
-        format!("CALL wallet_end_group('[[\"{tx_id}\", \"confirm\"]]')"),
-    ];
-    for (db, steps) in [(&c.db, &order_steps), (&c.wallet.db, &wallet_steps)] {
-        let mut conn = db.acquire().await.unwrap();
-        for step in steps.iter() {
-            let before = rows_scanned(&mut conn).await;
-            let outcome: Option<String> = sqlx::query_scalar(step.as_str())
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-            let scanned = rows_scanned(&mut conn).await - before;
-            // The group's own item list is a table too (JSON_TABLE, read
-            // through a cursor): its one row is all a step may scan.
-            assert!(
-                scanned <= ITEM_TABLE_READS,
-                "{step} answered {outcome:?} scanning {scanned} rows"
-            );
-            assert!(
-                !outcome.as_deref().unwrap_or("").contains("inconsistent"),
-                "{step}: {outcome:?}"
-            );
+    let ways = [("group", 1, ITEM_TABLE_READS), ("set", 2, SET_TABLE_READS)];
+    for ((way, user, table_reads), order) in ways.into_iter().zip(&ids) {
+        let tx_id = new_tx_id();
+        let order_steps = [
+            format!(
+                "CALL order_try_{way}('[[\"{tx_id}\", {user}, \"{order}\", 1, {PRICE}, \"tcc\"]]', \
+                 'order_not_payable')"
+            ),
+            format!("CALL order_end_{way}('[[\"{tx_id}\", \"confirm\", 1]]')"),
+        ];
+        let wallet_steps = [
+            format!("CALL wallet_try_{way}('[[\"{tx_id}\", {user}, \"{order}\", {PRICE}]]')"),
+            format!("CALL wallet_end_{way}('[[\"{tx_id}\", \"confirm\"]]')"),
+        ];
+        for (db, steps) in [(&c.db, &order_steps), (&c.wallet.db, &wallet_steps)] {
+            let mut conn = db.acquire().await.unwrap();
+            for step in steps.iter() {
+                let before = rows_scanned(&mut conn).await;
+                let outcome: Option<String> = sqlx::query_scalar(step.as_str())
+                    .fetch_one(&mut *conn)
+                    .await
+                    .unwrap();
+                let scanned = rows_scanned(&mut conn).await - before;
+                assert!(
+                    scanned <= table_reads,
+                    "{step} answered {outcome:?} scanning {scanned} rows"
+                );
+                assert!(
+                    !outcome.as_deref().unwrap_or("").contains("inconsistent"),
+                    "{step}: {outcome:?}"
+                );
+            }
         }
+        assert_eq!(c.status(order).await, "paid", "{way}");
+        assert_eq!(c.balance(user).await, (10_000 - PRICE, 0), "{way}");
     }
-    assert_eq!(c.status(&ids[0]).await, "paid");
-    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
     c.finish().await;
 }
 
@@ -472,16 +474,18 @@ async fn every_step_reads_its_rows_by_key_never_by_scan() {
 /// fetch. A scan of the 2,000 filler fences would read thousands.
 const ITEM_TABLE_READS: i64 = 3;
 
+/// The same for a set procedure: its item list read once by each of its
+/// statements (a row and its end), and a multi-table `UPDATE`'s own
+/// table of the rows it is to change, read back once.
+const SET_TABLE_READS: i64 = 16;
+
 async fn rows_scanned(conn: &mut sqlx::MySqlConnection) -> i64 {
-    let (_, n): (String, String) =
-        sqlx::query_as("SHOW SESSION STATUS LIKE 'Handler_read_rnd_next'")
-            .fetch_one(conn)
-            .await
-            .unwrap();
-    n.parse().unwrap()
+    session_status(conn, "Handler_read_rnd_next").await
 }
 
-/// One group runs each item as it would run alone: a Try that freezes, one
+/// One group runs each item as it would run alone (through the `*_set`
+/// procedure, which hands a group like this one, not all plain, to its
+/// item-by-item `*_group`): a Try that freezes, one
 /// the balance does not cover, a repeat of the first in the same group, a
 /// Try its Cancel came before; then ends that confirm, roll back empty, and
 /// one the database refuses (its frozen money gone), which is undone alone
@@ -504,7 +508,7 @@ async fn one_group_answers_each_item_as_it_would_alone() {
         [d, 1, order(), 500],
         [f, 3, order(), 700],
     ]);
-    let outcomes = group(&c.wallet.db, "wallet_try_group", &tries).await;
+    let outcomes = group(&c.wallet.db, "wallet_try_set", &tries).await;
     assert_eq!(
         outcomes,
         [
@@ -529,7 +533,7 @@ async fn one_group_answers_each_item_as_it_would_alone() {
         [f, "confirm"],
         [a, "confirm"]
     ]);
-    let outcomes = group(&c.wallet.db, "wallet_end_group", &ends).await;
+    let outcomes = group(&c.wallet.db, "wallet_end_set", &ends).await;
     assert_eq!(outcomes[0], "done");
     assert_eq!(outcomes[1], "empty_rollback");
     assert!(
@@ -568,7 +572,8 @@ async fn one_group_answers_each_item_as_it_would_alone() {
     c.finish().await;
 }
 
-/// Calls a `*_group` procedure with `items`, answering its outcomes.
+/// Calls a `*_set` or `*_group` procedure with `items`, answering its
+/// outcomes.
 async fn group(db: &sqlx::MySqlPool, procedure: &str, items: &serde_json::Value) -> Vec<String> {
     let answer: String = sqlx::query_scalar(&format!("CALL {procedure}(?)"))
         .bind(items.to_string())
@@ -593,7 +598,7 @@ async fn one_order_group_answers_each_item_as_it_would_alone() {
         [b, 1, ids[0], 1, PRICE, "tcc"],
         [d, 1, ids[1], 1, PRICE, "tcc"],
     ]);
-    let answer: String = sqlx::query_scalar("CALL order_try_group(?, 'order_not_payable')")
+    let answer: String = sqlx::query_scalar("CALL order_try_set(?, 'order_not_payable')")
         .bind(tries.to_string())
         .fetch_one(&c.db)
         .await
@@ -615,7 +620,7 @@ async fn one_order_group_answers_each_item_as_it_would_alone() {
         "refused Tries keep no fence"
     );
     let ends = serde_json::json!([[a, "confirm", 1], [b, "confirm", 1], [e, "cancel", 0]]);
-    let answer: String = sqlx::query_scalar("CALL order_end_group(?)")
+    let answer: String = sqlx::query_scalar("CALL order_end_set(?)")
         .bind(ends.to_string())
         .fetch_one(&c.db)
         .await
@@ -682,7 +687,7 @@ async fn one_log_group_moves_each_transaction_once() {
         [a, 1, ids[0], 1, PRICE, "tcc"],
         [b, 2, ids[1], 1, PRICE, "tcc"]
     ]);
-    sqlx::query("CALL order_try_group(?, 'order_not_payable')")
+    sqlx::query("CALL order_try_set(?, 'order_not_payable')")
         .bind(tries.to_string())
         .execute(&c.db)
         .await
@@ -693,7 +698,7 @@ async fn one_log_group_moves_each_transaction_once() {
         [b, "started", "aborting", "timeout"],
         [b, "aborting", "aborted", ""],
     ]);
-    let answer: String = sqlx::query_scalar("CALL log_move_group(?)")
+    let answer: String = sqlx::query_scalar("CALL log_move_set(?)")
         .bind(moves.to_string())
         .fetch_one(&c.db)
         .await
@@ -711,5 +716,204 @@ async fn one_log_group_moves_each_transaction_once() {
     assert_eq!(row(&a).2, None);
     assert_eq!(row(&b).1, "aborted");
     assert_eq!(row(&b).2.as_deref(), Some("timeout"));
+    c.finish().await;
+}
+
+/// A group whose every item is the plain case runs as a handful of set
+/// statements, whatever its size, and moves exactly what the items would
+/// item by item: eight payments' Tries hold and freeze, six Confirms and
+/// two Cancels in one group each, the log's moves. Every ledger row holds
+/// the balances after its own movement. The same groups again (repeats,
+/// suspensions, decisions too late: item by item) change nothing. Two Tries of one wallet in
+/// one group go item by item (each ledger row after the one before it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_plain_steps_runs_as_set_statements_and_moves_what_its_items_would() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(10, PaymentMode::Tcc).await;
+    let users: Vec<u64> = (1..=8).collect();
+    c.wallet.credit(&users, 10_000).await;
+    let ids = c.orders(&users).await;
+    let txs: Vec<String> = users.iter().map(|_| new_tx_id()).collect();
+    let confirmed = 6;
+    let tries = serde_json::json!(users
+        .iter()
+        .zip(&ids)
+        .zip(&txs)
+        .map(|((u, o), t)| serde_json::json!([t, u, o, 1, PRICE, "tcc"]))
+        .collect::<Vec<_>>());
+    let (outcomes, order_try) =
+        counted(&c.db, "order_try_set(?, 'order_not_payable')", &tries).await;
+    assert_eq!(outcomes, ["held"; 8]);
+    let wallet_tries = serde_json::json!(users
+        .iter()
+        .zip(&ids)
+        .zip(&txs)
+        .map(|((u, o), t)| serde_json::json!([t, u, o, PRICE]))
+        .collect::<Vec<_>>());
+    let (outcomes, wallet_try) = counted(&c.wallet.db, "wallet_try_set(?)", &wallet_tries).await;
+    assert_eq!(outcomes, ["frozen"; 8]);
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, PRICE));
+    assert_eq!(c.status(&ids[0]).await, "paying");
+    // The last two are decided `aborting` first, as an abort is.
+    let aborts = serde_json::json!(txs[confirmed..]
+        .iter()
+        .map(|t| serde_json::json!([t, "started", "aborting", "insufficient_funds"]))
+        .collect::<Vec<_>>());
+    let (outcomes, _) = counted(&c.db, "log_move_set(?)", &aborts).await;
+    assert_eq!(outcomes, ["moved"; 2]);
+    let end = |t: &String, i: usize| {
+        if i < confirmed {
+            (t.clone(), "confirm", 1)
+        } else {
+            (t.clone(), "cancel", 0)
+        }
+    };
+    let ends = serde_json::json!(txs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let (t, phase, decide) = end(t, i);
+            serde_json::json!([t, phase, decide])
+        })
+        .collect::<Vec<_>>());
+    let (outcomes, order_end) = counted(&c.db, "order_end_set(?)", &ends).await;
+    assert_eq!(outcomes, ["done"; 8]);
+    let wallet_ends = serde_json::json!(txs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let (t, phase, _) = end(t, i);
+            serde_json::json!([t, phase])
+        })
+        .collect::<Vec<_>>());
+    let (outcomes, wallet_end) = counted(&c.wallet.db, "wallet_end_set(?)", &wallet_ends).await;
+    assert_eq!(outcomes, ["done"; 8]);
+    let lasts = serde_json::json!(txs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| if i < confirmed {
+            serde_json::json!([t, "committing", "committed", ""])
+        } else {
+            serde_json::json!([t, "aborting", "aborted", ""])
+        })
+        .collect::<Vec<_>>());
+    let (outcomes, log_move) = counted(&c.db, "log_move_set(?)", &lasts).await;
+    assert_eq!(outcomes, ["moved"; 8]);
+    // A set procedure runs its few statements once per group; item by item
+    // it would be at least five per item.
+    for (step, statements) in [
+        ("order Try", order_try),
+        ("wallet Try", wallet_try),
+        ("order end", order_end),
+        ("wallet end", wallet_end),
+        ("log move", log_move),
+    ] {
+        assert!(
+            statements <= SET_STATEMENTS,
+            "{step}: {statements} statements for 8 items"
+        );
+    }
+    for (i, ((user, order), tx)) in users.iter().zip(&ids).zip(&txs).enumerate() {
+        let paid = i < confirmed;
+        assert_eq!(c.status(order).await, if paid { "paid" } else { "unpaid" });
+        let paid_at: Option<String> =
+            sqlx::query_scalar("SELECT CAST(paid_at AS CHAR) FROM orders WHERE id = ?")
+                .bind(order)
+                .fetch_one(&c.db)
+                .await
+                .unwrap();
+        assert_eq!(paid_at.is_some(), paid, "paid_at of {order}");
+        let balance = if paid { 10_000 - PRICE } else { 10_000 };
+        assert_eq!(c.balance(*user).await, (balance, 0), "user {user}");
+        let ledger: Vec<(String, i64, i64, i64, Option<String>)> = sqlx::query_as(
+            "SELECT CAST(kind AS CHAR), amount_cents, balance_after, frozen_after, order_id \
+             FROM wallet_ledger WHERE tx_id = ? ORDER BY id",
+        )
+        .bind(tx)
+        .fetch_all(&c.wallet.db)
+        .await
+        .unwrap();
+        let second = if paid {
+            (
+                "debit".to_string(),
+                PRICE,
+                10_000 - PRICE,
+                0,
+                Some(order.clone()),
+            )
+        } else {
+            (
+                "unfreeze".to_string(),
+                PRICE,
+                10_000,
+                0,
+                Some(order.clone()),
+            )
+        };
+        let first = (
+            "freeze".to_string(),
+            PRICE,
+            10_000 - PRICE,
+            PRICE,
+            Some(order.clone()),
+        );
+        assert_eq!(ledger, [first, second], "ledger of {tx}");
+        let state: String =
+            sqlx::query_scalar("SELECT CAST(state AS CHAR) FROM pay_transactions WHERE tx_id = ?")
+                .bind(tx)
+                .fetch_one(&c.db)
+                .await
+                .unwrap();
+        assert_eq!(state, if paid { "committed" } else { "aborted" });
+    }
+    // The same groups again: every item a repeat, nothing moves.
+    let ledger_rows = count(&c.wallet.db, "SELECT COUNT(*) FROM wallet_ledger").await;
+    let (outcomes, _) = counted(&c.wallet.db, "wallet_try_set(?)", &wallet_tries).await;
+    assert_eq!(&outcomes[..confirmed], ["repeat"; 6]);
+    assert_eq!(
+        &outcomes[confirmed..],
+        ["suspended"; 2],
+        "a Try after its Cancel"
+    );
+    let (outcomes, _) = counted(&c.wallet.db, "wallet_end_set(?)", &wallet_ends).await;
+    assert_eq!(outcomes, ["repeat"; 8]);
+    let (outcomes, _) = counted(&c.db, "order_end_set(?)", &ends).await;
+    assert_eq!(&outcomes[..confirmed], ["not_decided"; 6]);
+    assert_eq!(&outcomes[confirmed..], ["repeat"; 2]);
+    let (outcomes, _) = counted(&c.db, "log_move_set(?)", &lasts).await;
+    assert_eq!(outcomes, ["stayed"; 8]);
+    assert_eq!(
+        count(&c.wallet.db, "SELECT COUNT(*) FROM wallet_ledger").await,
+        ledger_rows
+    );
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    // Two Tries of one wallet in one group: item by item, each ledger row
+    // after the one before it.
+    c.wallet.credit(&[20], 1_000).await;
+    let (first, second) = (new_tx_id(), new_tx_id());
+    let order = || uuid::Uuid::new_v4().to_string();
+    let two = serde_json::json!([[first, 20, order(), 300], [second, 20, order(), 400]]);
+    let (outcomes, statements) = counted(&c.wallet.db, "wallet_try_set(?)", &two).await;
+    assert_eq!(outcomes, ["frozen"; 2]);
+    assert!(
+        statements > SET_STATEMENTS / 2,
+        "item by item: {statements}"
+    );
+    let afters: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT balance_after, frozen_after FROM wallet_ledger WHERE user_id = 20 \
+         AND kind = 'freeze' ORDER BY id",
+    )
+    .fetch_all(&c.wallet.db)
+    .await
+    .unwrap();
+    assert_eq!(afters, [(700, 300), (300, 700)]);
+    assert_eq!(c.balance(20).await, (300, 700));
+    for tx in [&first, &second] {
+        seckill_workers::wallet::tcc::cancel(&c.wallet.db, tx)
+            .await
+            .unwrap();
+    }
+    assert_eq!(c.balance(20).await, (1_000, 0));
+    c.assert_audits_clean().await;
     c.finish().await;
 }

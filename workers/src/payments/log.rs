@@ -66,8 +66,10 @@ pub fn valid_tx_id(id: &str) -> bool {
 /// The log's guarded moves (`UPDATE … WHERE state = from`: the call that
 /// changed the row decided), run for many payments at once: the moves of
 /// concurrent payments (a decision, a last move) share one call of the
-/// `log_move_group` procedure, one transaction and one commit
-/// ([`crate::group_commit`]); each is the guarded `UPDATE` it was alone.
+/// `log_move_set` procedure, one transaction and one commit
+/// ([`crate::group_commit`]): one `UPDATE` for the group when every move
+/// finds its row where expected, else each the guarded `UPDATE` it was
+/// alone (`log_move_group`).
 pub struct LogMoves(GroupCommit<LogMove, bool, LogError>);
 
 impl LogMoves {
@@ -119,7 +121,7 @@ async fn move_group(
             serde_json::json!([m.tx_id, m.from.as_str(), m.to.as_str(), reason])
         })
         .collect();
-    let outcomes = group_commit::call_procedure(&db, "CALL log_move_group(?)", &args, &[]).await?;
+    let outcomes = group_commit::call_procedure(&db, "CALL log_move_set(?)", &args, &[]).await?;
     Ok(outcomes
         .into_iter()
         .map(|o| match o.as_deref() {

@@ -208,7 +208,7 @@ impl From<SettleError> for PayError {
 
 /// The settles as the consumer runs them under load: each debited message
 /// joins a group of the others the consumer holds, settled as one local
-/// transaction (`order_settle_group`, [`crate::group_commit`]). [`settle`]
+/// transaction (`order_settle_set`, [`crate::group_commit`]). [`settle`]
 /// runs one alone, as a group of one (the check-back, tools, tests).
 pub struct Settles {
     settles: GroupCommit<SettleItem, GroupOutcome, SettleError>,
@@ -289,8 +289,9 @@ impl SettleItem {
     }
 }
 
-/// The `order_settle_group` procedure: for each message, the log's row,
-/// the consumed record, the order's Confirm and the log `committed`.
+/// The `order_settle_set` procedure: for each message, the log's row,
+/// the consumed record, the order's Confirm and the log `committed` (set
+/// statements for a group of plain settles, else `order_settle_group`).
 async fn settle_group(
     db: MySqlPool,
     items: Vec<SettleItem>,
@@ -303,7 +304,7 @@ async fn settle_group(
         .map(|s| serde_json::json!([s.tx_id, s.message_id]))
         .collect();
     let outcomes =
-        group_commit::call_procedure(&db, "CALL order_settle_group(?)", &args, &[]).await?;
+        group_commit::call_procedure(&db, "CALL order_settle_set(?)", &args, &[]).await?;
     Ok(items
         .iter()
         .zip(outcomes)
@@ -321,7 +322,7 @@ async fn settle_group(
                 item.tx_id
             ))),
             None => Err(SettleError::Inconsistent(format!(
-                "{}: order_settle_group answered nothing",
+                "{}: order_settle_set answered nothing",
                 item.tx_id
             ))),
         })

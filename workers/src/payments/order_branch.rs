@@ -4,11 +4,12 @@
 //! before it expires), Confirm marks it paid, Cancel gives it back
 //! (`paying → unpaid`; an expired one is then closed by the closer as
 //! usual). Each step is its fence step ([`super::fence`]) and the change
-//! it guards, run by a stored procedure (`order_try_group`,
-//! `order_end_group` in `migrations/*_order_step_groups.sql`) together
-//! with the same step of other payments ([`crate::group_commit`]): the
-//! database runs the steps' statements without a round trip between them
-//! and commits them once. A step locks its order row and no sale row, so
+//! it guards, run by a stored procedure (`order_try_set`, `order_end_set`
+//! in `migrations/*_set_based_steps.sql`) together with the same step of
+//! other payments ([`crate::group_commit`]): the database runs the steps'
+//! statements without a round trip between them and commits them once,
+//! as a few statements for the whole group when every item is the plain
+//! case, else item by item (`order_try_group`, `order_end_group`). A step locks its order row and no sale row, so
 //! it never queues behind a batch write of the sale. A group holds several
 //! order rows, and the closer (sale first, then its orders) can meet it
 //! in a cycle; InnoDB then rolls one back and the group runs again.
@@ -182,7 +183,7 @@ impl TryItem {
     }
 }
 
-/// The `order_try_group` procedure: for each Try, fence, hold and log.
+/// The `order_try_set` procedure: for each Try, fence, hold and log.
 async fn try_group(
     db: MySqlPool,
     items: Vec<TryItem>,
@@ -203,7 +204,7 @@ async fn try_group(
         .collect();
     let reason = [AbortReason::OrderNotPayable.as_str()];
     let outcomes =
-        group_commit::call_procedure(&db, "CALL order_try_group(?, ?)", &args, &reason).await?;
+        group_commit::call_procedure(&db, "CALL order_try_set(?, ?)", &args, &reason).await?;
     Ok(outcomes
         .into_iter()
         .map(|o| match o.as_deref() {
@@ -235,7 +236,7 @@ impl EndItem {
     }
 }
 
-/// The `order_end_group` procedure. A fence that says `held` over an
+/// The `order_end_set` procedure. A fence that says `held` over an
 /// order row that is not `paying` is [`BranchError::Inconsistent`], for
 /// that item alone.
 async fn end_group(
@@ -246,7 +247,7 @@ async fn end_group(
         .iter()
         .map(|e| serde_json::json!([e.tx_id, e.phase.as_str(), u8::from(e.decide)]))
         .collect();
-    let outcomes = group_commit::call_procedure(&db, "CALL order_end_group(?)", &args, &[]).await?;
+    let outcomes = group_commit::call_procedure(&db, "CALL order_end_set(?)", &args, &[]).await?;
     Ok(items
         .iter()
         .zip(outcomes)

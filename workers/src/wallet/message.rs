@@ -53,7 +53,7 @@ pub enum Resolution {
 
 /// The message mode's debits as the service runs them under load: each
 /// joins a group of other payments' debits, run as one local transaction
-/// (`wallet_debit_group`, [`crate::group_commit`]). [`debit`] runs one
+/// (`wallet_debit_set`, [`crate::group_commit`]). [`debit`] runs one
 /// alone, as a group of one (tools, tests).
 pub struct Debits {
     debits: GroupCommit<DebitItem, DebitOutcome, WalletError>,
@@ -115,8 +115,9 @@ impl DebitItem {
     }
 }
 
-/// The `wallet_debit_group` procedure: for each debit, the fence, the
-/// movement, the "debited" message in the outbox and the fence's phase.
+/// The `wallet_debit_set` procedure: for each debit, the fence, the
+/// movement, the "debited" message in the outbox and the fence's phase
+/// (set statements for a group of plain debits, else `wallet_debit_group`).
 /// Each item carries its message, made here: a group run again after a
 /// deadlock writes new message ids, which is fine, since nothing of the
 /// rolled-back run was kept.
@@ -145,7 +146,7 @@ async fn debit_group(
         })
         .collect();
     let outcomes =
-        group_commit::call_procedure(&db, "CALL wallet_debit_group(?)", &args, &[]).await?;
+        group_commit::call_procedure(&db, "CALL wallet_debit_set(?)", &args, &[]).await?;
     Ok(outcomes
         .into_iter()
         .map(|o| match o.as_deref() {

@@ -4,10 +4,11 @@
 //! holding the fence step ([`crate::payments::fence`]) and the movement
 //! it allows, so the coordinator may repeat, reorder or lose any call.
 //! Each step runs in a stored procedure
-//! (`migrations/wallet/*_wallet_step_groups.sql`) together with the same
+//! (`migrations/wallet/*_wallet_set_steps.sql`) together with the same
 //! step of other payments ([`crate::group_commit`]): the database runs the
 //! steps' statements without a round trip between them and commits them
-//! once.
+//! once, as a few statements for the whole group when every item is the
+//! plain case, else item by item (`*_wallet_step_groups.sql`).
 
 use serde::{Deserialize, Serialize};
 use sqlx::MySqlPool;
@@ -131,7 +132,8 @@ impl TryItem {
     }
 }
 
-/// The `wallet_try_group` procedure: for each Try, fence and freeze.
+/// The `wallet_try_set` procedure: for each Try, fence and freeze (set
+/// statements for a group of plain Tries, else `wallet_try_group`).
 async fn try_group(
     db: MySqlPool,
     items: Vec<TryItem>,
@@ -140,8 +142,7 @@ async fn try_group(
         .iter()
         .map(|t| serde_json::json!([t.tx_id, t.user_id, t.order_id, t.amount_cents]))
         .collect();
-    let outcomes =
-        group_commit::call_procedure(&db, "CALL wallet_try_group(?)", &args, &[]).await?;
+    let outcomes = group_commit::call_procedure(&db, "CALL wallet_try_set(?)", &args, &[]).await?;
     Ok(outcomes
         .into_iter()
         .map(|o| match o.as_deref() {
@@ -171,7 +172,7 @@ impl EndItem {
     }
 }
 
-/// The `wallet_end_group` procedure: for each end, the fence and the
+/// The `wallet_end_set` procedure (else `wallet_end_group`): for each end, the fence and the
 /// movement of what the Try froze (for the order its fence recorded). A
 /// fence whose frozen money is not there is [`WalletError::Inconsistent`],
 /// for that item alone.
@@ -183,8 +184,7 @@ async fn end_group(
         .iter()
         .map(|e| serde_json::json!([e.tx_id, e.phase.as_str()]))
         .collect();
-    let outcomes =
-        group_commit::call_procedure(&db, "CALL wallet_end_group(?)", &args, &[]).await?;
+    let outcomes = group_commit::call_procedure(&db, "CALL wallet_end_set(?)", &args, &[]).await?;
     Ok(items
         .iter()
         .zip(outcomes)
