@@ -17,57 +17,87 @@
 -- STRAIGHT_JOIN and FORCE INDEX, as the optimizer would scan a small
 -- table, locking every row).
 
--- Try, items and outcomes as wallet_try_group: all `frozen`, or its answer.
-CREATE PROCEDURE wallet_try_set(IN p_items LONGTEXT)
+-- What a Try and a message-mode debit share, for a group of items
+-- `[tx_id, user_id, order_id, amount_cents, …]` inside the caller's
+-- transaction: the fences (branch `p_branch`; phase `try` for a freeze,
+-- `confirm` for a debit, which is final at once), the movement `p_kind`
+-- (`freeze`, or `debit` from the balance) and its ledger rows. `p_taken`
+-- is 1 when every item was fresh, of its own wallet and covered; else 0,
+-- with some items written and not others: the caller rolls back.
+CREATE PROCEDURE wallet_take_set(
+    IN p_items LONGTEXT,
+    IN p_branch VARCHAR(16) CHARACTER SET ascii,
+    IN p_kind VARCHAR(16) CHARACTER SET ascii,
+    OUT p_taken TINYINT
+)
 SQL SECURITY INVOKER
-set_based: BEGIN
+take: BEGIN
     DECLARE v_items INT DEFAULT JSON_LENGTH(p_items);
     DECLARE v_distinct INT;
-    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    DECLARE v_freeze TINYINT DEFAULT p_kind = 'freeze';
+    SET p_taken = 0;
+    IF p_kind NOT IN ('freeze', 'debit') THEN
+        SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'not a movement a group takes';
+    END IF;
     SELECT LEAST(COUNT(DISTINCT tx_id), COUNT(DISTINCT user_id)) INTO v_distinct
         FROM JSON_TABLE(p_items, '$[*]' COLUMNS (
             tx_id VARCHAR(32) CHARACTER SET ascii PATH '$[0]',
             user_id BIGINT UNSIGNED PATH '$[1]'
         )) AS item;
-    IF v_distinct = v_items THEN
-        START TRANSACTION;
-        INSERT IGNORE INTO tcc_fences (tx_id, branch, phase, resource, amount_cents, order_id)
-            SELECT tx_id, 'wallet', 'try', user_id, amount_cents, order_id
-            FROM JSON_TABLE(p_items, '$[*]' COLUMNS (
-                tx_id VARCHAR(32) CHARACTER SET ascii PATH '$[0]',
-                user_id BIGINT UNSIGNED PATH '$[1]',
-                order_id VARCHAR(36) CHARACTER SET ascii PATH '$[2]',
-                amount_cents BIGINT PATH '$[3]'
-            )) AS item;
-        IF ROW_COUNT() = v_items THEN
-            UPDATE JSON_TABLE(p_items, '$[*]' COLUMNS (
-                    user_id BIGINT UNSIGNED PATH '$[1]',
-                    amount_cents BIGINT PATH '$[3]'
-                )) AS item
-                STRAIGHT_JOIN wallets FORCE INDEX (PRIMARY) ON wallets.user_id = item.user_id
-                SET wallets.balance_cents = wallets.balance_cents - item.amount_cents,
-                    wallets.frozen_cents = wallets.frozen_cents + item.amount_cents
-                WHERE item.amount_cents > 0 AND wallets.balance_cents >= item.amount_cents;
-            IF ROW_COUNT() = v_items THEN
-                INSERT INTO wallet_ledger
-                    (user_id, kind, amount_cents, balance_after, frozen_after, order_id, tx_id)
-                    SELECT wallets.user_id, 'freeze', item.amount_cents, wallets.balance_cents,
-                           wallets.frozen_cents, item.order_id, item.tx_id
-                    FROM JSON_TABLE(p_items, '$[*]' COLUMNS (
-                        tx_id VARCHAR(32) CHARACTER SET ascii PATH '$[0]',
-                        user_id BIGINT UNSIGNED PATH '$[1]',
-                        order_id VARCHAR(36) CHARACTER SET ascii PATH '$[2]',
-                        amount_cents BIGINT PATH '$[3]'
-                    )) AS item
-                    STRAIGHT_JOIN wallets FORCE INDEX (PRIMARY) ON wallets.user_id = item.user_id;
-                COMMIT;
-                SELECT CONCAT('[', REPEAT('"frozen",', v_items - 1), '"frozen"]') AS outcomes;
-                LEAVE set_based;
-            END IF;
-        END IF;
-        ROLLBACK;
+    IF v_distinct <> v_items THEN
+        LEAVE take;
     END IF;
-    CALL wallet_try_group(p_items);
+    INSERT IGNORE INTO tcc_fences (tx_id, branch, phase, resource, amount_cents, order_id)
+        SELECT tx_id, p_branch, IF(v_freeze, 'try', 'confirm'), user_id, amount_cents, order_id
+        FROM JSON_TABLE(p_items, '$[*]' COLUMNS (
+            tx_id VARCHAR(32) CHARACTER SET ascii PATH '$[0]',
+            user_id BIGINT UNSIGNED PATH '$[1]',
+            order_id VARCHAR(36) CHARACTER SET ascii PATH '$[2]',
+            amount_cents BIGINT PATH '$[3]'
+        )) AS item;
+    IF ROW_COUNT() <> v_items THEN
+        LEAVE take;
+    END IF;
+    UPDATE JSON_TABLE(p_items, '$[*]' COLUMNS (
+            user_id BIGINT UNSIGNED PATH '$[1]',
+            amount_cents BIGINT PATH '$[3]'
+        )) AS item
+        STRAIGHT_JOIN wallets FORCE INDEX (PRIMARY) ON wallets.user_id = item.user_id
+        SET wallets.balance_cents = wallets.balance_cents - item.amount_cents,
+            wallets.frozen_cents = wallets.frozen_cents + IF(v_freeze, item.amount_cents, 0)
+        WHERE item.amount_cents > 0 AND wallets.balance_cents >= item.amount_cents;
+    IF ROW_COUNT() <> v_items THEN
+        LEAVE take;
+    END IF;
+    INSERT INTO wallet_ledger
+        (user_id, kind, amount_cents, balance_after, frozen_after, order_id, tx_id)
+        SELECT wallets.user_id, p_kind, item.amount_cents, wallets.balance_cents,
+               wallets.frozen_cents, item.order_id, item.tx_id
+        FROM JSON_TABLE(p_items, '$[*]' COLUMNS (
+            tx_id VARCHAR(32) CHARACTER SET ascii PATH '$[0]',
+            user_id BIGINT UNSIGNED PATH '$[1]',
+            order_id VARCHAR(36) CHARACTER SET ascii PATH '$[2]',
+            amount_cents BIGINT PATH '$[3]'
+        )) AS item
+        STRAIGHT_JOIN wallets FORCE INDEX (PRIMARY) ON wallets.user_id = item.user_id;
+    SET p_taken = 1;
+END;
+
+-- Try, items and outcomes as wallet_try_group: all `frozen`, or its answer.
+CREATE PROCEDURE wallet_try_set(IN p_items LONGTEXT)
+SQL SECURITY INVOKER
+BEGIN
+    DECLARE v_taken TINYINT;
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    START TRANSACTION;
+    CALL wallet_take_set(p_items, 'wallet', 'freeze', v_taken);
+    IF v_taken THEN
+        COMMIT;
+        SELECT CONCAT('[', REPEAT('"frozen",', JSON_LENGTH(p_items) - 1), '"frozen"]') AS outcomes;
+    ELSE
+        ROLLBACK;
+        CALL wallet_try_group(p_items);
+    END IF;
 END;
 
 -- Confirm (the frozen amount is the order's debit) or Cancel (it goes back
@@ -142,56 +172,22 @@ END;
 -- the "debited" message in the outbox), or its answer.
 CREATE PROCEDURE wallet_debit_set(IN p_items LONGTEXT)
 SQL SECURITY INVOKER
-set_based: BEGIN
-    DECLARE v_items INT DEFAULT JSON_LENGTH(p_items);
-    DECLARE v_distinct INT;
+BEGIN
+    DECLARE v_taken TINYINT;
     DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
-    SELECT LEAST(COUNT(DISTINCT tx_id), COUNT(DISTINCT user_id)) INTO v_distinct
-        FROM JSON_TABLE(p_items, '$[*]' COLUMNS (
-            tx_id VARCHAR(32) CHARACTER SET ascii PATH '$[0]',
-            user_id BIGINT UNSIGNED PATH '$[1]'
-        )) AS item;
-    IF v_distinct = v_items THEN
-        START TRANSACTION;
-        INSERT IGNORE INTO tcc_fences (tx_id, branch, phase, resource, amount_cents, order_id)
-            SELECT tx_id, 'message', 'confirm', user_id, amount_cents, order_id
-            FROM JSON_TABLE(p_items, '$[*]' COLUMNS (
-                tx_id VARCHAR(32) CHARACTER SET ascii PATH '$[0]',
-                user_id BIGINT UNSIGNED PATH '$[1]',
-                order_id VARCHAR(36) CHARACTER SET ascii PATH '$[2]',
-                amount_cents BIGINT PATH '$[3]'
+    START TRANSACTION;
+    CALL wallet_take_set(p_items, 'message', 'debit', v_taken);
+    IF v_taken THEN
+        INSERT INTO outbox (message_id, payload)
+            SELECT message_id, payload FROM JSON_TABLE(p_items, '$[*]' COLUMNS (
+                message_id VARCHAR(32) CHARACTER SET ascii PATH '$[4]',
+                payload LONGTEXT PATH '$[5]'
             )) AS item;
-        IF ROW_COUNT() = v_items THEN
-            UPDATE JSON_TABLE(p_items, '$[*]' COLUMNS (
-                    user_id BIGINT UNSIGNED PATH '$[1]',
-                    amount_cents BIGINT PATH '$[3]'
-                )) AS item
-                STRAIGHT_JOIN wallets FORCE INDEX (PRIMARY) ON wallets.user_id = item.user_id
-                SET wallets.balance_cents = wallets.balance_cents - item.amount_cents
-                WHERE item.amount_cents > 0 AND wallets.balance_cents >= item.amount_cents;
-            IF ROW_COUNT() = v_items THEN
-                INSERT INTO wallet_ledger
-                    (user_id, kind, amount_cents, balance_after, frozen_after, order_id, tx_id)
-                    SELECT wallets.user_id, 'debit', item.amount_cents, wallets.balance_cents,
-                           wallets.frozen_cents, item.order_id, item.tx_id
-                    FROM JSON_TABLE(p_items, '$[*]' COLUMNS (
-                        tx_id VARCHAR(32) CHARACTER SET ascii PATH '$[0]',
-                        user_id BIGINT UNSIGNED PATH '$[1]',
-                        order_id VARCHAR(36) CHARACTER SET ascii PATH '$[2]',
-                        amount_cents BIGINT PATH '$[3]'
-                    )) AS item
-                    STRAIGHT_JOIN wallets FORCE INDEX (PRIMARY) ON wallets.user_id = item.user_id;
-                INSERT INTO outbox (message_id, payload)
-                    SELECT message_id, payload FROM JSON_TABLE(p_items, '$[*]' COLUMNS (
-                        message_id VARCHAR(32) CHARACTER SET ascii PATH '$[4]',
-                        payload LONGTEXT PATH '$[5]'
-                    )) AS item;
-                COMMIT;
-                SELECT CONCAT('[', REPEAT('"debited",', v_items - 1), '"debited"]') AS outcomes;
-                LEAVE set_based;
-            END IF;
-        END IF;
+        COMMIT;
+        SELECT CONCAT('[', REPEAT('"debited",', JSON_LENGTH(p_items) - 1), '"debited"]')
+            AS outcomes;
+    ELSE
         ROLLBACK;
+        CALL wallet_debit_group(p_items);
     END IF;
-    CALL wallet_debit_group(p_items);
 END;
