@@ -9,14 +9,16 @@
 //!   answer every token with 401;
 //! - **interval**: every `refresh_secs`, so withdrawn keys leave and new
 //!   ones arrive ahead of their first token;
-//! - **unknown kid**: a request whose token names a kid we lack waits for one
-//!   fetch and is verified again, so a buyer holding a just-rotated token is
-//!   served on its first request.
+//! - **unknown kid**: a request whose token names a kid we lack waits for a
+//!   fetch that ends after it arrived and is verified again, so a buyer
+//!   holding a just-rotated token is served on its first request, even when
+//!   the gateway's last fetch came a moment before the key was published.
 //!
 //! Every fetch passes one gate: at most one per `min_fetch_interval_ms`,
 //! whatever triggered it. Requests that arrive while a fetch runs wait for
-//! it instead of starting another, and a flood of tokens with made-up kids
-//! costs the api at most one request per interval. A failed fetch (api down,
+//! it instead of starting another; one that finds the gate shut waits for it
+//! to open (so it waits at most one interval plus a fetch). A flood of
+//! tokens with made-up kids costs the api at most one request per interval. A failed fetch (api down,
 //! junk answer, a set with a broken key) changes nothing: the last good set
 //! keeps serving, and `/admin/keys` and the metrics say since when.
 
@@ -124,15 +126,30 @@ pub fn build(config: &Config) -> Result<Arc<KeyRefresher>, KeySetupError> {
     Ok(refresher)
 }
 
+/// When the last fetch through the gate started and ended.
+#[derive(Debug, Default)]
+struct Gate {
+    started: Option<Instant>,
+    ended: Option<Instant>,
+}
+
+impl Gate {
+    /// How long until the gate lets the next fetch start (zero: now).
+    fn shut_for(&self, min: Duration) -> Duration {
+        self.started
+            .map_or(Duration::ZERO, |t| min.saturating_sub(t.elapsed()))
+    }
+}
+
 /// Fetches key sets and installs them in the shared verifier.
 pub struct KeyRefresher {
     verifier: Arc<JwtVerifier>,
     configured: Vec<VerifyKey>,
     config: JwksConfig,
     http: reqwest::Client,
-    /// When the last fetch started; held across the fetch, so concurrent
-    /// triggers queue behind it instead of fetching again.
-    gate: tokio::sync::Mutex<Option<Instant>>,
+    /// When the last fetch started and ended; held across the fetch, so
+    /// concurrent triggers queue behind it instead of fetching again.
+    gate: tokio::sync::Mutex<Gate>,
     status: Mutex<KeyStatus>,
 }
 
@@ -163,7 +180,7 @@ impl KeyRefresher {
             configured,
             config,
             http,
-            gate: tokio::sync::Mutex::new(None),
+            gate: tokio::sync::Mutex::new(Gate::default()),
             status: Mutex::new(status),
         })
     }
@@ -183,26 +200,45 @@ impl KeyRefresher {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Called when a token names a kid the verifier lacks: fetches if the
-    /// gate allows, or waits for the fetch already running. The caller
-    /// verifies again afterwards either way.
+    /// Called when a token names a kid the verifier lacks: returns once a
+    /// fetch has ended after this call began (the one running now, or the
+    /// next the gate allows, which this call makes unless another waiter
+    /// does). The caller verifies again afterwards either way.
+    ///
+    /// Waiting for a fetch that merely *started* earlier is not enough: the
+    /// interval fetch may have read the api a moment before the key was
+    /// published, and refusing the token then would 401 a buyer whose token
+    /// is good.
     pub async fn on_unknown_kid(&self) {
-        if self.enabled() {
-            let _ = self.fetch_gated(Trigger::UnknownKid).await;
+        if !self.enabled() {
+            return;
+        }
+        let arrived = Instant::now();
+        let min = self.min_interval();
+        loop {
+            let wait = {
+                let mut gate = self.gate.lock().await;
+                if gate.ended.is_some_and(|t| t >= arrived) {
+                    return;
+                }
+                let wait = gate.shut_for(min);
+                if wait.is_zero() {
+                    let _ = self.fetch_through(&mut gate, Trigger::UnknownKid).await;
+                    return;
+                }
+                wait
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 
     /// One fetch through the gate; `Ok(false)` when the gate said "too soon".
     pub async fn fetch_gated(&self, trigger: Trigger) -> Result<bool, FetchError> {
-        let mut last = self.gate.lock().await;
-        let min = Duration::from_millis(self.config.min_fetch_interval_ms);
-        if last.is_some_and(|t| t.elapsed() < min) {
+        let mut gate = self.gate.lock().await;
+        if !gate.shut_for(self.min_interval()).is_zero() {
             return Ok(false);
         }
-        *last = Some(Instant::now());
-        let result = self.fetch_and_install().await;
-        self.record(trigger, &result);
-        result.map(|()| true)
+        self.fetch_through(&mut gate, trigger).await.map(|()| true)
     }
 
     /// The first key set, before traffic. With configured keys one failed
@@ -213,11 +249,7 @@ impl KeyRefresher {
         }
         let deadline = Instant::now() + Duration::from_millis(self.config.startup_wait_ms);
         loop {
-            let wait = {
-                let last = self.gate.lock().await;
-                let min = Duration::from_millis(self.config.min_fetch_interval_ms);
-                last.map_or(Duration::ZERO, |t| min.saturating_sub(t.elapsed()))
-            };
+            let wait = self.gate.lock().await.shut_for(self.min_interval());
             tokio::time::sleep(wait).await;
             match self.fetch_gated(Trigger::Startup).await {
                 Ok(true) => return Ok(()),
@@ -230,6 +262,19 @@ impl KeyRefresher {
                 Err(e) => tracing::warn!(error = %e, "waiting for a first JWKS"),
             }
         }
+    }
+
+    fn min_interval(&self) -> Duration {
+        Duration::from_millis(self.config.min_fetch_interval_ms)
+    }
+
+    /// A fetch by the holder of the gate, which records when it ran.
+    async fn fetch_through(&self, gate: &mut Gate, trigger: Trigger) -> Result<(), FetchError> {
+        gate.started = Some(Instant::now());
+        let result = self.fetch_and_install().await;
+        gate.ended = Some(Instant::now());
+        self.record(trigger, &result);
+        result
     }
 
     /// Tries each address in order; the first usable set is installed.
@@ -423,6 +468,35 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(keys.fetch_gated(Trigger::UnknownKid).await.unwrap());
         assert_eq!(jwks.hits.load(Ordering::SeqCst), 2);
+    }
+
+    /// The interval fetch read the api just before the key was published:
+    /// a token carrying it waits for the gate to open and is served then,
+    /// and the other tokens that came meanwhile share that one fetch.
+    #[tokio::test]
+    async fn an_unknown_kid_after_a_stale_fetch_waits_for_the_next_one() {
+        let jwks = serve_jwks().await;
+        let keys = refresher(&jwks.url, 300);
+        jwks.fail.store(503, Ordering::SeqCst);
+        assert!(keys.fetch_gated(Trigger::Interval).await.is_err());
+        jwks.fail.store(0, Ordering::SeqCst);
+        let asked = Instant::now();
+        let waits: Vec<_> = (0..20)
+            .map(|_| {
+                let keys = keys.clone();
+                tokio::spawn(async move { keys.on_unknown_kid().await })
+            })
+            .collect();
+        for w in waits {
+            w.await.unwrap();
+        }
+        let waited = asked.elapsed();
+        assert_eq!(keys.verifier().kids(), ["a", "b"]);
+        assert_eq!(jwks.hits.load(Ordering::SeqCst), 2, "one stale, one fresh");
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+            "waited {waited:?} for a 300 ms gate"
+        );
     }
 
     #[tokio::test]

@@ -204,9 +204,9 @@ pub(super) fn route(
 }
 
 /// The JWT check of a non-public route: the verified claims, or the 401.
-/// A token naming a kid we lack waits for one key refresh (rate-limited,
-/// see `key_refresh`) and is checked again, so a freshly rotated key is
-/// accepted on its first request.
+/// A token naming a kid we lack waits for a key refresh that ends after it
+/// came (rate-limited, see `key_refresh`) and is checked again, so a freshly
+/// rotated key is accepted on its first request.
 pub(super) async fn authenticate(
     keys: &KeyRefresher,
     req: &RequestHeader,
