@@ -119,10 +119,13 @@ impl Order {
     }
 }
 
-/// True for the only shape an order id has (a UUID); anything else is
-/// answered as "not found" without a query.
+/// True for the only shape an order id has (a hyphenated UUID: hex digits
+/// and dashes); anything else is answered as "not found" without a query.
+/// The XA branches write a checked id into their statements' text.
 pub fn valid_order_id(id: &str) -> bool {
-    id.len() == 36 && uuid::Uuid::parse_str(id).is_ok()
+    id.len() == 36
+        && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+        && uuid::Uuid::parse_str(id).is_ok()
 }
 
 /// The buyer's orders, newest first (at most [`LIST_LIMIT`]).

@@ -130,19 +130,62 @@ async fn each_branch_ends_once_whatever_order_phase_two_arrives_in() {
         .unwrap()
         .expect("prepared");
     assert_eq!(c.status(&ids[0]).await, "unpaid");
-    let second = tokio::time::timeout(
-        Duration::from_millis(300),
-        order_branch::xa_prepare(&c.db, &new_tx_id(), 1, &ids[0]),
-    )
-    .await;
-    assert!(second.is_err(), "a second prepare waits on the row lock");
+    // A second transaction's prepare waits on the row lock (its whole first
+    // phase is one batch the server runs to the end), and prepares once
+    // the first branch is rolled back.
+    let second = {
+        let db = c.db.clone();
+        let order = ids[0].clone();
+        tokio::spawn(async move { order_branch::xa_prepare(&db, &new_tx_id(), 1, &order).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "a second prepare waits on the row lock"
+    );
     branch.rollback().await.unwrap();
-    assert_eq!(c.status(&ids[0]).await, "unpaid");
-    // Someone else's order, or a made-up one: nothing prepared.
-    assert!(order_branch::xa_prepare(&c.db, &new_tx_id(), 2, &ids[0])
+    let second = second
         .await
         .unwrap()
-        .is_none());
+        .unwrap()
+        .expect("prepared after the first let go");
+    second.rollback().await.unwrap();
+    assert_eq!(c.status(&ids[0]).await, "unpaid");
+    // Someone else's order, or a made-up one, or no order id at all:
+    // nothing prepared, not even an empty branch.
+    let mut conn = c.db.acquire().await.unwrap();
+    for (user, order) in [
+        (2, ids[0].clone()),
+        (1, uuid::Uuid::new_v4().to_string()),
+        (1, "00000000-0000-0000-0000-00000000000'".to_string()),
+    ] {
+        let tx = new_tx_id();
+        assert!(order_branch::xa_prepare(&c.db, &tx, user, &order)
+            .await
+            .unwrap()
+            .is_none());
+        let left = xa_branch::prepared(&mut conn, order_branch::BRANCH)
+            .await
+            .unwrap();
+        assert!(!left.contains(&tx), "{order}: a branch stayed prepared");
+    }
+    drop(conn);
+    assert_eq!(c.status(&ids[0]).await, "unpaid");
+    // The wallet refuses a debit the balance cannot cover, and keeps no
+    // branch of it.
+    let poor = new_tx_id();
+    assert_eq!(
+        wallet
+            .xa_prepare(&PrepareRequest {
+                amount_cents: 10_000_000,
+                ..prepare(&poor)
+            })
+            .await
+            .unwrap(),
+        PrepareOutcome::InsufficientFunds
+    );
+    assert!(!wallet.xa_prepared().await.unwrap().contains(&poor));
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
 
     // Bad input to the wallet's internal routes changes nothing.
     let bad = PrepareRequest {
@@ -153,6 +196,15 @@ async fn each_branch_ends_once_whatever_order_phase_two_arrives_in() {
         wallet.xa_prepare(&bad).await,
         Err(WalletCallError::Refused { status: 400, .. })
     ));
+    let bad_order = PrepareRequest {
+        order_id: "00000000-0000-0000-0000-000000000') ".into(),
+        ..prepare(&new_tx_id())
+    };
+    assert!(matches!(
+        wallet.xa_prepare(&bad_order).await,
+        Err(WalletCallError::Refused { status: 400, .. })
+    ));
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
     // The test's own transactions were never logged: the sale audit is
     // what must hold.
     c.assert_sale_audit_clean().await;

@@ -163,7 +163,11 @@ async fn tcc_try(
 /// A branch request the wallet can act on (ids of the right shape, an
 /// amount that is money).
 fn check_branch_request(r: &TryRequest) -> Result<(), Problem> {
-    if !valid_tx_id(&r.tx_id) || r.user_id == 0 || r.amount_cents < 0 || r.order_id.len() != 36 {
+    if !valid_tx_id(&r.tx_id)
+        || r.user_id == 0
+        || r.amount_cents < 0
+        || !crate::orders::valid_order_id(&r.order_id)
+    {
         return Err(Problem::bad_request("malformed branch request"));
     }
     Ok(())
