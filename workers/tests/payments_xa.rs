@@ -130,9 +130,8 @@ async fn each_branch_ends_once_whatever_order_phase_two_arrives_in() {
         .unwrap()
         .expect("prepared");
     assert_eq!(c.status(&ids[0]).await, "unpaid");
-    // A second transaction's prepare waits on the row lock (its whole first
-    // phase is one batch the server runs to the end), and prepares once
-    // the first branch is rolled back.
+    // A second transaction's prepare waits on the row lock, and prepares
+    // once the first branch is rolled back.
     let second = {
         let db = c.db.clone();
         let order = ids[0].clone();

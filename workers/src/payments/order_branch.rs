@@ -270,31 +270,29 @@ fn unexpected_outcome(kind: &'static str, answer: Option<&str>) -> BranchError {
 
 /// XA: the order paid inside a prepared branch named (`tx_id`, `order`),
 /// or `None` when the order is not the buyer's unpaid, unexpired order
-/// (the empty branch is rolled back, nothing stays prepared).
-///
-/// The whole first phase is one round trip
-/// ([`BranchConn::prepare_with`]), so the `UPDATE` is text: the order id
-/// is checked to be a UUID and the rest are numbers and our own words.
+/// (nothing prepared).
 pub async fn xa_prepare(
     db: &MySqlPool,
     tx_id: &str,
     user_id: u64,
     order_id: &str,
 ) -> Result<Option<BranchConn>, BranchError> {
-    if !crate::orders::valid_order_id(order_id) {
+    let mut branch = BranchConn::start(db, Xid::new(tx_id, BRANCH)?).await?;
+    let changed = sqlx::query(
+        "UPDATE orders SET status = ?, paid_at = NOW(3) \
+         WHERE id = ? AND user_id = ? AND status = ? AND expires_at > NOW(3)",
+    )
+    .bind(OrderStatus::Paid)
+    .bind(order_id)
+    .bind(user_id)
+    .bind(OrderStatus::Unpaid)
+    .execute(branch.conn())
+    .await?
+    .rows_affected();
+    if changed != 1 {
+        branch.rollback_active().await?;
         return Ok(None);
     }
-    let pay = format!(
-        "UPDATE orders SET status = '{paid}', paid_at = NOW(3) \
-         WHERE id = '{order_id}' AND user_id = {user_id} AND status = '{unpaid}' \
-         AND expires_at > NOW(3)",
-        paid = OrderStatus::Paid.as_str(),
-        unpaid = OrderStatus::Unpaid.as_str(),
-    );
-    let (branch, phase) = BranchConn::prepare_with(db, Xid::new(tx_id, BRANCH)?, &pay).await?;
-    if phase.rows_affected != 1 {
-        branch.rollback().await?;
-        return Ok(None);
-    }
+    branch.prepare().await?;
     Ok(Some(branch))
 }

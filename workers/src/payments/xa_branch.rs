@@ -24,10 +24,9 @@
 //! them. The xid is built only from a checked transaction id and a
 //! constant branch name, never from anything else.
 
-use futures::TryStreamExt;
-use sqlx::mysql::{MySql, MySqlQueryResult, MySqlRow};
+use sqlx::mysql::MySql;
 use sqlx::pool::PoolConnection;
-use sqlx::{Either, Executor, MySqlConnection, MySqlPool, Row};
+use sqlx::{Executor, MySqlConnection, MySqlPool, Row};
 
 use super::log::valid_tx_id;
 
@@ -121,51 +120,6 @@ impl BranchConn {
         }
     }
 
-    /// A branch's whole first phase in one round trip: `XA START`, the
-    /// branch's one `statement`, `XA END` and `XA PREPARE`, sent as one
-    /// batch (four round trips sent one by one).
-    ///
-    /// The branch is prepared whatever the statement found, so a caller
-    /// whose statement changed nothing rolls the empty branch back at once
-    /// ([`rollback`](Self::rollback)). A statement that fails leaves the
-    /// branch active: its connection closes on drop, which ends it.
-    /// XA statements cannot be server-prepared, so the batch is plain
-    /// text: `statement` must be built from checked values only.
-    ///
-    /// A caller dropped mid-batch does not stop the server: the batch runs
-    /// to its end and the branch may be prepared after its connection has
-    /// closed, as after a crash. So callers run a payment to its end (the
-    /// api's pay runs on a task of its own), and recovery ends such a
-    /// branch as the log says.
-    pub async fn prepare_with(
-        db: &MySqlPool,
-        xid: Xid,
-        statement: &str,
-    ) -> Result<(BranchConn, FirstPhase), XaError> {
-        let conn = db.acquire().await?;
-        let mut branch = BranchConn {
-            conn,
-            xid,
-            clean: false,
-        };
-        let x = branch.xid.sql();
-        let sql = format!("XA START {x}; {statement}; XA END {x}; XA PREPARE {x}");
-        let results: Result<Vec<_>, sqlx::Error> = branch
-            .conn
-            .fetch_many(sqlx::raw_sql(&sql))
-            .try_collect()
-            .await;
-        match results {
-            Ok(results) => Ok((branch, FirstPhase::from(results))),
-            Err(e) if has_code(&e, XAER_DUPID) => {
-                // The batch stopped at XA START: nothing began here.
-                branch.clean = true;
-                Err(XaError::Duplicate(branch.xid.tx_id.clone()))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
     pub fn xid(&self) -> &Xid {
         &self.xid
     }
@@ -207,28 +161,6 @@ impl BranchConn {
         self.conn.execute(sqlx::raw_sql(&sql)).await?;
         self.clean = true;
         Ok(())
-    }
-}
-
-/// What a branch's statement left, read from its first phase's batch.
-#[derive(Debug, Default)]
-pub struct FirstPhase {
-    /// Rows changed by the batch (the XA statements change none).
-    pub rows_affected: u64,
-    /// Rows the statement returned (a procedure's answer).
-    pub rows: Vec<MySqlRow>,
-}
-
-impl From<Vec<Either<MySqlQueryResult, MySqlRow>>> for FirstPhase {
-    fn from(results: Vec<Either<MySqlQueryResult, MySqlRow>>) -> FirstPhase {
-        let mut phase = FirstPhase::default();
-        for result in results {
-            match result {
-                Either::Left(done) => phase.rows_affected += done.rows_affected(),
-                Either::Right(row) => phase.rows.push(row),
-            }
-        }
-        phase
     }
 }
 

@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sqlx::{MySqlPool, Row};
+use sqlx::MySqlPool;
 
-use super::accounts::{self, WalletError};
+use super::accounts::{self, Movement, WalletError};
 use crate::payments::fence::EndOutcome;
 use crate::payments::xa_branch::{self, BranchConn, Detached, XaError, Xid};
 use crate::statuses::LedgerKind;
@@ -109,11 +109,6 @@ fn spawn_release(set: Weak<PreparedBranches>) {
 
 /// Prepare: debit `amount_cents` of `user_id`'s balance for `order_id`,
 /// prepared as the branch (`tx_id`, `wallet`).
-///
-/// The whole first phase is one round trip
-/// ([`BranchConn::prepare_with`]): the debit's procedure call is text,
-/// from checked ids, numbers and our own words. A refused debit leaves an
-/// empty prepared branch, rolled back at once.
 pub async fn prepare(
     db: &MySqlPool,
     held: &PreparedBranches,
@@ -123,30 +118,30 @@ pub async fn prepare(
     amount_cents: i64,
 ) -> Result<PrepareOutcome, WalletError> {
     let xid = Xid::new(tx_id, BRANCH).map_err(xa)?;
-    if !crate::orders::valid_order_id(order_id) {
-        return Err(WalletError::Xa(format!("not an order id: {order_id:?}")));
-    }
-    let debit = format!(
-        "CALL wallet_move_row({user_id}, '{kind}', {amount_cents}, FALSE, '{order_id}', '{tx_id}')",
-        kind = LedgerKind::Debit.as_str(),
-        tx_id = xid.tx_id(),
-    );
-    let (branch, phase) = match BranchConn::prepare_with(db, xid, &debit).await {
-        Ok(prepared) => prepared,
+    let mut branch = match BranchConn::start(db, xid).await {
+        Ok(b) => b,
         Err(XaError::Duplicate(_)) => return Ok(PrepareOutcome::Repeat),
-        // This transaction's debit is in the ledger: committed before.
-        // (The branch it began is active; its connection closes.)
-        Err(XaError::Db(e)) if accounts::is_duplicate_key(&e) => return Ok(PrepareOutcome::Repeat),
         Err(e) => return Err(xa(e)),
     };
-    let moved: Option<i8> = match phase.rows.first() {
-        Some(row) => row.try_get(0)?,
-        None => None,
+    let debit = Movement {
+        user_id,
+        kind: LedgerKind::Debit,
+        amount_cents,
+        order_id: Some(order_id),
+        tx_id: Some(tx_id),
     };
-    if moved != Some(1) {
-        branch.rollback().await.map_err(xa)?;
-        return Ok(PrepareOutcome::InsufficientFunds);
+    let outcome = match accounts::apply(branch.conn(), &debit, false).await {
+        Ok(true) => PrepareOutcome::Prepared,
+        Ok(false) => PrepareOutcome::InsufficientFunds,
+        // This transaction's debit is in the ledger: committed before.
+        Err(WalletError::Db(e)) if accounts::is_duplicate_key(&e) => PrepareOutcome::Repeat,
+        Err(e) => return Err(e),
+    };
+    if outcome != PrepareOutcome::Prepared {
+        branch.rollback_active().await.map_err(xa)?;
+        return Ok(outcome);
     }
+    branch.prepare().await.map_err(xa)?;
     held.keep(tx_id, branch);
     Ok(PrepareOutcome::Prepared)
 }
