@@ -440,11 +440,9 @@ mod tests {
         Arc::new(KeyRefresher::new(Arc::new(verifier), vec![verify_key(key(0))], config).unwrap())
     }
 
-    #[tokio::test]
-    async fn a_burst_of_unknown_kids_makes_one_fetch() {
-        let jwks = serve_jwks().await;
-        let keys = refresher(&jwks.url, 60_000);
-        let waits: Vec<_> = (0..50)
+    /// `n` requests with an unknown kid at once; returns when all have.
+    async fn unknown_kids_at_once(keys: &Arc<KeyRefresher>, n: usize) {
+        let waits: Vec<_> = (0..n)
             .map(|_| {
                 let keys = keys.clone();
                 tokio::spawn(async move { keys.on_unknown_kid().await })
@@ -453,6 +451,13 @@ mod tests {
         for w in waits {
             w.await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_unknown_kids_makes_one_fetch() {
+        let jwks = serve_jwks().await;
+        let keys = refresher(&jwks.url, 60_000);
+        unknown_kids_at_once(&keys, 50).await;
         assert_eq!(jwks.hits.load(Ordering::SeqCst), 1);
         // Every waiter returns after the one fetch, with the new key in.
         assert_eq!(keys.verifier().kids(), ["a", "b"]);
@@ -481,15 +486,7 @@ mod tests {
         assert!(keys.fetch_gated(Trigger::Interval).await.is_err());
         jwks.fail.store(0, Ordering::SeqCst);
         let asked = Instant::now();
-        let waits: Vec<_> = (0..20)
-            .map(|_| {
-                let keys = keys.clone();
-                tokio::spawn(async move { keys.on_unknown_kid().await })
-            })
-            .collect();
-        for w in waits {
-            w.await.unwrap();
-        }
+        unknown_kids_at_once(&keys, 20).await;
         let waited = asked.elapsed();
         assert_eq!(keys.verifier().kids(), ["a", "b"]);
         assert_eq!(jwks.hits.load(Ordering::SeqCst), 2, "one stale, one fresh");
