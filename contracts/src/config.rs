@@ -701,6 +701,14 @@ pub struct WorkerConfig {
     pub sweep_interval_secs: u64,
     /// A reservation with no message after this long is released.
     pub reservation_timeout_secs: u64,
+    /// Peak shaving: at most this many orders a second written by this
+    /// worker process (all its consumers together); 0 writes as fast as
+    /// MySQL takes them. A sell-out's orders then wait in the queue and
+    /// reach MySQL over `stock / (rate × workers)` seconds instead of all
+    /// in the opening second, which must stay well inside
+    /// `reservation_timeout_secs` (an older unclaimed reservation is given
+    /// back and its buyer's order fails).
+    pub drain_orders_per_sec: u32,
 }
 
 impl Default for WorkerConfig {
@@ -713,6 +721,7 @@ impl Default for WorkerConfig {
             order_timeout_secs: 1_800,
             sweep_interval_secs: 30,
             reservation_timeout_secs: 60,
+            drain_orders_per_sec: 0,
         }
     }
 }

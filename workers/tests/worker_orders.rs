@@ -408,3 +408,44 @@ async fn settle_script_is_exact_and_idempotent() {
     }
     env.cleanup().await;
 }
+
+/// Peak shaving: with `worker.drain_orders_per_sec` a burst already in the
+/// queue reaches MySQL over `burst / rate` seconds, not at once, and every
+/// message still becomes its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paced_worker_spreads_a_burst_and_writes_every_order() {
+    let mut env = TestEnv::new().await;
+    env.config.worker.drain_orders_per_sec = 200;
+    env.config.worker.batch_size = 50;
+    let db = env.db().await;
+    let sale = create_sale(&env, &db, 200).await;
+    let messages: Vec<_> = (1..=200u64)
+        .map(|u| message(format!("paced-{u}"), sale.id, u))
+        .collect();
+    publish(&env.config, &messages).await;
+
+    let worker = InProcessWorker::start(&env.config).await;
+    let done = wait_for(Duration::from_secs(60), || async {
+        settled(&db).await >= 200
+    })
+    .await;
+    worker.stop().await;
+    assert!(done, "only {} of 200 settled", settled(&db).await);
+
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM orders").await, 200);
+    assert_eq!(stock_left(&db, sale.id).await, 0);
+    // 200 orders at 200 a second, at most 50 a batch: the last batch's
+    // turn comes at least 750 ms after the first's (unpaced, the four
+    // batches go within a few tens of milliseconds).
+    let spread_ms = count(
+        &db,
+        "SELECT TIMESTAMPDIFF(MICROSECOND, MIN(created_at), MAX(created_at)) DIV 1000 FROM orders",
+    )
+    .await;
+    assert!(
+        spread_ms >= 700,
+        "the burst reached MySQL within {spread_ms} ms"
+    );
+    assert_eq!(queue_depth(&env.config, &env.config.amqp.queue).await, 0);
+    env.cleanup().await;
+}

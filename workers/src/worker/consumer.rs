@@ -4,8 +4,10 @@
 //! `basic.qos(prefetch)` on the order queue (`broker_session`, which also
 //! declares the shared topology and reconnects). Deliveries are collected into
 //! batches of up to `worker.batch_size` messages, or whatever arrived within
-//! `worker.batch_max_wait_ms` of the batch's first message, and each batch
-//! is handled to the end before the next is collected:
+//! `worker.batch_max_wait_ms` of the batch's first message; each batch
+//! waits for its turn on the process's write schedule ([`super::pace`],
+//! `worker.drain_orders_per_sec`) and is handled to the end before the
+//! next is collected:
 //!
 //! 1. malformed or unsupported-version messages are rejected without
 //!    requeue, which dead-letters them (the order queue's
@@ -115,6 +117,11 @@ async fn session(
             Err(e) => break Err(e.context("order consumer")),
         };
         let (batch, stream_end) = collect_batch(ctx, &mut consumer, first).await;
+        if !ctx.pace.turn(batch.len(), stop).await {
+            // Stopping while the batch waits for its turn: it stays
+            // unacked and goes back to the queue with the channel.
+            break Ok(());
+        }
         if let Err(e) = handle_batch(ctx, &closes, batch).await {
             break Err(e.into());
         }

@@ -10,6 +10,7 @@ use seckill_contracts::redis_client::RedisConn;
 use sqlx::MySqlPool;
 
 use super::order_writer::WriterConfig;
+use super::pace::DrainPace;
 
 /// Configuration and the two stores.
 pub struct WorkerContext {
@@ -17,6 +18,8 @@ pub struct WorkerContext {
     pub db: MySqlPool,
     pub redis: RedisConn,
     pub keys: KeySchema,
+    /// The consumers' shared write schedule (`worker.drain_orders_per_sec`).
+    pub pace: DrainPace,
     /// Consecutive transient failures of batch writes, across the
     /// process's consumers; drives the requeue backoff.
     transient_failures: AtomicU32,
@@ -25,11 +28,13 @@ pub struct WorkerContext {
 impl WorkerContext {
     pub fn new(config: Config, db: MySqlPool, redis: RedisConn) -> WorkerContext {
         let keys = KeySchema::new(config.redis.key_prefix.clone());
+        let pace = DrainPace::new(config.worker.drain_orders_per_sec);
         WorkerContext {
             config,
             db,
             redis,
             keys,
+            pace,
             transient_failures: AtomicU32::new(0),
         }
     }

@@ -11,6 +11,8 @@
 //!
 //! * [`context`]: what they all share (config, MySQL, Redis, key schema);
 //! * [`consumer`]: batching, ack/requeue/dead-letter policy;
+//! * [`pace`]: peak shaving, the process's write schedule
+//!   (`worker.drain_orders_per_sec`);
 //! * `broker_session`: the connection, topology and reconnect loop the
 //!   order and close consumers share, with the `backoff` curve every retry
 //!   loop of the worker uses;
@@ -37,6 +39,7 @@ pub mod context;
 pub mod dlq;
 pub mod metrics;
 pub mod order_writer;
+pub mod pace;
 pub mod reservations;
 pub mod results;
 pub mod sweeper;
