@@ -18,9 +18,10 @@
 //! whatever triggered it. Requests that arrive while a fetch runs wait for
 //! it instead of starting another; one that finds the gate shut waits for it
 //! to open (so it waits at most one interval plus a fetch). A flood of
-//! tokens with made-up kids costs the api at most one request per interval. A failed fetch (api down,
-//! junk answer, a set with a broken key) changes nothing: the last good set
-//! keeps serving, and `/admin/keys` and the metrics say since when.
+//! tokens with made-up kids costs the api at most one request per interval.
+//! A failed fetch (api down, junk answer, a set with a broken key) changes
+//! nothing: the last good set keeps serving, and `/admin/keys` and the
+//! metrics say since when.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
