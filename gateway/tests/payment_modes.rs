@@ -122,7 +122,7 @@ async fn count(db: &sqlx::MySqlPool, sql: &str) -> i64 {
 
 /// How many of `tx_ids`' wallet branches the server holds prepared
 /// (`XA RECOVER` lists the whole server's).
-async fn prepared_wallet_branches(db: &sqlx::MySqlPool, tx_ids: &[String]) -> usize {
+async fn prepared_wallet_branches(db: &sqlx::MySqlPool, groups: &[String]) -> usize {
     use sqlx::{Executor, Row};
     let rows = db.fetch_all(sqlx::raw_sql("XA RECOVER")).await.unwrap();
     rows.iter()
@@ -133,7 +133,7 @@ async fn prepared_wallet_branches(db: &sqlx::MySqlPool, tx_ids: &[String]) -> us
                 .unwrap_or(usize::MAX)
                 .min(data.len());
             let (gtrid, bqual) = data.split_at(split);
-            bqual == b"wallet" && tx_ids.iter().any(|t| t.as_bytes() == gtrid)
+            bqual == b"wallet" && groups.iter().any(|g| g.as_bytes() == gtrid)
         })
         .count()
 }
@@ -188,10 +188,12 @@ async fn the_wallet_killed_mid_payment_ends_consistent(mode: PaymentMode) {
     // the restarted wallet to find and end what the dead one left.
     let under_way = async {
         loop {
-            let logged: Vec<String> = sqlx::query_scalar("SELECT tx_id FROM pay_transactions")
-                .fetch_all(&db)
-                .await
-                .unwrap();
+            // XA branches are named by their payment group.
+            let logged: Vec<String> =
+                sqlx::query_scalar("SELECT COALESCE(xa_group, tx_id) FROM pay_transactions")
+                    .fetch_all(&db)
+                    .await
+                    .unwrap();
             let prepared = if mode == PaymentMode::Xa {
                 prepared_wallet_branches(&db, &logged).await
             } else {

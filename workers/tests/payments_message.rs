@@ -536,6 +536,7 @@ async fn one_settle_group_answers_each_item_as_it_would_alone() {
         amount_cents: PRICE,
         mode: PaymentMode::Message,
         state: TxState::Started,
+        xa_group: None,
     };
     let (paid, given_up, broken) = (held(1, &ids[0]), held(2, &ids[1]), held(3, &ids[2]));
     let wallet_db = &c.wallet.db;
@@ -675,6 +676,7 @@ async fn plain_debit_and_settle_groups_run_as_set_statements() {
             amount_cents: PRICE,
             mode: PaymentMode::Message,
             state: TxState::Started,
+            xa_group: None,
         })
         .collect();
     for tx in &txs {

@@ -20,11 +20,14 @@ use payments::{pay_through_a_wallet_outage, pay_twice_at_once, recover_all, Ctx,
 use seckill_contracts::config::PaymentMode;
 use seckill_workers::payments::fence::EndOutcome;
 use seckill_workers::payments::log::new_tx_id;
+use seckill_workers::payments::log::PayTx;
+use seckill_workers::payments::order_branch::OrderGroupBranch;
 use seckill_workers::payments::wallet_client::{WalletCallError, WalletClient};
 use seckill_workers::payments::{order_branch, xa, xa_branch, PayResult};
+use seckill_workers::statuses::TxState;
 use seckill_workers::wallet::accounts;
-use seckill_workers::wallet::routes::PrepareRequest;
-use seckill_workers::wallet::xa::PrepareOutcome;
+use seckill_workers::wallet::routes::{PrepareRequest, TryRequest};
+use seckill_workers::wallet::xa::{Debit, PrepareOutcome};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_debits_once_in_two_phases_and_marks_the_order_paid() {
@@ -79,130 +82,215 @@ async fn a_buyer_paying_twice_at_once_is_charged_once() {
     c.finish().await;
 }
 
+/// A group's wallet prepare of `items` (user, order, amount), each its
+/// own payment.
+fn group_prepare(group: &str, items: &[(u64, &str, i64)]) -> PrepareRequest {
+    PrepareRequest {
+        group_id: group.to_string(),
+        items: items
+            .iter()
+            .map(|&(user_id, order, amount_cents)| TryRequest {
+                tx_id: new_tx_id(),
+                user_id,
+                order_id: order.to_string(),
+                amount_cents,
+            })
+            .collect(),
+    }
+}
+
+/// A payment of `order` by `user`, as the log would hold it.
+fn payment(c: &Ctx, user: u64, order: &str) -> PayTx {
+    PayTx {
+        tx_id: new_tx_id(),
+        order_id: order.to_string(),
+        user_id: user,
+        sale_id: c.sale,
+        amount_cents: PRICE,
+        mode: PaymentMode::Xa,
+        state: TxState::Started,
+        xa_group: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_at_once_share_groups_and_each_gets_its_own_answer() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(200, PaymentMode::Xa).await;
+    let users: Vec<u64> = (1..=200).collect();
+    let ids = c.orders(&users).await;
+    // Every tenth buyer cannot afford the order; buyer 1 pays twice.
+    let (poor, rich): (Vec<u64>, Vec<u64>) = users.iter().partition(|u| u.is_multiple_of(10));
+    c.wallet.credit(&rich, 10_000).await;
+    c.wallet.credit(&poor, PRICE - 1).await;
+    let payments = users
+        .iter()
+        .chain([&1])
+        .map(|&u| c.pay(u, &ids[(u - 1) as usize]));
+    let answers = futures::future::join_all(payments).await;
+
+    for (i, answer) in answers.iter().take(users.len()).enumerate() {
+        let user = users[i];
+        match answer {
+            PayResult::InsufficientFunds if user.is_multiple_of(10) => {}
+            PayResult::Paid(_) if !user.is_multiple_of(10) => {}
+            // Buyer 1's other payment paid first.
+            PayResult::AlreadyPaid | PayResult::InProgress if user == 1 => {}
+            other => panic!("buyer {user}: {other:?}"),
+        }
+        let expected = if user.is_multiple_of(10) {
+            "unpaid"
+        } else {
+            "paid"
+        };
+        assert_eq!(c.status(&ids[i]).await, expected, "buyer {user}");
+    }
+    assert!(
+        matches!(
+            answers[users.len()],
+            PayResult::Paid(_) | PayResult::AlreadyPaid | PayResult::InProgress
+        ),
+        "{:?}",
+        answers[users.len()]
+    );
+    assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    assert_eq!(c.balance(10).await, (PRICE - 1, 0));
+    // The 201 payments ran in far fewer XA transactions than payments.
+    let (groups, logged): (i64, i64) =
+        sqlx::query_as("SELECT COUNT(DISTINCT xa_group), COUNT(*) FROM pay_transactions")
+            .fetch_one(&c.db)
+            .await
+            .unwrap();
+    assert_eq!(logged, 201);
+    assert!(groups < 100, "{groups} groups for {logged} payments");
+    c.assert_audits_clean().await;
+    println!("xa: {logged} payments at once in {groups} groups, audits clean");
+    c.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_branch_ends_once_whatever_order_phase_two_arrives_in() {
     let _serial = fail::FailScenario::setup();
     let c = Ctx::start(10, PaymentMode::Xa).await;
-    c.wallet.credit(&[1], 10_000).await;
-    let ids = c.orders(&[1]).await;
+    c.wallet.credit(&[1, 2], 10_000).await;
+    let ids = c.orders(&[1, 2]).await;
     let wallet = WalletClient::new(c.config());
-    let prepare = |tx: &str| PrepareRequest {
-        tx_id: tx.to_string(),
-        user_id: 1,
-        order_id: ids[0].clone(),
-        amount_cents: PRICE,
-    };
 
     // A rollback with nothing prepared is empty and changes nothing.
-    let tx = new_tx_id();
+    let group = new_tx_id();
     assert_eq!(
-        wallet.xa_rollback(&tx).await.unwrap(),
+        wallet.xa_rollback(&group).await.unwrap(),
         EndOutcome::EmptyRollback
     );
-    // Prepared: the debit is invisible until committed, and a second
-    // prepare of the same branch is a repeat.
-    assert_eq!(
-        wallet.xa_prepare(&prepare(&tx)).await.unwrap(),
-        PrepareOutcome::Prepared
+    // Prepared: the debits are invisible until committed, and a second
+    // prepare of the same group is a repeat (its content unknown to it).
+    // Buyer 1's second debit is more than what the first left.
+    let request = group_prepare(
+        &group,
+        &[
+            (1, &ids[0], PRICE),
+            (2, &ids[1], PRICE),
+            (1, &ids[0], 10_000),
+        ],
     );
+    let prepared = wallet.xa_prepare(&request).await.unwrap();
+    assert_eq!(prepared.outcome, PrepareOutcome::Prepared);
     assert_eq!(
-        wallet.xa_prepare(&prepare(&tx)).await.unwrap(),
-        PrepareOutcome::Repeat
+        prepared.debits,
+        [Debit::Debited, Debit::Debited, Debit::InsufficientFunds]
     );
+    let repeat = wallet.xa_prepare(&request).await.unwrap();
+    assert_eq!(repeat.outcome, PrepareOutcome::Repeat);
     assert_eq!(c.balance(1).await, (10_000, 0));
-    assert!(wallet.xa_prepared().await.unwrap().contains(&tx));
+    assert!(wallet.xa_prepared().await.unwrap().contains(&group));
     // Committed once; again is a repeat; a rollback after it is refused.
-    assert_eq!(wallet.xa_commit(&tx).await.unwrap(), EndOutcome::Done);
-    assert_eq!(wallet.xa_commit(&tx).await.unwrap(), EndOutcome::Repeat);
-    assert_eq!(wallet.xa_rollback(&tx).await.unwrap(), EndOutcome::Refused);
+    assert_eq!(wallet.xa_commit(&group).await.unwrap(), EndOutcome::Done);
+    assert_eq!(wallet.xa_commit(&group).await.unwrap(), EndOutcome::Repeat);
+    assert_eq!(
+        wallet.xa_rollback(&group).await.unwrap(),
+        EndOutcome::Refused
+    );
     assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
+    assert_eq!(c.balance(2).await, (10_000 - PRICE, 0));
+    let ledger = accounts::statement(&c.wallet.db, 1).await.unwrap().ledger;
+    assert_eq!(ledger[0].balance_after_cents, 10_000 - PRICE);
     // A commit of something never prepared is refused.
     assert_eq!(
         wallet.xa_commit(&new_tx_id()).await.unwrap(),
         EndOutcome::Refused
     );
 
-    // The order's branch: prepared, the row is locked and still unpaid to
-    // everyone else; a second transaction cannot prepare it meanwhile.
-    let tx = new_tx_id();
-    let branch = order_branch::xa_prepare(&c.db, &tx, 1, &ids[0])
-        .await
-        .unwrap()
-        .expect("prepared");
+    // The order's branch: the payable orders locked, one payment per
+    // order; prepared, the rows stay unpaid to everyone else, and a second
+    // group cannot lock them meanwhile.
+    let first = [payment(&c, 1, &ids[0]), payment(&c, 1, &ids[0])];
+    let group = new_tx_id();
+    let (branch, can_go) = OrderGroupBranch::lock(&c.db, &group, &first).await.unwrap();
+    assert_eq!(can_go, [true, false], "one payment per order in a group");
+    let branch = branch.prepare(&[&ids[0]]).await.unwrap();
     assert_eq!(c.status(&ids[0]).await, "unpaid");
-    // A second transaction's prepare waits on the row lock, and prepares
-    // once the first branch is rolled back.
     let second = {
-        let db = c.db.clone();
-        let order = ids[0].clone();
-        tokio::spawn(async move { order_branch::xa_prepare(&db, &new_tx_id(), 1, &order).await })
+        let (db, tx) = (c.db.clone(), payment(&c, 1, &ids[0]));
+        tokio::spawn(async move { OrderGroupBranch::lock(&db, &new_tx_id(), &[tx]).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !second.is_finished(),
-        "a second prepare waits on the row lock"
-    );
+    assert!(!second.is_finished(), "a second lock waits on the row lock");
     branch.rollback().await.unwrap();
-    let second = second
-        .await
-        .unwrap()
-        .unwrap()
-        .expect("prepared after the first let go");
-    second.rollback().await.unwrap();
+    let (second, can_go) = second.await.unwrap().unwrap();
+    assert_eq!(can_go, [true], "locked after the first let go");
+    second.give_up().await.unwrap();
     assert_eq!(c.status(&ids[0]).await, "unpaid");
-    // Someone else's order, or a made-up one, or no order id at all:
-    // nothing prepared, not even an empty branch.
+    // Someone else's order, or a made-up one, or a SQL-looking id: not
+    // payable, and nothing stays prepared.
+    let odd = [
+        payment(&c, 2, &ids[0]),
+        payment(&c, 1, &uuid::Uuid::new_v4().to_string()),
+        payment(&c, 1, "00000000-0000-0000-0000-00000000000'"),
+    ];
+    let group = new_tx_id();
+    let (branch, can_go) = OrderGroupBranch::lock(&c.db, &group, &odd).await.unwrap();
+    assert_eq!(can_go, [false, false, false]);
+    branch.give_up().await.unwrap();
     let mut conn = c.db.acquire().await.unwrap();
-    for (user, order) in [
-        (2, ids[0].clone()),
-        (1, uuid::Uuid::new_v4().to_string()),
-        (1, "00000000-0000-0000-0000-00000000000'".to_string()),
-    ] {
-        let tx = new_tx_id();
-        assert!(order_branch::xa_prepare(&c.db, &tx, user, &order)
-            .await
-            .unwrap()
-            .is_none());
-        let left = xa_branch::prepared(&mut conn, order_branch::BRANCH)
-            .await
-            .unwrap();
-        assert!(!left.contains(&tx), "{order}: a branch stayed prepared");
-    }
+    let left = xa_branch::prepared(&mut conn, order_branch::BRANCH)
+        .await
+        .unwrap();
+    assert!(!left.contains(&group), "a branch stayed prepared");
     drop(conn);
     assert_eq!(c.status(&ids[0]).await, "unpaid");
-    // The wallet refuses a debit the balance cannot cover, and keeps no
-    // branch of it.
+    // A group whose debits the balances cannot cover keeps no branch.
     let poor = new_tx_id();
-    assert_eq!(
-        wallet
-            .xa_prepare(&PrepareRequest {
-                amount_cents: 10_000_000,
-                ..prepare(&poor)
-            })
-            .await
-            .unwrap(),
-        PrepareOutcome::InsufficientFunds
-    );
+    let refused = wallet
+        .xa_prepare(&group_prepare(&poor, &[(1, &ids[0], 10_000_000)]))
+        .await
+        .unwrap();
+    assert_eq!(refused.debits, [Debit::InsufficientFunds]);
     assert!(!wallet.xa_prepared().await.unwrap().contains(&poor));
     assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
 
     // Bad input to the wallet's internal routes changes nothing.
-    let bad = PrepareRequest {
-        tx_id: "'; XA COMMIT 'x".into(),
-        ..prepare(&new_tx_id())
-    };
-    assert!(matches!(
-        wallet.xa_prepare(&bad).await,
-        Err(WalletCallError::Refused { status: 400, .. })
-    ));
-    let bad_order = PrepareRequest {
-        order_id: "00000000-0000-0000-0000-000000000') ".into(),
-        ..prepare(&new_tx_id())
-    };
-    assert!(matches!(
-        wallet.xa_prepare(&bad_order).await,
-        Err(WalletCallError::Refused { status: 400, .. })
-    ));
+    let mut bad_group = group_prepare(&new_tx_id(), &[(1, &ids[0], PRICE)]);
+    bad_group.group_id = "'; XA COMMIT 'x".into();
+    let mut bad_tx = group_prepare(&new_tx_id(), &[(1, &ids[0], PRICE)]);
+    bad_tx.items[0].tx_id = "' OR 1=1 --".into();
+    let bad_order = group_prepare(
+        &new_tx_id(),
+        &[
+            (1, &ids[0], PRICE),
+            (1, "00000000-0000-0000-0000-000000000') ", PRICE),
+        ],
+    );
+    let empty = group_prepare(&new_tx_id(), &[]);
+    let too_many = group_prepare(&new_tx_id(), &vec![(1, ids[0].as_str(), 1); 65]);
+    for bad in [bad_group, bad_tx, bad_order, empty, too_many] {
+        assert!(
+            matches!(
+                wallet.xa_prepare(&bad).await,
+                Err(WalletCallError::Refused { status: 400, .. })
+            ),
+            "{bad:?}"
+        );
+    }
     assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
     // The test's own transactions were never logged: the sale audit is
     // what must hold.
@@ -220,26 +308,21 @@ async fn a_branch_one_wallet_holds_is_let_go_and_another_ends_it() {
     let first = WalletClient::new(c.config());
     let second = WalletClient::new(&other.config);
 
-    let tx = new_tx_id();
+    let group = new_tx_id();
     let prepared = first
-        .xa_prepare(&PrepareRequest {
-            tx_id: tx.clone(),
-            user_id: 1,
-            order_id: ids[0].clone(),
-            amount_cents: PRICE,
-        })
+        .xa_prepare(&group_prepare(&group, &[(1, &ids[0], PRICE)]))
         .await
         .unwrap();
-    assert_eq!(prepared, PrepareOutcome::Prepared);
+    assert_eq!(prepared.debits, [Debit::Debited]);
     // The first instance holds the branch: the second cannot end it yet.
     assert!(matches!(
-        second.xa_rollback(&tx).await,
+        second.xa_rollback(&group).await,
         Err(WalletCallError::Unavailable(_))
     ));
     // After wallet.xa_hold_ms (1 s here) the first lets it go.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let ended = loop {
-        match second.xa_rollback(&tx).await {
+        match second.xa_rollback(&group).await {
             Ok(outcome) => break outcome,
             Err(WalletCallError::Unavailable(_)) => {
                 assert!(tokio::time::Instant::now() < deadline, "never let go");
@@ -249,7 +332,7 @@ async fn a_branch_one_wallet_holds_is_let_go_and_another_ends_it() {
         }
     };
     assert_eq!(ended, EndOutcome::Done);
-    assert!(!second.xa_prepared().await.unwrap().contains(&tx));
+    assert!(!second.xa_prepared().await.unwrap().contains(&group));
     assert_eq!(c.balance(1).await, (10_000, 0));
     other.stop().await;
     c.assert_sale_audit_clean().await;
@@ -302,42 +385,37 @@ async fn a_prepare_that_lands_after_its_abort_is_rolled_back_by_recovery() {
     let c = Ctx::start(10, PaymentMode::Xa).await;
     c.wallet.credit(&[1], 10_000).await;
     let ids = c.orders(&[1]).await;
-    // The coordinator dies after its order branch is prepared; recovery
-    // aborts the transaction (nothing of the wallet's yet)...
-    fail::cfg("xa.after_prepare_order", "return").unwrap();
+    // The coordinator dies once its group is logged; recovery aborts the
+    // group (nothing of the wallet's yet)...
+    fail::cfg("xa.after_begin", "return").unwrap();
     assert!(c
         .payments
         .pay(&mut c.redis.clone(), 1, &ids[0])
         .await
         .is_err());
-    fail::remove("xa.after_prepare_order");
+    fail::remove("xa.after_begin");
     let report = recover_all(&c.payments).await;
     assert_eq!(report.aborted, 1, "{report:?}");
-    let tx_id: String = sqlx::query_scalar("SELECT tx_id FROM pay_transactions")
+    let group: String = sqlx::query_scalar("SELECT xa_group FROM pay_transactions")
         .fetch_one(&c.db)
         .await
         .unwrap();
     // ...then its wallet prepare, long delayed on the way, lands.
     let wallet = WalletClient::new(c.config());
     let late = wallet
-        .xa_prepare(&PrepareRequest {
-            tx_id: tx_id.clone(),
-            user_id: 1,
-            order_id: ids[0].clone(),
-            amount_cents: PRICE,
-        })
+        .xa_prepare(&group_prepare(&group, &[(1, &ids[0], PRICE)]))
         .await
         .unwrap();
-    assert_eq!(late, PrepareOutcome::Prepared);
+    assert_eq!(late.debits, [Debit::Debited]);
     // The next pass finds the branch in XA RECOVER and rolls it back.
     let report = recover_all(&c.payments).await;
     assert_eq!(report.orphans_ended, 1, "{report:?}");
-    assert!(!wallet.xa_prepared().await.unwrap().contains(&tx_id));
+    assert!(!wallet.xa_prepared().await.unwrap().contains(&group));
     let mut conn = c.db.acquire().await.unwrap();
     assert!(!xa_branch::prepared(&mut conn, order_branch::BRANCH)
         .await
         .unwrap()
-        .contains(&tx_id));
+        .contains(&group));
     drop(conn);
     assert_eq!(c.balance(1).await, (10_000, 0));
     assert_eq!(c.status(&ids[0]).await, "unpaid");

@@ -199,12 +199,12 @@ async fn snapshot(
     })
 }
 
-/// How many of `tx_ids` (prepared XA branches on a shared server) are
-/// transactions of this deployment's log.
-async fn ours(db: &MySqlPool, tx_ids: &[String]) -> Result<i64, PaymentsAuditError> {
+/// How many of `groups` (prepared XA branches on a shared server) are
+/// payment groups of this deployment's log.
+async fn ours(db: &MySqlPool, groups: &[String]) -> Result<i64, PaymentsAuditError> {
     let mut n = 0;
-    for tx_id in tx_ids {
-        if log::get(db, tx_id).await?.is_some() {
+    for group in groups {
+        if log::xa_group_known(db, group).await? {
             n += 1;
         }
     }

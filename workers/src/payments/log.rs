@@ -38,6 +38,9 @@ pub struct PayTx {
     /// deployment's mode is now).
     pub mode: PaymentMode,
     pub state: TxState,
+    /// `xa` mode: the group whose XA branches carry this payment (their
+    /// gtrid); `None` in the other modes.
+    pub xa_group: Option<String>,
 }
 
 impl PayTx {
@@ -135,73 +138,154 @@ async fn move_group(
         .collect())
 }
 
-/// Logs transactions as `started` (XA, which cannot log inside its order
-/// branch), many payments at once: one multi-row
-/// `INSERT` and one commit per group ([`crate::group_commit`]). A group
-/// the database refuses whole (a duplicate id) runs again item by item.
-pub struct LogBegins(GroupCommit<Begin, (), LogError>);
-
-impl LogBegins {
-    /// Starts the runners on the current runtime.
-    pub fn start(db: &MySqlPool, limits: GroupLimits) -> LogBegins {
-        LogBegins(GroupCommit::start(
-            limits,
-            group_commit::on_pool(db, begin_group),
-        ))
-    }
-
-    /// Logs `tx` as `started`.
-    pub async fn begin(&self, tx: &PayTx) -> Result<(), LogError> {
-        let item = Begin {
-            tx_id: tx.tx_id.clone(),
-            order_id: tx.order_id.clone(),
-            user_id: tx.user_id,
-            amount_cents: tx.amount_cents,
-            mode: tx.mode.as_str(),
-        };
-        self.0.run(item).await
-    }
-}
-
-/// One transaction to log `started`; by its id, the row it inserts.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Begin {
-    tx_id: String,
-    order_id: String,
-    user_id: u64,
-    amount_cents: i64,
-    mode: &'static str,
-}
-
-async fn begin_group(
-    db: MySqlPool,
-    items: Vec<Begin>,
-) -> Result<Vec<Result<(), LogError>>, LogError> {
+/// XA: logs a group's payments as `started`, each naming `group` (the
+/// gtrid of the branches that will carry them), in one multi-row `INSERT`
+/// and one commit, before any branch starts.
+pub async fn begin_xa_group(db: &MySqlPool, group: &str, txs: &[PayTx]) -> Result<(), LogError> {
     let sql = format!(
-        "INSERT INTO pay_transactions (tx_id, order_id, user_id, amount_cents, mode, state) \
-         VALUES {}",
-        vec!["(?, ?, ?, ?, ?, ?)"; items.len()].join(", ")
+        "INSERT INTO pay_transactions \
+         (tx_id, order_id, user_id, amount_cents, mode, xa_group, state) VALUES {}",
+        vec!["(?, ?, ?, ?, ?, ?, ?)"; txs.len()].join(", ")
     );
     retry_on_deadlock(|| {
         let mut query = sqlx::query(&sql);
-        for b in &items {
+        for tx in txs {
             query = query
-                .bind(&b.tx_id)
-                .bind(&b.order_id)
-                .bind(b.user_id)
-                .bind(b.amount_cents)
-                .bind(b.mode)
+                .bind(&tx.tx_id)
+                .bind(&tx.order_id)
+                .bind(tx.user_id)
+                .bind(tx.amount_cents)
+                .bind(tx.mode.as_str())
+                .bind(group)
                 .bind(TxState::Started);
         }
-        query.execute(&db)
+        query.execute(db)
     })
     .await?;
-    Ok(items.iter().map(|_| Ok(())).collect())
+    Ok(())
+}
+
+/// XA: decides `committing` for `members` of `group` (the payments its
+/// branches carry), all or none: false when any of them had left
+/// `started` (recovery decided it `aborting`), and then nothing moved.
+/// One transaction, so the group's branches have one decision.
+pub async fn decide_xa_group(
+    db: &MySqlPool,
+    group: &str,
+    members: &[&str],
+) -> Result<bool, LogError> {
+    let sql = format!(
+        "UPDATE pay_transactions SET state = ? \
+         WHERE xa_group = ? AND state = ? AND tx_id IN ({})",
+        vec!["?"; members.len()].join(", ")
+    );
+    retry_on_deadlock(|| async {
+        let mut t = db.begin().await?;
+        let mut query = sqlx::query(&sql)
+            .bind(TxState::Committing)
+            .bind(group)
+            .bind(TxState::Started);
+        for m in members {
+            query = query.bind(*m);
+        }
+        let moved = query.execute(&mut *t).await?.rows_affected();
+        if moved == members.len() as u64 {
+            t.commit().await?;
+            Ok::<bool, sqlx::Error>(true)
+        } else {
+            t.rollback().await?;
+            Ok(false)
+        }
+    })
+    .await
+    .map_err(LogError::from)
+}
+
+/// XA: moves the members of `group` that are `from` to `to` (with
+/// `reason`, when given), limited to `only` when it is given; how many
+/// moved. Recovery's decision for a group is such a move (`started` →
+/// `aborting`), as is every group's last move.
+pub async fn move_xa_group(
+    db: &MySqlPool,
+    group: &str,
+    only: Option<&[&str]>,
+    from: TxState,
+    to: TxState,
+    reason: Option<AbortReason>,
+) -> Result<u64, LogError> {
+    let mut sql = String::from(
+        "UPDATE pay_transactions SET state = ?, reason = COALESCE(?, reason) \
+         WHERE xa_group = ? AND state = ?",
+    );
+    if let Some(only) = only {
+        if only.is_empty() {
+            return Ok(0);
+        }
+        sql.push_str(&format!(
+            " AND tx_id IN ({})",
+            vec!["?"; only.len()].join(", ")
+        ));
+    }
+    let moved = retry_on_deadlock(|| {
+        let mut query = sqlx::query(&sql)
+            .bind(to)
+            .bind(reason.map(AbortReason::as_str))
+            .bind(group)
+            .bind(from);
+        for m in only.unwrap_or_default() {
+            query = query.bind(*m);
+        }
+        query.execute(db)
+    })
+    .await?
+    .rows_affected();
+    Ok(moved)
+}
+
+/// XA: the last move of a group's decided payments (`committing` →
+/// `committed`, `aborting` → `aborted`), once its branches ended.
+pub async fn end_xa_group(db: &MySqlPool, group: &str) -> Result<(), LogError> {
+    retry_on_deadlock(|| {
+        sqlx::query(
+            "UPDATE pay_transactions \
+             SET state = IF(state = ?, ?, ?) WHERE xa_group = ? AND state IN (?, ?)",
+        )
+        .bind(TxState::Committing)
+        .bind(TxState::Committed)
+        .bind(TxState::Aborted)
+        .bind(group)
+        .bind(TxState::Committing)
+        .bind(TxState::Aborting)
+        .execute(db)
+    })
+    .await?;
+    Ok(())
+}
+
+/// XA: whether `group` names branches of this deployment's payments.
+pub async fn xa_group_known(db: &MySqlPool, group: &str) -> Result<bool, LogError> {
+    let known: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM pay_transactions WHERE xa_group = ? LIMIT 1")
+            .bind(group)
+            .fetch_optional(db)
+            .await?;
+    Ok(known.is_some())
+}
+
+/// XA: every payment of `group`, as the log holds it (none: not a group
+/// of this deployment's).
+pub async fn xa_group_members(db: &MySqlPool, group: &str) -> Result<Vec<PayTx>, LogError> {
+    let sql = format!(
+        "SELECT {TX_COLUMNS} FROM pay_transactions t JOIN orders o ON o.id = t.order_id \
+         WHERE t.xa_group = ? ORDER BY t.tx_id"
+    );
+    let rows = sqlx::query(&sql).bind(group).fetch_all(db).await?;
+    rows.iter().map(from_row).collect()
 }
 
 const TX_COLUMNS: &str =
     "t.tx_id, t.order_id, t.user_id, o.sale_id, t.amount_cents, CAST(t.mode AS CHAR) AS mode, \
-     t.state";
+     t.state, t.xa_group";
 
 /// The transaction `tx_id`, if logged.
 pub async fn get(db: &MySqlPool, tx_id: &str) -> Result<Option<PayTx>, LogError> {
@@ -269,6 +353,7 @@ fn from_row(row: &sqlx::mysql::MySqlRow) -> Result<PayTx, LogError> {
             value: mode.clone(),
         })?,
         state: state.parse()?,
+        xa_group: row.try_get("xa_group")?,
     })
 }
 

@@ -62,6 +62,25 @@ pub enum PayError {
     /// A fail point cut the payment here (tests only).
     #[error("fault injected at {0}")]
     Injected(&'static str),
+    /// The XA group this payment ran in failed as a whole.
+    #[error("the payment's XA group failed: {0}")]
+    Group(String),
+}
+
+impl From<sqlx::Error> for PayError {
+    fn from(e: sqlx::Error) -> PayError {
+        PayError::Log(log::LogError::Db(e))
+    }
+}
+
+impl PayError {
+    /// This error as each payment of a failed group gets it.
+    pub(crate) fn for_each_payment(&self) -> PayError {
+        match self {
+            PayError::Injected(point) => PayError::Injected(point),
+            other => PayError::Group(other.to_string()),
+        }
+    }
 }
 
 /// Where a mode left a transaction.
@@ -122,14 +141,14 @@ pub struct Payments {
     log_db: MySqlPool,
     keys: KeySchema,
     config: PaymentConfig,
-    wallet: WalletClient,
+    wallet: std::sync::Arc<WalletClient>,
     /// The order branch's steps, run in groups.
     order_steps: order_branch::OrderSteps,
     /// The log's moves (decisions, last moves), run in groups (through
     /// `log_db`).
     log_moves: log::LogMoves,
-    /// XA's `started` rows, in groups (through `log_db`).
-    log_begins: log::LogBegins,
+    /// `xa` mode: payments, in groups of one XA transaction each.
+    xa_groups: xa::XaGroups,
     /// The order read before and after paying, in groups.
     order_reads: orders::OrderReads,
     /// `message` mode: the consumer's settles, in groups.
@@ -150,7 +169,8 @@ impl Payments {
         let groups = crate::group_commit::GroupLimits::from_config(&config.payment);
         let order_steps = order_branch::OrderSteps::start(&db, groups);
         let log_moves = log::LogMoves::start(&log_db, groups);
-        let log_begins = log::LogBegins::start(&log_db, groups);
+        let wallet = std::sync::Arc::new(WalletClient::new(config));
+        let xa_groups = xa::XaGroups::start(&db, &log_db, wallet.clone(), groups);
         let order_reads = orders::OrderReads::start(&db, groups);
         let settles = message::Settles::start(&db, groups);
         Payments {
@@ -160,10 +180,10 @@ impl Payments {
             log_db,
             order_steps,
             log_moves,
-            log_begins,
+            xa_groups,
             keys,
             config: config.payment.clone(),
-            wallet: WalletClient::new(config),
+            wallet,
             refund_wake: Default::default(),
         }
     }
@@ -199,9 +219,18 @@ impl Payments {
         Ok(())
     }
 
-    /// Logs `tx` as `started`, in a group with other payments'.
-    pub(crate) async fn begin_log(&self, tx: &log::PayTx) -> Result<(), PayError> {
-        Ok(self.log_begins.begin(tx).await?)
+    /// `xa` mode: the queue into payment groups.
+    pub(crate) fn xa_groups(&self) -> &xa::XaGroups {
+        &self.xa_groups
+    }
+
+    /// `xa` mode: what a group runs against.
+    pub(crate) fn xa_sides(&self) -> xa::Sides<'_> {
+        xa::Sides {
+            db: &self.db,
+            log_db: &self.log_db,
+            wallet: &self.wallet,
+        }
     }
 
     /// A move of `tx` in the log, in a group with other payments'; true
@@ -308,6 +337,7 @@ impl Payments {
             amount_cents: order.amount_cents,
             mode: self.config.mode,
             state: crate::statuses::TxState::Started,
+            xa_group: None,
         };
         // Each mode logs the transaction before it touches a branch.
         let step = match tx.mode {

@@ -14,9 +14,9 @@
 //! order rows, and the closer (sale first, then its orders) can meet it
 //! in a cycle; InnoDB then rolls one back and the group runs again.
 //!
-//! XA: [`xa_prepare`] marks the order paid inside a prepared XA branch;
-//! the order row stays locked until phase two, so neither the closer nor
-//! a second payment can move it meanwhile. It takes no sale lock: the
+//! XA: [`OrderGroupBranch`] marks a group's orders paid inside one
+//! prepared XA branch; the order rows stay locked until phase two, so
+//! neither the closer nor a second payment can move them meanwhile. It takes no sale lock: the
 //! branch may stay prepared for as long as a payment is in doubt, and the
 //! order writer needs the sale row.
 
@@ -268,31 +268,84 @@ fn unexpected_outcome(kind: &'static str, answer: Option<&str>) -> BranchError {
     }))
 }
 
-/// XA: the order paid inside a prepared branch named (`tx_id`, `order`),
-/// or `None` when the order is not the buyer's unpaid, unexpired order
-/// (nothing prepared).
-pub async fn xa_prepare(
-    db: &MySqlPool,
-    tx_id: &str,
-    user_id: u64,
-    order_id: &str,
-) -> Result<Option<BranchConn>, BranchError> {
-    let mut branch = BranchConn::start(db, Xid::new(tx_id, BRANCH)?).await?;
-    let changed = sqlx::query(
-        "UPDATE orders SET status = ?, paid_at = NOW(3) \
-         WHERE id = ? AND user_id = ? AND status = ? AND expires_at > NOW(3)",
-    )
-    .bind(OrderStatus::Paid)
-    .bind(order_id)
-    .bind(user_id)
-    .bind(OrderStatus::Unpaid)
-    .execute(branch.conn())
-    .await?
-    .rows_affected();
-    if changed != 1 {
-        branch.rollback_active().await?;
-        return Ok(None);
+/// XA: the order side of a group of payments, one branch named
+/// (`group`, `order`) for all of them. [`lock`](Self::lock) starts it and
+/// locks the orders that can be paid; the wallet then prepares its side;
+/// [`prepare`](Self::prepare) marks paid the orders the wallet debited
+/// and prepares. Until then the branch is only active: a crash rolls it
+/// back with its connection.
+pub struct OrderGroupBranch {
+    branch: BranchConn,
+}
+
+impl OrderGroupBranch {
+    /// `XA START`, then locks (in id order, by primary key only: a scan
+    /// would lock every row it passes) the orders of `txs` their buyer may
+    /// pay now: the buyer's own, unpaid, unexpired. Says for each
+    /// of `txs` whether it can go on (a second payment of one order in the
+    /// group cannot).
+    pub async fn lock(
+        db: &MySqlPool,
+        group: &str,
+        txs: &[PayTx],
+    ) -> Result<(OrderGroupBranch, Vec<bool>), BranchError> {
+        let mut branch = BranchConn::start(db, Xid::new(group, BRANCH)?).await?;
+        let sql = format!(
+            "SELECT id, user_id FROM orders FORCE INDEX (PRIMARY) WHERE id IN ({}) \
+             AND status = ? AND expires_at > NOW(3) ORDER BY id FOR UPDATE",
+            vec!["?"; txs.len()].join(", ")
+        );
+        let mut query = sqlx::query_as::<_, (String, u64)>(&sql);
+        for tx in txs {
+            query = query.bind(&tx.order_id);
+        }
+        let payable = query
+            .bind(OrderStatus::Unpaid)
+            .fetch_all(branch.conn())
+            .await?;
+        let mut claimed = std::collections::HashSet::new();
+        let can_go = txs
+            .iter()
+            .map(|tx| {
+                payable
+                    .iter()
+                    .any(|(id, user)| *id == tx.order_id && *user == tx.user_id)
+                    && claimed.insert(tx.order_id.as_str())
+            })
+            .collect();
+        Ok((OrderGroupBranch { branch }, can_go))
     }
-    branch.prepare().await?;
-    Ok(Some(branch))
+
+    /// Marks `order_ids` (locked by [`lock`](Self::lock)) paid, then
+    /// `XA END` + `XA PREPARE`; the prepared branch, for phase two.
+    pub async fn prepare(mut self, order_ids: &[&str]) -> Result<BranchConn, BranchError> {
+        let sql = format!(
+            "UPDATE orders FORCE INDEX (PRIMARY) SET status = ?, paid_at = NOW(3) \
+             WHERE id IN ({}) AND status = ?",
+            vec!["?"; order_ids.len()].join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(OrderStatus::Paid);
+        for id in order_ids {
+            query = query.bind(*id);
+        }
+        let changed = query
+            .bind(OrderStatus::Unpaid)
+            .execute(self.branch.conn())
+            .await?
+            .rows_affected();
+        if changed != order_ids.len() as u64 {
+            return Err(BranchError::Inconsistent(format!(
+                "group {}: {changed} of {} locked orders marked paid",
+                self.branch.xid().tx_id(),
+                order_ids.len()
+            )));
+        }
+        self.branch.prepare().await?;
+        Ok(self.branch)
+    }
+
+    /// Ends the branch without preparing it: nothing of it was durable.
+    pub async fn give_up(self) -> Result<(), BranchError> {
+        Ok(self.branch.rollback_active().await?)
+    }
 }

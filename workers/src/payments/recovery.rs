@@ -9,8 +9,9 @@
 //!   aborting    → Cancel every branch
 //! ```
 //!
-//! (in the transaction's own mode: Confirm and Cancel are XA commit and
-//! rollback for an `xa` one; a `message` one is checked back with the
+//! (in the transaction's own mode: an `xa` one is ended with its whole
+//! group, Confirm and Cancel being XA commit and rollback, see
+//! [`xa::recover_group`]; a `message` one is checked back with the
 //! wallet, see [`message::recover`]). Each pass also ends XA branches left
 //! prepared for a transaction the log has already ended
 //! ([`xa::end_orphans`], in an `xa` deployment); in a `message` one it
@@ -56,7 +57,10 @@ pub async fn recover_once(p: &Payments, older_than: Duration) -> Result<Recovery
     // after an api dies, its hundreds of payments end in a few groups
     // rather than one round trip after another.
     let at_once = p.config().group_commit_max.max(1) as usize;
-    let stale = log::stale(p.log_db(), ms, BATCH).await?;
+    let mut stale = log::stale(p.log_db(), ms, BATCH).await?;
+    // An XA group is driven once, whichever of its payments came up.
+    let mut groups = std::collections::HashSet::new();
+    stale.retain(|tx| xa_group(tx).is_none_or(|g| groups.insert(g.to_string())));
     let mut driven = futures::stream::iter(stale)
         .map(|tx| async move { (drive(p, &tx).await, tx) })
         .buffer_unordered(at_once);
@@ -93,26 +97,30 @@ pub async fn recover_once(p: &Payments, older_than: Duration) -> Result<Recovery
 /// Drives one transaction; the final state it reached, or `None` when a
 /// participant did not answer.
 async fn drive(p: &Payments, tx: &PayTx) -> Result<Option<TxState>, PayError> {
+    if let Some(group) = xa_group(tx) {
+        return xa::recover_group(p, group).await;
+    }
     let finished = match (tx.state, tx.mode) {
         (TxState::Committed | TxState::Aborted, _) => true,
         (_, PaymentMode::Message) => message::recover(p, tx).await?,
-        (TxState::Started, mode) => {
-            match mode {
-                PaymentMode::Xa => xa::abort(p, tx, AbortReason::Timeout, None).await?,
-                _ => tcc::abort(p, tx, AbortReason::Timeout).await?,
-            };
+        (TxState::Started, _) => {
+            tcc::abort(p, tx, AbortReason::Timeout).await?;
             // abort() finished the branches unless one could not be reached.
             log::get(p.log_db(), &tx.tx_id).await?.map(|t| t.state) == Some(TxState::Aborted)
         }
-        (TxState::Committing, PaymentMode::Xa) => xa::commit(p, tx, None).await?,
         (TxState::Committing, _) => tcc::commit(p, tx).await?,
-        (TxState::Aborting, PaymentMode::Xa) => xa::finish_abort(p, tx, None).await?,
         (TxState::Aborting, _) => tcc::finish_abort(p, tx).await?,
     };
     if !finished {
         return Ok(None);
     }
     Ok(log::get(p.log_db(), &tx.tx_id).await?.map(|t| t.state))
+}
+
+/// The XA group an `xa` transaction ran in (before groups, each was a
+/// group of one named by its own id).
+fn xa_group(tx: &PayTx) -> Option<&str> {
+    (tx.mode == PaymentMode::Xa).then(|| tx.xa_group.as_deref().unwrap_or(&tx.tx_id))
 }
 
 /// Runs [`recover_once`] every `payment.recovery_interval_ms` while this

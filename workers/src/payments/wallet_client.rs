@@ -17,7 +17,7 @@ use crate::wallet::accounts::{Wallet, WalletFigures};
 use crate::wallet::message::{DebitOutcome, Resolution};
 use crate::wallet::routes::{EndRequest, Outcome, PrepareRequest, TryRequest};
 use crate::wallet::tcc::TryOutcome;
-use crate::wallet::xa::PrepareOutcome;
+use crate::wallet::xa::{PrepareOutcome, Prepared};
 
 /// Why a wallet call did not get an answer it could use.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -83,17 +83,23 @@ impl WalletClient {
         self.end("/internal/tcc/cancel", tx_id).await
     }
 
-    /// XA phase one: the wallet prepares the debit.
-    pub async fn xa_prepare(
-        &self,
-        request: &PrepareRequest,
-    ) -> Result<PrepareOutcome, WalletCallError> {
-        let reply: Outcome<PrepareOutcome> = self.post("/internal/xa/prepare", request).await?;
-        Ok(reply.outcome)
+    /// XA phase one: the wallet prepares a group's debits, one branch.
+    pub async fn xa_prepare(&self, request: &PrepareRequest) -> Result<Prepared, WalletCallError> {
+        let reply: Prepared = self.post("/internal/xa/prepare", request).await?;
+        if reply.outcome == PrepareOutcome::Prepared && reply.debits.len() != request.items.len() {
+            // It may have prepared something: the group is aborted, and
+            // its rollback ends whatever it did.
+            return Err(WalletCallError::Unavailable(format!(
+                "{} debits answered for {} items",
+                reply.debits.len(),
+                request.items.len()
+            )));
+        }
+        Ok(reply)
     }
 
-    /// XA phase two (commit); `Unavailable` too while another instance
-    /// still holds the branch.
+    /// XA phase two (commit) of a group's branch; `Unavailable` too while
+    /// another instance still holds it.
     pub async fn xa_commit(&self, tx_id: &str) -> Result<EndOutcome, WalletCallError> {
         self.end("/internal/xa/commit", tx_id).await
     }

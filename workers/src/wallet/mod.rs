@@ -111,9 +111,10 @@ impl WalletState {
                 tcc: tcc::WalletSteps::start(&db, groups),
                 debits: message::Debits::start(&db, groups),
                 db,
-                xa: xa::PreparedBranches::new(std::time::Duration::from_millis(
-                    config.wallet.xa_hold_ms,
-                )),
+                xa: xa::PreparedBranches::new(
+                    std::time::Duration::from_millis(config.wallet.xa_hold_ms),
+                    groups.max_items,
+                ),
                 keys,
                 admin_digest,
                 service_digest,

@@ -24,7 +24,7 @@ use utoipa_axum::routes;
 use super::accounts::{self, Wallet, WalletFigures};
 use super::message::{self, DebitOutcome, Resolution};
 use super::tcc::TryOutcome;
-use super::xa::{self, PrepareOutcome};
+use super::xa;
 use super::WalletState;
 use crate::api::admin::check_secret;
 use crate::api::identity::Identity;
@@ -125,8 +125,14 @@ pub struct TryRequest {
     pub amount_cents: i64,
 }
 
-/// An XA prepare of the wallet branch: the order's debit.
-pub type PrepareRequest = TryRequest;
+/// An XA prepare of the wallet branch of a group of payments: each
+/// payment's debit, in one branch named by the group.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareRequest {
+    pub group_id: String,
+    pub items: Vec<TryRequest>,
+}
 
 /// A Confirm or Cancel (TCC), or a commit or rollback (XA), of the
 /// wallet branch.
@@ -177,23 +183,21 @@ async fn xa_prepare(
     State(state): State<WalletState>,
     headers: HeaderMap,
     body: Result<ApiJson<PrepareRequest>, Problem>,
-) -> Result<Json<Outcome<PrepareOutcome>>, Problem> {
+) -> Result<Json<xa::Prepared>, Problem> {
     check_secret(state.service_digest(), &headers, "service")?;
     let ApiJson(r) = body?;
-    check_branch_request(&r)?;
+    if !valid_tx_id(&r.group_id) || r.items.is_empty() || r.items.len() > state.xa().max_items() {
+        return Err(Problem::bad_request("malformed group prepare"));
+    }
+    for item in &r.items {
+        check_branch_request(item)?;
+    }
     fail::fail_point!("wallet.xa.before_prepare", |_| Err(injected()));
-    let outcome = xa::prepare(
-        state.db(),
-        state.xa(),
-        &r.tx_id,
-        r.user_id,
-        &r.order_id,
-        r.amount_cents,
-    )
-    .await
-    .map_err(Problem::internal)?;
+    let prepared = xa::prepare(state.db(), state.xa(), &r.group_id, &r.items)
+        .await
+        .map_err(Problem::internal)?;
     fail::fail_point!("wallet.xa.after_prepare", |_| Err(injected()));
-    Ok(Json(Outcome { outcome }))
+    Ok(Json(prepared))
 }
 
 async fn xa_commit(

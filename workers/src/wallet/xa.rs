@@ -1,6 +1,7 @@
-//! The wallet's branch of an XA payment: prepare debits the order's amount
-//! (balance and ledger row) inside a prepared XA branch of the wallet's
-//! database; phase two commits or rolls it back.
+//! The wallet's branch of XA payments: a group's prepare debits each
+//! payment's amount the balance covers (balances and ledger rows) inside
+//! one prepared XA branch of the wallet's database, named by the group;
+//! phase two commits or rolls it back, the whole group at once.
 //!
 //! Between the two phases this instance keeps the branch's connection in
 //! [`PreparedBranches`], so phase two is one statement on it. It keeps it
@@ -10,14 +11,15 @@
 //! reaches it. A crash of this instance lets every branch go the same way:
 //! MariaDB keeps prepared branches when their connection drops.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sqlx::MySqlPool;
 
-use super::accounts::{self, Movement, WalletError};
+use super::accounts::WalletError;
+use super::routes::TryRequest;
 use crate::payments::fence::EndOutcome;
 use crate::payments::xa_branch::{self, BranchConn, Detached, XaError, Xid};
 use crate::statuses::LedgerKind;
@@ -25,46 +27,69 @@ use crate::statuses::LedgerKind;
 /// This branch's name in the xid.
 pub const BRANCH: &str = "wallet";
 
-/// What a prepare did.
+/// What a group's prepare did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PrepareOutcome {
-    /// The debit is prepared, waiting for phase two.
+    /// The debits answered `debited` are prepared, waiting for phase two
+    /// (none were: no branch is left).
     Prepared,
-    /// Prepared (or committed) by an earlier call for this transaction.
+    /// This group's branch was prepared (or ended) by an earlier call:
+    /// what it holds is not known here, so the coordinator aborts.
     Repeat,
-    /// The balance does not cover the amount: nothing prepared.
+}
+
+/// One payment's debit in a group's prepare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Debit {
+    /// In the prepared branch.
+    Debited,
+    /// The balance does not cover it (after the group's earlier debits of
+    /// the same wallet): not in the branch.
     InsufficientFunds,
+}
+
+/// A group's prepare, answered: one debit per item, in the request's order
+/// (empty for a repeat).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepared {
+    pub outcome: PrepareOutcome,
+    #[serde(default)]
+    pub debits: Vec<Debit>,
 }
 
 /// Prepared branches this instance still holds the connection of.
 pub struct PreparedBranches {
     held: Mutex<HashMap<String, (BranchConn, Instant)>>,
     hold: Duration,
+    max_items: usize,
 }
 
 impl PreparedBranches {
     /// An empty set whose branches are let go after `hold`, by a task that
-    /// lives as long as the set.
-    pub fn new(hold: Duration) -> Arc<PreparedBranches> {
+    /// lives as long as the set; a prepare takes at most `max_items`
+    /// payments (the coordinators' `payment.group_commit_max`).
+    pub fn new(hold: Duration, max_items: usize) -> Arc<PreparedBranches> {
         let set = Arc::new(PreparedBranches {
             held: Mutex::new(HashMap::new()),
             hold,
+            max_items,
         });
         spawn_release(Arc::downgrade(&set));
         set
     }
 
-    fn keep(&self, tx_id: &str, branch: BranchConn) {
+    fn keep(&self, group: &str, branch: BranchConn) {
         if let Ok(mut held) = self.held.lock() {
-            held.insert(tx_id.to_string(), (branch, Instant::now()));
+            held.insert(group.to_string(), (branch, Instant::now()));
         }
         // A poisoned map drops the branch: its connection closes, and the
         // branch waits for any instance, as after a crash.
     }
 
-    fn take(&self, tx_id: &str) -> Option<BranchConn> {
-        self.held.lock().ok()?.remove(tx_id).map(|(b, _)| b)
+    fn take(&self, group: &str) -> Option<BranchConn> {
+        self.held.lock().ok()?.remove(group).map(|(b, _)| b)
     }
 
     /// Lets go of the branches held longer than the hold time; how many.
@@ -75,6 +100,11 @@ impl PreparedBranches {
         let before = held.len();
         held.retain(|_, (_, since)| since.elapsed() < self.hold);
         before - held.len()
+    }
+
+    /// The most payments one prepare takes.
+    pub fn max_items(&self) -> usize {
+        self.max_items
     }
 
     /// How many branches this instance holds now.
@@ -107,55 +137,156 @@ fn spawn_release(set: Weak<PreparedBranches>) {
     });
 }
 
-/// Prepare: debit `amount_cents` of `user_id`'s balance for `order_id`,
-/// prepared as the branch (`tx_id`, `wallet`).
+/// Prepare: debits each item's amount from its buyer's balance, those the
+/// balance covers, inside one branch named (`group`, `wallet`), which this
+/// instance then holds for phase two.
 pub async fn prepare(
     db: &MySqlPool,
     held: &PreparedBranches,
-    tx_id: &str,
-    user_id: u64,
-    order_id: &str,
-    amount_cents: i64,
-) -> Result<PrepareOutcome, WalletError> {
-    let xid = Xid::new(tx_id, BRANCH).map_err(xa)?;
+    group: &str,
+    items: &[TryRequest],
+) -> Result<Prepared, WalletError> {
+    let xid = Xid::new(group, BRANCH).map_err(xa)?;
     let mut branch = match BranchConn::start(db, xid).await {
         Ok(b) => b,
-        Err(XaError::Duplicate(_)) => return Ok(PrepareOutcome::Repeat),
+        Err(XaError::Duplicate(_)) => {
+            return Ok(Prepared {
+                outcome: PrepareOutcome::Repeat,
+                debits: Vec::new(),
+            })
+        }
         Err(e) => return Err(xa(e)),
     };
-    let debit = Movement {
-        user_id,
-        kind: LedgerKind::Debit,
-        amount_cents,
-        order_id: Some(order_id),
-        tx_id: Some(tx_id),
-    };
-    let outcome = match accounts::apply(branch.conn(), &debit, false).await {
-        Ok(true) => PrepareOutcome::Prepared,
-        Ok(false) => PrepareOutcome::InsufficientFunds,
-        // This transaction's debit is in the ledger: committed before.
-        Err(WalletError::Db(e)) if accounts::is_duplicate_key(&e) => PrepareOutcome::Repeat,
-        Err(e) => return Err(e),
-    };
-    if outcome != PrepareOutcome::Prepared {
+    let debits = debit_group(branch.conn(), group, items).await?;
+    if debits.contains(&Debit::Debited) {
+        branch.prepare().await.map_err(xa)?;
+        held.keep(group, branch);
+    } else {
         branch.rollback_active().await.map_err(xa)?;
-        return Ok(outcome);
     }
-    branch.prepare().await.map_err(xa)?;
-    held.keep(tx_id, branch);
-    Ok(PrepareOutcome::Prepared)
+    Ok(Prepared {
+        outcome: PrepareOutcome::Prepared,
+        debits,
+    })
+}
+
+/// The group's debits, inside the caller's branch: locks the buyers'
+/// wallets (in user order), takes each item the balance still covers, then
+/// writes the new balances in one statement and the ledger rows (naming
+/// the group) in another. Every statement goes by primary key (`FORCE
+/// INDEX`): on a small table the optimizer would scan it, locking every
+/// row, and two groups would deadlock.
+async fn debit_group(
+    conn: &mut sqlx::MySqlConnection,
+    group: &str,
+    items: &[TryRequest],
+) -> Result<Vec<Debit>, WalletError> {
+    let users: BTreeSet<u64> = items.iter().map(|i| i.user_id).collect();
+    let sql = format!(
+        "SELECT user_id, balance_cents, frozen_cents FROM wallets FORCE INDEX (PRIMARY) \
+         WHERE user_id IN ({}) ORDER BY user_id FOR UPDATE",
+        vec!["?"; users.len()].join(", ")
+    );
+    let mut query = sqlx::query_as::<_, (u64, i64, i64)>(&sql);
+    for u in &users {
+        query = query.bind(*u);
+    }
+    let mut wallets: HashMap<u64, (i64, i64)> = query
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|(user, balance, frozen)| (user, (balance, frozen)))
+        .collect();
+    let mut ledger = Vec::new();
+    let debits = items
+        .iter()
+        .map(|item| match wallets.get_mut(&item.user_id) {
+            Some((balance, frozen)) if item.amount_cents > 0 && *balance >= item.amount_cents => {
+                *balance -= item.amount_cents;
+                ledger.push((item, *balance, *frozen));
+                Debit::Debited
+            }
+            _ => Debit::InsufficientFunds,
+        })
+        .collect();
+    if ledger.is_empty() {
+        return Ok(debits);
+    }
+    let debited: BTreeMap<u64, i64> = ledger
+        .iter()
+        .map(|(item, _, _)| (item.user_id, wallets[&item.user_id].0))
+        .collect();
+    set_balances(conn, &debited).await?;
+    write_ledger(conn, group, &ledger).await?;
+    Ok(debits)
+}
+
+/// Sets each wallet's balance (rows the caller locked and computed).
+async fn set_balances(
+    conn: &mut sqlx::MySqlConnection,
+    balances: &BTreeMap<u64, i64>,
+) -> Result<(), WalletError> {
+    let sql = format!(
+        "UPDATE wallets FORCE INDEX (PRIMARY) SET balance_cents = CASE user_id {} END \
+         WHERE user_id IN ({})",
+        vec!["WHEN ? THEN ?"; balances.len()].join(" "),
+        vec!["?"; balances.len()].join(", ")
+    );
+    let mut query = sqlx::query(&sql);
+    for (user, balance) in balances {
+        query = query.bind(*user).bind(*balance);
+    }
+    for user in balances.keys() {
+        query = query.bind(*user);
+    }
+    let changed = query.execute(&mut *conn).await?.rows_affected();
+    if changed != balances.len() as u64 {
+        return Err(WalletError::Xa(format!(
+            "{changed} of {} locked wallets debited",
+            balances.len()
+        )));
+    }
+    Ok(())
+}
+
+/// One `debit` ledger row per item, with the balances after it.
+async fn write_ledger(
+    conn: &mut sqlx::MySqlConnection,
+    group: &str,
+    rows: &[(&TryRequest, i64, i64)],
+) -> Result<(), WalletError> {
+    let sql = format!(
+        "INSERT INTO wallet_ledger \
+         (user_id, kind, amount_cents, balance_after, frozen_after, order_id, tx_id, xa_group) \
+         VALUES {}",
+        vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; rows.len()].join(", ")
+    );
+    let mut query = sqlx::query(&sql);
+    for (item, balance, frozen) in rows {
+        query = query
+            .bind(item.user_id)
+            .bind(LedgerKind::Debit)
+            .bind(item.amount_cents)
+            .bind(*balance)
+            .bind(*frozen)
+            .bind(&item.order_id)
+            .bind(&item.tx_id)
+            .bind(group);
+    }
+    query.execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// Phase two: commit (`commit = true`) or roll back the branch of
-/// `tx_id`. `None` when another instance still holds it (retry later).
+/// `group`. `None` when another instance still holds it (retry later).
 pub async fn end(
     db: &MySqlPool,
     held: &PreparedBranches,
-    tx_id: &str,
+    group: &str,
     commit: bool,
 ) -> Result<Option<EndOutcome>, WalletError> {
-    let xid = Xid::new(tx_id, BRANCH).map_err(xa)?;
-    if let Some(branch) = held.take(tx_id) {
+    let xid = Xid::new(group, BRANCH).map_err(xa)?;
+    if let Some(branch) = held.take(group) {
         if commit {
             branch.commit().await.map_err(xa)?;
         } else {
@@ -172,7 +303,7 @@ pub async fn end(
             Detached::Busy => return Ok(None),
             Detached::Absent => {
                 // Ended before, or never prepared: the ledger tells which.
-                let debited = debited(db, tx_id).await?;
+                let debited = debited(db, group).await?;
                 match (commit, debited) {
                     (true, true) => EndOutcome::Repeat,
                     (false, false) => EndOutcome::EmptyRollback,
@@ -192,13 +323,18 @@ pub async fn prepared(db: &MySqlPool) -> Result<Vec<String>, WalletError> {
     xa_branch::prepared(&mut conn, BRANCH).await.map_err(xa)
 }
 
-async fn debited(db: &MySqlPool, tx_id: &str) -> Result<bool, WalletError> {
-    let n: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM wallet_ledger WHERE tx_id = ? AND kind = ?")
-            .bind(tx_id)
-            .bind(LedgerKind::Debit)
-            .fetch_one(db)
-            .await?;
+/// Whether the branch `group` committed: its debits are in the ledger
+/// (one written before groups names its branch by its own `tx_id`).
+async fn debited(db: &MySqlPool, group: &str) -> Result<bool, WalletError> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM wallet_ledger WHERE xa_group = ?) \
+              + (SELECT COUNT(*) FROM wallet_ledger WHERE tx_id = ? AND kind = ?)",
+    )
+    .bind(group)
+    .bind(group)
+    .bind(LedgerKind::Debit)
+    .fetch_one(db)
+    .await?;
     Ok(n > 0)
 }
 
