@@ -18,7 +18,7 @@ use figment::Figment;
 
 mod env;
 mod payment;
-pub use payment::{PaymentConfig, PaymentMode, WalletConfig};
+pub use payment::{PaymentConfig, PaymentMode, WalletConfig, GROUP_COMMIT_MAX_LIMIT};
 use serde::{Deserialize, Serialize};
 
 /// The environment prefix; `__` separates nesting levels.

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use payments::support::count;
 use payments::{
-    counted, pay_through_a_wallet_outage, pay_twice_at_once, recover_all, Ctx, FaultRun, PRICE,
-    SET_STATEMENTS,
+    counted, pay_at_once_in_batches, pay_through_a_wallet_outage, pay_twice_at_once, recover_all,
+    Ctx, FaultRun, PRICE, SET_STATEMENTS,
 };
 use seckill_contracts::config::PaymentMode;
 use seckill_workers::payments::log::{new_tx_id, PayTx};
@@ -774,5 +774,13 @@ async fn plain_debit_and_settle_groups_run_as_set_statements() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     c.assert_audits_clean().await;
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_at_once_share_wallet_calls_and_each_gets_its_own_answer() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(120, PaymentMode::Message).await;
+    pay_at_once_in_batches(&c, 120, "/internal/message/debit").await;
     c.finish().await;
 }

@@ -362,6 +362,61 @@ pub async fn pay_twice_at_once(c: &Ctx) {
     c.assert_audits_clean().await;
 }
 
+/// Buyers `1..=n` pay at once (every tenth cannot afford it): each gets
+/// its own answer, the wallet saw far fewer calls of `route` (its batch
+/// route for the mode's first wallet call) than payments, and both audits
+/// are clean once every payment settled.
+pub async fn pay_at_once_in_batches(c: &Ctx, n: u64, route: &str) {
+    let users: Vec<u64> = (1..=n).collect();
+    let ids = c.orders(&users).await;
+    let (poor, rich): (Vec<u64>, Vec<u64>) = users.iter().partition(|u| u.is_multiple_of(10));
+    c.wallet.credit(&rich, 10_000).await;
+    c.wallet.credit(&poor, PRICE - 1).await;
+    let calls_before = wallet_calls(route);
+    let answers =
+        futures::future::join_all(users.iter().map(|&u| c.pay(u, &ids[(u - 1) as usize]))).await;
+    let calls = wallet_calls(route) - calls_before;
+    for (i, answer) in answers.iter().enumerate() {
+        let user = users[i];
+        let poor = user.is_multiple_of(10);
+        match answer {
+            PayResult::InsufficientFunds if poor => {}
+            PayResult::Paid(_) | PayResult::Settling(_) if !poor => {}
+            other => panic!("buyer {user}: {other:?}"),
+        }
+        let expected = if poor { "unpaid" } else { "paid" };
+        assert_eq!(
+            c.wait_status(&ids[i], expected).await,
+            expected,
+            "buyer {user}"
+        );
+        let spent = if poor { 0 } else { PRICE };
+        let start = if poor { PRICE - 1 } else { 10_000 };
+        assert_eq!(c.balance(user).await, (start - spent, 0), "buyer {user}");
+    }
+    assert!(
+        calls > 0 && calls * 2 < n,
+        "{calls} calls of {route} for {n} payments"
+    );
+    c.assert_audits_clean().await;
+    println!("{n} payments at once: {calls} calls of {route}");
+}
+
+/// Requests the wallets of this process answered on `route`.
+fn wallet_calls(route: &str) -> u64 {
+    prometheus::gather()
+        .iter()
+        .filter(|f| f.name() == "seckill_api_requests_total")
+        .flat_map(|f| f.get_metric())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "route" && l.value() == route)
+        })
+        .map(|m| m.get_counter().value() as u64)
+        .sum()
+}
+
 /// At most this many statements for a set procedure's group of up to
 /// eight plain items (each of its statements once, whatever the group's
 /// size); item by item a group of eight takes over forty.

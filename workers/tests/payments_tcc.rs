@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use payments::support::count;
 use payments::{
-    counted, pay_through_a_wallet_outage, pay_twice_at_once, session_status, Ctx, FaultRun, PRICE,
-    SET_STATEMENTS,
+    counted, pay_at_once_in_batches, pay_through_a_wallet_outage, pay_twice_at_once,
+    session_status, Ctx, FaultRun, PRICE, SET_STATEMENTS,
 };
 use seckill_contracts::config::PaymentMode;
 use seckill_workers::payments::fence::EndOutcome;
@@ -915,5 +915,13 @@ async fn a_group_of_plain_steps_runs_as_set_statements_and_moves_what_its_items_
     }
     assert_eq!(c.balance(20).await, (1_000, 0));
     c.assert_audits_clean().await;
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_at_once_share_wallet_calls_and_each_gets_its_own_answer() {
+    let _serial = fail::FailScenario::setup();
+    let c = Ctx::start(120, PaymentMode::Tcc).await;
+    pay_at_once_in_batches(&c, 120, "/internal/tcc/try").await;
     c.finish().await;
 }

@@ -123,19 +123,31 @@ async fn payments_at_once_share_groups_and_each_gets_its_own_answer() {
     let (poor, rich): (Vec<u64>, Vec<u64>) = users.iter().partition(|u| u.is_multiple_of(10));
     c.wallet.credit(&rich, 10_000).await;
     c.wallet.credit(&poor, PRICE - 1).await;
+    // Buyer 2's order is held by a branch elsewhere (a payment of another
+    // api, in doubt): only that payment is turned away, its group goes on.
+    let elsewhere = [payment(&c, 2, &ids[1])];
+    let (held, _) = OrderGroupBranch::lock(&c.db, &new_tx_id(), &elsewhere)
+        .await
+        .unwrap();
     let payments = users
         .iter()
         .chain([&1])
         .map(|&u| c.pay(u, &ids[(u - 1) as usize]));
-    let answers = futures::future::join_all(payments).await;
+    let answers =
+        tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(payments))
+            .await
+            .expect("a held order stalled the payments");
+    assert_eq!(answers[1], PayResult::InProgress);
+    held.give_up().await.unwrap();
+    assert!(matches!(c.pay(2, &ids[1]).await, PayResult::Paid(_)));
 
     for (i, answer) in answers.iter().take(users.len()).enumerate() {
         let user = users[i];
         match answer {
             PayResult::InsufficientFunds if user.is_multiple_of(10) => {}
             PayResult::Paid(_) if !user.is_multiple_of(10) => {}
-            // Buyer 1's other payment paid first.
-            PayResult::AlreadyPaid | PayResult::InProgress if user == 1 => {}
+            // Buyer 1's other payment paid first; buyer 2's was held.
+            PayResult::AlreadyPaid | PayResult::InProgress if user <= 2 => {}
             other => panic!("buyer {user}: {other:?}"),
         }
         let expected = if user.is_multiple_of(10) {
@@ -155,13 +167,13 @@ async fn payments_at_once_share_groups_and_each_gets_its_own_answer() {
     );
     assert_eq!(c.balance(1).await, (10_000 - PRICE, 0));
     assert_eq!(c.balance(10).await, (PRICE - 1, 0));
-    // The 201 payments ran in far fewer XA transactions than payments.
+    // The 202 payments ran in far fewer XA transactions than payments.
     let (groups, logged): (i64, i64) =
         sqlx::query_as("SELECT COUNT(DISTINCT xa_group), COUNT(*) FROM pay_transactions")
             .fetch_one(&c.db)
             .await
             .unwrap();
-    assert_eq!(logged, 201);
+    assert_eq!(logged, 202);
     assert!(groups < 100, "{groups} groups for {logged} payments");
     c.assert_audits_clean().await;
     println!("xa: {logged} payments at once in {groups} groups, audits clean");
@@ -214,6 +226,30 @@ async fn each_branch_ends_once_whatever_order_phase_two_arrives_in() {
     assert_eq!(c.balance(2).await, (10_000 - PRICE, 0));
     let ledger = accounts::statement(&c.wallet.db, 1).await.unwrap().ledger;
     assert_eq!(ledger[0].balance_after_cents, 10_000 - PRICE);
+    // A wallet another group's branch holds is skipped (busy), whatever
+    // else the group debits; a buyer without a wallet has no money.
+    let holding = new_tx_id();
+    let held = wallet
+        .xa_prepare(&group_prepare(&holding, &[(2, &ids[1], 1)]))
+        .await
+        .unwrap();
+    assert_eq!(held.debits, [Debit::Debited]);
+    let busy = new_tx_id();
+    let other = wallet
+        .xa_prepare(&group_prepare(
+            &busy,
+            &[(2, &ids[1], 1), (1, &ids[0], 1), (99, &ids[0], 1)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        other.debits,
+        [Debit::Busy, Debit::Debited, Debit::InsufficientFunds]
+    );
+    for group in [&busy, &holding] {
+        assert_eq!(wallet.xa_rollback(group).await.unwrap(), EndOutcome::Done);
+    }
+    assert_eq!(c.balance(2).await, (10_000 - PRICE, 0));
     // A commit of something never prepared is refused.
     assert_eq!(
         wallet.xa_commit(&new_tx_id()).await.unwrap(),
@@ -229,16 +265,20 @@ async fn each_branch_ends_once_whatever_order_phase_two_arrives_in() {
     assert_eq!(can_go, [true, false], "one payment per order in a group");
     let branch = branch.prepare(&[&ids[0]]).await.unwrap();
     assert_eq!(c.status(&ids[0]).await, "unpaid");
-    let second = {
-        let (db, tx) = (c.db.clone(), payment(&c, 1, &ids[0]));
-        tokio::spawn(async move { OrderGroupBranch::lock(&db, &new_tx_id(), &[tx]).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!second.is_finished(), "a second lock waits on the row lock");
-    branch.rollback().await.unwrap();
-    let (second, can_go) = second.await.unwrap().unwrap();
-    assert_eq!(can_go, [true], "locked after the first let go");
+    // A second group skips the row the first holds, without waiting...
+    let lone = [payment(&c, 1, &ids[0])];
+    let (second, can_go) = OrderGroupBranch::lock(&c.db, &new_tx_id(), &lone)
+        .await
+        .unwrap();
+    assert_eq!(can_go, [false], "a held order is skipped, not waited for");
     second.give_up().await.unwrap();
+    branch.rollback().await.unwrap();
+    // ...and takes it once the first let go.
+    let (third, can_go) = OrderGroupBranch::lock(&c.db, &new_tx_id(), &lone)
+        .await
+        .unwrap();
+    assert_eq!(can_go, [true]);
+    third.give_up().await.unwrap();
     assert_eq!(c.status(&ids[0]).await, "unpaid");
     // Someone else's order, or a made-up one, or a SQL-looking id: not
     // payable, and nothing stays prepared.

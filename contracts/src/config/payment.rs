@@ -109,12 +109,20 @@ pub struct PaymentConfig {
     /// steps run as set statements), so fewer, larger groups cost less
     /// per payment: on 2 cores 64 × 2 took a quarter less of MariaDB's CPU
     /// per TCC payment than 32 × 4 (README, "Fewer, larger groups").
+    /// The api also sends its payments' wallet calls in batches this
+    /// large, and runs XA payments in groups this large; at most
+    /// [`GROUP_COMMIT_MAX_LIMIT`].
     pub group_commit_max: u32,
     /// Groups in the database at once, per api or wallet instance and per
     /// step; each holds a connection of its pool while it runs. More than
     /// one, so a group waiting on a lock does not hold up every payment.
     pub group_commits_in_flight: u32,
 }
+
+/// The largest `payment.group_commit_max`: a batch of that many wallet
+/// calls (about 150 bytes each as JSON) stays well inside the services'
+/// 64 KiB request bodies.
+pub const GROUP_COMMIT_MAX_LIMIT: u32 = 256;
 
 impl Default for PaymentConfig {
     fn default() -> Self {
@@ -161,6 +169,15 @@ impl PaymentConfig {
             if value == 0 {
                 return Err(invalid(format!("payment.{key}"), "must be at least 1"));
             }
+        }
+        if self.group_commit_max > GROUP_COMMIT_MAX_LIMIT {
+            return Err(invalid(
+                "payment.group_commit_max",
+                format!(
+                    "must be at most {GROUP_COMMIT_MAX_LIMIT}: a batch of wallet calls is one \
+                     request body"
+                ),
+            ));
         }
         if self.transaction_timeout_ms <= self.wallet_timeout_ms {
             return Err(invalid(
@@ -210,6 +227,20 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("payment.transaction_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_group_fits_one_request_body() {
+        let at = |max| PaymentConfig {
+            group_commit_max: max,
+            ..PaymentConfig::default()
+        };
+        at(GROUP_COMMIT_MAX_LIMIT).validate().unwrap();
+        let err = at(GROUP_COMMIT_MAX_LIMIT + 1)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("payment.group_commit_max"), "{err}");
     }
 
     #[test]

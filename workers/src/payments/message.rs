@@ -99,7 +99,7 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
     fail::fail_point!("message.after_hold", |_| Err(PayError::Injected(
         "message.after_hold"
     )));
-    let debit = p.wallet().message_debit(&tx.wallet_request()).await;
+    let debit = p.wallet_batches().message_debit(tx.wallet_request()).await;
     fail::fail_point!("message.after_debit", |_| Err(PayError::Injected(
         "message.after_debit"
     )));

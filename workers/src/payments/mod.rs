@@ -13,6 +13,7 @@
 //! | [`message`] | the reliable-message mode: the check-back, settling on the wallet's message, refunds |
 //! | [`recovery`] | drives every transaction left open (a crash, a timeout) to its end; one api at a time |
 //! | [`wallet_client`] | the wallet's internal routes over HTTP |
+//! | [`wallet_batches`] | concurrent payments' wallet calls, sent together |
 //! | [`audit`] | `seckillctl audit --payments`: SPEC invariant 7 across both databases |
 //!
 //! [`Payments::pay`] is what `POST /orders/{id}/pay` calls: it checks the
@@ -27,6 +28,7 @@ pub mod message;
 pub mod order_branch;
 pub mod recovery;
 pub mod tcc;
+pub mod wallet_batches;
 pub mod wallet_client;
 pub mod xa;
 pub mod xa_branch;
@@ -149,6 +151,8 @@ pub struct Payments {
     log_moves: log::LogMoves,
     /// `xa` mode: payments, in groups of one XA transaction each.
     xa_groups: xa::XaGroups,
+    /// `tcc` and `message` modes: the wallet calls, batched.
+    wallet_batches: wallet_batches::WalletBatches,
     /// The order read before and after paying, in groups.
     order_reads: orders::OrderReads,
     /// `message` mode: the consumer's settles, in groups.
@@ -171,6 +175,7 @@ impl Payments {
         let log_moves = log::LogMoves::start(&log_db, groups);
         let wallet = std::sync::Arc::new(WalletClient::new(config));
         let xa_groups = xa::XaGroups::start(&db, &log_db, wallet.clone(), groups);
+        let wallet_batches = wallet_batches::WalletBatches::start(&wallet, groups);
         let order_reads = orders::OrderReads::start(&db, groups);
         let settles = message::Settles::start(&db, groups);
         Payments {
@@ -181,6 +186,7 @@ impl Payments {
             order_steps,
             log_moves,
             xa_groups,
+            wallet_batches,
             keys,
             config: config.payment.clone(),
             wallet,
@@ -217,6 +223,12 @@ impl Payments {
     ) -> Result<(), PayError> {
         self.log_moves.advance(&tx.tx_id, from, to, None).await?;
         Ok(())
+    }
+
+    /// `tcc` and `message` modes: the wallet's branch calls, batched with
+    /// other payments'.
+    pub fn wallet_batches(&self) -> &wallet_batches::WalletBatches {
+        &self.wallet_batches
     }
 
     /// `xa` mode: the queue into payment groups.

@@ -281,9 +281,11 @@ pub struct OrderGroupBranch {
 impl OrderGroupBranch {
     /// `XA START`, then locks (in id order, by primary key only: a scan
     /// would lock every row it passes) the orders of `txs` their buyer may
-    /// pay now: the buyer's own, unpaid, unexpired. Says for each
-    /// of `txs` whether it can go on (a second payment of one order in the
-    /// group cannot).
+    /// pay now: the buyer's own, unpaid, unexpired. Says for each of `txs`
+    /// whether it can go on. One cannot when another payment of its order
+    /// is in this group, or holds the row (another group's branch, in
+    /// doubt perhaps until recovery): that row is skipped, not waited for,
+    /// so one order held elsewhere never stalls the whole group.
     pub async fn lock(
         db: &MySqlPool,
         group: &str,
@@ -292,7 +294,7 @@ impl OrderGroupBranch {
         let mut branch = BranchConn::start(db, Xid::new(group, BRANCH)?).await?;
         let sql = format!(
             "SELECT id, user_id FROM orders FORCE INDEX (PRIMARY) WHERE id IN ({}) \
-             AND status = ? AND expires_at > NOW(3) ORDER BY id FOR UPDATE",
+             AND status = ? AND expires_at > NOW(3) ORDER BY id FOR UPDATE SKIP LOCKED",
             vec!["?"; txs.len()].join(", ")
         );
         let mut query = sqlx::query_as::<_, (String, u64)>(&sql);

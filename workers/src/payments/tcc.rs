@@ -39,7 +39,7 @@ pub async fn pay(p: &Payments, tx: &PayTx) -> Result<Step, PayError> {
     fail::fail_point!("tcc.after_try_order", |_| Err(PayError::Injected(
         "tcc.after_try_order"
     )));
-    let tried = p.wallet().tcc_try(&tx.wallet_request()).await;
+    let tried = p.wallet_batches().tcc_try(tx.wallet_request()).await;
     fail::fail_point!("tcc.after_try_wallet", |_| Err(PayError::Injected(
         "tcc.after_try_wallet"
     )));
@@ -87,7 +87,7 @@ pub async fn commit(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
 
 /// The wallet's Confirm, then the log `committed`.
 async fn confirm_wallet(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
-    match p.wallet().tcc_confirm(&tx.tx_id).await {
+    match p.wallet_batches().tcc_confirm(&tx.tx_id).await {
         Ok(EndOutcome::Done | EndOutcome::Repeat) => {}
         Ok(other) => return Err(inconsistent(tx, "wallet Confirm", other)),
         Err(WalletCallError::Unavailable(why)) => {
@@ -120,7 +120,7 @@ pub async fn abort(p: &Payments, tx: &PayTx, reason: AbortReason) -> Result<Step
 /// does not answer: the decision is logged, and recovery cancels the
 /// wallet's branch (whose Try, if it ever lands, its fence refuses).
 pub async fn finish_abort(p: &Payments, tx: &PayTx) -> Result<bool, PayError> {
-    let wallet_done = match p.wallet().tcc_cancel(&tx.tx_id).await {
+    let wallet_done = match p.wallet_batches().tcc_cancel(&tx.tx_id).await {
         Ok(EndOutcome::Done | EndOutcome::Repeat | EndOutcome::EmptyRollback) => true,
         Ok(EndOutcome::Refused) => {
             return Err(inconsistent(tx, "wallet Cancel", EndOutcome::Refused))

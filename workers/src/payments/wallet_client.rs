@@ -15,7 +15,9 @@ use serde::Serialize;
 use crate::payments::fence::EndOutcome;
 use crate::wallet::accounts::{Wallet, WalletFigures};
 use crate::wallet::message::{DebitOutcome, Resolution};
-use crate::wallet::routes::{EndRequest, Outcome, PrepareRequest, TryRequest};
+use crate::wallet::routes::{
+    BatchAnswer, EndRequest, ItemAnswer, Outcome, PrepareRequest, TryRequest,
+};
 use crate::wallet::tcc::TryOutcome;
 use crate::wallet::xa::{PrepareOutcome, Prepared};
 
@@ -29,6 +31,28 @@ pub enum WalletCallError {
     /// An instance refused the call (4xx): it took no effect.
     #[error("the wallet refused the call ({status}): {detail}")]
     Refused { status: u16, detail: String },
+}
+
+/// The answers to a batch: one per item, or the error of the whole call.
+pub type Answers<O> = Result<Vec<Result<O, WalletCallError>>, WalletCallError>;
+
+/// The one answer of a batch of one.
+fn only<O>(answers: Answers<O>) -> Result<O, WalletCallError> {
+    let mut answers = answers?;
+    match (answers.pop(), answers.is_empty()) {
+        (Some(answer), true) => answer,
+        _ => Err(WalletCallError::Unavailable(
+            "a batch of one answered another number".into(),
+        )),
+    }
+}
+
+/// The group-commit queue's own failure (a group answered for another
+/// number of items) reaches a batched wallet call as this.
+impl From<sqlx::Error> for WalletCallError {
+    fn from(e: sqlx::Error) -> WalletCallError {
+        WalletCallError::Unavailable(e.to_string())
+    }
 }
 
 /// The wallet's internal routes, over HTTP.
@@ -70,17 +94,35 @@ impl WalletClient {
         }
     }
 
+    /// TCC Try of many payments in one call; one answer per request.
+    pub async fn tcc_try_batch(&self, requests: &[TryRequest]) -> Answers<TryOutcome> {
+        self.batch("/internal/tcc/try", requests).await
+    }
+
     pub async fn tcc_try(&self, request: &TryRequest) -> Result<TryOutcome, WalletCallError> {
-        let reply: Outcome<TryOutcome> = self.post("/internal/tcc/try", request).await?;
-        Ok(reply.outcome)
+        only(self.tcc_try_batch(std::slice::from_ref(request)).await)
+    }
+
+    /// TCC Confirm (`confirm`) or Cancel of many transactions in one call.
+    pub async fn tcc_end_batch(&self, confirm: bool, tx_ids: &[String]) -> Answers<EndOutcome> {
+        let path = if confirm {
+            "/internal/tcc/confirm"
+        } else {
+            "/internal/tcc/cancel"
+        };
+        let requests: Vec<EndRequest> = tx_ids
+            .iter()
+            .map(|t| EndRequest { tx_id: t.clone() })
+            .collect();
+        self.batch(path, &requests).await
     }
 
     pub async fn tcc_confirm(&self, tx_id: &str) -> Result<EndOutcome, WalletCallError> {
-        self.end("/internal/tcc/confirm", tx_id).await
+        only(self.tcc_end_batch(true, &[tx_id.to_string()]).await)
     }
 
     pub async fn tcc_cancel(&self, tx_id: &str) -> Result<EndOutcome, WalletCallError> {
-        self.end("/internal/tcc/cancel", tx_id).await
+        only(self.tcc_end_batch(false, &[tx_id.to_string()]).await)
     }
 
     /// XA phase one: the wallet prepares a group's debits, one branch.
@@ -109,13 +151,20 @@ impl WalletClient {
         self.end("/internal/xa/rollback", tx_id).await
     }
 
-    /// Message mode: debit, with the message in the wallet's outbox.
+    /// Message mode: debits of many payments in one call, each with its
+    /// message in the wallet's outbox.
+    pub async fn message_debit_batch(&self, requests: &[TryRequest]) -> Answers<DebitOutcome> {
+        self.batch("/internal/message/debit", requests).await
+    }
+
     pub async fn message_debit(
         &self,
         request: &TryRequest,
     ) -> Result<DebitOutcome, WalletCallError> {
-        let reply: Outcome<DebitOutcome> = self.post("/internal/message/debit", request).await?;
-        Ok(reply.outcome)
+        only(
+            self.message_debit_batch(std::slice::from_ref(request))
+                .await,
+        )
     }
 
     /// Message mode: the check-back on a debit the api did not hear about.
@@ -162,6 +211,35 @@ impl WalletClient {
         };
         let reply: Outcome<EndOutcome> = self.post(path, &request).await?;
         Ok(reply.outcome)
+    }
+
+    /// One call carrying `items`; an answer per item, or the call's error.
+    async fn batch<B: Serialize, O: DeserializeOwned>(
+        &self,
+        path: &str,
+        items: &[B],
+    ) -> Answers<O> {
+        #[derive(Serialize)]
+        struct Batch<'a, B> {
+            items: &'a [B],
+        }
+        let reply: BatchAnswer<O> = self.post(path, &Batch { items }).await?;
+        if reply.answers.len() != items.len() {
+            return Err(WalletCallError::Unavailable(format!(
+                "{} answers for {} items",
+                reply.answers.len(),
+                items.len()
+            )));
+        }
+        Ok(reply
+            .answers
+            .into_iter()
+            .map(|a| match a {
+                ItemAnswer::Outcome(o) => Ok(o),
+                // Like a 500 for a call alone: it may have taken effect.
+                ItemAnswer::Error(e) => Err(WalletCallError::Unavailable(e)),
+            })
+            .collect())
     }
 
     async fn post<B: Serialize, R: DeserializeOwned>(

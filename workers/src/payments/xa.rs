@@ -183,9 +183,11 @@ async fn pay_group(s: &Sides<'_>, txs: &[PayTx]) -> Result<Vec<Step>, PayError> 
         }
     };
     for (&i, debit) in payable.iter().zip(&debits) {
-        if *debit == Debit::InsufficientFunds {
-            refused[i] = Some(AbortReason::InsufficientFunds);
-        }
+        refused[i] = match debit {
+            Debit::Debited => None,
+            Debit::InsufficientFunds => Some(AbortReason::InsufficientFunds),
+            Debit::Busy => Some(AbortReason::WalletUnavailable),
+        };
     }
     let members: Vec<usize> = payable
         .into_iter()

@@ -61,6 +61,9 @@ struct Inner {
     /// The message mode's debits, run in groups.
     debits: message::Debits,
     xa: Arc<xa::PreparedBranches>,
+    /// The most payments one internal call carries (the coordinators'
+    /// `payment.group_commit_max`).
+    batch_max: usize,
     /// Wakes this instance's outbox relay (`message` mode).
     relay_wake: Arc<tokio::sync::Notify>,
     /// The relay and the refund consumer (`message` mode) run while this
@@ -111,10 +114,10 @@ impl WalletState {
                 tcc: tcc::WalletSteps::start(&db, groups),
                 debits: message::Debits::start(&db, groups),
                 db,
-                xa: xa::PreparedBranches::new(
-                    std::time::Duration::from_millis(config.wallet.xa_hold_ms),
-                    groups.max_items,
-                ),
+                xa: xa::PreparedBranches::new(std::time::Duration::from_millis(
+                    config.wallet.xa_hold_ms,
+                )),
+                batch_max: groups.max_items,
                 keys,
                 admin_digest,
                 service_digest,
@@ -141,6 +144,11 @@ impl WalletState {
     }
 
     /// The prepared XA branches this instance holds the connection of.
+    /// The most payments one internal call carries.
+    pub fn batch_max(&self) -> usize {
+        self.inner.batch_max
+    }
+
     pub fn xa(&self) -> &xa::PreparedBranches {
         &self.inner.xa
     }

@@ -4,10 +4,10 @@
 //! |---|---|---|
 //! | `GET /api/v1/wallet` | the buyer (RS256 bearer, through the gateway) | own balance and ledger |
 //! | `POST /admin/wallet/credit` | ops (admin token) | a top-up |
-//! | `POST /internal/tcc/{try,confirm,cancel}` | the api (service token) | the TCC branch |
-//! | `POST /internal/xa/{prepare,commit,rollback}` | the api (service token) | the XA branch |
+//! | `POST /internal/tcc/{try,confirm,cancel}` | the api (service token) | the TCC branch, a [`Batch`] of payments per call |
+//! | `POST /internal/xa/{prepare,commit,rollback}` | the api (service token) | the XA branch of a group of payments |
 //! | `GET /internal/xa/prepared` | the api's recovery (service token) | prepared wallet branches |
-//! | `POST /internal/message/{debit,resolve}` | the api (service token) | the message mode's debit and check-back |
+//! | `POST /internal/message/{debit,resolve}` | the api (service token) | the message mode's debit (a [`Batch`]) and check-back |
 //! | `GET /internal/audit` | `seckillctl audit --payments` (service token) | the wallet's figures |
 //!
 //! The internal routes are not behind the gateway; the service token keeps
@@ -17,6 +17,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -115,8 +116,8 @@ async fn credit(
     Ok(Json(wallet))
 }
 
-/// A TCC Try of the wallet branch.
-#[derive(Debug, Serialize, Deserialize)]
+/// A TCC Try of the wallet branch (and the other modes' first call).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TryRequest {
     pub tx_id: String,
@@ -148,22 +149,78 @@ pub struct Outcome<T> {
     pub outcome: T,
 }
 
+/// The same branch call for many payments at once: the api sends its
+/// concurrent payments' calls together, and each still gets its own
+/// answer. Nothing in a batch waits for another item: each joins the
+/// wallet's group commit, as calls arriving together would.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch<T> {
+    pub items: Vec<T>,
+}
+
+/// A batch's answers, one per item in the batch's order.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchAnswer<T> {
+    pub answers: Vec<ItemAnswer<T>>,
+}
+
+/// One item's answer: its outcome, or the error that stopped it (which,
+/// like a `500` for a call alone, may or may not have taken effect).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemAnswer<T> {
+    Outcome(T),
+    Error(String),
+}
+
+impl<T> ItemAnswer<T> {
+    fn of<E: std::fmt::Display>(result: Result<T, E>) -> ItemAnswer<T> {
+        match result {
+            Ok(outcome) => ItemAnswer::Outcome(outcome),
+            Err(e) => {
+                tracing::error!(error = %e, "a wallet branch call failed");
+                ItemAnswer::Error(e.to_string())
+            }
+        }
+    }
+}
+
+/// A batch the wallet takes: 1 to `payment.group_commit_max` items, each
+/// well formed (else nothing in it runs).
+fn check_batch<T>(
+    state: &WalletState,
+    items: &[T],
+    check: impl Fn(&T) -> Result<(), Problem>,
+) -> Result<(), Problem> {
+    if items.is_empty() || items.len() > state.batch_max() {
+        return Err(Problem::bad_request(format!(
+            "a batch carries 1 to {} items",
+            state.batch_max()
+        )));
+    }
+    items.iter().try_for_each(check)
+}
+
 async fn tcc_try(
     State(state): State<WalletState>,
     headers: HeaderMap,
-    body: Result<ApiJson<TryRequest>, Problem>,
-) -> Result<Json<Outcome<TryOutcome>>, Problem> {
+    body: Result<ApiJson<Batch<TryRequest>>, Problem>,
+) -> Result<Json<BatchAnswer<TryOutcome>>, Problem> {
     check_secret(state.service_digest(), &headers, "service")?;
     let ApiJson(r) = body?;
-    check_branch_request(&r)?;
+    check_batch(&state, &r.items, check_branch_request)?;
     fail::fail_point!("wallet.tcc.before_try", |_| Err(injected()));
-    let outcome = state
-        .tcc()
-        .try_freeze(&r.tx_id, r.user_id, &r.order_id, r.amount_cents)
-        .await
-        .map_err(Problem::internal)?;
+    let tries = r.items.iter().map(|t| {
+        state
+            .tcc()
+            .try_freeze(&t.tx_id, t.user_id, &t.order_id, t.amount_cents)
+    });
+    let answers = join_all(tries).await.into_iter().map(ItemAnswer::of);
     fail::fail_point!("wallet.tcc.after_try", |_| Err(injected()));
-    Ok(Json(Outcome { outcome }))
+    Ok(Json(BatchAnswer {
+        answers: answers.collect(),
+    }))
 }
 
 /// A branch request the wallet can act on (ids of the right shape, an
@@ -186,12 +243,10 @@ async fn xa_prepare(
 ) -> Result<Json<xa::Prepared>, Problem> {
     check_secret(state.service_digest(), &headers, "service")?;
     let ApiJson(r) = body?;
-    if !valid_tx_id(&r.group_id) || r.items.is_empty() || r.items.len() > state.xa().max_items() {
+    if !valid_tx_id(&r.group_id) {
         return Err(Problem::bad_request("malformed group prepare"));
     }
-    for item in &r.items {
-        check_branch_request(item)?;
-    }
+    check_batch(&state, &r.items, check_branch_request)?;
     fail::fail_point!("wallet.xa.before_prepare", |_| Err(injected()));
     let prepared = xa::prepare(state.db(), state.xa(), &r.group_id, &r.items)
         .await
@@ -244,21 +299,29 @@ async fn xa_end(
 async fn message_debit(
     State(state): State<WalletState>,
     headers: HeaderMap,
-    body: Result<ApiJson<TryRequest>, Problem>,
-) -> Result<Json<Outcome<DebitOutcome>>, Problem> {
+    body: Result<ApiJson<Batch<TryRequest>>, Problem>,
+) -> Result<Json<BatchAnswer<DebitOutcome>>, Problem> {
     check_secret(state.service_digest(), &headers, "service")?;
     let ApiJson(r) = body?;
-    check_branch_request(&r)?;
-    let outcome = state
-        .debits()
-        .debit(&r.tx_id, r.user_id, &r.order_id, r.amount_cents)
+    check_batch(&state, &r.items, check_branch_request)?;
+    let debits = r.items.iter().map(|t| {
+        state
+            .debits()
+            .debit(&t.tx_id, t.user_id, &t.order_id, t.amount_cents)
+    });
+    let answers: Vec<_> = join_all(debits)
         .await
-        .map_err(Problem::internal)?;
-    if outcome == DebitOutcome::Debited {
+        .into_iter()
+        .map(ItemAnswer::of)
+        .collect();
+    if answers
+        .iter()
+        .any(|a| matches!(a, ItemAnswer::Outcome(DebitOutcome::Debited)))
+    {
         state.wake_relay();
     }
     fail::fail_point!("wallet.message.after_debit", |_| Err(injected()));
-    Ok(Json(Outcome { outcome }))
+    Ok(Json(BatchAnswer { answers }))
 }
 
 async fn message_resolve(
@@ -291,38 +354,49 @@ async fn xa_prepared(
 async fn tcc_confirm(
     State(state): State<WalletState>,
     headers: HeaderMap,
-    body: Result<ApiJson<EndRequest>, Problem>,
-) -> Result<Json<Outcome<EndOutcome>>, Problem> {
+    body: Result<ApiJson<Batch<EndRequest>>, Problem>,
+) -> Result<Json<BatchAnswer<EndOutcome>>, Problem> {
     end(state, headers, body, true).await
 }
 
 async fn tcc_cancel(
     State(state): State<WalletState>,
     headers: HeaderMap,
-    body: Result<ApiJson<EndRequest>, Problem>,
-) -> Result<Json<Outcome<EndOutcome>>, Problem> {
+    body: Result<ApiJson<Batch<EndRequest>>, Problem>,
+) -> Result<Json<BatchAnswer<EndOutcome>>, Problem> {
     end(state, headers, body, false).await
 }
 
 async fn end(
     state: WalletState,
     headers: HeaderMap,
-    body: Result<ApiJson<EndRequest>, Problem>,
+    body: Result<ApiJson<Batch<EndRequest>>, Problem>,
     confirm: bool,
-) -> Result<Json<Outcome<EndOutcome>>, Problem> {
+) -> Result<Json<BatchAnswer<EndOutcome>>, Problem> {
     check_secret(state.service_digest(), &headers, "service")?;
     let ApiJson(r) = body?;
-    if !valid_tx_id(&r.tx_id) {
-        return Err(Problem::bad_request("malformed transaction id"));
-    }
-    let outcome = if confirm {
-        state.tcc().confirm(&r.tx_id).await
-    } else {
-        state.tcc().cancel(&r.tx_id).await
-    }
-    .map_err(Problem::internal)?;
+    check_batch(&state, &r.items, |e| {
+        if valid_tx_id(&e.tx_id) {
+            Ok(())
+        } else {
+            Err(Problem::bad_request("malformed transaction id"))
+        }
+    })?;
+    let ends = r.items.iter().map(|e| {
+        let tcc = state.tcc();
+        async move {
+            if confirm {
+                tcc.confirm(&e.tx_id).await
+            } else {
+                tcc.cancel(&e.tx_id).await
+            }
+        }
+    });
+    let answers = join_all(ends).await.into_iter().map(ItemAnswer::of);
     fail::fail_point!("wallet.tcc.after_end", |_| Err(injected()));
-    Ok(Json(Outcome { outcome }))
+    Ok(Json(BatchAnswer {
+        answers: answers.collect(),
+    }))
 }
 
 #[derive(Debug, Deserialize)]

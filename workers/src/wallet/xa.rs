@@ -11,7 +11,7 @@
 //! reaches it. A crash of this instance lets every branch go the same way:
 //! MariaDB keeps prepared branches when their connection drops.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,10 @@ pub enum Debit {
     /// The balance does not cover it (after the group's earlier debits of
     /// the same wallet): not in the branch.
     InsufficientFunds,
+    /// The wallet is held by another group's branch (the same buyer paying
+    /// another order at this moment, or a branch in doubt until recovery):
+    /// not in the branch; the buyer may retry.
+    Busy,
 }
 
 /// A group's prepare, answered: one debit per item, in the request's order
@@ -63,18 +67,15 @@ pub struct Prepared {
 pub struct PreparedBranches {
     held: Mutex<HashMap<String, (BranchConn, Instant)>>,
     hold: Duration,
-    max_items: usize,
 }
 
 impl PreparedBranches {
     /// An empty set whose branches are let go after `hold`, by a task that
-    /// lives as long as the set; a prepare takes at most `max_items`
-    /// payments (the coordinators' `payment.group_commit_max`).
-    pub fn new(hold: Duration, max_items: usize) -> Arc<PreparedBranches> {
+    /// lives as long as the set.
+    pub fn new(hold: Duration) -> Arc<PreparedBranches> {
         let set = Arc::new(PreparedBranches {
             held: Mutex::new(HashMap::new()),
             hold,
-            max_items,
         });
         spawn_release(Arc::downgrade(&set));
         set
@@ -100,11 +101,6 @@ impl PreparedBranches {
         let before = held.len();
         held.retain(|_, (_, since)| since.elapsed() < self.hold);
         before - held.len()
-    }
-
-    /// The most payments one prepare takes.
-    pub fn max_items(&self) -> usize {
-        self.max_items
     }
 
     /// How many branches this instance holds now.
@@ -171,7 +167,8 @@ pub async fn prepare(
 }
 
 /// The group's debits, inside the caller's branch: locks the buyers'
-/// wallets (in user order), takes each item the balance still covers, then
+/// wallets (in user order, skipping those another branch holds), takes
+/// each item the balance still covers, then
 /// writes the new balances in one statement and the ledger rows (naming
 /// the group) in another. Every statement goes by primary key (`FORCE
 /// INDEX`): on a small table the optimizer would scan it, locking every
@@ -184,7 +181,7 @@ async fn debit_group(
     let users: BTreeSet<u64> = items.iter().map(|i| i.user_id).collect();
     let sql = format!(
         "SELECT user_id, balance_cents, frozen_cents FROM wallets FORCE INDEX (PRIMARY) \
-         WHERE user_id IN ({}) ORDER BY user_id FOR UPDATE",
+         WHERE user_id IN ({}) ORDER BY user_id FOR UPDATE SKIP LOCKED",
         vec!["?"; users.len()].join(", ")
     );
     let mut query = sqlx::query_as::<_, (u64, i64, i64)>(&sql);
@@ -197,6 +194,11 @@ async fn debit_group(
         .into_iter()
         .map(|(user, balance, frozen)| (user, (balance, frozen)))
         .collect();
+    let missing: Vec<u64> = users
+        .into_iter()
+        .filter(|u| !wallets.contains_key(u))
+        .collect();
+    let locked_elsewhere = existing(conn, &missing).await?;
     let mut ledger = Vec::new();
     let debits = items
         .iter()
@@ -206,7 +208,11 @@ async fn debit_group(
                 ledger.push((item, *balance, *frozen));
                 Debit::Debited
             }
-            _ => Debit::InsufficientFunds,
+            Some(_) => Debit::InsufficientFunds,
+            // Skipped by the locking read: held by another branch, or no
+            // wallet at all (no money).
+            None if locked_elsewhere.contains(&item.user_id) => Debit::Busy,
+            None => Debit::InsufficientFunds,
         })
         .collect();
     if ledger.is_empty() {
@@ -219,6 +225,26 @@ async fn debit_group(
     set_balances(conn, &debited).await?;
     write_ledger(conn, group, &ledger).await?;
     Ok(debits)
+}
+
+/// Which of `users` have a wallet (a plain read, which no lock stops):
+/// those the locking read skipped are held by another branch.
+async fn existing(
+    conn: &mut sqlx::MySqlConnection,
+    users: &[u64],
+) -> Result<HashSet<u64>, WalletError> {
+    if users.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let sql = format!(
+        "SELECT user_id FROM wallets WHERE user_id IN ({})",
+        vec!["?"; users.len()].join(", ")
+    );
+    let mut query = sqlx::query_scalar::<_, u64>(&sql);
+    for u in users {
+        query = query.bind(*u);
+    }
+    Ok(query.fetch_all(&mut *conn).await?.into_iter().collect())
 }
 
 /// Sets each wallet's balance (rows the caller locked and computed).
