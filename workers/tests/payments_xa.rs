@@ -16,7 +16,9 @@ mod payments;
 use std::time::Duration;
 
 use payments::support::InProcessWallet;
-use payments::{pay_through_a_wallet_outage, pay_twice_at_once, recover_all, Ctx, FaultRun, PRICE};
+use payments::{
+    pay_through_a_wallet_outage, pay_twice_at_once, payments_for, recover_all, Ctx, FaultRun, PRICE,
+};
 use seckill_contracts::config::PaymentMode;
 use seckill_workers::payments::fence::EndOutcome;
 use seckill_workers::payments::log::new_tx_id;
@@ -415,6 +417,95 @@ async fn a_fault_at_every_step_ends_consistent_after_recovery() {
     }
     .run(&c)
     .await;
+    scenario.teardown();
+    c.finish().await;
+}
+
+/// Cuts for a group of several payments, one of them poor, and where
+/// the rich ones' orders end.
+const GROUP_CUTS: &[(&str, &str)] = &[
+    ("xa.after_prepare_wallet", "unpaid"),
+    ("xa.after_prepare_order", "unpaid"),
+    ("xa.after_decide", "paid"),
+    ("xa.after_commit_wallet", "paid"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_cut_short_ends_every_payment_of_it_consistent() {
+    let scenario = fail::FailScenario::setup();
+    let c = Ctx::start(40, PaymentMode::Xa).await;
+    // One group at a time, so payments queued behind a busy one share
+    // the next group.
+    let mut config = c.config().clone();
+    config.payment.group_commits_in_flight = 1;
+    let api = std::sync::Arc::new(payments_for(&config, &c.db));
+    for (case, (point, rich_end)) in GROUP_CUTS.iter().enumerate() {
+        // Buyers: a first one alone, then two rich and one poor together.
+        let users: Vec<u64> = (1..=4).map(|i| case as u64 * 4 + i).collect();
+        let ids = c.orders(&users).await;
+        c.wallet.credit(&users[..3], 10_000).await;
+        c.wallet.credit(&users[3..], PRICE / 2).await;
+        fail::cfg(*point, "return").unwrap();
+        // The log table locked: the first group waits on its INSERT
+        // while the other three queue behind it.
+        let mut lock = c.db.acquire().await.unwrap();
+        sqlx::query("LOCK TABLES pay_transactions WRITE")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let pay = |i: usize| {
+            let (api, redis, order, user) =
+                (api.clone(), c.redis.clone(), ids[i].clone(), users[i]);
+            tokio::spawn(async move { api.pay(&mut redis.clone(), user, &order).await })
+        };
+        let first = pay(0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let together: Vec<_> = (1..4).map(pay).collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sqlx::query("UNLOCK TABLES")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        drop(lock);
+        for answer in std::iter::once(first).chain(together) {
+            let answer = answer.await.unwrap();
+            assert!(!matches!(answer, Ok(PayResult::Paid(_))) || *rich_end == "paid");
+        }
+        fail::remove(point);
+        let groups: i64 = sqlx::query_scalar(
+            "SELECT COUNT(DISTINCT xa_group) FROM pay_transactions WHERE order_id IN (?, ?, ?)",
+        )
+        .bind(&ids[1])
+        .bind(&ids[2])
+        .bind(&ids[3])
+        .fetch_one(&c.db)
+        .await
+        .unwrap();
+        assert_eq!(
+            groups, 1,
+            "{point}: the three queued payments share a group"
+        );
+        recover_all(&payments_for(c.config(), &c.db)).await;
+        for (i, user) in users.iter().enumerate() {
+            let (end, start) = if i < 3 {
+                (*rich_end, 10_000)
+            } else {
+                ("unpaid", PRICE / 2)
+            };
+            assert_eq!(
+                c.wait_status(&ids[i], end).await,
+                end,
+                "{point}: buyer {user}"
+            );
+            let spent = if end == "paid" { PRICE } else { 0 };
+            assert_eq!(
+                c.balance(*user).await,
+                (start - spent, 0),
+                "{point}: buyer {user}"
+            );
+        }
+        c.assert_audits_clean().await;
+    }
     scenario.teardown();
     c.finish().await;
 }
