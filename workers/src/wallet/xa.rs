@@ -218,9 +218,10 @@ async fn debit_group(
     if ledger.is_empty() {
         return Ok(debits);
     }
+    // Each wallet's last ledger row holds its balance after the group.
     let debited: BTreeMap<u64, i64> = ledger
         .iter()
-        .map(|(item, _, _)| (item.user_id, wallets[&item.user_id].0))
+        .map(|(item, balance, _)| (item.user_id, *balance))
         .collect();
     set_balances(conn, &debited).await?;
     write_ledger(conn, group, &ledger).await?;
