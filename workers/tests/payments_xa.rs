@@ -323,7 +323,8 @@ async fn each_branch_ends_once_whatever_order_phase_two_arrives_in() {
         ],
     );
     let empty = group_prepare(&new_tx_id(), &[]);
-    let too_many = group_prepare(&new_tx_id(), &vec![(1, ids[0].as_str(), 1); 65]);
+    let over = c.config().payment.group_commit_max as usize + 1;
+    let too_many = group_prepare(&new_tx_id(), &vec![(1, ids[0].as_str(), 1); over]);
     for bad in [bad_group, bad_tx, bad_order, empty, too_many] {
         assert!(
             matches!(

@@ -107,15 +107,17 @@ pub struct PaymentConfig {
     /// groups the order branch's steps and the log's, the wallet its own.
     /// A group costs the database about the same whatever its size (its
     /// steps run as set statements), so fewer, larger groups cost less
-    /// per payment: on 2 cores 64 × 2 took a quarter less of MariaDB's CPU
-    /// per TCC payment than 32 × 4 (README, "Fewer, larger groups").
+    /// per payment: on 2 cores 128 × 1 took half of MariaDB's CPU per TCC
+    /// payment that 64 × 2 took (README, "One larger group at a time").
     /// The api also sends its payments' wallet calls in batches this
     /// large, and runs XA payments in groups this large; at most
     /// [`GROUP_COMMIT_MAX_LIMIT`].
     pub group_commit_max: u32,
     /// Groups in the database at once, per api or wallet instance and per
-    /// step; each holds a connection of its pool while it runs. More than
-    /// one, so a group waiting on a lock does not hold up every payment.
+    /// step (and batches of wallet calls, and XA groups); each holds a
+    /// connection of its pool while it runs. One is enough where no step
+    /// waits long on a lock: TCC and message hold rows only inside their
+    /// short local transactions, and XA groups skip rows held elsewhere.
     pub group_commits_in_flight: u32,
 }
 
@@ -136,8 +138,8 @@ impl Default for PaymentConfig {
             recovery_interval_ms: 1_000,
             relay_interval_ms: 500,
             message_retention_secs: 86_400,
-            group_commit_max: 64,
-            group_commits_in_flight: 2,
+            group_commit_max: 128,
+            group_commits_in_flight: 1,
         }
     }
 }
