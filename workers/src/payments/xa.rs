@@ -154,8 +154,7 @@ async fn pay_group(s: &Sides<'_>, txs: &[PayTx]) -> Result<Vec<Step>, PayError> 
         .collect();
     let payable: Vec<usize> = (0..txs.len()).filter(|&i| can_go[i]).collect();
     if payable.is_empty() {
-        order.give_up().await?;
-        return abort(s, &group, txs, &refused, OrderSide::Ended, false).await;
+        return abort(s, &group, txs, &refused, order, false).await;
     }
     let request = PrepareRequest {
         group_id: group.clone(),
@@ -178,8 +177,7 @@ async fn pay_group(s: &Sides<'_>, txs: &[PayTx]) -> Result<Vec<Step>, PayError> 
             for &i in &payable {
                 refused[i] = Some(reason);
             }
-            order.give_up().await?;
-            return abort(s, &group, txs, &refused, OrderSide::Ended, true).await;
+            return abort(s, &group, txs, &refused, order, true).await;
         }
     };
     for (&i, debit) in payable.iter().zip(&debits) {
@@ -194,8 +192,7 @@ async fn pay_group(s: &Sides<'_>, txs: &[PayTx]) -> Result<Vec<Step>, PayError> 
         .filter(|&i| refused[i].is_none())
         .collect();
     if members.is_empty() {
-        order.give_up().await?;
-        return abort(s, &group, txs, &refused, OrderSide::Ended, true).await;
+        return abort(s, &group, txs, &refused, order, true).await;
     }
     let orders: Vec<&str> = members.iter().map(|&i| txs[i].order_id.as_str()).collect();
     let order = order.prepare(&orders).await?;
@@ -283,28 +280,34 @@ async fn abort_in_log(
     Ok(())
 }
 
-/// Aborts a group none of whose payments can go on (each has its reason):
-/// logs them `aborting`, then rolls both branches back. `wallet_asked`:
+/// Aborts a group none of whose payments can go on (each has its reason),
+/// before its order branch was prepared: ends that branch, logs them
+/// `aborting`, then rolls the wallet's branch back. `wallet_asked`:
 /// whether the wallet may hold a branch of it.
 async fn abort(
     s: &Sides<'_>,
     group: &str,
     txs: &[PayTx],
     refused: &[Option<AbortReason>],
-    order: OrderSide,
+    order: OrderGroupBranch,
     wallet_asked: bool,
 ) -> Result<Vec<Step>, PayError> {
+    order.give_up().await?;
     abort_in_log(s, group, txs, refused).await?;
     fail::fail_point!("xa.after_decide_abort", |_| Err(PayError::Injected(
         "xa.after_decide_abort"
     )));
     if wallet_asked {
-        finish_abort(s, group, order).await?;
+        finish_abort(s, group, OrderSide::Ended).await?;
     } else {
         // No branch of the group anywhere: only the log is left.
         log::end_xa_group(s.log_db, group).await?;
     }
-    Ok(steps(refused, Step::Aborted(AbortReason::Timeout)))
+    // Every payment here has its own reason.
+    Ok(refused
+        .iter()
+        .map(|r| Step::Aborted(r.unwrap_or(AbortReason::Timeout)))
+        .collect())
 }
 
 /// Phase two, commit, of a group decided `committing`. True once the log
