@@ -11,6 +11,14 @@
 //!                                the folded stacks' leaf frames → top-N
 //! ```
 //!
+//! `pay --profile` records the whole machine instead (every process and
+//! the kernel, [`Profile::machine`]) while one round's buyers pay: a
+//! payment's cost is spread over the gateway, the apis, the wallet and
+//! MariaDB, and the useful answer is which of them, in which functions.
+//! That recording keeps no call graphs (leaf functions only), so it is
+//! cheap enough for a run lasting a second, and it is stopped when the
+//! payments are answered ([`Profile::stop`]).
+//!
 //! DWARF unwinding because release builds keep no frame pointers; the
 //! release profile's line tables are enough for function names. A
 //! profiled run is slower than an unprofiled one (perf copies each
@@ -35,13 +43,20 @@ const TOP_FRAMES: usize = 12;
 /// SVG: they are unreadable anyway, and keeping them makes it megabytes.
 const MIN_WIDTH_PX: f64 = 0.5;
 
-/// A perf recording of one process for one scenario.
+/// A perf recording of one process for one scenario, or of the whole
+/// machine for one payment round.
 pub struct Profile {
     name: String,
     out: PathBuf,
     data: PathBuf,
     perf: Child,
+    whole_machine: bool,
 }
+
+/// The longest a whole-machine recording runs when nobody stops it.
+const MACHINE_LIMIT: Duration = Duration::from_secs(120);
+/// Lines of the per-function table kept in a whole-machine profile's notes.
+const MACHINE_TOP: usize = 25;
 
 /// Installs what `--profile` needs when missing: perf (Debian's
 /// linux-perf) and inferno's collapse and flame graph tools (crates.io).
@@ -79,13 +94,58 @@ impl Profile {
             out: out.to_path_buf(),
             data,
             perf,
+            whole_machine: false,
         })
+    }
+
+    /// Starts recording every process on the machine, leaf functions only,
+    /// until [`Profile::stop`] (or [`MACHINE_LIMIT`]).
+    pub fn machine(name: &str, out: &Path) -> anyhow::Result<Profile> {
+        let data = out.join(format!("perf-{name}.data"));
+        let perf = Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-a",
+                "-g",
+                "-F",
+                &FREQUENCY_HZ.to_string(),
+                "-o",
+            ])
+            .arg(&data)
+            .args(["--", "sleep", &MACHINE_LIMIT.as_secs().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting perf record -a")?;
+        Ok(Profile {
+            name: name.to_string(),
+            out: out.to_path_buf(),
+            data,
+            perf,
+            whole_machine: true,
+        })
+    }
+
+    /// Ends the recording now (perf writes what it has on SIGINT).
+    pub fn stop(&self) -> anyhow::Result<()> {
+        let ok = Command::new("kill")
+            .args(["-INT", &self.perf.id().to_string()])
+            .status()?
+            .success();
+        if !ok {
+            bail!("could not stop perf for {}", self.name);
+        }
+        Ok(())
     }
 
     /// Waits for perf, writes the folded stacks and the flame graph, drops
     /// the raw data (hundreds of MB) and returns the report's notes.
     pub fn finish(mut self) -> anyhow::Result<Vec<String>> {
         self.perf.wait().context("waiting for perf record")?;
+        if self.whole_machine {
+            return self.machine_tables();
+        }
         let folded = self.out.join(format!("profile-{}.folded", self.name));
         let svg = self.out.join(format!("flame-{}.svg", self.name));
         let script = format!(
@@ -108,6 +168,58 @@ impl Profile {
             self.name
         )];
         notes.extend(top_frames(&stacks, TOP_FRAMES));
+        Ok(notes)
+    }
+}
+
+impl Profile {
+    /// A whole-machine recording as two tables in `profile-<name>.txt`:
+    /// the share of each process, and of each process's functions; the
+    /// notes get the processes and the top functions.
+    fn machine_tables(self) -> anyhow::Result<Vec<String>> {
+        let report = |sort: &str| -> anyhow::Result<String> {
+            let out = Command::new("perf")
+                .args([
+                    "report",
+                    "-q",
+                    "--stdio",
+                    "--no-children",
+                    "--sort",
+                    sort,
+                    "-i",
+                ])
+                .arg(&self.data)
+                .stderr(Stdio::null())
+                .output()
+                .context("perf report")?;
+            if !out.status.success() {
+                bail!("perf report failed for {}", self.name);
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let by_process = report("comm")?;
+        let by_function = report("comm,dso,sym")?;
+        let _ = std::fs::remove_file(&self.data);
+        let text = format!(
+            "# {}: the whole machine, perf -a -F {FREQUENCY_HZ}\n\n## by process\n\n{by_process}\n## by function\n\n{by_function}",
+            self.name
+        );
+        std::fs::write(self.out.join(format!("profile-{}.txt", self.name)), text)?;
+        let rows = |table: &str, n: usize| -> Vec<String> {
+            table
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.contains('%'))
+                .take(n)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect()
+        };
+        let mut notes = vec![format!(
+            "profiled (perf -a -F {FREQUENCY_HZ}, whole machine) while the buyers paid: profile-{}.txt; by process: {}",
+            self.name,
+            rows(&by_process, 10).join(", ")
+        )];
+        notes.extend(rows(&by_function, MACHINE_TOP));
         Ok(notes)
     }
 }

@@ -95,7 +95,8 @@ pub struct Options {
     #[arg(long, default_value = crate::cluster::CONFIG)]
     pub cluster_config: PathBuf,
     /// Record the gateway with perf during hot-sale and sold-out: a flame
-    /// graph per scenario next to the report (see `profile`).
+    /// graph per scenario next to the report; with `pay`, the whole
+    /// machine during each mode's first round (see `profile`).
     #[arg(long)]
     pub profile: bool,
 }
@@ -278,6 +279,7 @@ pub async fn run_suite(opts: Options) -> anyhow::Result<bool> {
                     orders: ctx.opts.pay_orders.min(ctx.opts.users),
                     rounds: ctx.opts.rounds,
                     db_connections: ctx.opts.pay_db_connections,
+                    profile_to: ctx.opts.profile.then(|| ctx.out.clone()),
                 };
                 let mut modes = crate::payments::run(&mut pay).await?;
                 let last = modes.pop().context("the pay scenario made no rows")?;
