@@ -53,6 +53,9 @@ pub struct PayCtx<'a> {
     pub rounds: usize,
     /// Database connections per pool of the apis and the wallet.
     pub db_connections: u32,
+    /// `--profile`: record the whole machine during each mode's first
+    /// round, into this folder.
+    pub profile_to: Option<std::path::PathBuf>,
 }
 
 /// One timed run's figures.
@@ -79,6 +82,8 @@ struct PayRun {
     /// payment's cost goes. Left out of the crash run, whose killed api
     /// takes its CPU count with it.
     cpu_us_per_payment: Vec<(&'static str, f64)>,
+    /// `--profile`: where the machine's CPU went while the buyers paid.
+    profile_notes: Vec<String>,
 }
 
 /// The processes [`PayRun::cpu_us_per_payment`] counts: a report label
@@ -139,7 +144,11 @@ pub async fn run(ctx: &mut PayCtx<'_>) -> anyhow::Result<Vec<Row>> {
             let mode = MODES[(k + round) % MODES.len()];
             crate::scenarios::progress(&format!("pay: {} round {}", mode.as_str(), round + 1));
             restart_in(ctx, mode).await?;
-            let run = pay_once(ctx, mode, None).await?;
+            let profile = match (&ctx.profile_to, round) {
+                (Some(out), 0) => Some((format!("pay-{}", mode.as_str()), out.clone())),
+                _ => None,
+            };
+            let run = pay_once(ctx, mode, None, profile).await?;
             runs.push((mode, run));
         }
     }
@@ -252,7 +261,11 @@ async fn unpaid_orders(ctx: &mut PayCtx<'_>) -> anyhow::Result<(u64, Vec<(u64, S
     }
 }
 
-/// One idempotency key per buyer, through the gateway.
+/// One idempotency key per buyer, through the gateway, every buyer at
+/// once, as they would fetch it on opening the payment page: each then
+/// pays over the connection it fetched its key on (kept alive), and the
+/// gateway and the api have met a crowd of this size before the timed
+/// run, whichever mode goes first.
 async fn keys_for(ctx: &PayCtx<'_>, users: &[u64]) -> anyhow::Result<Vec<String>> {
     let url = ctx.stack.gateway_url("/api/v1/idempotency-key");
     let (http, tokens, url) = (&ctx.http, &ctx.tokens, &url);
@@ -274,18 +287,21 @@ async fn keys_for(ctx: &PayCtx<'_>, users: &[u64]) -> anyhow::Result<Vec<String>
                 .map(str::to_string)
                 .context("no key in the answer")
         })
-        .buffered(PREPARE_CONCURRENCY)
+        .buffered(users.len().max(1))
         .collect()
         .await;
     keys.into_iter().collect()
 }
 
 /// Pays every order of a fresh sale at once; with `kill`, kills that api
-/// after a tenth of the answers and restarts it (the crash run).
+/// after a tenth of the answers and restarts it (the crash run); with
+/// `profile` (a name and a folder), records the machine until the
+/// payments have settled.
 async fn pay_once(
     ctx: &mut PayCtx<'_>,
     mode: PaymentMode,
     kill: Option<&str>,
+    profile: Option<(String, std::path::PathBuf)>,
 ) -> anyhow::Result<PayRun> {
     let (sale, orders) = unpaid_orders(ctx).await?;
     let users: Vec<u64> = orders.iter().map(|(u, _)| *u).collect();
@@ -318,6 +334,10 @@ async fn pay_once(
     }
     let db_before = db_work(&ctx.db).await?;
     let cpu_before = cpu_by_process(ctx.stack);
+    let profile = match profile {
+        Some((name, out)) => Some(crate::profile::Profile::machine(&name, &out)?),
+        None => None,
+    };
     barrier.wait().await;
     let start = Instant::now();
     let mut killed_at = None;
@@ -361,6 +381,13 @@ async fn pay_once(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let settled = start.elapsed();
+    let profile_notes = match profile {
+        Some(p) => {
+            p.stop()?;
+            p.finish()?
+        }
+        None => Vec::new(),
+    };
     let db_after = db_work(&ctx.db).await?;
     let per_paid = |x: f64| if paid == 0 { 0.0 } else { x / paid as f64 };
     let db_statements_per_payment = per_paid(db_after.sent.saturating_sub(db_before.sent) as f64);
@@ -432,6 +459,7 @@ async fn pay_once(
         db_statements_run_per_payment,
         db_cpu_us_per_payment,
         cpu_us_per_payment,
+        profile_notes,
     })
 }
 
@@ -451,7 +479,7 @@ async fn paid_count(db: &sqlx::MySqlPool, sale: u64) -> anyhow::Result<u64> {
 
 /// The crash run of `mode` (one api killed mid-run), added to its row.
 async fn crash(ctx: &mut PayCtx<'_>, mode: PaymentMode, row: &mut Row) -> anyhow::Result<()> {
-    let run = pay_once(ctx, mode, Some("api-0")).await?;
+    let run = pay_once(ctx, mode, Some("api-0"), None).await?;
     row.consistency_s = Some(run.settled.as_secs_f64());
     row.audit_ok = Some(row.audit_ok.unwrap_or(true) && run.audit_ok);
     row.notes.push(format!(
@@ -527,6 +555,7 @@ fn row(mode: PaymentMode, runs: &[&PayRun], orders: u64) -> Row {
                 shares.join(", ")
             ));
         }
+        row.notes.extend(r.profile_notes.iter().cloned());
     }
     row
 }
