@@ -454,6 +454,13 @@ pub struct GatewayConfig {
     /// idle connection holds none); it doubles up to `max_header_bytes`.
     /// nginx's `client_header_buffer_size`.
     pub header_buffer_bytes: usize,
+    /// Idle connections to the backends kept for reuse, across all pools
+    /// (nginx's upstream `keepalive`). A burst of proxied requests (a
+    /// crowd paying at once) opens one connection per request in flight;
+    /// those kept here serve the next burst without a new connection on
+    /// both ends, which costs the gateway and the api more than the
+    /// request itself. At least one per thread (`threads`).
+    pub upstream_keepalive_pool: usize,
 
     /// Refreshing the verification keys from the api's JWKS.
     pub jwks: JwksConfig,
@@ -609,6 +616,7 @@ impl Default for GatewayConfig {
             client_header_timeout_ms: 60_000,
             keepalive_timeout_ms: 75_000,
             header_buffer_bytes: 1024,
+            upstream_keepalive_pool: 2048,
             jwks: JwksConfig::default(),
             bundles: BundlesConfig::default(),
             micro_cache: MicroCacheConfig::default(),
@@ -915,6 +923,14 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if g.upstream_keepalive_pool < g.threads {
+            // Pingora keeps a connection it was told to evict when its
+            // pool has no room at all; one per thread is the least.
+            return Err(invalid(
+                "gateway.upstream_keepalive_pool",
+                "must be at least gateway.threads",
+            ));
+        }
         if g.header_buffer_bytes == 0 || g.header_buffer_bytes > g.max_header_bytes {
             return Err(invalid(
                 "gateway.header_buffer_bytes",
@@ -1136,6 +1152,14 @@ mod tests {
             ("keepalive_timeout_ms = 0", "gateway.keepalive_timeout_ms"),
             ("header_buffer_bytes = 0", "gateway.header_buffer_bytes"),
             ("header_buffer_bytes = 99999", "gateway.header_buffer_bytes"),
+            (
+                "upstream_keepalive_pool = 0",
+                "gateway.upstream_keepalive_pool",
+            ),
+            (
+                "threads = 4\nupstream_keepalive_pool = 3",
+                "gateway.upstream_keepalive_pool",
+            ),
         ] {
             let err = load_str(&format!("[gateway]\n{toml}\n"), &[]).unwrap_err();
             assert!(err.to_string().contains(key), "{toml}: {err}");

@@ -216,6 +216,8 @@ fn server_conf(g: &GatewayConfig) -> ServerConf {
         // accepted get `drain_secs` to finish before the runtimes stop.
         grace_period_seconds: Some(g.drain_secs),
         graceful_shutdown_timeout_seconds: Some(1),
+        // Pingora's figure is per thread (its pool holds threads × it).
+        upstream_keepalive_pool_size: g.upstream_keepalive_pool.div_ceil(g.threads.max(1)),
         upgrade_sock: format!("/tmp/seckill-gateway-{}.sock", g.listen.port()),
         pid_file: format!("/tmp/seckill-gateway-{}.pid", g.listen.port()),
         ..ServerConf::default()

@@ -209,3 +209,62 @@ async fn consistent_hashing_spreads_anonymous_clients() {
     }
     assert_eq!(used.len(), 2, "40 anonymous clients all on one backend");
 }
+
+/// Backend connections a burst of proxied requests opened are kept (up to
+/// `gateway.upstream_keepalive_pool`, all pools together) and serve the
+/// next burst: a crowd that fetched its payment keys pays without a new
+/// connection on either end. With a pool of two, the next burst opens
+/// nearly all of its own again.
+#[tokio::test]
+async fn a_second_burst_reuses_the_backend_connections_of_the_first() {
+    const BURST: usize = 24;
+    let env = TestEnv::new().await;
+    let rules = tempfile::tempdir().unwrap();
+    let rules_dir = rules.path().join("lua");
+    write_rules(&rules_dir, PASS_THROUGH, &[]);
+    for (pool, reused) in [(64, true), (2, false)] {
+        let up = Upstream::start("a").await;
+        let mut config = uncached(GatewayProc::config(&env, &[up.addr], &rules_dir));
+        config.gateway.upstream_keepalive_pool = pool;
+        let gw = GatewayProc::start(config).await;
+        let token = gw.token(7);
+        let first = slow_burst(&gw, &up, &token, BURST).await;
+        assert_eq!(
+            first.len(),
+            BURST,
+            "pool {pool}: one connection per request in flight"
+        );
+        let second = slow_burst(&gw, &up, &token, BURST).await;
+        let shared = first.intersection(&second).count();
+        if reused {
+            assert_eq!(
+                second, first,
+                "pool {pool}: the second burst opened connections"
+            );
+        } else {
+            // At most the pool, plus the odd one Pingora's pool lets slip
+            // when two releases race for its last place.
+            assert!(shared <= pool + 2, "pool {pool}: {shared} connections kept");
+        }
+    }
+}
+
+/// `n` requests at once that the upstream holds 1.5 s each (so each needs
+/// its own backend connection); the gateway-side addresses they came from.
+async fn slow_burst(
+    gw: &GatewayProc,
+    up: &Upstream,
+    token: &str,
+    n: usize,
+) -> HashSet<std::net::SocketAddr> {
+    let before = up.seen.lock().unwrap().len();
+    let client = reqwest::Client::new();
+    let url = gw.url("/api/v1/orders/slow");
+    let answers =
+        futures::future::join_all((0..n).map(|_| client.get(&url).bearer_auth(token).send())).await;
+    for a in answers {
+        assert_eq!(a.unwrap().status(), 200);
+    }
+    let seen = up.seen.lock().unwrap();
+    seen[before..].iter().map(|s| s.peer).collect()
+}

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::routing::any;
 use axum::Router;
@@ -30,6 +30,8 @@ pub struct Seen {
     pub method: String,
     pub path: String,
     pub headers: HeaderMap,
+    /// The connection it came on (the gateway's end of it).
+    pub peer: SocketAddr,
 }
 
 /// A real HTTP upstream on loopback that answers 200 with its own name.
@@ -49,7 +51,13 @@ struct UpState {
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
-async fn answer(State(s): State<UpState>, method: Method, uri: Uri, headers: HeaderMap) -> String {
+async fn answer(
+    State(s): State<UpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> String {
     if uri.path().ends_with("/slow") {
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
@@ -59,6 +67,7 @@ async fn answer(State(s): State<UpState>, method: Method, uri: Uri, headers: Hea
             method: method.to_string(),
             path: uri.path().to_string(),
             headers,
+            peer,
         });
     }
     s.name.clone()
@@ -87,7 +96,10 @@ impl Upstream {
                 .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-                let app = Router::new().fallback(any(answer)).with_state(state);
+                let app = Router::new()
+                    .fallback(any(answer))
+                    .with_state(state)
+                    .into_make_service_with_connect_info::<SocketAddr>();
                 tokio::select! {
                     _ = axum::serve(listener, app) => {}
                     _ = rx => {}
