@@ -449,3 +449,47 @@ async fn a_paced_worker_spreads_a_burst_and_writes_every_order() {
     assert_eq!(queue_depth(&env.config, &env.config.amqp.queue).await, 0);
     env.cleanup().await;
 }
+
+/// The pace is bounded: no order waits past
+/// `worker.drain_pace_max_delay_ms` after its admission. At 20 orders a
+/// second a burst of 200 would take 7.5 s to reach MySQL; with the bound
+/// at 3 s the batches still at their turns then go at once, so the burst
+/// is shaped while young and all written about 3 s after admission (a
+/// little less after the worker's start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paced_worker_holds_no_order_past_the_bound() {
+    let mut env = TestEnv::new().await;
+    env.config.worker.drain_orders_per_sec = 20;
+    env.config.worker.drain_pace_max_delay_ms = 3_000;
+    env.config.worker.batch_size = 50;
+    let db = env.db().await;
+    let sale = create_sale(&env, &db, 200).await;
+    let messages: Vec<_> = (1..=200u64)
+        .map(|u| message(format!("bounded-{u}"), sale.id, u))
+        .collect();
+    publish(&env.config, &messages).await;
+
+    let worker = InProcessWorker::start(&env.config).await;
+    let done = wait_for(Duration::from_secs(60), || async {
+        settled(&db).await >= 200
+    })
+    .await;
+    worker.stop().await;
+    assert!(done, "only {} of 200 settled", settled(&db).await);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM orders").await, 200);
+    assert_eq!(stock_left(&db, sale.id).await, 0);
+    let spread_ms = count(
+        &db,
+        "SELECT TIMESTAMPDIFF(MICROSECOND, MIN(created_at), MAX(created_at)) DIV 1000 FROM orders",
+    )
+    .await;
+    assert!(
+        spread_ms >= 1_000,
+        "not paced: all written within {spread_ms} ms"
+    );
+    assert!(
+        spread_ms <= 5_000,
+        "the bound did not hold: the writes spread over {spread_ms} ms"
+    );
+    env.cleanup().await;
+}

@@ -62,7 +62,7 @@ use super::backoff::Backoff;
 use super::context::WorkerContext;
 use super::metrics::METRICS;
 use super::order_writer::{self, Outcome, Settlement, WriteError};
-use super::{broker_session, closer, reservations, results};
+use super::{broker_session, closer, pace, reservations, results};
 
 /// In-process retries of a transient write before the batch is requeued.
 const WRITE_TRIES: u32 = 3;
@@ -117,7 +117,12 @@ async fn session(
             Err(e) => break Err(e.context("order consumer")),
         };
         let (batch, stream_end) = collect_batch(ctx, &mut consumer, first).await;
-        if !ctx.pace.turn(batch.len(), stop).await {
+        let oldest = ctx
+            .pace
+            .is_on()
+            .then(|| pace::oldest_admitted_ms(batch.iter().map(|d| d.data.as_slice())))
+            .flatten();
+        if !ctx.pace.turn(batch.len(), oldest, stop).await {
             // Stopping while the batch waits for its turn: it stays
             // unacked and goes back to the queue with the channel.
             break Ok(());

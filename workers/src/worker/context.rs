@@ -28,7 +28,10 @@ pub struct WorkerContext {
 impl WorkerContext {
     pub fn new(config: Config, db: MySqlPool, redis: RedisConn) -> WorkerContext {
         let keys = KeySchema::new(config.redis.key_prefix.clone());
-        let pace = DrainPace::new(config.worker.drain_orders_per_sec);
+        let pace = DrainPace::new(
+            config.worker.drain_orders_per_sec,
+            std::time::Duration::from_millis(config.worker.drain_pace_max_delay_ms),
+        );
         WorkerContext {
             config,
             db,
