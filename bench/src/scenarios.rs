@@ -1027,8 +1027,8 @@ fn comparison_rows(runs: &BTreeMap<(&str, &str), Vec<Measured>>) -> Vec<Row> {
 }
 
 /// Stops the workers, queues `drain_orders` admitted orders (as the
-/// gateway would after admitting them), starts the workers and times how
-/// long MySQL takes to hold them all.
+/// gateway would after admitting them), starts the workers (their drain
+/// pace off) and times how long MySQL takes to hold them all.
 /// Redis as after these admissions (what admit.lua writes): the stock
 /// taken, each buyer marked and each reservation held, so the workers
 /// settle them as they would a sale's (the audit checks the stock).
@@ -1078,7 +1078,12 @@ async fn drain(ctx: &mut Ctx) -> anyhow::Result<Row> {
     admitted_in_redis(ctx, sale, &messages).await?;
     stack::publish_orders(&ctx.stack.config, &messages).await?;
     let started = Instant::now();
-    ctx.stack.start_workers(ctx.opts.workers).await?;
+    // How fast the workers can write: their drain pace off.
+    let unpaced = [(
+        "SECKILL__WORKER__DRAIN_ORDERS_PER_SEC".to_string(),
+        "0".to_string(),
+    )];
+    ctx.stack.start_workers(ctx.opts.workers, &unpaced).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut committed = 0i64;
     while Instant::now() < deadline {

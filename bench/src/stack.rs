@@ -182,8 +182,13 @@ impl BenchStack {
         terminate(stop);
     }
 
-    /// Starts `n` workers again (after [`BenchStack::stop_matching`]).
-    pub async fn start_workers(&mut self, n: usize) -> anyhow::Result<()> {
+    /// Starts `n` workers again (after [`BenchStack::stop_matching`]),
+    /// with `env` on top of the config.
+    pub async fn start_workers(
+        &mut self,
+        n: usize,
+        env: &[(String, String)],
+    ) -> anyhow::Result<()> {
         let base = self.config.worker.listen;
         for i in 0..n {
             let mut addr = base;
@@ -192,7 +197,7 @@ impl BenchStack {
                 &format!("worker-{i}"),
                 "seckill-worker",
                 &["--listen", &addr.to_string()],
-                &[],
+                env,
             )?;
             wait_ok(&format!("http://{addr}/healthz"), Duration::from_secs(60)).await?;
         }
@@ -265,6 +270,14 @@ impl BenchStack {
             .filter(|(n, _)| n.starts_with(prefix))
             .map(|(_, child)| process_cpu_time(child.id()))
             .sum()
+    }
+
+    /// Every process the stack started: its pid and name (`api-0`, …).
+    pub fn pids(&self) -> Vec<(u32, String)> {
+        self.procs
+            .iter()
+            .map(|(n, child)| (child.id(), n.clone()))
+            .collect()
     }
 
     /// The pid of the first process whose name starts with `prefix`.
