@@ -416,32 +416,10 @@ async fn settle_script_is_exact_and_idempotent() {
 async fn a_paced_worker_spreads_a_burst_and_writes_every_order() {
     let mut env = TestEnv::new().await;
     env.config.worker.drain_orders_per_sec = 200;
-    env.config.worker.batch_size = 50;
-    let db = env.db().await;
-    let sale = create_sale(&env, &db, 200).await;
-    let messages: Vec<_> = (1..=200u64)
-        .map(|u| message(format!("paced-{u}"), sale.id, u))
-        .collect();
-    publish(&env.config, &messages).await;
-
-    let worker = InProcessWorker::start(&env.config).await;
-    let done = wait_for(Duration::from_secs(60), || async {
-        settled(&db).await >= 200
-    })
-    .await;
-    worker.stop().await;
-    assert!(done, "only {} of 200 settled", settled(&db).await);
-
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM orders").await, 200);
-    assert_eq!(stock_left(&db, sale.id).await, 0);
     // 200 orders at 200 a second, at most 50 a batch: the last batch's
     // turn comes at least 750 ms after the first's (unpaced, the four
     // batches go within a few tens of milliseconds).
-    let spread_ms = count(
-        &db,
-        "SELECT TIMESTAMPDIFF(MICROSECOND, MIN(created_at), MAX(created_at)) DIV 1000 FROM orders",
-    )
-    .await;
+    let spread_ms = paced_burst_of_200(&env, "paced").await;
     assert!(
         spread_ms >= 700,
         "the burst reached MySQL within {spread_ms} ms"
@@ -461,28 +439,7 @@ async fn a_paced_worker_holds_no_order_past_the_bound() {
     let mut env = TestEnv::new().await;
     env.config.worker.drain_orders_per_sec = 20;
     env.config.worker.drain_pace_max_delay_ms = 3_000;
-    env.config.worker.batch_size = 50;
-    let db = env.db().await;
-    let sale = create_sale(&env, &db, 200).await;
-    let messages: Vec<_> = (1..=200u64)
-        .map(|u| message(format!("bounded-{u}"), sale.id, u))
-        .collect();
-    publish(&env.config, &messages).await;
-
-    let worker = InProcessWorker::start(&env.config).await;
-    let done = wait_for(Duration::from_secs(60), || async {
-        settled(&db).await >= 200
-    })
-    .await;
-    worker.stop().await;
-    assert!(done, "only {} of 200 settled", settled(&db).await);
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM orders").await, 200);
-    assert_eq!(stock_left(&db, sale.id).await, 0);
-    let spread_ms = count(
-        &db,
-        "SELECT TIMESTAMPDIFF(MICROSECOND, MIN(created_at), MAX(created_at)) DIV 1000 FROM orders",
-    )
-    .await;
+    let spread_ms = paced_burst_of_200(&env, "bounded").await;
     assert!(
         spread_ms >= 1_000,
         "not paced: all written within {spread_ms} ms"
@@ -492,4 +449,34 @@ async fn a_paced_worker_holds_no_order_past_the_bound() {
         "the bound did not hold: the writes spread over {spread_ms} ms"
     );
     env.cleanup().await;
+}
+
+/// 200 orders of a fresh sale queued at once, then a worker (batches of
+/// at most 50) started on them; checks each became its order and the
+/// stock is gone, and returns how many milliseconds apart the first and
+/// the last reached MySQL.
+async fn paced_burst_of_200(env: &TestEnv, tag: &str) -> i64 {
+    let mut config = env.config.clone();
+    config.worker.batch_size = 50;
+    let db = env.db().await;
+    let sale = create_sale(env, &db, 200).await;
+    let messages: Vec<_> = (1..=200u64)
+        .map(|u| message(format!("{tag}-{u}"), sale.id, u))
+        .collect();
+    publish(&config, &messages).await;
+
+    let worker = InProcessWorker::start(&config).await;
+    let done = wait_for(Duration::from_secs(60), || async {
+        settled(&db).await >= 200
+    })
+    .await;
+    worker.stop().await;
+    assert!(done, "only {} of 200 settled", settled(&db).await);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM orders").await, 200);
+    assert_eq!(stock_left(&db, sale.id).await, 0);
+    count(
+        &db,
+        "SELECT TIMESTAMPDIFF(MICROSECOND, MIN(created_at), MAX(created_at)) DIV 1000 FROM orders",
+    )
+    .await
 }
