@@ -335,7 +335,11 @@ async fn pay_once(
     let db_before = db_work(&ctx.db).await?;
     let cpu_before = cpu_by_process(ctx.stack);
     let profile = match profile {
-        Some((name, out)) => Some(crate::profile::Profile::machine(&name, &out)?),
+        Some((name, out)) => {
+            let mut labels = ctx.stack.pids();
+            labels.push((std::process::id(), "buyers (the bench)".into()));
+            Some(crate::profile::Profile::machine(&name, &out, labels)?)
+        }
         None => None,
     };
     barrier.wait().await;

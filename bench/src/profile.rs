@@ -51,6 +51,9 @@ pub struct Profile {
     data: PathBuf,
     perf: Child,
     whole_machine: bool,
+    /// Whole machine: names for the stack's pids in the tables (`api-0`
+    /// rather than `tokio-rt-worker`, which every Rust process shares).
+    labels: Vec<(u32, String)>,
 }
 
 /// The longest a whole-machine recording runs when nobody stops it.
@@ -95,12 +98,14 @@ impl Profile {
             data,
             perf,
             whole_machine: false,
+            labels: Vec::new(),
         })
     }
 
     /// Starts recording every process on the machine, leaf functions only,
-    /// until [`Profile::stop`] (or [`MACHINE_LIMIT`]).
-    pub fn machine(name: &str, out: &Path) -> anyhow::Result<Profile> {
+    /// until [`Profile::stop`] (or [`MACHINE_LIMIT`]); `labels` name the
+    /// pids the tables should show by name.
+    pub fn machine(name: &str, out: &Path, labels: Vec<(u32, String)>) -> anyhow::Result<Profile> {
         let data = out.join(format!("perf-{name}.data"));
         let perf = Command::new("perf")
             .args([
@@ -124,6 +129,7 @@ impl Profile {
             data,
             perf,
             whole_machine: true,
+            labels,
         })
     }
 
@@ -175,53 +181,100 @@ impl Profile {
 impl Profile {
     /// A whole-machine recording as two tables in `profile-<name>.txt`:
     /// the share of each process, and of each process's functions; the
-    /// notes get the processes and the top functions.
+    /// notes get the processes and the top functions. perf names a sample
+    /// by its thread, so the stack's threads are mapped to its process
+    /// names here, while they still run; any other thread goes by its
+    /// command name.
     fn machine_tables(self) -> anyhow::Result<Vec<String>> {
-        let report = |sort: &str| -> anyhow::Result<String> {
-            let out = Command::new("perf")
-                .args([
-                    "report",
-                    "-q",
-                    "--stdio",
-                    "--no-children",
-                    "--sort",
-                    sort,
-                    "-i",
-                ])
-                .arg(&self.data)
-                .stderr(Stdio::null())
-                .output()
-                .context("perf report")?;
-            if !out.status.success() {
-                bail!("perf report failed for {}", self.name);
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        };
-        let by_process = report("comm")?;
-        let by_function = report("comm,dso,sym")?;
+        let out = Command::new("perf")
+            .args(["report", "-q", "--stdio", "--no-children", "-t", "|"])
+            .args(["--sort", "pid,dso,sym", "-i"])
+            .arg(&self.data)
+            .stderr(Stdio::null())
+            .output()
+            .context("perf report")?;
         let _ = std::fs::remove_file(&self.data);
-        let text = format!(
-            "# {}: the whole machine, perf -a -F {FREQUENCY_HZ}\n\n## by process\n\n{by_process}\n## by function\n\n{by_function}",
-            self.name
+        if !out.status.success() {
+            bail!("perf report failed for {}", self.name);
+        }
+        let threads = thread_labels(&self.labels);
+        let rows = machine_rows(&String::from_utf8_lossy(&out.stdout), &threads);
+        let by_process = shares(rows.iter().map(|(p, _, pct)| (p.clone(), *pct)));
+        let by_function = shares(
+            rows.into_iter()
+                .map(|(p, f, pct)| (format!("{p} {f}"), pct)),
         );
-        std::fs::write(self.out.join(format!("profile-{}.txt", self.name)), text)?;
-        let rows = |table: &str, n: usize| -> Vec<String> {
-            table
-                .lines()
-                .map(str::trim)
-                .filter(|l| l.contains('%'))
-                .take(n)
-                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        let table = |rows: &[(String, f64)]| -> Vec<String> {
+            rows.iter()
+                .map(|(k, pct)| format!("{pct:6.2} %  {k}"))
                 .collect()
         };
+        let text = format!(
+            "# {}: the whole machine, perf -a -F {FREQUENCY_HZ}\n\n## by process\n\n{}\n\n## by function\n\n{}\n",
+            self.name,
+            table(&by_process).join("\n"),
+            table(&by_function).join("\n")
+        );
+        std::fs::write(self.out.join(format!("profile-{}.txt", self.name)), text)?;
+        let top: Vec<String> = by_process
+            .iter()
+            .take(10)
+            .map(|(p, pct)| format!("{p} {pct:.1} %"))
+            .collect();
         let mut notes = vec![format!(
             "profiled (perf -a -F {FREQUENCY_HZ}, whole machine) while the buyers paid: profile-{}.txt; by process: {}",
             self.name,
-            rows(&by_process, 10).join(", ")
+            top.join(", ")
         )];
-        notes.extend(rows(&by_function, MACHINE_TOP));
+        notes.extend(table(&by_function).into_iter().take(MACHINE_TOP));
         Ok(notes)
     }
+}
+
+/// Each thread of the named processes, by thread id.
+fn thread_labels(labels: &[(u32, String)]) -> HashMap<u32, String> {
+    let mut threads = HashMap::new();
+    for (pid, label) in labels {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
+                threads.insert(tid, label.clone());
+            }
+        }
+    }
+    threads
+}
+
+/// perf's `overhead|tid:comm|dso|sym` rows as (process, "dso sym", %).
+fn machine_rows(report: &str, threads: &HashMap<u32, String>) -> Vec<(String, String, f64)> {
+    report
+        .lines()
+        .filter_map(|line| {
+            let mut cols = line.split('|').map(str::trim);
+            let pct: f64 = cols.next()?.trim_end_matches('%').parse().ok()?;
+            let (tid, comm) = cols.next()?.split_once(':')?;
+            let process = tid
+                .parse::<u32>()
+                .ok()
+                .and_then(|t| threads.get(&t).cloned())
+                .unwrap_or_else(|| comm.to_string());
+            let function = format!("{} {}", cols.next()?, cols.next()?);
+            Some((process, function, pct))
+        })
+        .collect()
+}
+
+/// Sums the shares by key, largest first.
+fn shares(rows: impl Iterator<Item = (String, f64)>) -> Vec<(String, f64)> {
+    let mut by: HashMap<String, f64> = HashMap::new();
+    for (key, pct) in rows {
+        *by.entry(key).or_default() += pct;
+    }
+    let mut v: Vec<_> = by.into_iter().collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    v
 }
 
 /// The leaf frames with the most samples ("self time"), as percentages of
@@ -257,6 +310,39 @@ pub fn top_frames(folded: &str, n: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_rows_go_by_process_and_sum() {
+        let report = " 2.90%  |   11:edge proxy |[kernel.kallsyms] |[k] clear_page_erms\n\
+                      1.50%  |   12:tokio-rt-worker |seckill-api |[.] parse\n\
+                      0.50%  |   13:tokio-rt-worker |seckill-api |[.] parse\n\
+                      0.25%  |   99:mariadbd |mariadbd |[.] malloc\n\
+                      broken line\n";
+        let threads = HashMap::from([
+            (11, "gateway".to_string()),
+            (12, "api-0".to_string()),
+            (13, "api-0".to_string()),
+        ]);
+        let rows = machine_rows(report, &threads);
+        assert_eq!(rows.len(), 4);
+        let by_process = shares(rows.iter().map(|(p, _, pct)| (p.clone(), *pct)));
+        assert_eq!(
+            by_process,
+            vec![
+                ("gateway".to_string(), 2.9),
+                ("api-0".to_string(), 2.0),
+                ("mariadbd".to_string(), 0.25)
+            ]
+        );
+        let by_function = shares(
+            rows.into_iter()
+                .map(|(p, f, pct)| (format!("{p} {f}"), pct)),
+        );
+        assert_eq!(
+            by_function[1],
+            ("api-0 seckill-api [.] parse".to_string(), 2.0)
+        );
+    }
 
     #[test]
     fn top_frames_sums_leaves_across_stacks() {
