@@ -81,55 +81,50 @@ impl Profile {
     /// Starts recording `pid` for `duration` (perf stops by itself, so a
     /// failed scenario cannot leave it running).
     pub fn attach(pid: u32, name: &str, out: &Path, duration: Duration) -> anyhow::Result<Profile> {
-        let data = out.join(format!("perf-{name}.data"));
-        let perf = Command::new("perf")
-            .args(["record", "-q", "-F", &FREQUENCY_HZ.to_string()])
-            .args(["--call-graph", &format!("dwarf,{STACK_BYTES}")])
-            .args(["-p", &pid.to_string(), "-o"])
-            .arg(&data)
-            .args(["--", "sleep", &duration.as_secs().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting perf record")?;
-        Ok(Profile {
-            name: name.to_string(),
-            out: out.to_path_buf(),
-            data,
-            perf,
-            whole_machine: false,
-            labels: Vec::new(),
-        })
+        let scope = [
+            "--call-graph".to_string(),
+            format!("dwarf,{STACK_BYTES}"),
+            "-p".to_string(),
+            pid.to_string(),
+        ];
+        Profile::record(name, out, &scope, duration, None)
     }
 
     /// Starts recording every process on the machine, leaf functions only,
     /// until [`Profile::stop`] (or [`MACHINE_LIMIT`]); `labels` name the
     /// pids the tables should show by name.
     pub fn machine(name: &str, out: &Path, labels: Vec<(u32, String)>) -> anyhow::Result<Profile> {
+        Profile::record(name, out, &["-a".to_string()], MACHINE_LIMIT, Some(labels))
+    }
+
+    /// `perf record` at [`FREQUENCY_HZ`] over `scope` (what to record and
+    /// how) into `perf-<name>.data`, for at most `limit`; `machine_labels`
+    /// for a whole-machine recording (see [`Profile::machine`]).
+    fn record(
+        name: &str,
+        out: &Path,
+        scope: &[String],
+        limit: Duration,
+        machine_labels: Option<Vec<(u32, String)>>,
+    ) -> anyhow::Result<Profile> {
         let data = out.join(format!("perf-{name}.data"));
         let perf = Command::new("perf")
-            .args([
-                "record",
-                "-q",
-                "-a",
-                "-g",
-                "-F",
-                &FREQUENCY_HZ.to_string(),
-                "-o",
-            ])
+            .args(["record", "-q", "-F", &FREQUENCY_HZ.to_string()])
+            .args(scope)
+            .arg("-o")
             .arg(&data)
-            .args(["--", "sleep", &MACHINE_LIMIT.as_secs().to_string()])
+            .args(["--", "sleep", &limit.as_secs().to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting perf record -a")?;
+            .with_context(|| format!("starting perf record {}", scope.join(" ")))?;
         Ok(Profile {
             name: name.to_string(),
             out: out.to_path_buf(),
             data,
             perf,
-            whole_machine: true,
-            labels,
+            whole_machine: machine_labels.is_some(),
+            labels: machine_labels.unwrap_or_default(),
         })
     }
 

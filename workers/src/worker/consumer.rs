@@ -62,7 +62,7 @@ use super::backoff::Backoff;
 use super::context::WorkerContext;
 use super::metrics::METRICS;
 use super::order_writer::{self, Outcome, Settlement, WriteError};
-use super::{broker_session, closer, pace, reservations, results};
+use super::{broker_session, closer, reservations, results};
 
 /// In-process retries of a transient write before the batch is requeued.
 const WRITE_TRIES: u32 = 3;
@@ -117,18 +117,20 @@ async fn session(
             Err(e) => break Err(e.context("order consumer")),
         };
         let (batch, stream_end) = collect_batch(ctx, &mut consumer, first).await;
-        let oldest = ctx
-            .pace
-            .is_on()
-            .then(|| pace::oldest_admitted_ms(batch.iter().map(|d| d.data.as_slice())))
-            .flatten();
-        if !ctx.pace.turn(batch.len(), oldest, stop).await {
+        let items = match parse_batch(batch).await {
+            Ok(items) => items,
+            Err(e) => break Err(e.into()),
+        };
+        let oldest = items.iter().map(|(_, m)| m.admitted_at_ms).min();
+        if !ctx.pace.turn(items.len(), oldest, stop).await {
             // Stopping while the batch waits for its turn: it stays
             // unacked and goes back to the queue with the channel.
             break Ok(());
         }
-        if let Err(e) = handle_batch(ctx, &closes, batch).await {
-            break Err(e.into());
+        if !items.is_empty() {
+            if let Err(e) = handle_items(ctx, &closes, items).await {
+                break Err(e.into());
+            }
         }
         if let Some(e) = stream_end {
             break Err(e);
@@ -187,19 +189,12 @@ fn recovery(error: &WriteError, messages: usize) -> Recovery {
     }
 }
 
-/// Handles one batch to the end: every delivery is acked, rejected or
-/// (possibly after a delay) requeued when this returns `Ok`.
-pub async fn handle_batch(
-    ctx: &Arc<WorkerContext>,
-    closes: &Channel,
-    batch: Vec<Delivery>,
-) -> lapin::Result<()> {
+/// Counts a batch as consumed and dead-letters what is no order message
+/// of this version; the rest, with their messages, are what the pace and
+/// the write go on with.
+async fn parse_batch(batch: Vec<Delivery>) -> lapin::Result<Vec<Item>> {
     METRICS.consumed.inc_by(batch.len() as u64);
-    let valid = reject_malformed(batch).await?;
-    if valid.is_empty() {
-        return Ok(());
-    }
-    handle_items(ctx, closes, valid).await
+    reject_malformed(batch).await
 }
 
 /// Dead-letters the deliveries that are no order message of this version

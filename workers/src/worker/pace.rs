@@ -56,12 +56,6 @@ impl DrainPace {
         }
     }
 
-    /// Whether batches wait at all (callers skip finding their oldest
-    /// order when not).
-    pub fn is_on(&self) -> bool {
-        self.per_order.is_some()
-    }
-
     /// Waits for the turn of a batch of `orders` whose oldest was admitted
     /// at `oldest_admitted_ms` (Unix ms; `None`: unknown, no bound); false
     /// when `stop` turned true meanwhile (the caller leaves the batch
@@ -72,6 +66,9 @@ impl DrainPace {
         oldest_admitted_ms: Option<i64>,
         stop: &mut watch::Receiver<bool>,
     ) -> bool {
+        if self.per_order.is_none() {
+            return true;
+        }
         let bound = oldest_admitted_ms.map(|ms| self.bound(ms));
         let Some(at) = self.book(orders, bound) else {
             return true;
@@ -110,15 +107,6 @@ impl DrainPace {
         *next = Some(at + share);
         Some(at)
     }
-}
-
-/// The admission time of the oldest order among `messages` (raw order
-/// messages; ones that do not parse are left to the batch's own checks).
-pub fn oldest_admitted_ms<'a>(messages: impl Iterator<Item = &'a [u8]>) -> Option<i64> {
-    messages
-        .filter_map(|m| seckill_contracts::OrderMessage::from_json(m).ok())
-        .map(|m| m.admitted_at_ms)
-        .min()
 }
 
 #[cfg(test)]
@@ -169,21 +157,9 @@ mod tests {
         assert!(start.elapsed() < Duration::from_millis(100));
     }
 
-    #[test]
-    fn the_oldest_admission_of_a_batch_skips_what_does_not_parse() {
-        let m = |at: i64| seckill_contracts::OrderMessage::new("m".into(), 1, 2, at).to_json();
-        let batch = [m(3_000), b"not json".to_vec(), m(1_000), m(2_000)];
-        assert_eq!(
-            oldest_admitted_ms(batch.iter().map(Vec::as_slice)),
-            Some(1_000)
-        );
-        assert_eq!(oldest_admitted_ms([b"{}".as_slice()].into_iter()), None);
-    }
-
     #[tokio::test]
     async fn no_pace_never_waits() {
         let pace = DrainPace::new(0, SECOND);
-        assert!(!pace.is_on());
         assert_eq!(pace.book(1_000, None), None);
         let (_tx, mut stop) = watch::channel(false);
         assert!(pace.turn(1_000_000, Some(0), &mut stop).await);
