@@ -2,9 +2,12 @@
 //! per request on this machine. A Pingora HTTP proxy app with the
 //! gateway's threading (one single-threaded runtime per thread) whose
 //! request filter answers every request with an empty 410: no routing, no
-//! token, no Lua, no metrics, no logging. `bench/run openresty` runs it
-//! next to nginx `return 410` and the gateway's `/healthz`, so the report
-//! shows how much of the gateway's cost per request is Pingora's own.
+//! token, no Lua, no metrics, no logging; and the gateway's allocator, so
+//! the difference to the gateway is the gateway's own work. `bench/run
+//! openresty` runs it next to nginx `return 410` and the gateway's
+//! `/healthz`, so the report shows how much of the gateway's cost per
+//! request is Pingora's own; `bench/floors/run` counts the instructions
+//! and allocations of the same three.
 
 use async_trait::async_trait;
 use pingora::http::ResponseHeader;
@@ -13,6 +16,12 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::{Error, ErrorType, Result};
+
+// The gateway's allocator (gateway/src/main.rs): Pingora allocates some
+// thirty times per request, and glibc malloc would make the floor look
+// dearer than the gateway's own Pingora is.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Floor;
 
