@@ -322,7 +322,7 @@ impl Page {
         request_id: &str,
         stale: bool,
     ) -> pingora::Result<()> {
-        let mut header = ResponseHeader::build(200, Some(self.headers.len() + 4))?;
+        let mut header = crate::problem::answer_header(200, self.headers.len() + 4)?;
         for (name, value) in &self.headers {
             header.append_header(name.clone(), value.clone())?;
         }
