@@ -47,20 +47,32 @@ impl BenchStack {
         stack.reset().await?;
         let pool = stack.api_addrs()?;
         let wallet = stack.config.wallet.listen.to_string();
+        let worker_addrs: Vec<String> = (0..workers)
+            .map(|i| {
+                let mut addr = stack.config.worker.listen;
+                addr.set_port(addr.port() + i as u16);
+                addr.to_string()
+            })
+            .collect();
+        let gateway = &stack.config.gateway;
+        for addr in pool.iter().chain(&worker_addrs).cloned().chain([
+            wallet.clone(),
+            gateway.listen.to_string(),
+            gateway.admin_listen.to_string(),
+        ]) {
+            ensure_free(&addr)?;
+        }
         stack.spawn("wallet", "seckill-wallet", &["--listen", &wallet], &[])?;
         wait_ok(&format!("http://{wallet}/healthz"), Duration::from_secs(60)).await?;
         for (i, addr) in pool.iter().enumerate() {
             stack.spawn(&format!("api-{i}"), "seckill-api", &["--listen", addr], &[])?;
         }
-        let worker_base = stack.config.worker.listen;
         let mut worker_health = Vec::new();
-        for i in 0..workers {
-            let mut addr = worker_base;
-            addr.set_port(worker_base.port() + i as u16);
+        for (i, addr) in worker_addrs.iter().enumerate() {
             stack.spawn(
                 &format!("worker-{i}"),
                 "seckill-worker",
-                &["--listen", &addr.to_string()],
+                &["--listen", addr],
                 &[],
             )?;
             worker_health.push(format!("http://{addr}/healthz"));
@@ -405,6 +417,17 @@ fn clock_ticks_per_sec() -> f64 {
     *TICKS
 }
 
+/// Refuses a port something already listens on. Pingora retries a taken
+/// port for a while instead of exiting, so a gateway left running by hand
+/// would pass the stack's health checks and serve the whole run, and the
+/// bench's gateway would measure zero CPU. (std binds with SO_REUSEADDR,
+/// so connections of an earlier run in TIME_WAIT do not count.)
+fn ensure_free(addr: &str) -> anyhow::Result<()> {
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .with_context(|| format!("{addr} is already in use: stop what listens there (a gateway or api left running?) and run again"))
+}
+
 fn terminate(procs: Vec<(String, Child)>) {
     for (_, child) in &procs {
         let _ = Command::new("kill")
@@ -523,6 +546,16 @@ pub async fn publish_orders(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_something_listens_on_is_refused() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        let addr = taken.local_addr().expect("has an address").to_string();
+        let err = ensure_free(&addr).expect_err("the port is taken");
+        assert!(err.to_string().contains("already in use"), "{err}");
+        drop(taken);
+        ensure_free(&addr).expect("the port is free again");
+    }
 
     #[test]
     fn busy_time_leaves_out_idle_and_iowait() {
