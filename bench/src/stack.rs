@@ -47,13 +47,7 @@ impl BenchStack {
         stack.reset().await?;
         let pool = stack.api_addrs()?;
         let wallet = stack.config.wallet.listen.to_string();
-        let worker_addrs: Vec<String> = (0..workers)
-            .map(|i| {
-                let mut addr = stack.config.worker.listen;
-                addr.set_port(addr.port() + i as u16);
-                addr.to_string()
-            })
-            .collect();
+        let worker_addrs: Vec<String> = (0..workers).map(|i| stack.worker_addr(i)).collect();
         let gateway = &stack.config.gateway;
         for addr in pool.iter().chain(&worker_addrs).cloned().chain([
             wallet.clone(),
@@ -201,14 +195,12 @@ impl BenchStack {
         n: usize,
         env: &[(String, String)],
     ) -> anyhow::Result<()> {
-        let base = self.config.worker.listen;
         for i in 0..n {
-            let mut addr = base;
-            addr.set_port(base.port() + i as u16);
+            let addr = self.worker_addr(i);
             self.spawn(
                 &format!("worker-{i}"),
                 "seckill-worker",
-                &["--listen", &addr.to_string()],
+                &["--listen", &addr],
                 env,
             )?;
             wait_ok(&format!("http://{addr}/healthz"), Duration::from_secs(60)).await?;
@@ -282,6 +274,13 @@ impl BenchStack {
             .filter(|(n, _)| n.starts_with(prefix))
             .map(|(_, child)| process_cpu_time(child.id()))
             .sum()
+    }
+
+    /// Where worker `i` listens: `worker.listen`'s port + i.
+    fn worker_addr(&self, i: usize) -> String {
+        let mut addr = self.config.worker.listen;
+        addr.set_port(addr.port() + i as u16);
+        addr.to_string()
     }
 
     /// Every process the stack started: its pid and name (`api-0`, …).

@@ -121,13 +121,15 @@ async fn session(
             Ok(items) => items,
             Err(e) => break Err(e.into()),
         };
-        let oldest = items.iter().map(|(_, m)| m.admitted_at_ms).min();
-        if !ctx.pace.turn(items.len(), oldest, stop).await {
-            // Stopping while the batch waits for its turn: it stays
-            // unacked and goes back to the queue with the channel.
-            break Ok(());
-        }
+        // A batch that was all malformed has nothing to write, so it takes
+        // no turn of the pace.
         if !items.is_empty() {
+            let oldest = items.iter().map(|(_, m)| m.admitted_at_ms).min();
+            if !ctx.pace.turn(items.len(), oldest, stop).await {
+                // Stopping while the batch waits for its turn: it stays
+                // unacked and goes back to the queue with the channel.
+                break Ok(());
+            }
             if let Err(e) = handle_items(ctx, &closes, items).await {
                 break Err(e.into());
             }
